@@ -1,0 +1,307 @@
+"""The BBDecoder trace format: the one contract between recorder and analyzer.
+
+Torch-free and numpy-free. The recorder imports these names; the analyzer reads with them.
+See docs/trace-format.md for the prose description of the same layout.
+
+Run directory::
+
+    RUN/
+      manifest.json                 static run description + overall status (atomic replace)
+      rank-00000/
+        rank.json                   this rank's status, counters, errors (atomic replace)
+        shard-000000.h5             closed shard: immutable
+        shard-000001.h5.part        live shard: ignored by readers, lost on a crash
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import tempfile
+from typing import Any, Iterable, Sequence
+
+FORMAT_NAME = "bbdecoder-trace"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+MANIFEST = "manifest.json"
+RANK_FILE = "rank.json"
+SHARD_SUFFIX = ".h5"
+LIVE_SUFFIX = ".part"
+
+#: Payload kinds stored as raw tensors, one HDF5 group each.
+KIND_GRADS = "grads"
+KIND_WEIGHTS = "weights"
+PAYLOAD_KINDS = (KIND_GRADS, KIND_WEIGHTS)
+
+#: Columns of the per-shard step table (group ``/steps``).
+STEP_COLUMNS = ("step", "epoch", "loss", "time", "dropped")
+
+#: Status values written by the recorder. Only "complete" is complete.
+STATUS_RECORDING = "recording"
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"       # the recorder hit an error and stood aside
+STATUS_ABORTED = "aborted"     # the training code raised inside the recorder's context
+
+_SHARD_RE = re.compile(r"^shard-(\d{6})\.h5$")
+_RANK_RE = re.compile(r"^rank-(\d{5})$")
+_SAFE_RE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+class TraceError(Exception):
+    """A trace is missing, malformed, of an unknown version, or inconsistent."""
+
+
+def rank_dirname(rank: int) -> str:
+    """Directory name of one rank's shard series, e.g. ``rank-00000``."""
+    return f"rank-{int(rank):05d}"
+
+
+def shard_filename(index: int, live: bool = False) -> str:
+    """File name of shard ``index``; ``live`` adds the suffix of a shard still being written."""
+    name = f"shard-{int(index):06d}{SHARD_SUFFIX}"
+    return name + LIVE_SUFFIX if live else name
+
+
+def parse_shard_filename(name: str) -> int | None:
+    """Index of a closed shard file name, or None if ``name`` is not one."""
+    m = _SHARD_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def parse_rank_dirname(name: str) -> int | None:
+    """Rank of a rank directory name, or None if ``name`` is not one."""
+    m = _RANK_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def sanitize(name: str) -> str:
+    """Turn a model-provided name into a safe HDF5 path component and file name.
+
+    Every character outside ``[A-Za-z0-9_.-]`` becomes ``_`` (so ``/`` and ``\\`` never survive),
+    a leading ``.`` becomes ``_`` (so ``.`` and ``..`` cannot occur), and the empty name is ``_root``.
+    The mapping is not injective; :func:`assign_keys` makes keys unique.
+    """
+    s = _SAFE_RE.sub("_", str(name))
+    if not s:
+        return "_root"
+    if s.startswith("."):
+        s = "_" + s[1:]
+    return s[:200]
+
+
+def assign_keys(names: Sequence[str]) -> list[str]:
+    """Sanitized, unique keys for ``names`` (a ``~N`` suffix resolves collisions), in order."""
+    keys: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        base = sanitize(name)
+        key, n = base, 1
+        while key in seen:
+            key = f"{base}~{n}"
+            n += 1
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}(~\d{1,9})?$")
+
+
+def is_safe_key(key: object) -> bool:
+    """True if ``key`` is something :func:`assign_keys` could have produced."""
+    return isinstance(key, str) and bool(_KEY_RE.match(key))
+
+
+def payload_path(kind: str, layer_key: str, param_key: str) -> str:
+    """HDF5 group holding one parameter's raw tensors: datasets ``values`` and ``steps``."""
+    return f"/{kind}/{layer_key}/{param_key}"
+
+
+# --------------------------------------------------------------------------- layer selection
+
+def _is_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def select_layers(spec: Any, table: Sequence[dict], type_match=None) -> list[int]:
+    """Resolve a layer specification against a layer table.
+
+    Args:
+        spec: None (every layer), or one item or a list of items, each an int id, a dotted name,
+            a glob pattern over dotted names (``features.*``), a type name (``Conv2d``), a
+            comma-separated string of those, or anything ``type_match`` understands (the recorder
+            passes module classes).
+        table: layer records with keys ``id``, ``name``, ``type``.
+        type_match: optional ``(item, record) -> bool | None``; None means "not my kind of item".
+
+    Returns:
+        Sorted list of selected layer ids.
+
+    Raises:
+        TraceError: an item selects nothing (the message lists a few known names).
+    """
+    if spec is None:
+        return [r["id"] for r in table]
+    items: list[Any]
+    if isinstance(spec, str):
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+    elif isinstance(spec, (list, tuple, set)):
+        items = []
+        for it in spec:
+            if isinstance(it, str):
+                items.extend(s.strip() for s in it.split(",") if s.strip())
+            else:
+                items.append(it)
+    else:
+        items = [spec]
+    chosen: set[int] = set()
+    by_name = {r["name"]: r["id"] for r in table}
+    ids = {r["id"] for r in table}
+    for it in items:
+        hit: list[int] = []
+        if type_match is not None and not isinstance(it, (str, int)):
+            hit = [r["id"] for r in table if type_match(it, r)]
+        elif isinstance(it, bool):
+            hit = []
+        elif isinstance(it, int):
+            hit = [it] if it in ids else []
+        elif isinstance(it, str):
+            if it in by_name:
+                hit = [by_name[it]]
+            elif _is_glob(it):
+                hit = [r["id"] for r in table if fnmatch.fnmatchcase(r["name"], it)]
+            elif it.isdigit() and int(it) in ids:
+                hit = [int(it)]
+            else:
+                hit = [r["id"] for r in table if r["type"] == it]
+        if not hit:
+            known = ", ".join(repr(r["name"]) for r in table[:6])
+            more = " ..." if len(table) > 6 else ""
+            raise TraceError(f"unknown layer {it!r} (known layers: {known}{more})")
+        chosen.update(hit)
+    return sorted(chosen)
+
+
+# --------------------------------------------------------------------------- JSON files
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: temporary file, fsync, rename."""
+    path = os.fspath(path)
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """Read a JSON object, raising :class:`TraceError` with a one-line reason on any problem."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise TraceError(f"{what} not found: {os.fspath(path)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TraceError(f"cannot read {what} {os.fspath(path)}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise TraceError(f"malformed {what} {os.fspath(path)}: {e.msg} at line {e.lineno}") from None
+    if not isinstance(obj, dict):
+        raise TraceError(f"malformed {what} {os.fspath(path)}: expected a JSON object")
+    return obj
+
+
+def check_version(version: Any, where: str) -> int:
+    """Validate a format version found in ``where``; returns it as int."""
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise TraceError(f"{where}: missing or invalid format_version {version!r}")
+    if version not in SUPPORTED_VERSIONS:
+        raise TraceError(
+            f"{where}: format version {version} is not supported by this bbdecoder "
+            f"(reads {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade bbdecoder"
+        )
+    return version
+
+
+def validate_manifest(m: dict, where: str) -> dict:
+    """Check the fields the analyzer relies on; returns ``m``. Raises :class:`TraceError`."""
+    if m.get("format") != FORMAT_NAME:
+        raise TraceError(f"{where}: not a bbdecoder manifest (format={m.get('format')!r})")
+    check_version(m.get("format_version"), where)
+    layers = m.get("layers")
+    if not isinstance(layers, list):
+        raise TraceError(f"{where}: 'layers' must be a list")
+    seen = set()
+    for i, L in enumerate(layers):
+        if not isinstance(L, dict):
+            raise TraceError(f"{where}: layer #{i} is not an object")
+        for k, t in (("id", int), ("name", str), ("type", str), ("key", str), ("params", list)):
+            if not isinstance(L.get(k), t):
+                raise TraceError(f"{where}: layer #{i} lacks a valid {k!r}")
+        if not is_safe_key(L["key"]):
+            raise TraceError(f"{where}: layer #{i} has an unsafe key {L['key']!r}")
+        if L["id"] in seen:
+            raise TraceError(f"{where}: duplicate layer id {L['id']}")
+        seen.add(L["id"])
+        for p in L["params"]:
+            if not (isinstance(p, dict) and isinstance(p.get("name"), str)
+                    and isinstance(p.get("key"), str) and isinstance(p.get("shape"), list)
+                    and all(isinstance(s, int) and 0 <= s < 2**40 for s in p["shape"])):
+                raise TraceError(f"{where}: layer {L['name']!r} has a malformed parameter entry")
+            if not is_safe_key(p["key"]):
+                raise TraceError(f"{where}: parameter key {p['key']!r} is unsafe")
+            n = 1
+            for s in p["shape"]:
+                n *= s
+            if n >= 2**40:
+                raise TraceError(f"{where}: parameter {L['name']}.{p['name']} declares an absurd size")
+    ws = m.get("world_size", 1)
+    if not isinstance(ws, int) or not 1 <= ws <= 1_000_000:
+        raise TraceError(f"{where}: invalid world_size {ws!r}")
+    return m
+
+
+def list_shards(rank_dir: str | os.PathLike) -> tuple[list[tuple[int, str]], list[str]]:
+    """Closed shards of one rank in index order, and the names of live (unfinished) shards."""
+    closed, live = [], []
+    try:
+        names = os.listdir(rank_dir)
+    except OSError:
+        return [], []
+    for n in names:
+        i = parse_shard_filename(n)
+        if i is not None:
+            closed.append((i, os.path.join(rank_dir, n)))
+        elif n.startswith("shard-") and n.endswith(LIVE_SUFFIX):
+            live.append(n)
+    closed.sort()
+    return closed, sorted(live)
+
+
+def iter_rank_dirs(run_dir: str | os.PathLike) -> Iterable[tuple[int, str]]:
+    """``(rank, path)`` for each rank directory of a run, in rank order."""
+    out = []
+    for n in os.listdir(run_dir):
+        r = parse_rank_dirname(n)
+        if r is not None and os.path.isdir(os.path.join(run_dir, n)):
+            out.append((r, os.path.join(run_dir, n)))
+    return sorted(out)

@@ -1,0 +1,537 @@
+"""Shard storage: one interface, an HDF5 implementation and an in-memory one for tests.
+
+Torch-free. The recorder's background writer drives :class:`ShardSeriesWriter`; the analyzer reads
+shards through :class:`ShardReader`. Every implementation passes the same round-trip suite
+(tests/test_storage.py).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import format as fmt
+from .format import TraceError
+
+#: Payload chunks aim at about this many bytes (several small rows share a chunk).
+CHUNK_TARGET_BYTES = 1 << 20
+#: Upper bound for a single chunk (HDF5 allows 4 GiB; keep reads reasonable).
+CHUNK_MAX_BYTES = 64 << 20
+
+
+def chunk_shape(row_shape: tuple[int, ...], itemsize: int, max_rows: int = 1024) -> tuple[int, ...]:
+    """Chunk shape for a dataset of rows of ``row_shape``: several rows for small tensors,
+    one row (or a slab of it) for large ones."""
+    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
+    rows = int(max(1, min(max_rows, CHUNK_TARGET_BYTES // row_bytes)))
+    dims = [max(1, d) for d in row_shape]
+    i = 0
+    while rows == 1 and int(np.prod(dims, dtype=np.int64)) * itemsize > CHUNK_MAX_BYTES and i < len(dims):
+        if dims[i] > 1:
+            dims[i] = (dims[i] + 1) // 2
+        else:
+            i += 1
+    return (rows, *dims)
+
+
+# --------------------------------------------------------------------------- interface
+
+class ShardWriter:
+    """Writes one shard. Methods are called from a single thread."""
+
+    nbytes: int = 0
+
+    def append_steps(self, cols: dict[str, np.ndarray]) -> None:
+        """Append rows to the step table; ``cols`` maps every name in STEP_COLUMNS to a 1-D array."""
+        raise NotImplementedError
+
+    def append(self, kind: str, layer_key: str, param_key: str, steps: np.ndarray,
+               values: np.ndarray, attrs: dict | None = None) -> None:
+        """Append raw tensors ``values`` (k, *shape) recorded at ``steps`` (k,)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class ShardReader:
+    """Reads one closed shard."""
+
+    path: str
+    attrs: dict
+
+    def steps(self) -> dict[str, np.ndarray]:
+        """The step table: every column of STEP_COLUMNS as a 1-D array of equal length."""
+        raise NotImplementedError
+
+    def payloads(self, kind: str) -> list[tuple[str, str]]:
+        """``(layer_key, param_key)`` pairs present for ``kind``."""
+        raise NotImplementedError
+
+    def payload_info(self, kind: str, layer_key: str, param_key: str) -> tuple[int, tuple, int]:
+        """``(rows, row_shape, chunk_rows)`` of one payload."""
+        raise NotImplementedError
+
+    def read_payload_steps(self, kind: str, layer_key: str, param_key: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_payload(self, kind: str, layer_key: str, param_key: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as an array (stop - start, *shape) in the stored dtype."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _check_step_cols(cols: dict) -> int:
+    n = None
+    for c in fmt.STEP_COLUMNS:
+        if c not in cols:
+            raise ValueError(f"step table lacks column {c!r}")
+        k = len(cols[c])
+        if n is not None and k != n:
+            raise ValueError("step table columns differ in length")
+        n = k
+    return n or 0
+
+
+# --------------------------------------------------------------------------- HDF5
+
+class HDF5ShardWriter(ShardWriter):
+    """Chunked, extendable datasets; one group per payload with ``values`` and ``steps``."""
+
+    def __init__(self, path: str, attrs: dict):
+        import h5py
+        self.path = path
+        self._f = h5py.File(path, "w")
+        for k, v in attrs.items():
+            self._f.attrs[k] = v
+        self._f.attrs["format"] = fmt.FORMAT_NAME
+        self._f.attrs["format_version"] = fmt.FORMAT_VERSION
+        g = self._f.create_group("steps")
+        dtypes = {"step": "i8", "epoch": "i8", "loss": "f8", "time": "f8", "dropped": "i4"}
+        self._steps = {c: g.create_dataset(c, shape=(0,), maxshape=(None,), chunks=(4096,),
+                                           dtype=dtypes[c]) for c in fmt.STEP_COLUMNS}
+        self._groups: dict[tuple[str, str, str], tuple] = {}
+        self.nbytes = 0
+        self.n_steps = 0
+        self.step_range = [None, None]
+
+    def append_steps(self, cols):
+        k = _check_step_cols(cols)
+        if not k:
+            return
+        for c, ds in self._steps.items():
+            n = ds.shape[0]
+            ds.resize((n + k,))
+            ds[n:] = np.asarray(cols[c])
+        s = np.asarray(cols["step"])
+        if self.step_range[0] is None:
+            self.step_range[0] = int(s[0])
+        self.step_range[1] = int(s[-1]) + 1
+        self.n_steps += k
+
+    def append(self, kind, layer_key, param_key, steps, values, attrs=None):
+        key = (kind, layer_key, param_key)
+        entry = self._groups.get(key)
+        values = np.ascontiguousarray(values)
+        if entry is None:
+            g = self._f.require_group(kind).require_group(layer_key).create_group(param_key)
+            for a, v in (attrs or {}).items():
+                g.attrs[a] = v
+            shape = values.shape[1:]
+            vds = g.create_dataset("values", shape=(0, *shape), maxshape=(None, *shape),
+                                   chunks=chunk_shape(shape, values.dtype.itemsize), dtype=values.dtype)
+            sds = g.create_dataset("steps", shape=(0,), maxshape=(None,), chunks=(4096,), dtype="i8")
+            entry = self._groups[key] = (vds, sds)
+        vds, sds = entry
+        if values.shape[1:] != vds.shape[1:]:
+            raise ValueError(f"{kind}/{layer_key}/{param_key}: shape {values.shape[1:]} != {vds.shape[1:]}")
+        n, k = vds.shape[0], values.shape[0]
+        vds.resize((n + k, *vds.shape[1:]))
+        vds[n:n + k] = values
+        sds.resize((n + k,))
+        sds[n:n + k] = np.asarray(steps, dtype=np.int64)
+        self.nbytes += values.nbytes
+
+    def close(self):
+        if self._f is None:
+            return
+        self._f.attrs["n_steps"] = self.n_steps
+        self._f.attrs["step_start"] = -1 if self.step_range[0] is None else self.step_range[0]
+        self._f.attrs["step_stop"] = -1 if self.step_range[1] is None else self.step_range[1]
+        self._f.close()
+        self._f = None
+
+
+class HDF5ShardReader(ShardReader):
+    """Opens a closed shard read-only and validates its structure lazily."""
+
+    def __init__(self, path: str, display: str | None = None):
+        import h5py
+        self.path = path
+        self._disp = display or path
+        try:
+            self._f = h5py.File(path, "r", locking=False)
+        except Exception as e:  # OSError for truncated / random files
+            raise TraceError(f"corrupt or truncated shard {self._disp}: {_short(e)}") from None
+        try:
+            self.attrs = {k: _py(v) for k, v in self._f.attrs.items()}
+        except Exception as e:
+            self.close()
+            raise TraceError(f"corrupt shard {self._disp}: unreadable attributes ({_short(e)})") from None
+        if self.attrs.get("format") != fmt.FORMAT_NAME:
+            self.close()
+            raise TraceError(f"{self._disp} is not a bbdecoder shard")
+        try:
+            fmt.check_version(self.attrs.get("format_version"), self._disp)
+        except TraceError:
+            self.close()
+            raise
+
+    def _get(self, path):
+        try:
+            return self._f[path]
+        except Exception as e:
+            raise TraceError(f"corrupt shard {self._disp}: missing or unreadable {path!r} ({_short(e)})") from None
+
+    def steps(self):
+        g = self._get("steps")
+        out = {}
+        try:
+            for c in fmt.STEP_COLUMNS:
+                if c not in g:
+                    raise TraceError(f"corrupt shard {self._disp}: step table lacks {c!r}")
+                out[c] = g[c][()]
+        except TraceError:
+            raise
+        except Exception as e:
+            raise TraceError(f"corrupt shard {self._disp}: unreadable step table ({_short(e)})") from None
+        lens = {len(v) for v in out.values()}
+        if len(lens) != 1 or any(v.ndim != 1 for v in out.values()):
+            raise TraceError(f"corrupt shard {self._disp}: step table columns differ in length")
+        return out
+
+    def payloads(self, kind):
+        if kind not in self._f:
+            return []
+        out = []
+        try:
+            for lk, lg in self._f[kind].items():
+                for pk in lg.keys():
+                    out.append((lk, pk))
+        except Exception as e:
+            raise TraceError(f"corrupt shard {self._disp}: unreadable {kind} index ({_short(e)})") from None
+        return out
+
+    def _pair(self, kind, lk, pk):
+        g = self._get(fmt.payload_path(kind, lk, pk))
+        try:
+            v, s = g["values"], g["steps"]
+        except Exception:
+            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} lacks values or steps") from None
+        if v.shape[0] != s.shape[0] or s.ndim != 1:
+            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} has {v.shape[0]} rows "
+                             f"but {s.shape[0]} steps")
+        return v, s
+
+    def payload_info(self, kind, lk, pk):
+        v, _ = self._pair(kind, lk, pk)
+        chunks = v.chunks[0] if v.chunks else max(1, v.shape[0])
+        return v.shape[0], tuple(v.shape[1:]), int(chunks)
+
+    def read_payload_steps(self, kind, lk, pk):
+        _, s = self._pair(kind, lk, pk)
+        return self._read(s, slice(None))
+
+    def read_payload(self, kind, lk, pk, start, stop):
+        v, _ = self._pair(kind, lk, pk)
+        return self._read(v, slice(start, stop))
+
+    def _read(self, ds, sel):
+        try:
+            return ds[sel]
+        except Exception as e:
+            raise TraceError(f"corrupt or truncated shard {self._disp}: {_short(e)}") from None
+
+    def close(self):
+        f = getattr(self, "_f", None)
+        if f is not None:
+            try:
+                f.close()
+            except Exception:
+                pass
+            self._f = None
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:200]
+
+
+def _py(v):
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+# --------------------------------------------------------------------------- in memory
+
+@dataclass
+class MemoryShard:
+    attrs: dict
+    steps: dict = field(default_factory=lambda: {c: [] for c in fmt.STEP_COLUMNS})
+    payloads: dict = field(default_factory=dict)   # (kind, lk, pk) -> ([steps arrays], [values arrays], attrs)
+
+
+class MemoryShardWriter(ShardWriter):
+    """Keeps the shard in a :class:`MemoryShard` (for tests of everything above storage)."""
+
+    def __init__(self, shard: MemoryShard):
+        self.shard = shard
+        self.nbytes = 0
+        self.n_steps = 0
+
+    def append_steps(self, cols):
+        k = _check_step_cols(cols)
+        for c in fmt.STEP_COLUMNS:
+            self.shard.steps[c].append(np.asarray(cols[c]).copy())
+        self.n_steps += k
+
+    def append(self, kind, layer_key, param_key, steps, values, attrs=None):
+        key = (kind, layer_key, param_key)
+        e = self.shard.payloads.setdefault(key, ([], [], dict(attrs or {})))
+        if e[1] and values.shape[1:] != e[1][0].shape[1:]:
+            raise ValueError(f"{kind}/{layer_key}/{param_key}: shape mismatch")
+        e[0].append(np.asarray(steps, dtype=np.int64).copy())
+        e[1].append(np.array(values, copy=True))
+        self.nbytes += values.nbytes
+
+    def close(self):
+        pass
+
+
+class MemoryShardReader(ShardReader):
+    _DT = {"step": np.int64, "epoch": np.int64, "loss": np.float64, "time": np.float64, "dropped": np.int32}
+
+    def __init__(self, shard: MemoryShard, path: str = "<memory>"):
+        self.shard, self.path = shard, path
+        self.attrs = dict(shard.attrs, format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION)
+
+    def steps(self):
+        return {c: (np.concatenate(v) if v else np.zeros(0)).astype(self._DT[c])
+                for c, v in self.shard.steps.items()}
+
+    def payloads(self, kind):
+        return [(lk, pk) for (k, lk, pk) in self.shard.payloads if k == kind]
+
+    def _e(self, kind, lk, pk):
+        try:
+            return self.shard.payloads[(kind, lk, pk)]
+        except KeyError:
+            raise TraceError(f"{self.path}: no payload {kind}/{lk}/{pk}") from None
+
+    def payload_info(self, kind, lk, pk):
+        e = self._e(kind, lk, pk)
+        return sum(len(s) for s in e[0]), tuple(e[1][0].shape[1:]), 1
+
+    def read_payload_steps(self, kind, lk, pk):
+        return np.concatenate(self._e(kind, lk, pk)[0])
+
+    def read_payload(self, kind, lk, pk, start, stop):
+        return np.concatenate(self._e(kind, lk, pk)[1])[start:stop]
+
+
+# --------------------------------------------------------------------------- backends
+
+class HDF5Backend:
+    """Shards are HDF5 files; the live shard carries the ``.part`` suffix until it is closed."""
+
+    def create(self, path: str, attrs: dict) -> ShardWriter:
+        return HDF5ShardWriter(path, attrs)
+
+    def commit(self, live_path: str, final_path: str) -> None:
+        os.replace(live_path, final_path)
+
+    def open(self, path: str, display: str | None = None) -> ShardReader:
+        return HDF5ShardReader(path, display)
+
+
+class MemoryBackend:
+    """Shards live in a dict keyed by path (nothing touches the disk but the JSON files)."""
+
+    def __init__(self):
+        self.shards: dict[str, MemoryShard] = {}
+
+    def create(self, path, attrs):
+        self.shards[path] = MemoryShard(dict(attrs))
+        return MemoryShardWriter(self.shards[path])
+
+    def commit(self, live_path, final_path):
+        self.shards[final_path] = self.shards.pop(live_path)
+
+    def open(self, path, display=None):
+        return MemoryShardReader(self.shards[path], display or path)
+
+
+# --------------------------------------------------------------------------- series writer
+
+@dataclass
+class StepRecord:
+    """One optimizer step as the writer receives it (numpy only, no torch)."""
+
+    step: int
+    epoch: int
+    loss: float
+    time: float
+    dropped: int = 0
+    #: (kind, layer_key, param_key, array (*shape), attrs)
+    payloads: list = field(default_factory=list)
+
+
+class ShardSeriesWriter:
+    """Writes one rank's series of shards and keeps ``rank.json`` current.
+
+    A shard is closed (and becomes visible to readers) after ``flush_steps`` steps, after
+    ``flush_secs`` seconds, or after ``max_shard_bytes`` bytes, whichever comes first. A crash loses
+    at most the live shard, i.e. at most that window.
+    """
+
+    def __init__(self, rank_dir: str, rank: int, flush_steps: int = 100, flush_secs: float = 10.0,
+                 max_shard_bytes: int = 1 << 30, backend=None, clock: Callable[[], float] = time.monotonic):
+        self.rank_dir, self.rank = rank_dir, rank
+        self.flush_steps, self.flush_secs, self.max_shard_bytes = flush_steps, flush_secs, max_shard_bytes
+        self.backend = backend or HDF5Backend()
+        self.clock = clock
+        self._w: ShardWriter | None = None
+        self._live = self._final = None
+        self._opened_at = 0.0
+        self._pending_steps: list[StepRecord] = []
+        self.shard_index = 0
+        self.state = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "rank": rank,
+                      "status": fmt.STATUS_RECORDING, "shards": 0, "steps_flushed": 0,
+                      "last_step": None, "dropped": 0, "bytes": 0, "errors": [], "warnings": []}
+        self._lock = threading.Lock()
+        os.makedirs(rank_dir, exist_ok=True)
+        self.write_state()
+
+    # -- state file
+    def write_state(self):
+        with self._lock:
+            st = dict(self.state, updated=time.time())
+            fmt.write_json_atomic(os.path.join(self.rank_dir, fmt.RANK_FILE), st)
+
+    def _open(self):
+        self._live = os.path.join(self.rank_dir, fmt.shard_filename(self.shard_index, live=True))
+        self._final = os.path.join(self.rank_dir, fmt.shard_filename(self.shard_index))
+        self._w = self.backend.create(self._live, {"rank": self.rank, "shard_index": self.shard_index,
+                                                   "created": time.time()})
+        self._opened_at = self.clock()
+        self._n_in_shard = 0
+
+    def write(self, records: list[StepRecord]) -> None:
+        """Write records (in step order). Payloads of equal shape are batched into one append."""
+        i = 0
+        while i < len(records):
+            if self._w is None:
+                self._open()
+            room = self.flush_steps - self._n_in_shard
+            part = records[i:i + room]
+            self._write_part(part)
+            i += len(part)
+            if self._due():
+                self.rotate()
+
+    def _write_part(self, recs: list[StepRecord]):
+        w = self._w
+        w.append_steps({
+            "step": np.array([r.step for r in recs], np.int64),
+            "epoch": np.array([r.epoch for r in recs], np.int64),
+            "loss": np.array([r.loss for r in recs], np.float64),
+            "time": np.array([r.time for r in recs], np.float64),
+            "dropped": np.array([r.dropped for r in recs], np.int32),
+        })
+        groups: dict[tuple, list] = {}
+        for r in recs:
+            for kind, lk, pk, arr, attrs in r.payloads:
+                groups.setdefault((kind, lk, pk), []).append((r.step, arr, attrs))
+        for (kind, lk, pk), rows in groups.items():
+            steps = np.array([s for s, _, _ in rows], np.int64)
+            vals = rows[0][1][None] if len(rows) == 1 else np.stack([a for _, a, _ in rows])
+            w.append(kind, lk, pk, steps, vals, rows[0][2])
+        self._n_in_shard += len(recs)
+        self._pending_steps.extend(recs[-1:])
+        self.state["dropped"] += int(sum(r.dropped for r in recs))
+
+    def _due(self) -> bool:
+        if self._w is None:
+            return False
+        return (self._n_in_shard >= self.flush_steps or self._w.nbytes >= self.max_shard_bytes
+                or (self._n_in_shard and self.clock() - self._opened_at >= self.flush_secs))
+
+    def tick(self) -> None:
+        """Close the live shard if its time is up (called by the writer when idle)."""
+        if self._due():
+            self.rotate()
+
+    def time_to_deadline(self) -> float | None:
+        if self._w is None or not self._n_in_shard:
+            return None
+        return max(0.0, self.flush_secs - (self.clock() - self._opened_at))
+
+    def rotate(self) -> None:
+        """Close the live shard (if it holds anything), publish it and update rank.json."""
+        if self._w is None:
+            return
+        w, self._w = self._w, None
+        w.close()
+        if self._n_in_shard == 0:
+            try:
+                os.unlink(self._live)
+            except OSError:
+                pass
+            return
+        self.backend.commit(self._live, self._final)
+        self.shard_index += 1
+        last = self._pending_steps[-1].step if self._pending_steps else None
+        self._pending_steps.clear()
+        self.state["shards"] = self.shard_index
+        self.state["steps_flushed"] += self._n_in_shard
+        self.state["last_step"] = last
+        self.state["bytes"] += int(getattr(w, "nbytes", 0))
+        self.write_state()
+
+    def close(self, status: str = fmt.STATUS_COMPLETE) -> None:
+        self.rotate()
+        if self.state["status"] != fmt.STATUS_FAILED:
+            self.state["status"] = status
+        self.write_state()
+
+    def record_error(self, message: str) -> None:
+        """Note a recorder failure in rank.json (status "failed")."""
+        self.state["errors"].append(message[:2000])
+        self.state["status"] = fmt.STATUS_FAILED
+        try:
+            self.write_state()
+        except Exception:
+            pass
+
+    def abandon_live(self) -> None:
+        """After an error: try to close the live shard cleanly so that what it holds is kept."""
+        try:
+            self.rotate()
+        except Exception:
+            self._w = None

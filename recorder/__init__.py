@@ -1,0 +1,11 @@
+"""BBDecoder recorder: attach to a PyTorch model in an ordinary training loop and write a trace.
+
+Needs torch. The trace format it writes is defined torch-free in :mod:`analyzer.format`.
+"""
+
+from .recorder import (LayerInfo, Recorder, RecorderClosedError, RecorderError,  # noqa: F401
+                       RecorderWarning)
+from .schedules import as_schedule, at, every, log_spaced  # noqa: F401
+
+__all__ = ["Recorder", "RecorderError", "RecorderClosedError", "RecorderWarning", "LayerInfo",
+           "every", "at", "log_spaced", "as_schedule"]

@@ -1,0 +1,170 @@
+"""Small reference CNN, a synthetic image task and a training loop for demos.
+
+Everything here is self-contained (no downloads, no files) and deterministic
+given the seeds, so that ``bbdecoder demo`` and the tests can exercise the
+recorder on a realistic but cheap workload (a few seconds per epoch on a CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+__all__ = ["make_reference_cnn", "synthetic_images", "train", "accuracy"]
+
+
+def make_reference_cnn(num_classes: int = 10) -> nn.Module:
+    """Build the reference CNN for 3x32x32 images (651,274 parameters at 10 classes).
+
+    Dotted module names are ``features.0`` ... ``features.10`` (convs at 0, 2,
+    5, 8) and ``classifier.0`` ... ``classifier.3`` (linears at 1 and 3).
+
+    Args:
+        num_classes: Number of output logits.
+
+    Returns:
+        ``nn.Sequential`` mapping images ``(N, 3, 32, 32)`` to logits
+        ``(N, num_classes)``.
+    """
+    features = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),     # (N, 32, 32, 32)
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),    # (N, 64, 32, 32)
+        nn.MaxPool2d(2),                               # (N, 64, 16, 16)
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),   # (N, 128, 16, 16)
+        nn.MaxPool2d(2),                               # (N, 128, 8, 8)
+        nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(),  # (N, 256, 8, 8)
+        nn.MaxPool2d(2),                               # (N, 256, 4, 4)
+    )
+    classifier = nn.Sequential(
+        nn.Flatten(),                                  # (N, 4096)
+        nn.Linear(256 * 4 * 4, 64), nn.ReLU(),         # (N, 64)
+        nn.Linear(64, num_classes),                    # (N, num_classes)
+    )
+    return nn.Sequential(OrderedDict(features=features, classifier=classifier))
+
+
+def synthetic_images(n: int, num_classes: int = 10, size: int = 32,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generate a deterministic, learnable synthetic image classification task.
+
+    Each image holds one Gabor-like grating patch at a random position. The
+    class fixes the grating's orientation (``num_classes`` angles spread over
+    180 degrees) and, for alternate classes, its spatial frequency; phase,
+    position, patch width, colour, contrast and sign are random per image, and
+    Gaussian pixel noise is added, so no single pixel identifies the class.
+
+    Args:
+        n: Number of images.
+        num_classes: Number of classes (labels in ``[0, num_classes)``).
+        size: Image height and width in pixels.
+        seed: Seed of the ``torch.Generator`` used for all randomness.
+
+    Returns:
+        ``(images, labels)``: images float32 ``(n, 3, size, size)`` roughly in
+        ``[-1, 1]``; labels int64 ``(n,)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g)
+
+    # Orientation (radians) from the class, with a small jitter.
+    theta = labels.float() * math.pi / num_classes + (rand(n) - 0.5) * 0.2
+    # Spatial frequency in cycles per pixel: two bands, alternating by class.
+    freq = torch.where(labels % 2 == 0, 0.12, 0.22) * (0.9 + 0.2 * rand(n))
+    phase = rand(n) * 2 * math.pi
+    cy, cx = (0.25 + 0.5 * rand(n)) * size, (0.25 + 0.5 * rand(n)) * size
+    width = size * (0.18 + 0.12 * rand(n))           # Gaussian envelope sigma, px
+
+    coords = torch.arange(size, dtype=torch.float32)
+    yy = coords.view(1, size, 1) - cy.view(n, 1, 1)  # (n, size, 1)
+    xx = coords.view(1, 1, size) - cx.view(n, 1, 1)  # (n, 1, size)
+    c, s = torch.cos(theta).view(n, 1, 1), torch.sin(theta).view(n, 1, 1)
+    u = xx * c + yy * s                               # (n, size, size)
+    wave = torch.cos(2 * math.pi * freq.view(n, 1, 1) * u + phase.view(n, 1, 1))
+    env = torch.exp(-(xx ** 2 + yy ** 2) / (2 * width.view(n, 1, 1) ** 2))
+    pattern = wave * env                              # (n, size, size) in [-1, 1]
+
+    colour = 0.3 + 0.7 * rand(n, 3)                   # per-channel gain
+    colour = colour * torch.where(rand(n, 1) < 0.5, -1.0, 1.0)
+    amp = 0.4 + 0.5 * rand(n, 1)
+    images = (amp * colour).view(n, 3, 1, 1) * pattern.unsqueeze(1)
+    images = images + 0.2 * (rand(n, 3, 1, 1) - 0.5)  # per-channel offset
+    images = images + 0.22 * torch.randn(n, 3, size, size, generator=g)
+    return images.clamp_(-1.0, 1.0).float(), labels.long()
+
+
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+          epochs: int = 3, batch_size: int = 64, lr: float = 1e-3,
+          recorder=None, seed: int = 0) -> list[float]:
+    """Train ``model`` with Adam and cross-entropy.
+
+    Per batch the order is ``loss = loss_fn(model(x), y)``,
+    ``opt.zero_grad()``, ``loss.backward()``, ``recorder.step(loss=loss)``
+    (if a recorder is given), ``opt.step()``; after each epoch
+    ``recorder.epoch_end()``.
+
+    Args:
+        model: Module mapping ``(B, 3, H, W)`` images to ``(B, C)`` logits.
+        images: Float tensor ``(N, 3, H, W)``.
+        labels: Int64 tensor ``(N,)`` of class indices.
+        epochs: Number of passes over the data.
+        batch_size: Images per optimisation step (last batch may be smaller).
+        lr: Adam learning rate.
+        recorder: Optional object with ``step(loss=...)`` and ``epoch_end()``.
+        seed: Seed of the ``torch.Generator`` that shuffles each epoch.
+
+    Returns:
+        Mean training loss (nats per sample) of each epoch, length ``epochs``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    n = images.shape[0]
+    history: list[float] = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            x, y = images[idx], labels[idx]
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if recorder is not None:
+                recorder.step(loss=loss)
+            opt.step()
+            total += loss.item() * len(idx)
+        history.append(total / n)
+        if recorder is not None:
+            recorder.epoch_end()
+    return history
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 256) -> float:
+    """Classification accuracy of ``model`` in eval mode.
+
+    Args:
+        model: Module mapping ``(B, 3, H, W)`` images to ``(B, C)`` logits.
+        images: Float tensor ``(N, 3, H, W)``.
+        labels: Int64 tensor ``(N,)``.
+        batch_size: Images per forward pass.
+
+    Returns:
+        Fraction of correct argmax predictions, in ``[0, 1]``.
+    """
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, images.shape[0], batch_size):
+        logits = model(images[start:start + batch_size])
+        correct += (logits.argmax(1) == labels[start:start + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / max(images.shape[0], 1)

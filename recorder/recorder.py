@@ -1,0 +1,469 @@
+"""The Recorder: attaches to a model in an ordinary training loop and writes a trace.
+
+Hot path (:meth:`Recorder.step`): per selected parameter one ``reshape`` view, one ``torch.cat``
+per device and storage dtype, and on CUDA one ``non_blocking`` copy into pinned memory plus an
+event; no ``.item()``, no ``.cpu()``, no loop over elements. Everything else (waiting for the
+copy, numpy conversion, HDF5) happens in the background writer thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from analyzer import format as fmt
+from analyzer.storage import HDF5Backend, ShardSeriesWriter, StepRecord
+
+from .schedules import as_schedule
+from .writer import BackgroundWriter, WriterClosedError, WriterError
+
+__all__ = ["Recorder", "RecorderError", "RecorderWarning", "RecorderClosedError", "LayerInfo"]
+
+VERSION = "2.0.0.dev0"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
+
+
+class RecorderError(RuntimeError):
+    """The recorder failed (raised only with ``on_error="raise"``)."""
+
+
+class RecorderClosedError(RecorderError):
+    """step() or another recording call after close()."""
+
+
+class RecorderWarning(UserWarning):
+    """The recorder failed and stood aside; training goes on unrecorded."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of the layer table: a module that owns parameters directly."""
+
+    id: int
+    name: str
+    type: str
+    n_params: int
+    selected: bool
+
+
+class _Pending:
+    """One step on its way to the writer: host tensors (maybe still being copied) and an event."""
+
+    __slots__ = ("step", "epoch", "time", "loss", "groups", "events", "nbytes", "dropped")
+
+    def __init__(self, step, epoch, t, loss):
+        self.step, self.epoch, self.time, self.loss = step, epoch, t, loss
+        self.dropped = 0
+        self.groups: list = []    # (host flat tensor, layout [(kind, lk, pk, off, n, shape, attrs)])
+        self.events: list = []
+        self.nbytes = 0
+
+
+def _resolve(p: _Pending) -> StepRecord:
+    """Writer thread: wait for the device copies, turn host tensors into numpy views."""
+    for ev in p.events:
+        ev.synchronize()
+    loss = p.loss
+    if isinstance(loss, torch.Tensor):
+        loss = float(loss.reshape(-1)[0]) if loss.numel() else float("nan")
+    payloads = []
+    for flat, layout in p.groups:
+        arr = flat.numpy()
+        for kind, lk, pk, off, n, shape, attrs in layout:
+            payloads.append((kind, lk, pk, arr[off:off + n].reshape(shape), attrs))
+    return StepRecord(step=p.step, epoch=p.epoch, loss=loss, time=p.time, dropped=p.dropped,
+                      payloads=payloads)
+
+
+def _drop_payload(p: _Pending) -> _Pending:
+    q = _Pending(p.step, p.epoch, p.time, p.loss)
+    q.events = p.events
+    q.dropped = 1
+    return q
+
+
+class Recorder:
+    """Record gradients and weights of a model during training into a run directory.
+
+    Args:
+        model: the ``torch.nn.Module`` being trained.
+        run_dir: directory of the run; created. An existing non-empty one is refused unless
+            ``overwrite=True`` (and then only if it is a bbdecoder run).
+        layers: which layers to record: None (all), ids, dotted names, glob patterns, type names,
+            module classes or modules, or a list of those.
+        grads_every: gradient schedule: every n steps (0 = off) or a callable ``step -> bool``.
+        weights_every: weight-snapshot schedule, likewise (weights as used in that step's forward).
+        overwrite: replace an existing run at ``run_dir``.
+        on_error: "warn" (default: one warning, the recorder stands aside, training goes on) or
+            "raise" (the next call raises :class:`RecorderError`).
+        on_full: what ``step()`` does when the writer's queue is full: "block" (default: wait) or
+            "drop" (drop that step's tensors and count the drop in the trace).
+        queue_items / queue_bytes: bounds of the writer queue (payload-carrying steps / bytes).
+        flush_steps / flush_secs: a shard is closed and published at least every ``flush_steps``
+            steps and every ``flush_secs`` seconds; a crash loses at most that window plus the queue.
+        max_shard_bytes: a shard is also closed when it holds this many payload bytes.
+        grad_dtype / weight_dtype: storage dtype of raw tensors ("float32", "float16", "float64").
+        record_rank: the rank that records gradients and weights under torch.distributed
+            (they are identical on every rank after DDP's all-reduce); None = every rank.
+    """
+
+    def __init__(self, model: torch.nn.Module, run_dir: str | os.PathLike, layers: Any = None,
+                 grads_every: Any = 1, weights_every: Any = 50, *, overwrite: bool = False,
+                 on_error: str = "warn", on_full: str = "block", queue_items: int = 64,
+                 queue_bytes: int = 512 << 20, flush_steps: int = 100, flush_secs: float = 10.0,
+                 max_shard_bytes: int = 1 << 30, grad_dtype: str = "float32",
+                 weight_dtype: str = "float32", record_rank: int | None = 0):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError("model must be a torch.nn.Module")
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', not {on_error!r}")
+        if grad_dtype not in _DTYPES or weight_dtype not in _DTYPES:
+            raise ValueError(f"dtypes must be one of {sorted(_DTYPES)}")
+        if not (isinstance(flush_steps, int) and flush_steps >= 1 and flush_secs > 0):
+            raise ValueError("flush_steps must be an int >= 1 and flush_secs > 0")
+        self.model = model
+        self.run_dir = os.path.abspath(os.fspath(run_dir))
+        self.on_error = on_error
+        self._grad_sched = as_schedule(grads_every)
+        self._weight_sched = as_schedule(weights_every)
+        self._grad_dtype, self._weight_dtype = _DTYPES[grad_dtype], _DTYPES[weight_dtype]
+        self.rank, self.world_size = _dist_info()
+        records_tensors = record_rank is None or record_rank == self.rank
+
+        # ---- layer table: every module owning parameters directly, ids in named_modules order
+        self._modules: list[torch.nn.Module] = []
+        table = []
+        for name, m in model.named_modules():
+            ps = list(m.named_parameters(recurse=False))
+            if not ps:
+                continue
+            pkeys = fmt.assign_keys([n for n, _ in ps])
+            table.append({"id": len(table), "name": name, "type": type(m).__name__,
+                          "class": f"{type(m).__module__}.{type(m).__qualname__}",
+                          "params": [{"name": n, "key": k, "shape": list(p.shape),
+                                      "dtype": str(p.dtype).replace("torch.", ""), "numel": p.numel(),
+                                      "requires_grad": bool(p.requires_grad)}
+                                     for (n, p), k in zip(ps, pkeys)],
+                          "n_params": int(sum(p.numel() for _, p in ps))})
+            self._modules.append(m)
+        for L, key in zip(table, fmt.assign_keys([L["name"] for L in table])):
+            L["key"] = key
+        self._table = table
+
+        def type_match(item, rec):
+            m = self._modules[rec["id"]]
+            if isinstance(item, type):
+                return isinstance(m, item)
+            if isinstance(item, torch.nn.Module):
+                return item is m
+            return False
+
+        try:
+            self._selected = fmt.select_layers(layers, table, type_match)
+        except fmt.TraceError as e:
+            raise ValueError(str(e)) from None
+        sel = set(self._selected)
+        for L in table:
+            L["selected"] = L["id"] in sel
+
+        # ---- what step() copies: (kind, layer_key, param_key, parameter, attrs)
+        self._grad_targets, self._weight_targets = [], []
+        if records_tensors:
+            for L in table:
+                if not L["selected"]:
+                    continue
+                m = self._modules[L["id"]]
+                for pinfo, (pname, p) in zip(L["params"], m.named_parameters(recurse=False)):
+                    attrs = {"layer_id": L["id"], "layer": L["name"], "param": pname}
+                    self._weight_targets.append((L["key"], pinfo["key"], p, attrs))
+                    if p.requires_grad:
+                        self._grad_targets.append((L["key"], pinfo["key"], p, attrs))
+
+        # ---- run directory
+        self._prepare_dir(overwrite)
+        self.config = {
+            "layers": repr(layers), "selected_layers": self._selected, "grads_every": repr(self._grad_sched),
+            "weights_every": repr(self._weight_sched), "on_error": on_error, "on_full": on_full,
+            "queue_items": queue_items, "queue_bytes": queue_bytes, "flush_steps": flush_steps,
+            "flush_secs": flush_secs, "max_shard_bytes": max_shard_bytes, "grad_dtype": grad_dtype,
+            "weight_dtype": weight_dtype, "record_rank": record_rank,
+        }
+        self._manifest = {
+            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "bbdecoder_version": VERSION,
+            "created": time.time(), "status": fmt.STATUS_RECORDING, "world_size": self.world_size,
+            "host": socket.gethostname(), "torch_version": torch.__version__,
+            "model": {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+                      "n_params": int(sum(p.numel() for p in model.parameters()))},
+            "config": self.config, "layers": table,
+        }
+        if self.rank == 0:
+            fmt.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
+        self._series = ShardSeriesWriter(os.path.join(self.run_dir, fmt.rank_dirname(self.rank)), self.rank,
+                                         flush_steps=flush_steps, flush_secs=flush_secs,
+                                         max_shard_bytes=max_shard_bytes, backend=HDF5Backend())
+        self._writer = BackgroundWriter(self._series, resolve=_resolve, max_items=queue_items,
+                                        max_bytes=queue_bytes, on_full=on_full)
+        self._step = 0
+        self._epoch = 0
+        self._closed = False
+        self._disabled = False
+        self._t_start = time.time()
+        ref = weakref.ref(self)
+        self._atexit = lambda: (ref() is not None and ref()._close_at_exit())
+        atexit.register(self._atexit)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _prepare_dir(self, overwrite: bool) -> None:
+        d = self.run_dir
+        if self.rank == 0:
+            if os.path.exists(d) and not os.path.isdir(d):
+                raise FileExistsError(f"{d} exists and is not a directory")
+            if os.path.isdir(d) and os.listdir(d):
+                if not overwrite:
+                    raise FileExistsError(f"{d} already holds a run or other files; pass overwrite=True "
+                                          "to replace a run, or choose another directory")
+                if not os.path.isfile(os.path.join(d, fmt.MANIFEST)):
+                    raise FileExistsError(f"{d} is not a bbdecoder run; refusing to overwrite it")
+                for n in os.listdir(d):
+                    p = os.path.join(d, n)
+                    if fmt.parse_rank_dirname(n) is not None and os.path.isdir(p):
+                        shutil.rmtree(p)
+                    elif n == fmt.MANIFEST or n.startswith(".tmp-"):
+                        os.unlink(p)
+            os.makedirs(d, exist_ok=True)
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        os.makedirs(d, exist_ok=True)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """The layer table: id, dotted name, type, parameter count, and whether it is recorded."""
+        return [LayerInfo(L["id"], L["name"], L["type"], L["n_params"], L["selected"]) for L in self._table]
+
+    @property
+    def step_index(self) -> int:
+        """Index the next ``step()`` call will record."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __repr__(self) -> str:
+        rows = [("id", "name", "type", "params", "rec")]
+        rows += [(str(L["id"]), L["name"] or "(root)", L["type"], f"{L['n_params']:,}", "*" if L["selected"] else "")
+                 for L in self._table]
+        w = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = [f"Recorder({self.run_dir!r}, rank {self.rank}/{self.world_size}, "
+                 f"grads {self.config['grads_every']}, weights {self.config['weights_every']}, "
+                 f"{'closed' if self._closed else 'open'})"]
+        for r in rows:
+            lines.append("  " + "  ".join([r[0].rjust(w[0]), r[1].ljust(w[1]), r[2].ljust(w[2]),
+                                           r[3].rjust(w[3]), r[4]]).rstrip())
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+    def step(self, loss: Any = None) -> None:
+        """Record one optimizer step. Call after ``backward()`` and before ``optimizer.step()``.
+
+        Args:
+            loss: the step's loss: a tensor (not synchronised; copied asynchronously), a float, or None.
+
+        Raises:
+            RecorderClosedError: after close().
+            RecorderError: with ``on_error="raise"``, if the recorder failed since the last call.
+        """
+        if self._closed:
+            raise RecorderClosedError("Recorder.step() called after close()")
+        self._surface_error()
+        s = self._step
+        self._step += 1
+        if self._disabled:
+            return
+        try:
+            p = _Pending(s, self._epoch, time.time(), _loss_handoff(loss))
+            with torch.no_grad():
+                if self._grad_targets and self._grad_sched(s):
+                    self._snapshot(p, fmt.KIND_GRADS, self._grad_targets, self._grad_dtype, grads=True)
+                if self._weight_targets and self._weight_sched(s):
+                    self._snapshot(p, fmt.KIND_WEIGHTS, self._weight_targets, self._weight_dtype, grads=False)
+            if isinstance(p.loss, _AsyncScalar):
+                p.events.extend(p.loss.events)
+                p.loss = p.loss.host
+            self._writer.put(p, p.nbytes, _drop_payload)
+        except (WriterClosedError, RecorderError):
+            raise
+        except WriterError as e:
+            self._fail(e.__cause__ or e)
+        except Exception as e:  # a recorder problem must not kill training unless asked
+            self._fail(e)
+
+    def epoch_end(self) -> None:
+        """Mark the end of an epoch: later steps carry the next epoch index."""
+        if self._closed:
+            raise RecorderClosedError("Recorder.epoch_end() called after close()")
+        self._surface_error()
+        self._epoch += 1
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every step so far is written and visible to readers (the live shard is closed)."""
+        if self._closed:
+            return
+        self._surface_error()
+        if self._disabled:
+            return
+        try:
+            self._writer.flush(timeout)
+        except WriterError as e:
+            self._fail(e.__cause__ or e, surfaced=True)
+
+    def close(self, status: str | None = None) -> None:
+        """Write what is queued, close the last shard and mark the run complete. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            atexit.unregister(self._atexit)
+        except Exception:
+            pass
+        status = status or fmt.STATUS_COMPLETE
+        self._writer.close(status, raise_error=False)
+        err = self._writer.take_error()
+        if self._writer.error is not None:
+            status = fmt.STATUS_FAILED
+        if self.rank == 0:
+            self._manifest.update(status=status, ended=time.time(), steps=self._step, epochs=self._epoch,
+                                  dropped=self._writer.dropped)
+            if self._writer.error is not None:
+                self._manifest["error"] = f"{type(self._writer.error).__name__}: {self._writer.error}"
+            try:
+                fmt.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
+            except OSError as e:
+                if err is None:
+                    err = e
+        if err is not None:
+            self._fail(err, surfaced=True, closing=True)
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close(fmt.STATUS_ABORTED)
+            except Exception as e:  # never mask the training code's exception
+                warnings.warn(f"bbdecoder: closing the recorder failed: {e}", RecorderWarning, stacklevel=2)
+        return False
+
+    # ------------------------------------------------------------------ internals
+    def _snapshot(self, p: _Pending, kind: str, targets, dtype, grads: bool) -> None:
+        groups: dict[Any, list] = {}
+        for lk, pk, param, attrs in targets:
+            t = param.grad if grads else param
+            if t is None:
+                continue
+            if t.is_sparse:
+                t = t.to_dense()
+            groups.setdefault(t.device, []).append((lk, pk, t, attrs))
+        for dev, items in groups.items():
+            flat = torch.cat([t.reshape(-1) for _, _, t, _ in items]) if len(items) > 1 \
+                else items[0][2].reshape(-1).clone()
+            if flat.dtype != dtype:
+                flat = flat.to(dtype)
+            layout, off = [], 0
+            for lk, pk, t, attrs in items:
+                n = t.numel()
+                layout.append((kind, lk, pk, off, n, tuple(t.shape), attrs))
+                off += n
+            if dev.type == "cpu":
+                host = flat
+            elif dev.type == "cuda":
+                host = torch.empty(flat.shape, dtype=dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                p.events.append(ev)
+            else:  # other accelerators: a plain copy (may synchronise on that backend)
+                host = flat.to("cpu")
+            p.groups.append((host, layout))
+            p.nbytes += host.numel() * host.element_size()
+
+    def _surface_error(self) -> None:
+        err = self._writer.take_error()
+        if err is not None:
+            self._fail(err, surfaced=True)
+
+    def _fail(self, err: BaseException, surfaced: bool = False, closing: bool = False) -> None:
+        first = not self._disabled
+        self._disabled = True
+        if not closing and not self._writer.closed:
+            try:
+                self._series_note(err)
+            except Exception:
+                pass
+        msg = f"bbdecoder recorder failed ({type(err).__name__}: {err}); " + \
+              ("recording stopped, training goes on" if self.on_error == "warn" else "")
+        if self.on_error == "raise":
+            raise RecorderError(f"bbdecoder recorder failed: {type(err).__name__}: {err}") from err
+        if first:
+            warnings.warn(msg.rstrip("; "), RecorderWarning, stacklevel=3)
+
+    def _series_note(self, err: BaseException) -> None:
+        if self._writer.error is None:  # an error on the training side: tell the writer to stop
+            self._writer._set_error(err)
+            self._writer.take_error()
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _AsyncScalar:
+    __slots__ = ("host", "events")
+
+    def __init__(self, host, events):
+        self.host, self.events = host, events
+
+
+def _loss_handoff(loss: Any) -> Any:
+    """A float, or a host tensor being filled asynchronously from the device."""
+    if loss is None:
+        return float("nan")
+    if isinstance(loss, torch.Tensor):
+        t = loss.detach().reshape(-1)[:1]
+        if t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=torch.float64, pin_memory=True)
+            host.copy_(t.to(torch.float64), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            return _AsyncScalar(host, [ev])
+        if t.device.type == "cpu":
+            return t.to(torch.float64).clone()
+        return t.to("cpu", torch.float64)
+    try:
+        return float(loss)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _dist_info() -> tuple[int, int]:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1

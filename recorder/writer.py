@@ -1,0 +1,230 @@
+"""Background writer: a bounded queue between the training thread and the one thread that owns HDF5.
+
+Semantics (ported from TensorBoard's EventFileWriter tests):
+- ``put`` never touches h5py; when the queue is full it blocks (``on_full="block"``) or drops the
+  item's payload and counts the drop in the trace (``on_full="drop"``);
+- ``flush`` waits until everything queued so far is written and the live shard is closed;
+- an exception in the writer thread is kept and re-raised in the caller by the next ``put``,
+  ``flush`` or ``close`` (see :attr:`error`); after it the writer discards what it receives;
+- ``close`` is idempotent; ``put`` after ``close`` raises :class:`WriterClosedError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import traceback
+from typing import Any, Callable
+
+from analyzer import format as fmt
+
+
+class WriterClosedError(RuntimeError):
+    """Raised when something is written after close()."""
+
+
+class WriterError(RuntimeError):
+    """The background writer failed; ``__cause__`` holds the original exception."""
+
+
+_FLUSH = object()
+
+
+class BackgroundWriter:
+    """Runs ``sink.write(records)`` in a daemon thread.
+
+    Args:
+        sink: object with ``write(list)``, ``tick()``, ``time_to_deadline() -> float | None``,
+            ``rotate()``, ``close(status)``, ``abandon_live()`` and ``record_error(message)``
+            (a :class:`analyzer.storage.ShardSeriesWriter` in production).
+        resolve: turns a queued item into what ``sink.write`` takes (waits for device copies).
+        max_items: most payload-carrying items in the queue.
+        max_bytes: most payload bytes in the queue.
+        on_full: "block" or "drop".
+    """
+
+    def __init__(self, sink, resolve: Callable[[Any], Any] = lambda x: x, max_items: int = 64,
+                 max_bytes: int = 512 << 20, on_full: str = "block", name: str = "bbdecoder-writer"):
+        if on_full not in ("block", "drop"):
+            raise ValueError(f"on_full must be 'block' or 'drop', not {on_full!r}")
+        if max_items < 1 or max_bytes < 1:
+            raise ValueError("queue bounds must be positive")
+        self.sink, self.resolve = sink, resolve
+        self.max_items, self.max_bytes, self.on_full = max_items, max_bytes, on_full
+        self._q: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._items = self._bytes = 0
+        self._busy = False
+        self._closing = self._closed = False
+        self._rotate_requested = False
+        self.error: BaseException | None = None
+        self.error_trace: str | None = None
+        self.dropped = 0
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ caller side
+    def put(self, item, nbytes: int = 0, drop_payload: Callable[[Any], Any] | None = None) -> bool:
+        """Queue ``item`` whose payload holds ``nbytes``. Returns False if its payload was dropped.
+
+        Raises:
+            WriterClosedError: after close().
+            WriterError: the writer thread failed (raised once; later calls pass).
+        """
+        with self._cv:
+            if self._closing or self._closed:
+                raise WriterClosedError("the writer is closed")
+            self._raise_pending()
+            kept = True
+            if nbytes > 0 and self._full(nbytes):
+                if self.on_full == "drop" and drop_payload is not None:
+                    item = drop_payload(item)
+                    nbytes, kept = 0, False
+                    self.dropped += 1
+                else:
+                    while self._full(nbytes) and self.error is None and not self._closing:
+                        self._cv.wait()
+                    self._raise_pending()
+            self._q.append((item, nbytes))
+            if nbytes:
+                self._items += 1
+                self._bytes += nbytes
+            self._cv.notify_all()
+            return kept
+
+    def _full(self, nbytes: int) -> bool:
+        if self._items == 0:
+            return False  # one item always fits, however large
+        return self._items + 1 > self.max_items or self._bytes + nbytes > self.max_bytes
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued is written and the live shard is published.
+
+        Returns False on timeout. Raises WriterError if the writer failed.
+        """
+        with self._cv:
+            if self._closed:
+                return True
+            self._raise_pending()
+            self._q.append((_FLUSH, 0))
+            self._cv.notify_all()
+            ok = self._cv.wait_for(lambda: (not self._q and not self._busy) or self.error is not None,
+                                   timeout=timeout)
+            self._raise_pending()
+            return ok
+
+    def close(self, status: str = fmt.STATUS_COMPLETE, raise_error: bool = True) -> None:
+        """Write what is queued, close the live shard, mark the rank's status. Idempotent."""
+        with self._cv:
+            if self._closed or self._closing:
+                return
+            self._closing = True
+            self._cv.notify_all()
+        self._thread.join()
+        with self._cv:
+            self._closed = True
+        if self.error is None:
+            try:
+                self.sink.close(status)
+            except BaseException as e:  # noqa: BLE001 - surfaced below
+                self._set_error(e)
+        else:
+            try:
+                self.sink.close(fmt.STATUS_FAILED)
+            except BaseException:
+                pass
+        if raise_error:
+            with self._cv:
+                self._raise_pending()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _raise_pending(self) -> None:
+        if self.error is not None and not getattr(self, "_raised", False):
+            self._raised = True
+            raise WriterError(f"bbdecoder writer failed: {type(self.error).__name__}: {self.error}") \
+                from self.error
+
+    def take_error(self) -> BaseException | None:
+        """The writer's error if not yet surfaced (marks it surfaced), else None."""
+        with self._cv:
+            if self.error is not None and not getattr(self, "_raised", False):
+                self._raised = True
+                return self.error
+            return None
+
+    # ------------------------------------------------------------------ writer thread
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._q and not self._closing:
+                    if self.error is None:
+                        deadline = self._safe(self.sink.time_to_deadline)
+                    else:
+                        deadline = None
+                    if deadline is not None and deadline <= 0:
+                        break
+                    self._cv.wait(timeout=deadline)
+                    if deadline is not None:
+                        break
+                if not self._q and self._closing:
+                    return
+                batch = []
+                while self._q:
+                    batch.append(self._q.popleft())
+                    if len(batch) >= 256:
+                        break
+                self._busy = True
+            try:
+                if self.error is None:
+                    self._process(batch)
+            except BaseException as e:  # noqa: BLE001 - kept and re-raised in the caller
+                self._set_error(e)
+                try:
+                    self.sink.abandon_live()
+                except BaseException:
+                    pass
+            finally:
+                with self._cv:
+                    for _, nb in batch:
+                        if nb:
+                            self._items -= 1
+                            self._bytes -= nb
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _process(self, batch) -> None:
+        records = []
+        for item, _ in batch:
+            if item is _FLUSH:
+                if records:
+                    self.sink.write(records)
+                    self.written += len(records)
+                    records = []
+                self.sink.rotate()
+            else:
+                records.append(self.resolve(item))
+        if records:
+            self.sink.write(records)
+            self.written += len(records)
+        self.sink.tick()
+
+    def _safe(self, fn):
+        try:
+            return fn()
+        except BaseException:
+            return None
+
+    def _set_error(self, e: BaseException) -> None:
+        with self._cv:
+            if self.error is None:
+                self.error = e
+                self.error_trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            self._cv.notify_all()
+        try:
+            self.sink.record_error(f"{type(e).__name__}: {e}")
+        except BaseException:
+            pass
