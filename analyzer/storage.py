@@ -111,9 +111,10 @@ def _check_step_cols(cols: dict) -> int:
 class HDF5ShardWriter(ShardWriter):
     """Chunked, extendable datasets; one group per payload with ``values`` and ``steps``."""
 
-    def __init__(self, path: str, attrs: dict):
+    def __init__(self, path: str, attrs: dict, max_rows: int = 1024):
         import h5py
         self.path = path
+        self.max_rows = max(1, int(max_rows))
         self._f = h5py.File(path, "w")
         for k, v in attrs.items():
             self._f.attrs[k] = v
@@ -121,7 +122,7 @@ class HDF5ShardWriter(ShardWriter):
         self._f.attrs["format_version"] = fmt.FORMAT_VERSION
         g = self._f.create_group("steps")
         dtypes = {"step": "i8", "epoch": "i8", "loss": "f8", "time": "f8", "dropped": "i4"}
-        self._steps = {c: g.create_dataset(c, shape=(0,), maxshape=(None,), chunks=(4096,),
+        self._steps = {c: g.create_dataset(c, shape=(0,), maxshape=(None,), chunks=(min(4096, self.max_rows),),
                                            dtype=dtypes[c]) for c in fmt.STEP_COLUMNS}
         self._groups: dict[tuple[str, str, str], tuple] = {}
         self.nbytes = 0
@@ -152,8 +153,10 @@ class HDF5ShardWriter(ShardWriter):
                 g.attrs[a] = v
             shape = values.shape[1:]
             vds = g.create_dataset("values", shape=(0, *shape), maxshape=(None, *shape),
-                                   chunks=chunk_shape(shape, values.dtype.itemsize), dtype=values.dtype)
-            sds = g.create_dataset("steps", shape=(0,), maxshape=(None,), chunks=(4096,), dtype="i8")
+                                   chunks=chunk_shape(shape, values.dtype.itemsize, self.max_rows),
+                                   dtype=values.dtype)
+            sds = g.create_dataset("steps", shape=(0,), maxshape=(None,), chunks=(min(4096, self.max_rows),),
+                                   dtype="i8")
             entry = self._groups[key] = (vds, sds)
         vds, sds = entry
         if values.shape[1:] != vds.shape[1:]:
@@ -360,8 +363,8 @@ class MemoryShardReader(ShardReader):
 class HDF5Backend:
     """Shards are HDF5 files; the live shard carries the ``.part`` suffix until it is closed."""
 
-    def create(self, path: str, attrs: dict) -> ShardWriter:
-        return HDF5ShardWriter(path, attrs)
+    def create(self, path: str, attrs: dict, max_rows: int = 1024) -> ShardWriter:
+        return HDF5ShardWriter(path, attrs, max_rows)
 
     def commit(self, live_path: str, final_path: str) -> None:
         os.replace(live_path, final_path)
@@ -376,7 +379,7 @@ class MemoryBackend:
     def __init__(self):
         self.shards: dict[str, MemoryShard] = {}
 
-    def create(self, path, attrs):
+    def create(self, path, attrs, max_rows=1024):
         self.shards[path] = MemoryShard(dict(attrs))
         return MemoryShardWriter(self.shards[path])
 
@@ -438,7 +441,8 @@ class ShardSeriesWriter:
         self._live = os.path.join(self.rank_dir, fmt.shard_filename(self.shard_index, live=True))
         self._final = os.path.join(self.rank_dir, fmt.shard_filename(self.shard_index))
         self._w = self.backend.create(self._live, {"rank": self.rank, "shard_index": self.shard_index,
-                                                   "created": time.time()})
+                                                   "created": time.time()},
+                                      max_rows=self.flush_steps)
         self._opened_at = self.clock()
         self._n_in_shard = 0
 

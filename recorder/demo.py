@@ -99,7 +99,7 @@ def synthetic_images(n: int, num_classes: int = 10, size: int = 32,
 
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-          epochs: int = 3, batch_size: int = 64, lr: float = 1e-3,
+          epochs: int = 3, batch_size: int = 64, lr: float = 2e-3,
           recorder=None, seed: int = 0) -> list[float]:
     """Train ``model`` with Adam and cross-entropy.
 
