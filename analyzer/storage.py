@@ -422,7 +422,8 @@ class ShardSeriesWriter:
         self._w: ShardWriter | None = None
         self._live = self._final = None
         self._opened_at = 0.0
-        self._pending_steps: list[StepRecord] = []
+        self._n_in_shard = 0
+        self._last_step: int | None = None
         self.shard_index = 0
         self.state = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "rank": rank,
                       "status": fmt.STATUS_RECORDING, "shards": 0, "steps_flushed": 0,
@@ -453,9 +454,16 @@ class ShardSeriesWriter:
             if self._w is None:
                 self._open()
             room = self.flush_steps - self._n_in_shard
-            part = records[i:i + room]
-            self._write_part(part)
-            i += len(part)
+            budget = self.max_shard_bytes - self._w.nbytes
+            j, used = i, 0
+            while j < len(records) and j - i < room:
+                nb = sum(p[3].nbytes for p in records[j].payloads)
+                if j > i and used + nb > budget:
+                    break
+                used += nb
+                j += 1
+            self._write_part(records[i:j])
+            i = j
             if self._due():
                 self.rotate()
 
@@ -477,7 +485,7 @@ class ShardSeriesWriter:
             vals = rows[0][1][None] if len(rows) == 1 else np.stack([a for _, a, _ in rows])
             w.append(kind, lk, pk, steps, vals, rows[0][2])
         self._n_in_shard += len(recs)
-        self._pending_steps.extend(recs[-1:])
+        self._last_step = recs[-1].step
         self.state["dropped"] += int(sum(r.dropped for r in recs))
 
     def _due(self) -> bool:
@@ -510,11 +518,9 @@ class ShardSeriesWriter:
             return
         self.backend.commit(self._live, self._final)
         self.shard_index += 1
-        last = self._pending_steps[-1].step if self._pending_steps else None
-        self._pending_steps.clear()
         self.state["shards"] = self.shard_index
         self.state["steps_flushed"] += self._n_in_shard
-        self.state["last_step"] = last
+        self.state["last_step"] = self._last_step
         self.state["bytes"] += int(getattr(w, "nbytes", 0))
         self.write_state()
 

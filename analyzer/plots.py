@@ -1,0 +1,448 @@
+"""Figures of a recorded run, Cockpit style: small pure plotting functions over tidy DataFrames.
+
+Every plot is a function ``(df, ax, **opts) -> ax`` (or ``(df, fig, **opts) -> fig`` for a
+multi-panel figure) that draws with seaborn onto what it is given and never reads files. Each is
+registered in :data:`PLOTS` and carries ``requires``: the DataFrame columns it needs.
+:func:`check` tells whether a DataFrame has what a plot needs (and why not), so that a report can
+skip a figure with a reason.
+
+matplotlib (Agg backend) and seaborn are imported lazily, on the first plot: importing this module
+costs nothing and never touches a display. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+#: name -> plotting function (each has ``requires`` and ``kind`` = "ax" or "fig").
+PLOTS: dict[str, Callable] = {}
+
+#: Most columns the layer x step heatmap draws; longer runs are binned by averaging.
+MAX_HEATMAP_COLUMNS = 400
+#: Most legend entries drawn; beyond that layers are coloured by id with a colour bar instead.
+MAX_LEGEND = 12
+
+_MPL = None
+
+
+def _mpl():
+    """(pyplot, seaborn), imported on first use with the Agg backend."""
+    global _MPL
+    if _MPL is None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import seaborn as sns
+        _MPL = (plt, sns)
+    return _MPL
+
+
+def plot(requires: Iterable[str], kind: str = "ax") -> Callable:
+    """Register a plotting function with the DataFrame columns it needs."""
+    def deco(fn: Callable) -> Callable:
+        fn.requires = tuple(requires)
+        fn.kind = kind
+        PLOTS[fn.__name__] = fn
+        return fn
+    return deco
+
+
+def check(df: pd.DataFrame | None, requires: Iterable[str] | Callable) -> str | None:
+    """Why ``df`` cannot feed a plot, or None if it can.
+
+    ``requires`` is a plotting function (its ``requires`` is used) or a list of column names.
+    A DataFrame can feed a plot if it has rows, every required column, and at least one finite value
+    in every required numeric column (and, taken together, at least one row where all of them are
+    finite).
+    """
+    cols = tuple(getattr(requires, "requires", requires))
+    if df is None or not len(df):
+        return "no data"
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        return f"missing column(s) {', '.join(missing)}"
+    num = [c for c in cols if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
+    ok = np.ones(len(df), bool)
+    for c in num:
+        fin = np.isfinite(df[c].to_numpy(np.float64, na_value=np.nan))
+        if not fin.any():
+            return f"no finite values of {c}"
+        ok &= fin
+    if num and not ok.any():
+        return f"no row with finite {', '.join(num)}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def new_figure(width: float = 8.0, height: float = 4.5, nrows: int = 1, ncols: int = 1, **kw):
+    """A new figure (and axes) in the report's style."""
+    plt, sns = _mpl()
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kw)
+    return fig, axes
+
+
+def figure(width: float = 8.0, height: float = 4.5):
+    """A new empty figure (for the ``(df, fig)`` plots)."""
+    plt, sns = _mpl()
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+    return plt.figure(figsize=(width, height))
+
+
+def save(fig, path: str | os.PathLike, dpi: int = 100) -> str:
+    """Save ``fig`` as PNG (written to a temporary name, then renamed) and close it."""
+    plt, _ = _mpl()
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def close(fig) -> None:
+    plt, _ = _mpl()
+    plt.close(fig)
+
+
+def text(s) -> str:
+    """A model-provided string made safe for matplotlib text (no mathtext)."""
+    return str(s).replace("$", r"\$")
+
+
+def layer_label(layer_id, name) -> str:
+    """Axis/legend label of a layer: "id: dotted name" ("(model)" for the root module)."""
+    return f"{int(layer_id)}: {text(name)}" if name else f"{int(layer_id)}: (model)"
+
+
+def _labels(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of df with a "layer_label" column."""
+    d = df.copy()
+    d["layer_label"] = [layer_label(i, n) for i, n in zip(d["layer_id"], d["layer"])]
+    return d
+
+
+def _order(d: pd.DataFrame) -> list[str]:
+    return list(d.drop_duplicates("layer_id").sort_values("layer_id")["layer_label"])
+
+
+def _positive(x) -> np.ndarray:
+    """Values for a log axis: non-positive and non-finite become NaN."""
+    a = np.asarray(x, np.float64)
+    return np.where(np.isfinite(a) & (a > 0), a, np.nan)
+
+
+def _layer_hue(ax, d: pd.DataFrame, **lineplot_kw):
+    """seaborn lineplot coloured by layer: a legend for a few layers, a colour bar (by id) for many."""
+    plt, sns = _mpl()
+    order = _order(d)
+    if len(order) <= MAX_LEGEND:
+        palette = sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))
+        sns.lineplot(data=d, hue="layer_label", hue_order=order, palette=palette, ax=ax, **lineplot_kw)
+        _legend_outside(ax, title="layer")
+    else:
+        ids = d["layer_id"].astype(float)
+        norm = plt.Normalize(ids.min(), ids.max())
+        sns.lineplot(data=d, hue="layer_id", hue_norm=norm, palette="viridis", ax=ax, legend=False,
+                     **lineplot_kw)
+        sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
+        ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
+    return ax
+
+
+def _legend_outside(ax, title: str | None = None) -> None:
+    leg = ax.get_legend()
+    if leg is None:
+        return
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, title=title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              fontsize="small", title_fontsize="small")
+
+
+def epoch_spans(df: pd.DataFrame, col: str) -> pd.DataFrame:
+    """Per epoch: first step, last step and the mean of ``col`` over the epoch (NaN skipped)."""
+    d = df[["step", "epoch", col]].copy()
+    g = d.groupby("epoch", sort=True)
+    out = g.agg(start=("step", "min"), end=("step", "max"), mean=(col, "mean")).reset_index()
+    return out
+
+
+def _overlay_epoch_means(ax, df: pd.DataFrame, col: str, color="black", label="epoch mean") -> None:
+    ep = epoch_spans(df, col)
+    ep = ep[np.isfinite(ep["mean"])]
+    if not len(ep):
+        return
+    # each epoch's mean as a horizontal segment across the epoch's steps, joined as a step line
+    xs, ys = [], []
+    for r in ep.itertuples(index=False):
+        end = r.end + 1 if r.end > r.start else r.start + 0.5
+        xs += [r.start, end]
+        ys += [r.mean, r.mean]
+    ax.plot(xs, ys, color=color, lw=2.0, label=label, zorder=5)
+    ax.plot((ep["start"] + ep["end"]) / 2.0, ep["mean"], "o", color=color, ms=4, zorder=6)
+    for s in ep["start"].iloc[1:]:
+        ax.axvline(s, color="0.6", lw=0.6, ls=":", zorder=1)
+
+
+def _auto_log(ax, values, axis: str = "y", ratio: float = 100.0) -> None:
+    """Log scale when the positive values span more than ``ratio``."""
+    v = _positive(values)
+    v = v[np.isfinite(v)]
+    if len(v) and v.max() / v.min() > ratio:
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+
+
+# ---------------------------------------------------------------------------------------- plots
+def gradient_flow_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per layer over all steps (rows = per-step, per-layer gradient statistics):
+    mean |g| = sum(l1) / sum(count), max |g| = max(max_abs), steps = rows."""
+    g = df.groupby(["layer_id", "layer"], sort=True)
+    out = g.agg(l1=("l1", "sum"), count=("count", "sum"), max_abs=("max_abs", "max"),
+                steps=("l1", "size")).reset_index()
+    out["abs_mean"] = out["l1"] / out["count"].where(out["count"] > 0)
+    return out[["layer_id", "layer", "steps", "count", "l1", "abs_mean", "max_abs"]]
+
+
+@plot(requires=("layer_id", "layer", "l1", "count", "max_abs"))
+def grad_flow(df: pd.DataFrame, ax, **opts):
+    """Gradient flow (BBDecoder 1.x): per layer, mean |g| and max |g| over the steps in ``df`` as
+    side-by-side bars on a log axis, layers in id order. ``df``: per-step, per-layer rows."""
+    _, sns = _mpl()
+    t = _labels(gradient_flow_table(df))
+    order = _order(t)
+    long = pd.concat([
+        pd.DataFrame({"layer_label": t["layer_label"], "statistic": "max |g|", "value": _positive(t["max_abs"])}),
+        pd.DataFrame({"layer_label": t["layer_label"], "statistic": "mean |g|", "value": _positive(t["abs_mean"])}),
+    ], ignore_index=True)
+    sns.barplot(data=long, x="layer_label", y="value", hue="statistic", order=order,
+                hue_order=["max |g|", "mean |g|"], palette=["#4c72b0", "#dd8452"], errorbar=None, ax=ax,
+                log=True)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (id: name)")
+    ax.set_ylabel("|gradient| (gradient units)")
+    ax.set_title(opts.get("title", "Gradient flow: mean |g| and max |g| per layer"))
+    n = len(order)
+    step = max(1, math.ceil(n / 60))
+    ax.set_xticks(range(0, n, step))
+    ax.set_xticklabels(order[::step], rotation=90 if n > 4 else 0, fontsize="small" if n > 20 else None)
+    _legend_outside(ax)
+    return ax
+
+
+@plot(requires=("step", "epoch", "l1", "l2"))
+def grad_norm_series(df: pd.DataFrame, ax, stat: str = "l2", **opts):
+    """One norm of one layer's gradient per iteration (thin line) with each epoch's mean overlaid
+    (thick segment across the epoch's steps, dot at its centre)."""
+    _, sns = _mpl()
+    d = df.sort_values("step")
+    sns.lineplot(data=d, x="step", y=stat, ax=ax, lw=0.8, alpha=0.8, color="#4c72b0", label="per iteration",
+                 estimator=None, errorbar=None)
+    _overlay_epoch_means(ax, d, stat, color="#c44e52")
+    _auto_log(ax, d[stat])
+    name = {"l1": "L1 norm  sum |g|", "l2": "L2 norm  sqrt(sum g²)"}.get(stat, stat)
+    ax.set_ylabel(name)
+    ax.set_xlabel("step (iteration)")
+    ax.set_title(opts.get("title", name))
+    ax.legend(loc="best", fontsize="small", frameon=True)
+    return ax
+
+
+@plot(requires=("step", "epoch", "l1", "l2"), kind="fig")
+def grad_norms(df: pd.DataFrame, fig, **opts):
+    """Two panels, L1 and L2 norm of one layer's gradient per iteration, epoch means overlaid."""
+    axes = fig.subplots(2, 1, sharex=True)
+    grad_norm_series(df, axes[0], stat="l1", title="L1 norm of the gradient")
+    grad_norm_series(df, axes[1], stat="l2", title="L2 norm of the gradient")
+    axes[0].set_xlabel("")
+    if opts.get("title"):
+        fig.suptitle(opts["title"])
+    return fig
+
+
+@plot(requires=("step", "layer_id", "layer", "var"))
+def grad_variance_step(df: pd.DataFrame, ax, **opts):
+    """Variance of each layer's gradient elements at every iteration (one line per layer, log y)."""
+    d = _labels(df.sort_values(["layer_id", "step"]))
+    d["var"] = _positive(d["var"])
+    _layer_hue(ax, d, x="step", y="var", lw=0.8, estimator=None, errorbar=None)
+    ax.set_yscale("log")
+    ax.set_xlabel("step (iteration)")
+    ax.set_ylabel("Var(g) over the layer's elements (g²)")
+    ax.set_title(opts.get("title", "Gradient variance per iteration"))
+    return ax
+
+
+@plot(requires=("epoch", "layer_id", "layer", "statistic", "value"))
+def grad_variance_epoch(df: pd.DataFrame, ax, **opts):
+    """Per epoch and layer, several variance statistics (column ``statistic``), log y: lines by layer,
+    dash style by statistic."""
+    plt, sns = _mpl()
+    d = _labels(df.sort_values(["layer_id", "epoch"]))
+    d["value"] = _positive(d["value"])
+    stats = list(dict.fromkeys(d["statistic"]))
+    order = _order(d)
+    kw = dict(x="epoch", y="value", style="statistic", style_order=stats, markers=True, dashes=True,
+              estimator=None, errorbar=None, ax=ax)
+    if len(order) <= MAX_LEGEND:
+        palette = sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))
+        sns.lineplot(data=d, hue="layer_label", hue_order=order, palette=palette, units="layer_label", **kw)
+        _legend_outside(ax)
+    else:
+        ids = d["layer_id"].astype(float)
+        norm = plt.Normalize(ids.min(), ids.max())
+        sns.lineplot(data=d, hue="layer_id", hue_norm=norm, palette="viridis", units="layer_id", **kw)
+        # keep only the style entries in the legend
+        h, lab = ax.get_legend_handles_labels()
+        keep = [(hh, ll) for hh, ll in zip(h, lab) if ll in stats or ll == "statistic"]
+        ax.legend([k[0] for k in keep], [k[1] for k in keep], loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False, fontsize="small")
+        sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
+        ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.25)
+    ax.set_yscale("log")
+    epochs = sorted(d["epoch"].unique())
+    if len(epochs) <= 20:
+        ax.set_xticks(epochs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("variance (g²)")
+    ax.set_title(opts.get("title", "Gradient variance per epoch"))
+    return ax
+
+
+def bin_columns(steps: np.ndarray, max_columns: int) -> np.ndarray:
+    """Column index of each of the sorted distinct ``steps`` when at most ``max_columns`` columns are
+    drawn: consecutive steps are grouped into equal-count bins."""
+    n = len(steps)
+    if n <= max_columns:
+        return np.arange(n)
+    return (np.arange(n) * max_columns) // n
+
+
+@plot(requires=("step", "layer_id", "layer", "l2"))
+def grad_heatmap(df: pd.DataFrame, ax, max_columns: int = MAX_HEATMAP_COLUMNS, **opts):
+    """Layer x step heatmap of log10 of each layer's gradient L2 norm (rows: layers in id order;
+    columns: steps, averaged (in log10) over bins of consecutive steps when there are more than
+    ``max_columns``)."""
+    _, sns = _mpl()
+    d = _labels(df)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d["log_l2"] = np.log10(_positive(d["l2"]))
+    steps = np.sort(d["step"].unique())
+    col = bin_columns(steps, max_columns)
+    d["col"] = col[np.searchsorted(steps, d["step"].to_numpy())]
+    order = _order(d)
+    m = d.pivot_table(index="layer_label", columns="col", values="log_l2", aggfunc="mean", dropna=False)
+    m = m.reindex(index=order, columns=np.arange(col[-1] + 1 if len(col) else 0))
+    first_step = pd.Series(steps).groupby(col).min().to_numpy()
+    ncol = m.shape[1]
+    sns.heatmap(m.to_numpy(), ax=ax, cmap="magma", cbar_kws={"label": "log10 ‖g‖₂"},
+                xticklabels=False, yticklabels=False, mask=~np.isfinite(m.to_numpy()))
+    xt = np.unique(np.linspace(0, ncol - 1, min(ncol, 10)).round().astype(int)) if ncol else []
+    ax.set_xticks(np.asarray(xt) + 0.5)
+    ax.set_xticklabels([str(first_step[i]) for i in xt], rotation=0)
+    nl = len(order)
+    ys = max(1, math.ceil(nl / 40))
+    ax.set_yticks(np.arange(0, nl, ys) + 0.5)
+    ax.set_yticklabels(order[::ys], rotation=0, fontsize="small" if nl > 15 else None)
+    binned = len(steps) > ncol
+    ax.set_xlabel("step" + (f" (first step of each bin; {len(steps)} steps in {ncol} columns)" if binned else ""))
+    ax.set_ylabel("layer (id: name)")
+    ax.set_title(opts.get("title", "Gradient L2 norm per layer and step (log10)"))
+    return ax
+
+
+@plot(requires=("step", "bin_left", "bin_right", "count"))
+def weight_distribution(df: pd.DataFrame, ax, **opts):
+    """Distribution of one parameter's weights over time: snapshot step on x, weight value on y
+    (largest at the top), colour = log(1 + count) of elements in each bin."""
+    _, sns = _mpl()
+    m = df.pivot_table(index="bin_left", columns="step", values="count", aggfunc="sum").sort_index(ascending=False)
+    edges_left = m.index.to_numpy(np.float64)
+    width = float(np.median(df["bin_right"] - df["bin_left"])) if len(df) else 0.0
+    steps = m.columns.to_numpy()
+    z = np.log1p(m.to_numpy(np.float64))
+    sns.heatmap(z, ax=ax, cmap="viridis", cbar_kws={"label": "log(1 + count)"}, xticklabels=False,
+                yticklabels=False)
+    nb, ns = z.shape
+    xt = np.unique(np.linspace(0, ns - 1, min(ns, 10)).round().astype(int)) if ns else []
+    ax.set_xticks(np.asarray(xt) + 0.5)
+    ax.set_xticklabels([str(steps[i]) for i in xt], rotation=0)
+    yt = np.unique(np.linspace(0, nb - 1, min(nb, 9)).round().astype(int)) if nb else []
+    ax.set_yticks(np.asarray(yt) + 0.5)
+    ax.set_yticklabels([f"{edges_left[i] + width / 2:.3g}" for i in yt], rotation=0)
+    # mark zero if it is inside the range
+    lo, hi = edges_left.min() if nb else 0, (edges_left.max() + width) if nb else 0
+    if nb and lo < 0 < hi:
+        y0 = (hi - 0.0) / (hi - lo) * nb
+        ax.axhline(y0, color="white", lw=0.6, ls="--", alpha=0.7)
+    ax.set_xlabel("snapshot step")
+    ax.set_ylabel("weight value (bin centre)")
+    ax.set_title(opts.get("title", "Weight distribution over time"))
+    return ax
+
+
+@plot(requires=("step", "layer_id", "layer", "param", "l2"))
+def weight_magnitude(df: pd.DataFrame, ax, **opts):
+    """L2 norm of every parameter at every snapshot: colour by layer, dash style by parameter, log y."""
+    return _param_lines(df, ax, "l2", "‖w‖₂ (weight units)", opts.get("title", "Weight magnitude over time"))
+
+
+@plot(requires=("step", "layer_id", "layer", "param", "update_ratio"))
+def update_ratio(df: pd.DataFrame, ax, **opts):
+    """‖w_t − w_prev‖ / ‖w_prev‖ between consecutive snapshots per parameter (log y); the first
+    snapshot (no predecessor) is dropped."""
+    d = df[np.isfinite(df["update_ratio"].to_numpy(np.float64))]
+    return _param_lines(d, ax, "update_ratio", "‖Δw‖ / ‖w‖ (between snapshots)",
+                        opts.get("title", "Weight update ratio over time"))
+
+
+def _param_lines(df: pd.DataFrame, ax, col: str, ylabel: str, title: str):
+    plt, sns = _mpl()
+    d = _labels(df.sort_values(["layer_id", "param", "step"]))
+    d[col] = _positive(d[col])
+    params = list(dict.fromkeys(d["param"]))
+    order = _order(d)
+    few_points = d.groupby(["layer_id", "param"]).size().max() <= 20
+    kw = dict(x="step", y=col, style="param" if len(params) <= 6 else None,
+              style_order=params if len(params) <= 6 else None, markers=few_points, dashes=True,
+              estimator=None, errorbar=None, ax=ax, units="series", lw=1.2)
+    d["series"] = d["layer_label"] + "/" + d["param"].astype(str)
+    if len(order) <= MAX_LEGEND:
+        palette = sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))
+        sns.lineplot(data=d, hue="layer_label", hue_order=order, palette=palette, **kw)
+        _legend_outside(ax)
+    else:
+        ids = d["layer_id"].astype(float)
+        norm = plt.Normalize(ids.min(), ids.max())
+        sns.lineplot(data=d, hue="layer_id", hue_norm=norm, palette="viridis", legend=False, **kw)
+        sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
+        ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
+    ax.set_yscale("log")
+    ax.set_xlabel("snapshot step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return ax
+
+
+@plot(requires=("step", "epoch", "loss"))
+def loss_curve(df: pd.DataFrame, ax, **opts):
+    """Training loss per step (thin line) with each epoch's mean overlaid."""
+    _, sns = _mpl()
+    d = df[["step", "epoch", "loss"]].sort_values("step")
+    fin = d[np.isfinite(d["loss"].to_numpy(np.float64))]
+    sns.lineplot(data=fin, x="step", y="loss", ax=ax, lw=0.8, alpha=0.8, color="#4c72b0",
+                 label="per step", estimator=None, errorbar=None)
+    _overlay_epoch_means(ax, fin, "loss", color="#c44e52")
+    ax.set_xlabel("step (iteration)")
+    ax.set_ylabel("loss (as passed to rec.step)")
+    ax.set_title(opts.get("title", "Training loss"))
+    ax.legend(loc="best", fontsize="small")
+    return ax

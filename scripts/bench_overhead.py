@@ -1,0 +1,291 @@
+#!/usr/bin/env python
+"""Step-time overhead of the Recorder on the reference CNN (CPU), interleaved in one run.
+
+Settings (one model + Adam optimizer each, all from the same initial weights, same batches):
+
+* ``baseline``: no recorder;
+* ``default``:  ``Recorder(model, dir)`` with its defaults (raw gradients of every layer every
+  step, weights every 50 steps);
+* ``heavy``:    raw gradients and weights of every layer every step
+  (``grads_every=1, weights_every=1``);
+* ``write-ref`` (not a training setting): the "physical limit" for heavy: writing the same number
+  of bytes per step as heavy with plain numpy ``tofile`` into a file in the same temp directory,
+  plus a plain in-memory copy of those bytes (``np.copyto``) for the memory-bandwidth floor.
+
+Method: every setting first runs ``--warmup`` steps (then a flush); then ``--rounds`` rounds, each
+running a block of ``--steps`` steps for every setting, in an order rotated by one each round, so
+that slow drifts of the machine (thermal, other processes, page cache writeback) hit every setting
+alike. The step time of a setting is the median over rounds of the block's mean step time.
+
+Timing of a block: ``time.perf_counter`` around the whole loop of training steps (forward, loss,
+zero_grad, backward, ``rec.step(loss=loss)``, ``opt.step()``). For recorder settings the timed
+region ends *after* ``rec.flush()``: the writer thread works asynchronously, so without the flush
+the work still queued at the end of the block would either go unpaid or be charged to whichever
+setting runs next (it competes for the same 2 cores). The flush pays for it here, at the price of
+one extra shard close per block (the flush publishes the live shard, so shards hold ``--steps``
+steps instead of the default ``flush_steps=100``). The time up to the flush ("no flush") is also
+reported: the difference shows how much writer work was still queued at the end of a block.
+Also reported: the mean time spent inside ``rec.step`` itself (caller-side cost; the rest of the
+overhead is the writer thread competing with torch's intra-op threads for the cores).
+
+MB/step written: bytes of the closed shards on disk (``analyzer.open(run_dir).nbytes``) divided by
+the number of steps recorded (``len(run.steps)``), after ``rec.close()``.
+
+Note: writes go to the page cache (no fsync, neither h5py nor the reference), as in practice; the
+kernel's writeback of ~GBs of dirty pages in the background is part of what every setting sees.
+
+Usage::
+
+    .venv/bin/python scripts/bench_overhead.py [--rounds 5] [--steps 40] [--warmup 20]
+                                               [--threads N] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import analyzer  # noqa: E402
+from recorder import Recorder  # noqa: E402
+from recorder.demo import make_reference_cnn, synthetic_images  # noqa: E402
+
+BATCH = 64
+N_BATCHES = 16      # distinct batches cycled through (same sequence for every setting)
+TARGET = 1.05       # target for the default setting's step-time ratio
+
+
+class Setting:
+    """One training setting: its own model copy, optimizer, recorder (or None) and timings."""
+
+    def __init__(self, name, model0, lr, tmp, rec_kwargs=None, note=""):
+        self.name, self.note = name, note
+        self.model = copy.deepcopy(model0)
+        self.model.train()
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.run_dir = None
+        self.rec = None
+        if rec_kwargs is not None:
+            self.run_dir = os.path.join(tmp, name)
+            self.rec = Recorder(self.model, self.run_dir, **rec_kwargs)
+        self.i = 0                      # global step counter (selects the batch)
+        self.block_ms = []              # per round: mean ms/step incl. flush
+        self.block_ms_noflush = []      # per round: mean ms/step before the flush
+        self.block_ms_recstep = []      # per round: mean ms/step inside rec.step
+        self.mb_per_step = None
+        self.steps_recorded = None
+
+    def steps(self, batches, n, loss_fn):
+        """Run n training steps; returns (seconds before flush, seconds incl. flush, seconds in rec.step)."""
+        model, opt, rec = self.model, self.opt, self.rec
+        nb = len(batches)
+        t_rec = 0.0
+        perf = time.perf_counter
+        t0 = perf()
+        for _ in range(n):
+            x, y = batches[self.i % nb]
+            self.i += 1
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if rec is not None:
+                a = perf()
+                rec.step(loss=loss)
+                t_rec += perf() - a
+            opt.step()
+        t1 = perf()
+        if rec is not None:
+            rec.flush()
+        t2 = perf()
+        return t1 - t0, t2 - t0, t_rec
+
+
+class WriteRef:
+    """Writes ``nbytes`` per "step" with numpy tofile (and copies them in memory), for reference."""
+
+    name = "write-ref"
+
+    def __init__(self, nbytes, tmp):
+        self.arr = np.random.default_rng(0).standard_normal(max(1, nbytes // 4)).astype(np.float32)
+        self.dst = np.empty_like(self.arr)
+        self.path = os.path.join(tmp, "write_ref.bin")
+        self.block_ms = []        # tofile, per step
+        self.block_ms_copy = []   # np.copyto, per step
+
+    def block(self, n):
+        perf = time.perf_counter
+        t0 = perf()
+        for _ in range(n):
+            np.copyto(self.dst, self.arr)
+        t1 = perf()
+        with open(self.path, "wb") as f:
+            for _ in range(n):
+                self.arr.tofile(f)
+        t2 = perf()
+        os.unlink(self.path)
+        self.block_ms_copy.append((t1 - t0) / n * 1e3)
+        self.block_ms.append((t2 - t1) / n * 1e3)
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of interleaved blocks (default 5)")
+    ap.add_argument("--steps", type=int, default=40, help="training steps per block (default 40)")
+    ap.add_argument("--warmup", type=int, default=20, help="warm-up steps per setting (default 20)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: leave torch's default)")
+    ap.add_argument("--json", metavar="PATH", help="also save the results as JSON")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+        ap.error("--rounds and --steps must be >= 1, --warmup >= 0")
+
+    t_start = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model0 = make_reference_cnn()
+    n_params = sum(p.numel() for p in model0.parameters())
+    images, labels = synthetic_images(BATCH * N_BATCHES, seed=args.seed)
+    batches = [(images[i * BATCH:(i + 1) * BATCH].contiguous(), labels[i * BATCH:(i + 1) * BATCH].contiguous())
+               for i in range(N_BATCHES)]
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    tmp = tempfile.mkdtemp(prefix="bbd-bench-")
+    settings = []
+    try:
+        settings = [
+            Setting("baseline", model0, 2e-3, tmp, None, "no recorder"),
+            Setting("default", model0, 2e-3, tmp, {}, "grads every step, weights every 50"),
+            Setting("heavy", model0, 2e-3, tmp, {"grads_every": 1, "weights_every": 1},
+                    "grads + weights every step"),
+        ]
+        heavy_bytes = 2 * n_params * 4   # float32 gradients + weights of every parameter
+        ref = WriteRef(heavy_bytes, tmp)
+        items = settings + [ref]
+
+        print(f"reference CNN: {n_params:,} parameters, batch {BATCH}, 3x32x32, Adam, CPU; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+              f"{os.cpu_count()} CPUs", flush=True)
+        print(f"warm-up {args.warmup} steps/setting, {args.rounds} rounds x {args.steps} steps "
+              f"(rotating order), tmp dir {tmp}", flush=True)
+
+        for s in settings:
+            if args.warmup:
+                s.steps(batches, args.warmup, loss_fn)
+        ref.block(max(1, min(args.warmup, args.steps)))
+        ref.block_ms.clear()
+        ref.block_ms_copy.clear()
+
+        for r in range(args.rounds):
+            k = r % len(items)
+            order = items[k:] + items[:k]
+            for it in order:
+                if it is ref:
+                    ref.block(args.steps)
+                    continue
+                t_nf, t_f, t_rec = it.steps(batches, args.steps, loss_fn)
+                it.block_ms.append(t_f / args.steps * 1e3)
+                it.block_ms_noflush.append(t_nf / args.steps * 1e3)
+                it.block_ms_recstep.append(t_rec / args.steps * 1e3)
+            print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{s.name} {s.block_ms[-1]:.1f}" for s in settings) +
+                f", write-ref {ref.block_ms[-1]:.2f} ms/step", flush=True)
+
+        for s in settings:
+            if s.rec is not None:
+                s.rec.close()
+                run = analyzer.open(s.run_dir)
+                s.steps_recorded = len(run.steps)
+                s.mb_per_step = run.nbytes / max(1, s.steps_recorded) / 1e6
+        t_total = time.perf_counter() - t_start
+
+        # ---------------------------------------------------------------- report
+        base = med(settings[0].block_ms)
+        rows, res = [], {}
+        for s in settings:
+            ms = med(s.block_ms)
+            ms_nf = med(s.block_ms_noflush)
+            r_ms = med(s.block_ms_recstep) if s.rec is not None else None
+            notes = s.note
+            if s.rec is not None:
+                notes += (f"; no-flush {ms_nf:.1f} ms ({ms_nf / base:.3f}x); "
+                          f"in rec.step {r_ms:.2f} ms")
+            rows.append((s.name, f"{ms:.1f}", f"{ms / base:.3f}",
+                         "-" if s.mb_per_step is None else f"{s.mb_per_step:.2f}", notes))
+            res[s.name] = {"ms_per_step": ms, "ratio": ms / base, "ms_per_step_noflush": ms_nf,
+                           "ratio_noflush": ms_nf / base, "ms_in_rec_step": r_ms,
+                           "mb_per_step": s.mb_per_step, "steps_recorded": s.steps_recorded,
+                           "blocks_ms": s.block_ms, "blocks_ms_noflush": s.block_ms_noflush,
+                           "blocks_ms_in_rec_step": s.block_ms_recstep if s.rec is not None else None}
+        w_ms, c_ms = med(ref.block_ms), med(ref.block_ms_copy)
+        limit = base + w_ms
+        heavy = res["heavy"]["ms_per_step"]
+        rows.append(("write-ref", f"{w_ms:.2f}", f"{limit / base:.3f}", f"{heavy_bytes / 1e6:.2f}",
+                     f"numpy tofile of heavy's bytes/step (memcpy {c_ms:.2f} ms); "
+                     f"ratio = (baseline + write) / baseline"))
+        res["write_ref"] = {"ms_per_step_tofile": w_ms, "ms_per_step_memcpy": c_ms,
+                            "bytes_per_step": heavy_bytes, "limit_ratio": limit / base,
+                            "blocks_ms_tofile": ref.block_ms, "blocks_ms_memcpy": ref.block_ms_copy}
+
+        hdr = ("setting", "ms/step (median)", "ratio vs baseline", "MB/step written", "notes")
+        wid = [max(len(str(r[i])) for r in rows + [hdr]) for i in range(4)]
+        print()
+        print(" | ".join(h.ljust(wid[i]) if i < 4 else h for i, h in enumerate(hdr)))
+        print("-+-".join("-" * w for w in wid) + "-+-" + "-" * 5)
+        for r in rows:
+            print(" | ".join(str(c).ljust(wid[i]) if i < 4 else str(c) for i, c in enumerate(r)))
+        print()
+        h_over, w_over = heavy - base, w_ms
+        print(f"heavy vs physical limit: {heavy / limit:.3f}x of (baseline + plain write) = "
+              f"{heavy:.1f} / {limit:.1f} ms; heavy's extra {h_over:.1f} ms/step is "
+              f"{h_over / w_over if w_over > 0 else float('nan'):.1f}x the plain write time "
+              f"({heavy_bytes / 1e6:.2f} MB in {w_ms:.2f} ms = {heavy_bytes / 1e6 / (w_ms / 1e3):.0f} MB/s)")
+        d_ratio = res["default"]["ratio"]
+        print(f"default overhead: {d_ratio:.3f} (target <= {TARGET:.2f}) "
+              f"{'OK' if d_ratio <= TARGET else 'ABOVE TARGET'}")
+        print(f"total runtime: {t_total:.1f} s")
+
+        if args.json:
+            out = {"config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+                              "threads": torch.get_num_threads(), "threads_arg": args.threads,
+                              "batch": BATCH, "n_params": n_params, "seed": args.seed},
+                   "env": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+                           "cpus": os.cpu_count(), "platform": platform.platform()},
+                   "results": res, "default_ratio": d_ratio, "target": TARGET,
+                   "heavy_vs_limit": heavy / limit, "total_s": t_total}
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+            print(f"results saved to {args.json}")
+    finally:
+        for s in settings:
+            if s.rec is not None:
+                try:
+                    s.rec.close()
+                except Exception:
+                    pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

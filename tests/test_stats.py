@@ -1,0 +1,82 @@
+"""Mergeable statistics against numpy (torchmetrics-style: merging a random split == whole)."""
+
+import numpy as np
+import pytest
+
+from analyzer.stats import ElementwiseMoments, RowMoments, row_moments
+
+
+def _numpy_rows(x):
+    out = {k: [] for k in ("count", "nonfinite", "mean", "abs_mean", "max_abs", "min", "max", "var", "l1", "l2")}
+    for r in x.astype(np.float64):
+        f = r[np.isfinite(r)]
+        out["count"].append(f.size)
+        out["nonfinite"].append(r.size - f.size)
+        if f.size:
+            out["mean"].append(f.mean()); out["abs_mean"].append(np.abs(f).mean())
+            out["max_abs"].append(np.abs(f).max()); out["min"].append(f.min()); out["max"].append(f.max())
+            out["var"].append(f.var()); out["l1"].append(np.abs(f).sum()); out["l2"].append(np.sqrt((f ** 2).sum()))
+        else:
+            for k in ("mean", "abs_mean", "max_abs", "min", "max", "var", "l1", "l2"):
+                out[k].append(np.nan)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def _check(got, want):
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-9, atol=0, equal_nan=True, err_msg=k)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_row_moments_match_numpy_with_nonfinite(seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((7, 301)) * rng.uniform(1e-6, 1e3)).astype(np.float32) + rng.uniform(-5, 5)
+    x[rng.random(x.shape) < 0.02] = np.nan
+    x[rng.random(x.shape) < 0.01] = np.inf
+    x[3] = np.nan  # a row with no finite element
+    _check(RowMoments.of(x).compute(), _numpy_rows(x))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_merge_of_random_column_split_equals_whole(seed):
+    rng = np.random.default_rng(100 + seed)
+    x = rng.standard_normal((4, 1000)) * 3 + 1e3  # large mean: tests the Chan merge's stability
+    x[rng.random(x.shape) < 0.05] = -np.inf
+    cuts = np.sort(rng.choice(np.arange(1, 1000), size=rng.integers(1, 8), replace=False))
+    parts = np.split(x, cuts, axis=1)
+    acc = RowMoments.empty(4)
+    for p in parts:
+        acc = acc.merge(RowMoments.of(p))
+    whole = RowMoments.of(x).compute()
+    _check(acc.compute(), whole)
+    _check(whole, _numpy_rows(x))
+
+
+def test_row_moments_bounded_pieces_equal_one_pass():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 10_001)).astype(np.float32)
+    _check(row_moments(x, max_elems=999).compute(), _numpy_rows(x))
+
+
+def test_empty_accumulator_is_nan_not_zero():
+    st = RowMoments.empty(2).compute()
+    assert np.isnan(st["mean"]).all() and (st["count"] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_elementwise_moments_split_merge_and_numpy(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((23, 50)) * rng.uniform(0.1, 10, size=50) + 100.0
+    x[rng.random(x.shape) < 0.03] = np.nan
+    cuts = np.sort(rng.choice(np.arange(1, 23), size=3, replace=False))
+    acc = ElementwiseMoments(50)
+    for p in np.split(x, cuts, axis=0):
+        acc.update(p)
+    parts = [ElementwiseMoments(50).update(p) for p in np.split(x, cuts, axis=0)]
+    merged = parts[0]
+    for p in parts[1:]:
+        merged.merge(p)
+    want = np.nanvar(x, axis=0)  # population variance across rows, per element
+    np.testing.assert_allclose(acc.m2 / acc.n, want, rtol=1e-9)
+    np.testing.assert_allclose(merged.m2 / merged.n, want, rtol=1e-9)
+    assert acc.compute_mean_variance() == pytest.approx(float(np.mean(want)), rel=1e-12)

@@ -1,0 +1,123 @@
+"""One round-trip suite that every storage implementation inherits (xarray-backends style)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from analyzer import format as fmt
+from analyzer.storage import HDF5Backend, MemoryBackend, ShardSeriesWriter, StepRecord
+
+
+def _steps(a, b, epoch=0):
+    n = b - a
+    return {"step": np.arange(a, b), "epoch": np.full(n, epoch), "loss": np.linspace(1, 0, n),
+            "time": 1e9 + np.arange(n) * 0.5, "dropped": np.zeros(n, np.int32)}
+
+
+class RoundTrip:
+    """Subclasses provide ``backend()``."""
+
+    def backend(self):
+        raise NotImplementedError
+
+    def test_step_table_round_trip(self, tmp_path):
+        be = self.backend()
+        p = str(tmp_path / "s.h5")
+        w = be.create(p, {"rank": 0})
+        w.append_steps(_steps(0, 3))
+        w.append_steps(_steps(3, 5, epoch=1))
+        w.close()
+        r = be.open(p)
+        st = r.steps()
+        np.testing.assert_array_equal(st["step"], np.arange(5))
+        np.testing.assert_array_equal(st["epoch"], [0, 0, 0, 1, 1])
+        np.testing.assert_allclose(st["loss"], np.r_[np.linspace(1, 0, 3), np.linspace(1, 0, 2)])
+        assert st["step"].dtype == np.int64 and st["loss"].dtype == np.float64
+        assert r.attrs["format_version"] == fmt.FORMAT_VERSION
+        r.close()
+
+    def test_payload_round_trip_dtypes_and_slices(self, tmp_path):
+        be = self.backend()
+        p = str(tmp_path / "s.h5")
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((4, 3, 5)).astype(np.float32)
+        b = rng.standard_normal((2, 3, 5)).astype(np.float32)
+        h = rng.standard_normal((3, 7)).astype(np.float16)
+        w = be.create(p, {})
+        w.append("grads", "L0", "weight", np.array([0, 1, 2, 3]), a, {"layer_id": 0})
+        w.append("grads", "L0", "weight", np.array([5, 6]), b)
+        w.append("weights", "L1", "bias", np.array([0, 4, 8]), h)
+        with pytest.raises(ValueError):
+            w.append("grads", "L0", "weight", np.array([9]), np.zeros((1, 3, 4), np.float32))
+        w.append_steps(_steps(0, 9))
+        w.close()
+        r = be.open(p)
+        assert sorted(r.payloads("grads")) == [("L0", "weight")]
+        assert sorted(r.payloads("weights")) == [("L1", "bias")]
+        rows, shape, chunk = r.payload_info("grads", "L0", "weight")
+        assert rows == 6 and shape == (3, 5) and chunk >= 1
+        np.testing.assert_array_equal(r.read_payload_steps("grads", "L0", "weight"), [0, 1, 2, 3, 5, 6])
+        np.testing.assert_array_equal(r.read_payload("grads", "L0", "weight", 0, 6), np.concatenate([a, b]))
+        np.testing.assert_array_equal(r.read_payload("grads", "L0", "weight", 3, 5), np.concatenate([a, b])[3:5])
+        got = r.read_payload("weights", "L1", "bias", 0, 3)
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, h)
+        r.close()
+
+    def test_series_rotates_by_steps_and_time_and_publishes(self, tmp_path):
+        be = self.backend()
+        now = [0.0]
+        sw = ShardSeriesWriter(str(tmp_path / "rank-00000"), 0, flush_steps=4, flush_secs=10.0,
+                               backend=be, clock=lambda: now[0])
+        g = np.ones((2, 2), np.float32)
+        recs = [StepRecord(i, 0, float(i), 0.0, 0, [("grads", "L", "w", g * i, {})]) for i in range(10)]
+        sw.write(recs[:9])   # 4 + 4 closed, 1 live
+        assert sw.shard_index == 2
+        st = json.loads((tmp_path / "rank-00000" / fmt.RANK_FILE).read_text())
+        assert st["steps_flushed"] == 8 and st["last_step"] == 7 and st["status"] == fmt.STATUS_RECORDING
+        assert sw.time_to_deadline() == pytest.approx(10.0)
+        now[0] = 10.5
+        sw.tick()            # time is up: the live shard with one step is published
+        assert sw.shard_index == 3
+        sw.write(recs[9:])
+        sw.close()
+        st = json.loads((tmp_path / "rank-00000" / fmt.RANK_FILE).read_text())
+        assert st["status"] == fmt.STATUS_COMPLETE and st["steps_flushed"] == 10 and st["shards"] == 4
+        seen = []
+        for i in range(4):
+            r = be.open(str(tmp_path / "rank-00000" / fmt.shard_filename(i)))
+            s = r.read_payload_steps("grads", "L", "w")
+            v = r.read_payload("grads", "L", "w", 0, len(s))
+            np.testing.assert_array_equal(v, np.stack([g * k for k in s]))
+            seen += list(r.steps()["step"])
+        assert seen == list(range(10))
+
+    def test_series_rotates_by_bytes(self, tmp_path):
+        be = self.backend()
+        sw = ShardSeriesWriter(str(tmp_path / "r"), 0, flush_steps=100, max_shard_bytes=1000, backend=be)
+        big = np.zeros(200, np.float32)  # 800 bytes
+        sw.write([StepRecord(i, 0, 0.0, 0.0, 0, [("grads", "L", "w", big, {})]) for i in range(5)])
+        sw.close()
+        assert sw.shard_index >= 2
+
+
+class TestHDF5(RoundTrip):
+    def backend(self):
+        return HDF5Backend()
+
+    def test_live_shard_has_part_suffix_until_closed(self, tmp_path):
+        d = tmp_path / "rank-00000"
+        sw = ShardSeriesWriter(str(d), 0, flush_steps=3)
+        sw.write([StepRecord(0, 0, 0.0, 0.0)])
+        assert sorted(os.listdir(d)) == ["rank.json", "shard-000000.h5.part"]
+        closed, live = fmt.list_shards(d)
+        assert closed == [] and live == ["shard-000000.h5.part"]
+        sw.close()
+        assert sorted(os.listdir(d)) == ["rank.json", "shard-000000.h5"]
+
+
+class TestMemory(RoundTrip):
+    def backend(self):
+        return MemoryBackend()
