@@ -1,0 +1,80 @@
+"""Small recorded runs for tests, with the raw tensors captured directly for comparison."""
+
+import numpy as np
+import torch
+from torch import nn
+
+from recorder import Recorder
+
+
+class Tiny(nn.Module):
+    """Conv + nested Sequential + Linear; about 1.4k parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.ReLU())
+        self.head = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.body(self.conv(x))
+        x = nn.functional.adaptive_avg_pool2d(x, 4)
+        return self.head(x.flatten(1))
+
+
+def record_tiny(run_dir, epochs=2, steps_per_epoch=5, seed=0, nan_at=None, **rec_kwargs):
+    """Train Tiny with a Recorder; return captured raw tensors.
+
+    Returns:
+        dict with grads[(name, param)] -> {step: float32 array}, weights likewise, losses {step: float},
+        epochs {step: epoch}.
+    """
+    torch.manual_seed(seed)
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cap = {"grads": {}, "weights": {}, "losses": {}, "epochs": {}}
+    gsched = rec_kwargs.get("grads_every", 1)
+    wsched = rec_kwargs.get("weights_every", 50)
+    step = 0
+    with Recorder(model, run_dir, **rec_kwargs) as rec:
+        for ep in range(epochs):
+            for _ in range(steps_per_epoch):
+                x = torch.randn(8, 3, 8, 8)
+                y = torch.randint(0, 5, (8,))
+                loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                saved = None
+                if nan_at is not None and step == nan_at:
+                    saved = model.head.weight.grad.clone()
+                    with torch.no_grad():
+                        model.head.weight.grad[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+                for mname, m in model.named_modules():
+                    for pname, p in m.named_parameters(recurse=False):
+                        if _fires(gsched, step) and p.grad is not None:
+                            cap["grads"].setdefault((mname, pname), {})[step] = p.grad.detach().clone().numpy()
+                        if _fires(wsched, step):
+                            cap["weights"].setdefault((mname, pname), {})[step] = p.detach().clone().numpy()
+                cap["losses"][step] = loss.item()
+                cap["epochs"][step] = ep
+                rec.step(loss=loss)
+                if saved is not None:  # the trace keeps the NaN/Inf; training goes on unharmed
+                    model.head.weight.grad.copy_(saved)
+                opt.step()
+                step += 1
+            rec.epoch_end()
+    return cap
+
+
+def _fires(s, step):
+    if callable(s):
+        return s(step)
+    return bool(s) and step % s == 0
+
+
+def stats64(a):
+    x = np.asarray(a, np.float64).ravel()
+    f = x[np.isfinite(x)]
+    return {"mean": f.mean(), "abs_mean": np.abs(f).mean(), "max_abs": np.abs(f).max(), "var": f.var(),
+            "l1": np.abs(f).sum(), "l2": np.sqrt((f ** 2).sum()), "nonfinite": x.size - f.size,
+            "std": f.std(), "min": f.min(), "max": f.max()}
