@@ -193,6 +193,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     d = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run is shared like its shards
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, sort_keys=True, allow_nan=True)
             f.flush()
@@ -204,7 +205,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         except OSError:
             pass
         raise
-    try:  # make the rename itself durable
+    fsync_dir(d)
+
+
+def fsync_file(path: str) -> None:
+    """Flush a closed file's data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(d: str) -> None:
+    """Make renames in directory ``d`` durable (best effort)."""
+    try:
         dfd = os.open(d, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -275,7 +290,7 @@ def validate_manifest(m: dict, where: str) -> dict:
             if n >= 2**40:
                 raise TraceError(f"{where}: parameter {L['name']}.{p['name']} declares an absurd size")
     ws = m.get("world_size", 1)
-    if not isinstance(ws, int) or not 1 <= ws <= 1_000_000:
+    if not isinstance(ws, int) or isinstance(ws, bool) or not 1 <= ws <= 99_999:
         raise TraceError(f"{where}: invalid world_size {ws!r}")
     return m
 

@@ -168,7 +168,7 @@ class Run:
         """"complete" if the recorder closed cleanly on every rank, else "incomplete"."""
         ok = (self.manifest.get("status") == fmt.STATUS_COMPLETE and self.rank_states
               and all(s.get("status") == fmt.STATUS_COMPLETE for s in self.rank_states.values())
-              and not self._live)
+              and not self._live and not self._missing_ranks())
         return "complete" if ok else "incomplete"
 
     @property
@@ -188,9 +188,17 @@ class Run:
             if s.get("status") == fmt.STATUS_FAILED:
                 errs = s.get("errors") or ["unknown error"]
                 why.append(f"rank {r} failed: {errs[-1]}")
+        missing = self._missing_ranks()
+        if missing:
+            why.append(f"rank(s) {', '.join(map(str, missing[:8]))} of {self.manifest.get('world_size', 1)} "
+                       "wrote nothing")
         if self._live:
             why.append(f"{len(self._live)} unfinished shard(s) ignored ({', '.join(self._live[:3])})")
         return "; ".join(dict.fromkeys(why)) or "incomplete"
+
+    def _missing_ranks(self) -> list[int]:
+        ws = int(self.manifest.get("world_size", 1))
+        return [r for r in range(ws) if r not in self.rank_states]
 
     @property
     def ranks(self) -> list[int]:
