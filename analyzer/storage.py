@@ -20,6 +20,8 @@ from .format import TraceError
 
 #: Payload chunks aim at about this many bytes (several small rows share a chunk).
 CHUNK_TARGET_BYTES = 1 << 20
+#: Rows of one payload are stacked into one write up to this many bytes, else written row by row.
+STACK_MAX_BYTES = 1 << 20
 #: Upper bound for a single chunk (HDF5 allows 4 GiB; keep reads reasonable).
 CHUNK_MAX_BYTES = 64 << 20
 
@@ -144,29 +146,39 @@ class HDF5ShardWriter(ShardWriter):
         self.n_steps += k
 
     def append(self, kind, layer_key, param_key, steps, values, attrs=None):
+        """``values``: an array (k, *shape), or a list of k arrays of ``shape`` written row by row
+        without first copying them into one block (large tensors)."""
         key = (kind, layer_key, param_key)
         entry = self._groups.get(key)
-        values = np.ascontiguousarray(values)
+        rows = values if isinstance(values, list) else None
+        if rows is not None:
+            first = np.asarray(rows[0])
+            shape, dtype, k = first.shape, first.dtype, len(rows)
+        else:
+            values = np.ascontiguousarray(values)
+            shape, dtype, k = values.shape[1:], values.dtype, values.shape[0]
         if entry is None:
             g = self._f.require_group(kind).require_group(layer_key).create_group(param_key)
             for a, v in (attrs or {}).items():
                 g.attrs[a] = v
-            shape = values.shape[1:]
             vds = g.create_dataset("values", shape=(0, *shape), maxshape=(None, *shape),
-                                   chunks=chunk_shape(shape, values.dtype.itemsize, self.max_rows),
-                                   dtype=values.dtype)
+                                   chunks=chunk_shape(shape, dtype.itemsize, self.max_rows), dtype=dtype)
             sds = g.create_dataset("steps", shape=(0,), maxshape=(None,), chunks=(min(4096, self.max_rows),),
                                    dtype="i8")
             entry = self._groups[key] = (vds, sds)
         vds, sds = entry
-        if values.shape[1:] != vds.shape[1:]:
-            raise ValueError(f"{kind}/{layer_key}/{param_key}: shape {values.shape[1:]} != {vds.shape[1:]}")
-        n, k = vds.shape[0], values.shape[0]
+        if tuple(shape) != vds.shape[1:] or (rows is not None and any(np.shape(r) != shape for r in rows)):
+            raise ValueError(f"{kind}/{layer_key}/{param_key}: shape {tuple(shape)} != {vds.shape[1:]}")
+        n = vds.shape[0]
         vds.resize((n + k, *vds.shape[1:]))
-        vds[n:n + k] = values
+        if rows is None:
+            vds[n:n + k] = values
+        else:
+            for i, r in enumerate(rows):
+                vds[n + i] = r
         sds.resize((n + k,))
         sds[n:n + k] = np.asarray(steps, dtype=np.int64)
-        self.nbytes += values.nbytes
+        self.nbytes += k * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
     def close(self):
         if self._f is None:
@@ -315,6 +327,8 @@ class MemoryShardWriter(ShardWriter):
         self.n_steps += k
 
     def append(self, kind, layer_key, param_key, steps, values, attrs=None):
+        if isinstance(values, list):
+            values = np.stack(values)
         key = (kind, layer_key, param_key)
         e = self.shard.payloads.setdefault(key, ([], [], dict(attrs or {})))
         if e[1] and values.shape[1:] != e[1][0].shape[1:]:
@@ -484,7 +498,12 @@ class ShardSeriesWriter:
                 groups.setdefault((kind, lk, pk), []).append((r.step, arr, attrs))
         for (kind, lk, pk), rows in groups.items():
             steps = np.array([s for s, _, _ in rows], np.int64)
-            vals = rows[0][1][None] if len(rows) == 1 else np.stack([a for _, a, _ in rows])
+            if len(rows) == 1:
+                vals = rows[0][1][None]          # a view: no copy
+            elif rows[0][1].nbytes * len(rows) <= STACK_MAX_BYTES:
+                vals = np.stack([a for _, a, _ in rows])   # small tensors: one write
+            else:
+                vals = [a for _, a, _ in rows]   # large tensors: row by row, no extra copy
             w.append(kind, lk, pk, steps, vals, rows[0][2])
         self._n_in_shard += len(recs)
         self._last_step = recs[-1].step

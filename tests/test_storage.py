@@ -51,15 +51,18 @@ class RoundTrip:
         w.append("weights", "L1", "bias", np.array([0, 4, 8]), h)
         with pytest.raises(ValueError):
             w.append("grads", "L0", "weight", np.array([9]), np.zeros((1, 3, 4), np.float32))
+        extra = [np.full((3, 5), 7.0, np.float32), np.full((3, 5), 8.0, np.float32)]
+        w.append("grads", "L0", "weight", np.array([10, 11]), extra)   # row-by-row form
         w.append_steps(_steps(0, 9))
         w.close()
         r = be.open(p)
         assert sorted(r.payloads("grads")) == [("L0", "weight")]
         assert sorted(r.payloads("weights")) == [("L1", "bias")]
         rows, shape, chunk = r.payload_info("grads", "L0", "weight")
-        assert rows == 6 and shape == (3, 5) and chunk >= 1
-        np.testing.assert_array_equal(r.read_payload_steps("grads", "L0", "weight"), [0, 1, 2, 3, 5, 6])
-        np.testing.assert_array_equal(r.read_payload("grads", "L0", "weight", 0, 6), np.concatenate([a, b]))
+        assert rows == 8 and shape == (3, 5) and chunk >= 1
+        np.testing.assert_array_equal(r.read_payload_steps("grads", "L0", "weight"), [0, 1, 2, 3, 5, 6, 10, 11])
+        np.testing.assert_array_equal(r.read_payload("grads", "L0", "weight", 0, 8),
+                                      np.concatenate([a, b, np.stack(extra)]))
         np.testing.assert_array_equal(r.read_payload("grads", "L0", "weight", 3, 5), np.concatenate([a, b])[3:5])
         got = r.read_payload("weights", "L1", "bias", 0, 3)
         assert got.dtype == np.float16
