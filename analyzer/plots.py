@@ -83,7 +83,7 @@ def new_figure(width: float = 8.0, height: float = 4.5, nrows: int = 1, ncols: i
     """A new figure (and axes) in the report's style."""
     plt, sns = _mpl()
     sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kw)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, layout="constrained", **kw)
     return fig, axes
 
 
@@ -91,7 +91,7 @@ def figure(width: float = 8.0, height: float = 4.5):
     """A new empty figure (for the ``(df, fig)`` plots)."""
     plt, sns = _mpl()
     sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
-    return plt.figure(figsize=(width, height))
+    return plt.figure(figsize=(width, height), layout="constrained")
 
 
 def save(fig, path: str | os.PathLike, dpi: int = 100) -> str:
@@ -100,7 +100,7 @@ def save(fig, path: str | os.PathLike, dpi: int = 100) -> str:
     path = os.fspath(path)
     tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+        fig.savefig(tmp, dpi=dpi, format="png")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -141,21 +141,24 @@ def _positive(x) -> np.ndarray:
     return np.where(np.isfinite(a) & (a > 0), a, np.nan)
 
 
-def _layer_hue(ax, d: pd.DataFrame, **lineplot_kw):
-    """seaborn lineplot coloured by layer: a legend for a few layers, a colour bar (by id) for many."""
+def _layer_hue(ax, d: pd.DataFrame, legend: bool = True, **lineplot_kw):
+    """seaborn lineplot coloured by layer: a legend for a few layers (unless ``legend`` is False), a
+    colour bar (by id) for many."""
     plt, sns = _mpl()
     order = _order(d)
     if len(order) <= MAX_LEGEND:
         palette = sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))
-        sns.lineplot(data=d, hue="layer_label", hue_order=order, palette=palette, ax=ax, **lineplot_kw)
+        sns.lineplot(data=d, hue="layer_label", hue_order=order, palette=palette, ax=ax,
+                     legend="auto" if legend else False, **lineplot_kw)
         _legend_outside(ax, title="layer")
     else:
         ids = d["layer_id"].astype(float)
         norm = plt.Normalize(ids.min(), ids.max())
         sns.lineplot(data=d, hue="layer_id", hue_norm=norm, palette="viridis", ax=ax, legend=False,
                      **lineplot_kw)
-        sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
-        ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
+        if legend:
+            sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
+            ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
     return ax
 
 
@@ -164,6 +167,7 @@ def _legend_outside(ax, title: str | None = None) -> None:
     if leg is None:
         return
     handles, labels = ax.get_legend_handles_labels()
+    labels = ["layer" if lab == "layer_label" else lab for lab in labels]
     ax.legend(handles, labels, title=title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
               fontsize="small", title_fontsize="small")
 
@@ -191,6 +195,29 @@ def _overlay_epoch_means(ax, df: pd.DataFrame, col: str, color="black", label="e
     ax.plot((ep["start"] + ep["end"]) / 2.0, ep["mean"], "o", color=color, ms=4, zorder=6)
     for s in ep["start"].iloc[1:]:
         ax.axvline(s, color="0.6", lw=0.6, ls=":", zorder=1)
+
+
+def _value_ticks(ax, values, max_ticks: int = 10) -> None:
+    """x ticks of a heatmap whose columns start at the sorted ``values``: round values placed by
+    interpolation between the columns (exact column centres when a value starts a column)."""
+    from matplotlib.ticker import MaxNLocator
+    v = np.asarray(values, np.float64)
+    if not len(v):
+        return
+    if len(v) <= max_ticks:
+        ax.set_xticks(np.arange(len(v)) + 0.5)
+        ax.set_xticklabels([f"{x:g}" for x in v], rotation=0)
+        return
+    t = MaxNLocator(nbins=max_ticks, integer=True, steps=[1, 2, 2.5, 5, 10]).tick_values(v[0], v[-1])
+    t = t[(t >= v[0]) & (t <= v[-1])]
+    ax.set_xticks(np.interp(t, v, np.arange(len(v))) + 0.5)
+    ax.set_xticklabels([f"{x:g}" for x in t], rotation=0)
+
+
+def _integer_x(ax) -> None:
+    """Steps are integers: no fractional ticks on the x axis."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _auto_log(ax, values, axis: str = "y", ratio: float = 100.0) -> None:
@@ -224,8 +251,7 @@ def grad_flow(df: pd.DataFrame, ax, **opts):
         pd.DataFrame({"layer_label": t["layer_label"], "statistic": "mean |g|", "value": _positive(t["abs_mean"])}),
     ], ignore_index=True)
     sns.barplot(data=long, x="layer_label", y="value", hue="statistic", order=order,
-                hue_order=["max |g|", "mean |g|"], palette=["#4c72b0", "#dd8452"], errorbar=None, ax=ax,
-                log=True)
+                hue_order=["max |g|", "mean |g|"], palette=["#4c72b0", "#dd8452"], errorbar=None, ax=ax)
     ax.set_yscale("log")
     ax.set_xlabel("layer (id: name)")
     ax.set_ylabel("|gradient| (gradient units)")
@@ -248,8 +274,12 @@ def grad_norm_series(df: pd.DataFrame, ax, stat: str = "l2", **opts):
                  estimator=None, errorbar=None)
     _overlay_epoch_means(ax, d, stat, color="#c44e52")
     _auto_log(ax, d[stat])
+    if ax.get_yscale() == "linear":
+        from matplotlib.ticker import FormatStrFormatter
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     name = {"l1": "L1 norm  sum |g|", "l2": "L2 norm  sqrt(sum g²)"}.get(stat, stat)
     ax.set_ylabel(name)
+    _integer_x(ax)
     ax.set_xlabel("step (iteration)")
     ax.set_title(opts.get("title", name))
     ax.legend(loc="best", fontsize="small", frameon=True)
@@ -270,11 +300,13 @@ def grad_norms(df: pd.DataFrame, fig, **opts):
 
 @plot(requires=("step", "layer_id", "layer", "var"))
 def grad_variance_step(df: pd.DataFrame, ax, **opts):
-    """Variance of each layer's gradient elements at every iteration (one line per layer, log y)."""
+    """Variance of each layer's gradient elements at every iteration (one line per layer, log y).
+    ``legend=False`` leaves out the layer legend (when a neighbouring panel shows it)."""
     d = _labels(df.sort_values(["layer_id", "step"]))
     d["var"] = _positive(d["var"])
-    _layer_hue(ax, d, x="step", y="var", lw=0.8, estimator=None, errorbar=None)
+    _layer_hue(ax, d, legend=opts.get("legend", True), x="step", y="var", lw=0.8, estimator=None, errorbar=None)
     ax.set_yscale("log")
+    _integer_x(ax)
     ax.set_xlabel("step (iteration)")
     ax.set_ylabel("Var(g) over the layer's elements (g²)")
     ax.set_title(opts.get("title", "Gradient variance per iteration"))
@@ -303,10 +335,10 @@ def grad_variance_epoch(df: pd.DataFrame, ax, **opts):
         # keep only the style entries in the legend
         h, lab = ax.get_legend_handles_labels()
         keep = [(hh, ll) for hh, ll in zip(h, lab) if ll in stats or ll == "statistic"]
-        ax.legend([k[0] for k in keep], [k[1] for k in keep], loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                  frameon=False, fontsize="small")
+        ax.legend([k[0] for k in keep if k[1] != "statistic"], [k[1] for k in keep if k[1] != "statistic"],
+                  loc="best", fontsize="small")
         sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
-        ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.25)
+        ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
     ax.set_yscale("log")
     epochs = sorted(d["epoch"].unique())
     if len(epochs) <= 20:
@@ -345,15 +377,13 @@ def grad_heatmap(df: pd.DataFrame, ax, max_columns: int = MAX_HEATMAP_COLUMNS, *
     ncol = m.shape[1]
     sns.heatmap(m.to_numpy(), ax=ax, cmap="magma", cbar_kws={"label": "log10 ‖g‖₂"},
                 xticklabels=False, yticklabels=False, mask=~np.isfinite(m.to_numpy()))
-    xt = np.unique(np.linspace(0, ncol - 1, min(ncol, 10)).round().astype(int)) if ncol else []
-    ax.set_xticks(np.asarray(xt) + 0.5)
-    ax.set_xticklabels([str(first_step[i]) for i in xt], rotation=0)
+    _value_ticks(ax, first_step, 10)
     nl = len(order)
     ys = max(1, math.ceil(nl / 40))
     ax.set_yticks(np.arange(0, nl, ys) + 0.5)
     ax.set_yticklabels(order[::ys], rotation=0, fontsize="small" if nl > 15 else None)
     binned = len(steps) > ncol
-    ax.set_xlabel("step" + (f" (first step of each bin; {len(steps)} steps in {ncol} columns)" if binned else ""))
+    ax.set_xlabel("step" + (f" ({len(steps)} steps averaged into {ncol} columns)" if binned else ""))
     ax.set_ylabel("layer (id: name)")
     ax.set_title(opts.get("title", "Gradient L2 norm per layer and step (log10)"))
     return ax
@@ -372,19 +402,19 @@ def weight_distribution(df: pd.DataFrame, ax, **opts):
     sns.heatmap(z, ax=ax, cmap="viridis", cbar_kws={"label": "log(1 + count)"}, xticklabels=False,
                 yticklabels=False)
     nb, ns = z.shape
-    xt = np.unique(np.linspace(0, ns - 1, min(ns, 10)).round().astype(int)) if ns else []
-    ax.set_xticks(np.asarray(xt) + 0.5)
-    ax.set_xticklabels([str(steps[i]) for i in xt], rotation=0)
-    yt = np.unique(np.linspace(0, nb - 1, min(nb, 9)).round().astype(int)) if nb else []
-    ax.set_yticks(np.asarray(yt) + 0.5)
-    ax.set_yticklabels([f"{edges_left[i] + width / 2:.3g}" for i in yt], rotation=0)
-    # mark zero if it is inside the range
-    lo, hi = edges_left.min() if nb else 0, (edges_left.max() + width) if nb else 0
-    if nb and lo < 0 < hi:
-        y0 = (hi - 0.0) / (hi - lo) * nb
-        ax.axhline(y0, color="white", lw=0.6, ls="--", alpha=0.7)
+    _value_ticks(ax, steps, 10)
+    # y: rows are bins, the top row the highest; ticks at round weight values
+    if nb:
+        from matplotlib.ticker import MaxNLocator
+        lo, hi = float(edges_left.min()), float(edges_left.max() + width)
+        t = MaxNLocator(nbins=8).tick_values(lo, hi)
+        t = t[(t >= lo) & (t <= hi)]
+        ax.set_yticks((hi - t) / (hi - lo) * nb)
+        ax.set_yticklabels([f"{v:.3g}" if abs(v) > 1e-12 * max(abs(lo), abs(hi)) else "0" for v in t], rotation=0)
+        if lo < 0 < hi:
+            ax.axhline(hi / (hi - lo) * nb, color="white", lw=0.6, ls="--", alpha=0.7)
     ax.set_xlabel("snapshot step")
-    ax.set_ylabel("weight value (bin centre)")
+    ax.set_ylabel("weight value")
     ax.set_title(opts.get("title", "Weight distribution over time"))
     return ax
 
@@ -410,7 +440,7 @@ def _param_lines(df: pd.DataFrame, ax, col: str, ylabel: str, title: str):
     d[col] = _positive(d[col])
     params = list(dict.fromkeys(d["param"]))
     order = _order(d)
-    few_points = d.groupby(["layer_id", "param"]).size().max() <= 20
+    few_points = bool(d.groupby(["layer_id", "param"]).size().max() <= 20)
     kw = dict(x="step", y=col, style="param" if len(params) <= 6 else None,
               style_order=params if len(params) <= 6 else None, markers=few_points, dashes=True,
               estimator=None, errorbar=None, ax=ax, units="series", lw=1.2)
@@ -426,6 +456,7 @@ def _param_lines(df: pd.DataFrame, ax, col: str, ylabel: str, title: str):
         sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
         ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
     ax.set_yscale("log")
+    _integer_x(ax)
     ax.set_xlabel("snapshot step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -441,6 +472,7 @@ def loss_curve(df: pd.DataFrame, ax, **opts):
     sns.lineplot(data=fin, x="step", y="loss", ax=ax, lw=0.8, alpha=0.8, color="#4c72b0",
                  label="per step", estimator=None, errorbar=None)
     _overlay_epoch_means(ax, fin, "loss", color="#c44e52")
+    _integer_x(ax)
     ax.set_xlabel("step (iteration)")
     ax.set_ylabel("loss (as passed to rec.step)")
     ax.set_title(opts.get("title", "Training loss"))

@@ -1,0 +1,673 @@
+"""The HTML report of a run: figures, CSV tables and summary.json, laid out from the Run API.
+
+    from analyzer.report import build_report
+    summary = build_report(analyzer.open("runs/exp1"), "report/")
+
+Whatever the trace does not hold (no gradients, no weight snapshots, no loss) is skipped with a
+reason, listed in the report and in summary.json. Files are written under ``out_dir`` only, each to
+a temporary name and then renamed over any earlier version; nothing is ever deleted.
+Nothing here imports torch; matplotlib and seaborn are imported (by :mod:`analyzer.plots`) on the
+first figure.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+import os
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from . import format as fmt
+from . import plots
+
+FIG_DIR = "figures"
+TAB_DIR = "tables"
+DPI = 100
+
+
+# ---------------------------------------------------------------------------------------- statistics
+def first_rank(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the lowest rank when a table has a "rank" column (several ranks recorded); else df."""
+    if "rank" in df.columns and len(df):
+        return df[df["rank"] == df["rank"].min()].drop(columns=["rank"])
+    return df.drop(columns=["rank"]) if "rank" in df.columns else df
+
+
+def layer_update_ratio(ws: pd.DataFrame) -> pd.DataFrame:
+    """Update ratio of whole layers between consecutive snapshots, from per-parameter weight stats:
+    ``sqrt(sum_p ||dw_p||^2) / sqrt(sum_p ||w_prev,p||^2)`` with ``||dw_p|| = update_ratio_p *
+    ||w_prev,p||`` (``= ||w_p||`` where the previous snapshot was all zeros). Columns: step, layer_id,
+    layer, update_ratio (NaN at a layer's first snapshot)."""
+    if not len(ws):
+        return pd.DataFrame({"step": [], "layer_id": [], "layer": [], "update_ratio": []})
+    d = ws.sort_values(["layer_id", "param", "step"]).copy()
+    prev = d.groupby(["layer_id", "param"], sort=False)["l2"].shift(1)
+    dw = d["update_ratio"] * prev
+    dw = dw.where(~(prev == 0), d["l2"])             # previous snapshot all zeros: ||dw|| = ||w||
+    d["_dw2"] = dw ** 2
+    d["_p2"] = prev ** 2
+    g = d.groupby(["step", "layer_id", "layer"], sort=True)
+    out = g.agg(_dw2=("_dw2", lambda v: v.sum(min_count=len(v))),
+                _p2=("_p2", lambda v: v.sum(min_count=len(v)))).reset_index()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["update_ratio"] = np.sqrt(out["_dw2"]) / np.sqrt(out["_p2"]).where(out["_p2"] > 0)
+    return out[["step", "layer_id", "layer", "update_ratio"]]
+
+
+def layer_weight_l2(ws: pd.DataFrame) -> pd.DataFrame:
+    """L2 norm of each layer's parameters taken together, per snapshot: sqrt(sum_p l2_p^2)."""
+    if not len(ws):
+        return pd.DataFrame({"step": [], "layer_id": [], "layer": [], "l2": []})
+    d = ws.assign(_sq=ws["l2"] ** 2)
+    out = d.groupby(["step", "layer_id", "layer"], sort=True)["_sq"].sum(min_count=1).reset_index()
+    out["l2"] = np.sqrt(out.pop("_sq"))
+    return out
+
+
+def grad_variance_epoch_table(gl: pd.DataFrame, ge: pd.DataFrame, numel: pd.DataFrame) -> pd.DataFrame:
+    """Tidy per (epoch, layer) variance statistics for the per-epoch variance panel:
+    "mean of per-iteration Var(g)": the epoch mean of the per-iteration variance of the layer's
+    gradient elements; "gradient noise": each element's variance across the epoch's iterations,
+    averaged over the layer's elements (grad_noise of its parameters weighted by numel)."""
+    parts = []
+    if len(gl):
+        v = gl.groupby(["epoch", "layer_id", "layer"], sort=True)["var"].mean().reset_index()
+        parts.append(v.rename(columns={"var": "value"}).assign(statistic="mean of per-iteration Var(g)"))
+    if len(ge):
+        e = ge.merge(numel, on=["layer_id", "param"], how="left")
+        e = e[np.isfinite(e["grad_noise"].to_numpy(np.float64)) & (e["numel"] > 0)]
+        if len(e):
+            e = e.assign(_w=e["grad_noise"] * e["numel"])
+            n = e.groupby(["epoch", "layer_id", "layer"], sort=True).agg(_w=("_w", "sum"), numel=("numel", "sum"))
+            n = n.reset_index()
+            n["value"] = n["_w"] / n["numel"]
+            parts.append(n[["epoch", "layer_id", "layer", "value"]].assign(
+                statistic="gradient noise (Var over iterations)"))
+    if not parts:
+        return pd.DataFrame({"epoch": [], "layer_id": [], "layer": [], "statistic": [], "value": []})
+    return pd.concat(parts, ignore_index=True)[["epoch", "layer_id", "layer", "statistic", "value"]]
+
+
+def layer_summary(layers: pd.DataFrame, gl: pd.DataFrame, ws: pd.DataFrame) -> pd.DataFrame:
+    """Headline numbers per layer: mean |g| over the run (sum l1 / sum count), max |g|, the mean
+    gradient L2 norm over the last epoch with gradients, the layer's weight L2 norm at the last
+    snapshot and the median layer update ratio over the snapshots."""
+    out = layers[["id", "name", "type", "n_params", "selected"]].rename(columns={"id": "layer_id"}).copy()
+    out = out.sort_values("layer_id").reset_index(drop=True)
+    cols = {"grad_steps": 0, "mean_abs_grad": np.nan, "max_abs_grad": np.nan, "last_epoch": np.nan,
+            "last_epoch_mean_l2": np.nan, "weight_snapshots": 0, "weight_l2_final": np.nan,
+            "update_ratio_median": np.nan}
+    for c, v in cols.items():
+        out[c] = v
+    out = out.set_index("layer_id")
+    if len(gl):
+        flow = plots.gradient_flow_table(gl).set_index("layer_id")
+        out.loc[flow.index, "grad_steps"] = flow["steps"].to_numpy()
+        out.loc[flow.index, "mean_abs_grad"] = flow["abs_mean"].to_numpy()
+        out.loc[flow.index, "max_abs_grad"] = flow["max_abs"].to_numpy()
+        last = int(gl["epoch"].max())
+        le = gl[gl["epoch"] == last].groupby("layer_id")["l2"].mean()
+        out.loc[le.index, "last_epoch_mean_l2"] = le.to_numpy()
+        out.loc[flow.index, "last_epoch"] = last
+    if len(ws):
+        wl = layer_weight_l2(ws)
+        fin = wl.sort_values("step").groupby("layer_id").last()
+        out.loc[fin.index, "weight_l2_final"] = fin["l2"].to_numpy()
+        out.loc[fin.index, "weight_snapshots"] = wl.groupby("layer_id").size().reindex(fin.index).to_numpy()
+        ur = layer_update_ratio(ws)
+        med = ur.dropna(subset=["update_ratio"]).groupby("layer_id")["update_ratio"].median()
+        out.loc[med.index, "update_ratio_median"] = med.to_numpy()
+    out = out.reset_index()
+    out["grad_steps"] = out["grad_steps"].astype(np.int64)
+    out["weight_snapshots"] = out["weight_snapshots"].astype(np.int64)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- output
+def _clean(x: Any) -> Any:
+    """JSON-safe copy: NaN/Inf -> None, numpy scalars and arrays -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return [_clean(v) for v in x.tolist()]
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        f = float(x)
+        return f if math.isfinite(f) else None
+    if x is None or isinstance(x, (int, str)):
+        return x
+    if x is pd.NA or x is pd.NaT:
+        return None
+    return str(x)
+
+
+def _tmp(path: str) -> str:
+    return os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+
+
+def _write(path: str, writer: Callable[[str], None]) -> None:
+    """Write ``path`` through a temporary file in the same directory, then rename it into place."""
+    tmp = _tmp(path)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+    def w(p):
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(text)
+    _write(path, w)
+
+
+def _file_key(L) -> str:
+    """The layer's key for file names (already filesystem-safe; checked again, never trusted)."""
+    k = getattr(L, "key", None)
+    return k if fmt.is_safe_key(k) and k not in (".", "..") else f"layer-{int(L.id)}"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (float, np.floating)):
+        return "–" if not math.isfinite(float(v)) else f"{float(v):.3g}"
+    return html.escape(str(v))
+
+
+class _SilentProgress:
+    """Context: the run's own progress bars off (they would nest inside the report's)."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __enter__(self):
+        self.saved = self.run.progress
+        from .run import null_progress
+        self.run.progress = null_progress
+        return self
+
+    def __exit__(self, *a):
+        self.run.progress = self.saved
+        return False
+
+
+# ---------------------------------------------------------------------------------------- report
+class _Report:
+    def __init__(self, run, out_dir: str, layers: Any, bins: int, progress: Callable | None):
+        self.run = run
+        self.out = os.path.abspath(os.fspath(out_dir))
+        self.layers_spec = layers
+        self.bins = bins
+        self.progress = progress or run.progress
+        self.figures: list[dict] = []
+        self.tables: list[dict] = []
+        self.skipped: list[str] = []
+        self.missing: list[str] = []
+
+    # ------------------------------------------------------------------ helpers
+    def skip(self, item: str, reason: str) -> None:
+        self.skipped.append(f"{item}: {reason}")
+
+    def figure(self, name: str, title: str, caption: str, draw: Callable[[], Any], section: str,
+               layer: Any = None) -> None:
+        """Draw with ``draw()`` (returns the figure) and save it as figures/<name>.png.
+        ``layer``: the layer record (row of the layer table) of a per-layer figure."""
+        plt, _ = plots._mpl()
+        before = set(plt.get_fignums())
+        rel = f"{FIG_DIR}/{name}.png"
+        try:
+            plots.save(draw(), os.path.join(self.out, FIG_DIR, f"{name}.png"), dpi=DPI)
+        except Exception as e:  # noqa: BLE001 - one figure that cannot be drawn must not lose the report
+            for n in set(plt.get_fignums()) - before:
+                plt.close(n)
+            msg = " ".join(str(e).split())[:200]
+            self.skip(f"figure {name}", f"could not be drawn ({type(e).__name__}: {msg})")
+            warnings.warn(f"bbdecoder report: figure {name} could not be drawn: {type(e).__name__}: {msg}",
+                          stacklevel=4)
+            return
+        self.figures.append({"file": rel, "title": title, "caption": caption, "section": section,
+                             "layer": layer})
+
+    def table(self, name: str, df: pd.DataFrame, description: str) -> None:
+        rel = f"{TAB_DIR}/{name}.csv"
+        _write(os.path.join(self.out, TAB_DIR, f"{name}.csv"), lambda p: df.to_csv(p, index=False))
+        self.tables.append({"file": rel, "rows": int(len(df)), "description": description})
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> dict:
+        t0 = time.perf_counter()
+        run = self.run
+        os.makedirs(os.path.join(self.out, FIG_DIR), exist_ok=True)
+        os.makedirs(os.path.join(self.out, TAB_DIR), exist_ok=True)
+        before = self._existing()
+
+        ids = run.select(self.layers_spec)
+        all_layers = run.layers
+        lt = all_layers[all_layers["id"].isin(ids)].sort_values("id").reset_index(drop=True)
+        steps = run.steps
+        gs_all = run.grad_stats(layers=ids)
+        ge_all = run.grad_stats(per="epoch", layers=ids)
+        gl_all = run.grad_stats(by="layer", layers=ids)
+        ws = run.weight_stats(layers=ids)
+        multi_rank = "rank" in gs_all.columns
+        gs, ge, gl = first_rank(gs_all), first_rank(ge_all), first_rank(gl_all)
+        ws1 = ws.drop_duplicates(["step", "layer_id", "param"], keep="first")
+        has_grads = bool(len(gl))
+        has_weights = bool(len(ws1))
+        if not has_grads:
+            self.missing.append("no gradients")
+        if not has_weights:
+            self.missing.append("no weight snapshots")
+
+        # ---- tables
+        self.table("layers", all_layers.assign(in_report=all_layers["id"].isin(ids)),
+                   "layer table: id, dotted name, type, parameter count, key, recorded, in this report")
+        self.table("steps", steps, "one row per recorded step: step, epoch, loss, time (s), wall, dropped")
+        self.table("grad_stats_step", gs_all, "gradient statistics per (step, layer, parameter)")
+        self.table("grad_stats_epoch", ge_all, "gradient statistics per (epoch, layer, parameter), "
+                   "incl. l2_var and grad_noise")
+        self.table("grad_stats_layer", gl_all, "gradient statistics per (step, layer), parameters pooled")
+        self.table("weight_stats", ws, "weight statistics per (snapshot, layer, parameter), incl. update_ratio")
+        summ = layer_summary(lt, gl, ws1)
+        self.table("layer_summary", summ, "headline numbers per layer (as in summary.json)")
+
+        with _SilentProgress(run):
+            self._loss(steps)
+            self._gradients(lt, gs, ge, gl)
+            self._weights(lt, ws1)
+
+        if self.missing:
+            warnings.warn(f"bbdecoder report: the trace has {' and '.join(self.missing)}; the figures that "
+                          "need them are skipped (see the report's skipped list)", stacklevel=3)
+
+        summary = self._summary(steps, lt, summ, gl, ws1, multi_rank)
+        written = {f["file"] for f in self.figures} | {t["file"] for t in self.tables}
+        summary["stale_files"] = sorted(p for p in before if p not in written)
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        _write_text(os.path.join(self.out, "summary.json"),
+                    json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
+        _write_text(os.path.join(self.out, "index.html"), self._html(summary))
+        return _clean(summary)
+
+    def _existing(self) -> set:
+        out = set()
+        for sub in (FIG_DIR, TAB_DIR):
+            try:
+                names = os.listdir(os.path.join(self.out, sub))
+            except OSError:
+                continue
+            out |= {f"{sub}/{n}" for n in names if not n.startswith(".tmp-")}
+        return out
+
+    # ------------------------------------------------------------------ sections
+    def _loss(self, steps: pd.DataFrame) -> None:
+        why = plots.check(steps, plots.loss_curve)
+        if why:
+            self.skip("figure loss", "no loss recorded (pass loss= to rec.step)" if len(steps) else "no steps recorded")
+            return
+
+        def draw():
+            fig, ax = plots.new_figure(9, 4)
+            plots.loss_curve(steps, ax[0, 0])
+            return fig
+        self.figure("loss", "Training loss",
+                    "Loss passed to <code>rec.step(loss=...)</code> at every recorded step (thin blue line); "
+                    "the thick red segments are each epoch's mean loss, drawn across the epoch's steps "
+                    "(dotted vertical lines mark epoch boundaries). A falling red staircase means "
+                    "training makes progress; a flat or rising one deserves a look.", draw, "loss")
+
+    def _gradients(self, lt, gs, ge, gl) -> None:
+        no = "no gradients in the trace (grads_every=0, or no recorded layer has a gradient)"
+        names = ["gradient flow", "gradient heatmap", "gradient variance", "per-layer gradient norms"]
+        if not len(gl):
+            for n in names:
+                self.skip(f"figure {n}", no)
+            return
+        why = plots.check(gl, plots.grad_flow)
+        if why:
+            self.skip("figure gradient flow", why)
+        else:
+            def draw():
+                n = gl["layer_id"].nunique()
+                fig, ax = plots.new_figure(max(7.0, min(18.0, 3 + 0.45 * n)), 4.8)
+                plots.grad_flow(gl, ax[0, 0])
+                return fig
+            self.figure("grad_flow", "Gradient flow",
+                        "Per layer (x, in id order), mean |g| (orange) and max |g| (blue) of the gradient over "
+                        "every recorded step, on a log scale (gradient units). mean |g| = Σ L1 / Σ elements "
+                        "over all steps, max |g| = largest element ever seen. Bars falling by orders of "
+                        "magnitude towards the input layers suggest vanishing gradients; a very large max "
+                        "next to a small mean points to rare exploding elements.", draw, "gradients")
+        why = plots.check(gl, plots.grad_heatmap)
+        if why:
+            self.skip("figure gradient heatmap", why)
+        else:
+            def draw():
+                n = gl["layer_id"].nunique()
+                fig, ax = plots.new_figure(11, max(3.0, min(14.0, 1.2 + 0.3 * n)))
+                plots.grad_heatmap(gl, ax[0, 0])
+                return fig
+            nsteps = gl["step"].nunique()
+            binned = (f" The {nsteps} steps are averaged into {plots.MAX_HEATMAP_COLUMNS} columns of "
+                      "consecutive steps." if nsteps > plots.MAX_HEATMAP_COLUMNS
+                      else "")
+            self.figure("grad_heatmap", "Gradient norm heatmap",
+                        "log10 of each layer's gradient L2 norm (all parameters of the layer together) at "
+                        "every recorded step: rows are layers in id order, columns are steps, brighter = "
+                        "larger. Dark rows are layers whose gradient is orders of magnitude smaller than the "
+                        "others; vertical bright stripes are steps with a gradient spike across layers; "
+                        "blank cells were not recorded or were zero." + binned, draw, "gradients")
+        gv = grad_variance_epoch_table(gl, ge, gs[["layer_id", "param", "numel"]].drop_duplicates())
+        why_s = plots.check(gl, plots.grad_variance_step)
+        why_e = plots.check(gv, plots.grad_variance_epoch)
+        if why_s and why_e:
+            self.skip("figure gradient variance", why_s)
+        else:
+            def draw():
+                fig, ax = plots.new_figure(13, 4.5, 1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
+                if why_s:
+                    ax[0, 0].set_axis_off()
+                else:
+                    plots.grad_variance_step(gl, ax[0, 0], legend=bool(why_e))
+                if why_e:
+                    ax[0, 1].set_axis_off()
+                else:
+                    plots.grad_variance_epoch(gv, ax[0, 1])
+                return fig
+            self.figure("grad_variance", "Gradient variance",
+                        "Left: variance of a layer's gradient elements at each iteration (all parameters of the "
+                        "layer pooled; squared gradient units, log scale), one line per layer (colours as on "
+                        "the right). Right, per epoch "
+                        "and layer: solid = the epoch mean of that per-iteration variance; dashed = gradient "
+                        "noise, each element's variance across the epoch's iterations averaged over the layer's "
+                        "elements (the grad_noise of its parameters weighted by their element counts; 0 and "
+                        "hence not drawn for an epoch with one recorded step). Noise large next to the "
+                        "per-iteration spread means the mini-batch gradient direction is unstable.",
+                        draw, "gradients")
+        rows = [r for r in lt.itertuples(index=False)]
+        with self.progress("report: gradient norms per layer", len(rows)) as bar:
+            for L in rows:
+                d = gl[gl["layer_id"] == L.id]
+                why = plots.check(d, plots.grad_norms)
+                if why:
+                    self.skip(f"figure grad_norms_{_file_key(L)}",
+                              "layer not recorded" if not L.selected else
+                              ("no gradients for this layer" if not len(d) else why))
+                else:
+                    def draw(d=d, L=L):
+                        fig = plots.figure(9, 5.5)
+                        plots.grad_norms(d, fig, title=f"Gradient norms — layer {plots.layer_label(L.id, L.name)} "
+                                                       f"({plots.text(L.type)})")
+                        return fig
+                    self.figure(f"grad_norms_{_file_key(L)}", f"Gradient norms: {L.id} {L.name}",
+                                f"Layer {L.id} <code>{html.escape(L.name)}</code> ({html.escape(L.type)}), all "
+                                "parameters together. Top: L1 norm Σ|g|; bottom: L2 norm √Σg² of the gradient at "
+                                "every recorded iteration (thin blue), with each epoch's mean as a thick red "
+                                "segment across the epoch's steps. The y axis turns logarithmic when the values "
+                                "span more than a factor of 100.", draw, "layers", layer=L)
+                bar.update(1)
+
+    def _weights(self, lt, ws) -> None:
+        no = "no weight snapshots in the trace (weights_every=0)"
+        if not len(ws):
+            for n in ("weight magnitude", "weight update ratio", "per-layer weight distributions"):
+                self.skip(f"figure {n}", no)
+            return
+        why = plots.check(ws, plots.weight_magnitude)
+        if why:
+            self.skip("figure weight magnitude", why)
+        else:
+            def draw():
+                fig, ax = plots.new_figure(10, 4.8)
+                plots.weight_magnitude(ws, ax[0, 0])
+                return fig
+            self.figure("weight_magnitude", "Weight magnitude",
+                        "L2 norm ‖w‖₂ of every parameter (colour: layer, line style: parameter, e.g. weight or "
+                        "bias) at every weight snapshot, log scale. Steady growth can mean missing weight "
+                        "decay or divergence; a collapsing norm, dying weights.", draw, "weights")
+        why = plots.check(ws, plots.update_ratio)
+        if why:
+            self.skip("figure weight update ratio",
+                      "needs at least two weight snapshots" if "update_ratio" in why else why)
+        else:
+            def draw():
+                fig, ax = plots.new_figure(10, 4.8)
+                plots.update_ratio(ws, ax[0, 0])
+                return fig
+            self.figure("update_ratio", "Weight update ratio",
+                        "‖w_t − w_prev‖₂ / ‖w_prev‖₂ between consecutive weight snapshots for every parameter "
+                        "(log scale; the first snapshot has no predecessor and is not drawn). Note that it "
+                        "accumulates all optimizer steps between two snapshots. Ratios around 1e-3 per step "
+                        "are typical; far below means the parameter barely learns, far above means it is "
+                        "unstable (SageMaker's rule flags > 10 or < 1e-8).", draw, "weights")
+        rows = [r for r in lt.itertuples(index=False)]
+        with self.progress("report: weight distributions per layer", len(rows)) as bar:
+            for L in rows:
+                name = f"weight_dist_{_file_key(L)}"
+                if not L.selected:
+                    self.skip(f"figure {name}", "layer not recorded")
+                elif not (ws["layer_id"] == L.id).any():
+                    self.skip(f"figure {name}", "no weight snapshots for this layer")
+                else:
+                    h = self.run.weight_histograms(int(L.id), bins=self.bins)
+                    df = h.to_frame()
+                    why = plots.check(df, plots.weight_distribution)
+                    if why:
+                        self.skip(f"figure {name}", why)
+                    else:
+                        def draw(df=df, L=L, h=h):
+                            fig, ax = plots.new_figure(9, 4.8)
+                            plots.weight_distribution(df, ax[0, 0], title=(
+                                f"Distribution of {plots.text(h.param)} — layer "
+                                f"{plots.layer_label(L.id, L.name)} ({plots.text(L.type)})"))
+                            return fig
+                        self.figure(name, f"Weight distribution: {L.id} {L.name}",
+                                    f"Histogram of <code>{html.escape(L.name)}.{html.escape(h.param)}</code> "
+                                    f"({html.escape(L.type)}) at every weight snapshot (x: snapshot step; y: "
+                                    f"weight value, {self.bins} bins on edges shared by all snapshots, largest "
+                                    "at the top; colour: log(1 + number of elements), dashed white line at 0). "
+                                    "Widening means growing weights, a band that splits means clustering, mass "
+                                    "piling up at the edges means saturation or divergence.", draw, "layers",
+                                    layer=L)
+                bar.update(1)
+
+    # ------------------------------------------------------------------ summary and HTML
+    def _summary(self, steps, lt, summ, gl, ws, multi_rank) -> dict:
+        run = self.run
+        from . import __version__
+        loss = steps[np.isfinite(steps["loss"].to_numpy(np.float64))] if len(steps) else steps
+        first = loss.iloc[0] if len(loss) else None
+        last = loss.iloc[-1] if len(loss) else None
+        layers = []
+        for r in summ.itertuples(index=False):
+            layers.append({
+                "id": r.layer_id, "name": r.name, "type": r.type, "n_params": r.n_params,
+                "recorded": r.selected, "grad_steps": r.grad_steps, "mean_abs_grad": r.mean_abs_grad,
+                "max_abs_grad": r.max_abs_grad, "last_epoch": int(r.last_epoch) if np.isfinite(r.last_epoch) else None,
+                "last_epoch_mean_l2": r.last_epoch_mean_l2, "weight_snapshots": r.weight_snapshots,
+                "weight_l2_final": r.weight_l2_final, "update_ratio_median": r.update_ratio_median,
+            })
+        return {
+            "bbdecoder_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "parameters": {"run": run.path, "out_dir": self.out,
+                           "layers": self.layers_spec if self.layers_spec is None
+                           or isinstance(self.layers_spec, (str, int)) else repr(self.layers_spec),
+                           "bins": self.bins},
+            "run": {"path": run.path, "status": run.status, "status_reason": run.status_reason,
+                    "format_version": run.manifest.get("format_version"), "ranks": run.ranks,
+                    "ranks_used": "lowest rank only" if multi_rank else None,
+                    "problems": list(run.problems)},
+            "steps": int(len(steps)), "epochs": int(run.epochs),
+            "first_step": int(steps["step"].iloc[0]) if len(steps) else None,
+            "last_step": int(steps["step"].iloc[-1]) if len(steps) else None,
+            "grad_steps": int(gl["step"].nunique()) if len(gl) else 0,
+            "weight_snapshots": int(ws["step"].nunique()) if len(ws) else 0,
+            "loss": {"first": float(first["loss"]) if first is not None else None,
+                     "first_step": int(first["step"]) if first is not None else None,
+                     "last": float(last["loss"]) if last is not None else None,
+                     "last_step": int(last["step"]) if last is not None else None},
+            "definitions": {
+                "mean_abs_grad": "sum over steps of sum|g| / sum over steps of finite element count",
+                "max_abs_grad": "max |g| over all recorded steps",
+                "last_epoch_mean_l2": "mean over the last epoch's recorded steps of the layer's gradient L2 norm",
+                "weight_l2_final": "sqrt(sum over the layer's parameters of ||w||^2) at the last snapshot",
+                "update_ratio_median": "median over snapshots of the layer's ||w_t - w_prev|| / ||w_prev||",
+                "layers_pool": "statistics of a layer pool all its parameters (weight, bias, ...)",
+            },
+            "layers": layers,
+            "figures": [f["file"] for f in self.figures],
+            "tables": [t["file"] for t in self.tables],
+            "skipped": list(self.skipped),
+        }
+
+    def _html(self, s: dict) -> str:
+        e = html.escape
+        run = s["run"]
+        complete = run["status"] == "complete"
+        status = ('<p class="ok">Status: complete</p>' if complete else
+                  f'<p class="bad"><strong>Status: INCOMPLETE</strong> — {e(run["status_reason"] or "incomplete")}.'
+                  " The figures and numbers cover only what was written before that.</p>")
+        loss = s["loss"]
+        head = [
+            ("run", f"<code>{e(run['path'])}</code>"),
+            ("steps", f"{s['steps']}" + (f" ({s['first_step']} … {s['last_step']})" if s["steps"] else "")),
+            ("epochs", str(s["epochs"])),
+            ("steps with gradients", str(s["grad_steps"])),
+            ("weight snapshots", str(s["weight_snapshots"])),
+            ("first loss", f"{_fmt(loss['first'])}" + (f" (step {loss['first_step']})" if loss["first"] is not None
+                                                        else "")),
+            ("last loss", f"{_fmt(loss['last'])}" + (f" (step {loss['last_step']})" if loss["last"] is not None
+                                                      else "")),
+            ("layers in report", f"{len(s['layers'])}" + (f" (selection <code>{e(str(s['parameters']['layers']))}"
+                                                          "</code>)" if s["parameters"]["layers"] is not None else "")),
+            ("ranks", e(", ".join(map(str, run["ranks"])) or "–") + (" (figures use the lowest rank)"
+                                                                     if run["ranks_used"] else "")),
+        ]
+        rows_head = "\n".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in head)
+        lay_rows = "\n".join(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in (
+                _fmt(L["id"]), f"<code>{e(L['name'] or '(model)')}</code>", e(L["type"]), _fmt(L["n_params"]),
+                "yes" if L["recorded"] else "no", _fmt(L["mean_abs_grad"]), _fmt(L["max_abs_grad"]),
+                _fmt(L["last_epoch_mean_l2"]), _fmt(L["weight_l2_final"]), _fmt(L["update_ratio_median"]))) + "</tr>"
+            for L in s["layers"])
+        sections = [("loss", "Loss"), ("gradients", "Gradients"), ("weights", "Weights"),
+                    ("layers", "Per layer")]
+        figs = []
+        for key, title in sections:
+            fs = [f for f in self.figures if f["section"] == key]
+            if not fs:
+                continue
+            figs.append(f"<h2>{title}</h2>")
+            if key == "layers":      # grouped by layer, in id order
+                fs = sorted(fs, key=lambda f: f["layer"].id)
+            last = None
+            for f in fs:
+                L = f["layer"]
+                if L is not None and L.id != last:
+                    last = L.id
+                    figs.append(f'<h3 id="layer-{int(L.id)}">Layer {int(L.id)}: <code>{e(L.name or "(model)")}</code> '
+                                f"({e(L.type)})</h3>")
+                figs.append(f'<figure><img src="{e(f["file"])}" alt="{e(f["title"])}" loading="lazy">'
+                            f'<figcaption><strong>{e(f["title"])}.</strong> {f["caption"]}</figcaption></figure>')
+        tables = "\n".join(f'<li><a href="{e(t["file"])}">{e(t["file"])}</a> — {e(t["description"])} '
+                           f'({t["rows"]} rows)</li>' for t in self.tables)
+        skipped = ("\n".join(f"<li>{e(x)}</li>" for x in s["skipped"]) if s["skipped"]
+                   else "<li>nothing</li>")
+        stale = ""
+        if s.get("stale_files"):
+            stale = ("<p class='note'>Also in this directory, from an earlier report and not part of this one: "
+                     + ", ".join(f"<code>{e(p)}</code>" for p in s["stale_files"][:50])
+                     + (" …" if len(s["stale_files"]) > 50 else "") + "</p>")
+        return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>BBDecoder report — {e(os.path.basename(run['path']) or run['path'])}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
+       padding: 0 1em; color: #222; line-height: 1.45; }}
+h1 {{ font-size: 1.6em; margin-bottom: .2em; }} h2 {{ border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }}
+table {{ border-collapse: collapse; margin: .5em 0 1em; font-size: .92em; }}
+th, td {{ border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }}
+table.num td {{ text-align: right; }} table.num td:nth-child(2), table.num td:nth-child(3) {{ text-align: left; }}
+th {{ background: #f4f4f4; }}
+.ok {{ background: #e8f5e9; border-left: 5px solid #2e7d32; padding: .5em 1em; }}
+.bad {{ background: #fdecea; border-left: 5px solid #c62828; padding: .5em 1em; }}
+.note {{ color: #555; font-size: .9em; }}
+figure {{ margin: 1.5em 0; }} figure img {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
+figcaption {{ font-size: .92em; color: #333; max-width: 60em; }}
+code {{ font-size: .92em; background: #f6f6f6; padding: 0 .2em; }}
+</style></head>
+<body>
+<h1>BBDecoder report</h1>
+<p class="note">bbdecoder {e(s['bbdecoder_version'])}, written {e(s['created'])}; weight histograms with {s['parameters']['bins']} bins.</p>
+{status}
+<h2>Summary</h2>
+<table>
+{rows_head}
+</table>
+<table class="num">
+<tr><th>id</th><th>layer</th><th>type</th><th>parameters</th><th>recorded</th><th>mean |g|</th><th>max |g|</th>
+<th>last-epoch mean ‖g‖₂</th><th>final ‖w‖₂</th><th>median update ratio</th></tr>
+{lay_rows}
+</table>
+<p class="note">mean |g| = Σ|g| / number of elements over every recorded step; max |g| over every step;
+last-epoch mean ‖g‖₂ = mean over the steps of epoch {_fmt(next((L['last_epoch'] for L in s['layers'] if L['last_epoch'] is not None), None))} of the layer's gradient L2 norm;
+final ‖w‖₂ at the last snapshot and the update ratio ‖w<sub>t</sub> − w<sub>prev</sub>‖ / ‖w<sub>prev</sub>‖ pool all the layer's parameters.</p>
+{chr(10).join(figs)}
+<h2>Tables and data</h2>
+<ul>
+{tables}
+<li><a href="summary.json">summary.json</a> — every parameter and headline number of this report</li>
+</ul>
+{stale}
+<h2>Skipped</h2>
+<ul>
+{skipped}
+</ul>
+</body></html>
+"""
+
+
+def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int = 64,
+                 progress: Callable | None = None) -> dict:
+    """Write the report of ``run`` into ``out_dir``: ``index.html``, ``summary.json``,
+    ``figures/*.png`` and ``tables/*.csv``.
+
+    Args:
+        run: an :class:`analyzer.run.Run`.
+        out_dir: an existing, writable directory. Earlier report files in it are replaced; nothing
+            is deleted and nothing is written outside it.
+        layers: layer specification (see :meth:`Run.select`); None = every layer.
+        bins: bins of the weight histograms.
+        progress: ``progress(label, total)`` -> context manager with ``update(n)``
+            (click.progressbar-compatible); default ``run.progress``.
+
+    Returns:
+        The summary (as written to summary.json; NaN as None).
+    """
+    if not isinstance(bins, int) or isinstance(bins, bool) or not 1 <= bins <= 100_000:
+        raise ValueError(f"bins must be an int in [1, 100000], not {bins!r}")
+    out = os.path.abspath(os.fspath(out_dir))
+    if not os.path.isdir(out):
+        raise FileNotFoundError(f"report directory {out} does not exist")
+    return _Report(run, out, layers, bins, progress).build()
+
+
+__all__ = ["build_report", "layer_summary", "layer_update_ratio", "layer_weight_l2",
+           "grad_variance_epoch_table", "first_rank"]
