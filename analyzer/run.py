@@ -454,6 +454,7 @@ class Run:
             return self._cache[ck].copy()
         prev: dict[tuple, np.ndarray] = {}
         parts = []
+        multi_rank = len({s.rank for s in self._shards if any(k[0] == fmt.KIND_WEIGHTS for k in s.payloads)}) > 1
         for shard, lk, pk, steps, block in self._iter_blocks(fmt.KIND_WEIGHTS, keys):
             lid, lname, pname, numel = self._meta(lk, pk)
             st = row_moments(block).compute()
@@ -472,15 +473,17 @@ class Run:
                           "param": pname, "numel": numel, "mean": st["mean"], "std": st["std"],
                           "abs_mean": st["abs_mean"], "max_abs": st["max_abs"], "min": st["min"],
                           "max": st["max"], "l2": st["l2"], "update_ratio": ratios,
-                          "nonfinite": st["nonfinite"]})
+                          "nonfinite": st["nonfinite"], "rank": shard.rank})
+        cols = WEIGHT_COLUMNS + (["rank"] if multi_rank else [])
         if parts:
             df = pd.DataFrame({c: np.concatenate([np.broadcast_to(np.asarray(p[c]), len(p["step"]))
-                                                  for p in parts]) for c in WEIGHT_COLUMNS})
+                                                  for p in parts]) for c in cols})
         else:
-            df = pd.DataFrame({c: [] for c in WEIGHT_COLUMNS})
+            df = pd.DataFrame({c: [] for c in cols})
         df = _typed(df, {"step": "int64", "epoch": "int64", "layer_id": "int64", "numel": "int64",
-                         "nonfinite": "int64"})
-        df = df.sort_values(["step", "layer_id", "param"], kind="stable").reset_index(drop=True)
+                         "nonfinite": "int64", "rank": "int64"})
+        order = (["rank"] if multi_rank else []) + ["step", "layer_id", "param"]
+        df = df.sort_values(order, kind="stable").reset_index(drop=True)
         self._cache[ck] = df
         return df.copy()
 
@@ -502,7 +505,9 @@ class Run:
         if param not in names:
             raise TraceError(f"layer {L['name']!r} has no parameter {param!r} (has {', '.join(names)})")
         pk = next(q["key"] for q in L["params"] if q["name"] == param)
-        ws = self.weight_stats(L["id"])
+        cached = self._cache.get(("weights", tuple(self.select(None))))
+        ws = cached if cached is not None else self.weight_stats(L["id"])
+        ws = ws[ws["layer_id"] == L["id"]]
         ws = ws[ws["param"] == param]
         rank = self._step_rank()
         if not len(ws):
