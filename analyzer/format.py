@@ -34,7 +34,13 @@ LIVE_SUFFIX = ".part"
 #: Payload kinds stored as raw tensors, one HDF5 group each.
 KIND_GRADS = "grads"
 KIND_WEIGHTS = "weights"
-PAYLOAD_KINDS = (KIND_GRADS, KIND_WEIGHTS)
+#: Per-step, per-unit sufficient statistics of activation sites: /act_stats/<site key>/<stat>
+KIND_ACT_STATS = "act_stats"
+#: Raw activation samples: /activations/<site key>/values, several rows per step (one per sample)
+KIND_ACTIVATIONS = "activations"  # /activations/<site key>/samples/{values,steps}
+PAYLOAD_KINDS = (KIND_GRADS, KIND_WEIGHTS, KIND_ACT_STATS, KIND_ACTIVATIONS)
+#: Kinds whose per-step payload holds several rows (the step index repeats).
+MULTIROW_KINDS = (KIND_ACTIVATIONS,)
 
 #: Columns of the per-shard step table (group ``/steps``).
 STEP_COLUMNS = ("step", "epoch", "loss", "time", "dropped")
@@ -289,6 +295,22 @@ def validate_manifest(m: dict, where: str) -> dict:
                 n *= s
             if n >= 2**40:
                 raise TraceError(f"{where}: parameter {L['name']}.{p['name']} declares an absurd size")
+    sites = m.get("sites", [])
+    if not isinstance(sites, list):
+        raise TraceError(f"{where}: 'sites' must be a list")
+    skeys = set()
+    for i, S in enumerate(sites):
+        if not (isinstance(S, dict) and isinstance(S.get("name"), str) and is_safe_key(S.get("key"))
+                and isinstance(S.get("kind"), str) and isinstance(S.get("units"), int)
+                and 0 <= S["units"] < 2**31 and isinstance(S.get("stats"), dict)
+                and isinstance(S.get("sample_shape"), list)):
+            raise TraceError(f"{where}: activation site #{i} is malformed")
+        for shp in list(S["stats"].values()) + [S["sample_shape"]]:
+            if not (isinstance(shp, list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in shp)):
+                raise TraceError(f"{where}: activation site {S['name']!r} declares a malformed shape")
+        if S["key"] in skeys:
+            raise TraceError(f"{where}: duplicate activation site key {S['key']!r}")
+        skeys.add(S["key"])
     ws = m.get("world_size", 1)
     if not isinstance(ws, int) or isinstance(ws, bool) or not 1 <= ws <= 99_999:
         raise TraceError(f"{where}: invalid world_size {ws!r}")

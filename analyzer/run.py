@@ -114,6 +114,16 @@ class Run:
         self._by_key = {L["key"]: L for L in self._table}
         self._param_shape = {(L["key"], q["key"]): tuple(q["shape"]) for L in self._table for q in L["params"]}
         self._param_name = {(L["key"], q["key"]): q["name"] for L in self._table for q in L["params"]}
+        self._sites = [dict(S) for S in self.manifest.get("sites", [])]
+        self._site_by_key = {S["key"]: S for S in self._sites}
+        self._expected: dict[tuple, tuple] = {}
+        for (lk, pk), shp in self._param_shape.items():
+            self._expected[(fmt.KIND_GRADS, lk, pk)] = shp
+            self._expected[(fmt.KIND_WEIGHTS, lk, pk)] = shp
+        for S in self._sites:
+            for stat, shp in S["stats"].items():
+                self._expected[(fmt.KIND_ACT_STATS, S["key"], stat)] = tuple(shp)
+            self._expected[(fmt.KIND_ACTIVATIONS, S["key"], "samples")] = tuple(S["sample_shape"])
         self.problems: list[str] = []
         self.rank_states: dict[int, dict] = {}
         self._shards: list[_Shard] = []
@@ -143,7 +153,7 @@ class Run:
                     for kind in fmt.PAYLOAD_KINDS:
                         for lk, pk in r.payloads(kind):
                             rows, shape, chunk = r.payload_info(kind, lk, pk)
-                            want = self._param_shape.get((lk, pk))
+                            want = self._expected.get((kind, lk, pk))
                             if want is None:
                                 self.problems.append(f"{name}: {kind} for unknown parameter {lk}/{pk} ignored")
                                 continue

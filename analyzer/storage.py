@@ -497,6 +497,11 @@ class ShardSeriesWriter:
             for kind, lk, pk, arr, attrs in r.payloads:
                 groups.setdefault((kind, lk, pk), []).append((r.step, arr, attrs))
         for (kind, lk, pk), rows in groups.items():
+            if kind in fmt.MULTIROW_KINDS:   # each record brings (k, *shape): k rows of one step
+                steps = np.concatenate([np.full(len(a), s, np.int64) for s, a, _ in rows])
+                vals = rows[0][1] if len(rows) == 1 else np.concatenate([a for _, a, _ in rows])
+                w.append(kind, lk, pk, steps, vals, rows[0][2])
+                continue
             steps = np.array([s for s, _, _ in rows], np.int64)
             if len(rows) == 1:
                 vals = rows[0][1][None]          # a view: no copy

@@ -122,7 +122,9 @@ class Recorder:
                  on_error: str = "warn", on_full: str = "block", queue_items: int = 64,
                  queue_bytes: int = 512 << 20, flush_steps: int = 100, flush_secs: float = 10.0,
                  max_shard_bytes: int = 1 << 30, grad_dtype: str = "float32",
-                 weight_dtype: str = "float32", record_rank: int | None = 0):
+                 weight_dtype: str = "float32", record_rank: int | None = 0,
+                 activations: Any = None, activations_every: Any = 50, activation_samples: int = 8,
+                 activation_unit_axis: dict | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("model must be a torch.nn.Module")
         if on_error not in ("warn", "raise"):
@@ -189,6 +191,18 @@ class Recorder:
                     if p.requires_grad:
                         self._grad_targets.append((L["key"], pinfo["key"], p, attrs))
 
+        # ---- activation sites (module outputs and functional call sites)
+        self._act_sched = as_schedule(activations_every)
+        if not isinstance(activation_samples, int) or activation_samples < 0:
+            raise ValueError("activation_samples must be an int >= 0")
+        self._sites_dirty = False
+        self._tracker = None
+        if activations is not None and activations is not False:
+            from .activations import ActivationTracker
+            self._tracker = ActivationTracker(
+                model, activations, samples=activation_samples, unit_axis=activation_unit_axis,
+                on_new_site=self._site_added, layer_ids={L["id"]: self._modules[L["id"]] for L in table})
+
         # ---- run directory
         self._prepare_dir(overwrite)
         self.config = {
@@ -197,6 +211,8 @@ class Recorder:
             "queue_items": queue_items, "queue_bytes": queue_bytes, "flush_steps": flush_steps,
             "flush_secs": flush_secs, "max_shard_bytes": max_shard_bytes, "grad_dtype": grad_dtype,
             "weight_dtype": weight_dtype, "record_rank": record_rank,
+            "activations": repr(activations), "activations_every": repr(self._act_sched),
+            "activation_samples": activation_samples,
         }
         self._manifest = {
             "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "bbdecoder_version": VERSION,
@@ -204,7 +220,7 @@ class Recorder:
             "host": socket.gethostname(), "torch_version": torch.__version__,
             "model": {"class": f"{type(model).__module__}.{type(model).__qualname__}",
                       "n_params": int(sum(p.numel() for p in model.parameters()))},
-            "config": self.config, "layers": table,
+            "config": self.config, "layers": table, "sites": [],
         }
         if self.rank == 0:
             fmt.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
@@ -218,6 +234,8 @@ class Recorder:
         self._closed = False
         self._disabled = False
         self._t_start = time.time()
+        if self._tracker is not None:
+            self._tracker.want_raw(self._act_sched(0))
         ref = weakref.ref(self)
         self._atexit = lambda: (ref() is not None and ref()._close_at_exit())
         atexit.register(self._atexit)
@@ -296,9 +314,13 @@ class Recorder:
             p = _Pending(s, self._epoch, time.time(), _loss_handoff(loss))
             with torch.no_grad():
                 if self._grad_targets and self._grad_sched(s):
-                    self._snapshot(p, fmt.KIND_GRADS, self._grad_targets, self._grad_dtype, grads=True)
+                    self._pack(p, [(fmt.KIND_GRADS, lk, pk, q.grad, a) for lk, pk, q, a in self._grad_targets],
+                               self._grad_dtype)
                 if self._weight_targets and self._weight_sched(s):
-                    self._snapshot(p, fmt.KIND_WEIGHTS, self._weight_targets, self._weight_dtype, grads=False)
+                    self._pack(p, [(fmt.KIND_WEIGHTS, lk, pk, q, a) for lk, pk, q, a in self._weight_targets],
+                               self._weight_dtype)
+                if self._tracker is not None:
+                    self._pack_activations(p, s)
             if isinstance(p.loss, _AsyncScalar):
                 p.events.extend(p.loss.events)
                 p.loss = p.loss.host
@@ -339,6 +361,8 @@ class Recorder:
         except Exception:
             pass
         status = status or fmt.STATUS_COMPLETE
+        if self._tracker is not None:
+            self._tracker.remove()
         self._writer.close(status, raise_error=False)
         err = self._writer.take_error()
         if self._writer.error is not None:
@@ -370,22 +394,47 @@ class Recorder:
         return False
 
     # ------------------------------------------------------------------ internals
-    def _snapshot(self, p: _Pending, kind: str, targets, dtype, grads: bool) -> None:
+    def _pack_activations(self, p: _Pending, s: int) -> None:
+        tr = self._tracker
+        if tr.error is not None:
+            err, tr.error = tr.error, None
+            raise RuntimeError(f"activation capture failed: {type(err).__name__}: {err}") from err
+        stats, raw = [], []
+        for key, acc, samples in tr.take():
+            for name, t in acc.items():
+                stats.append((fmt.KIND_ACT_STATS, key, name, t, None))
+            for t in samples[:1]:
+                raw.append((fmt.KIND_ACTIVATIONS, key, "samples", t, None))
+        tr.want_raw(self._act_sched(s + 1))
+        if stats:
+            self._pack(p, stats, torch.float64)
+        if raw:
+            self._pack(p, raw, torch.float32)
+        if self._sites_dirty and self.rank == 0:
+            self._sites_dirty = False
+            fmt.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
+
+    def _site_added(self, meta: dict) -> None:
+        self._manifest["sites"].append(meta)
+        self._sites_dirty = True
+
+    def _pack(self, p: _Pending, items, dtype) -> None:
+        """Copy tensors ``items`` [(kind, layer_key, param_key, tensor, attrs)] into one flat host
+        buffer per device (one cat, one async copy), recorded in ``p``."""
         groups: dict[Any, list] = {}
-        for lk, pk, param, attrs in targets:
-            t = param.grad if grads else param
+        for kind, lk, pk, t, attrs in items:
             if t is None:
                 continue
             if t.is_sparse:
                 t = t.to_dense()
-            groups.setdefault(t.device, []).append((lk, pk, t, attrs))
+            groups.setdefault(t.device, []).append((kind, lk, pk, t, attrs))
         for dev, items in groups.items():
-            flat = torch.cat([t.reshape(-1) for _, _, t, _ in items]) if len(items) > 1 \
-                else items[0][2].reshape(-1).clone()
+            flat = torch.cat([t.reshape(-1) for *_, t, _ in items]) if len(items) > 1 \
+                else items[0][3].reshape(-1).clone()
             if flat.dtype != dtype:
                 flat = flat.to(dtype)
             layout, off = [], 0
-            for lk, pk, t, attrs in items:
+            for kind, lk, pk, t, attrs in items:
                 n = t.numel()
                 layout.append((kind, lk, pk, off, n, tuple(t.shape), attrs))
                 off += n
