@@ -299,6 +299,39 @@ class Run:
             "created": m.get("created"), "ended": m.get("ended"),
         }
 
+    # ------------------------------------------------------------------ activations (see analyzer.activations)
+    @property
+    def sites(self) -> pd.DataFrame:
+        """Activation sites: name, key, kind, family, source, module, units, unit_axis."""
+        from .activations import site_table
+        return site_table(self)
+
+    def activation_stats(self, per: str = "step", sites: Any = None, steps=None) -> pd.DataFrame:
+        """Per-unit activation statistics per step or epoch (see :func:`analyzer.activations.activation_stats`)."""
+        from .activations import activation_stats
+        return activation_stats(self, per=per, sites=sites, steps=steps)
+
+    def dead_units(self, criterion: str = "strict", threshold: float = 0.0, max_active_fraction: float = 0.0,
+                   steps=None, sites: Any = None, layer_share: float = 0.5) -> pd.DataFrame:
+        """Dead units per (site, unit) at any threshold (see :func:`analyzer.activations.dead_units`)."""
+        from .activations import dead_units
+        return dead_units(self, criterion, threshold, max_active_fraction, steps, sites, layer_share)
+
+    def saturation(self, delta: float = 0.03, steps=None, sites: Any = None, per_unit: bool = False) -> pd.DataFrame:
+        """Saturated fraction per (step, site[, unit]) (see :func:`analyzer.activations.saturation`)."""
+        from .activations import saturation
+        return saturation(self, delta, steps=steps, sites=sites, per_unit=per_unit)
+
+    def dimension_variance(self, layer: Any, dim: int = 1, steps=None) -> pd.DataFrame:
+        """Variance across ``dim`` of a site's raw samples, per recorded step."""
+        from .activations import dimension_variance
+        return dimension_variance(self, layer, dim=dim, steps=steps)
+
+    def similarity(self, layer: Any, dim: int = 1, method: str = "cosine", steps=None) -> pd.DataFrame:
+        """Mean pairwise similarity between slices along ``dim``, per recorded step."""
+        from .activations import similarity
+        return similarity(self, layer, dim=dim, method=method, steps=steps)
+
     # ------------------------------------------------------------------ selection
     def select(self, layers: Any = None) -> list[int]:
         """Layer ids for a specification (ids, names, globs, type names; see format.select_layers)."""

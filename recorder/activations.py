@@ -132,6 +132,10 @@ class ActivationTracker:
         self._counters: dict[tuple, int] = {}
         self._want_raw = False
         self._handles: list = []
+        #: execution order of the first training forward: ("layer", layer id, in, out) and ("site", key)
+        self.forward_order: list = []
+        self._order_done = False
+        self._layer_of = {m: i for i, m in (layer_ids or {}).items()}
         self._mode: _Wrapper | None = None
         self.module_sites, self.fn_all, self.fn_patterns = self._parse(spec, layer_ids or {})
         self._install()
@@ -202,6 +206,8 @@ class ActivationTracker:
         need_fn = self.fn_all or bool(self.fn_patterns)
         self._handles.append(root.register_forward_pre_hook(self._root_pre))
         self._handles.append(root.register_forward_hook(self._root_post, always_call=True))
+        for m in self._layer_of:
+            self._handles.append(m.register_forward_hook(self._layer_done))
         for name, m in root.named_modules():
             if need_fn and m is not root:
                 self._handles.append(m.register_forward_pre_hook(self._push))
@@ -237,6 +243,17 @@ class ActivationTracker:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
         self._stack = []
+        if self._active() and self.forward_order:
+            self._order_done = True
+
+    def _layer_done(self, module, args, out):
+        if self._order_done or not self._active():
+            return
+        t_in = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        t_out = out if isinstance(out, torch.Tensor) else None
+        self.forward_order.append({"event": "layer", "id": self._layer_of[module],
+                                   "in_shape": list(t_in.shape[1:]) if t_in is not None else None,
+                                   "out_shape": list(t_out.shape[1:]) if t_out is not None else None})
 
     def _push(self, module, args):
         self._stack.append(module)
@@ -301,6 +318,8 @@ class ActivationTracker:
         if site is None:
             site = self._new_site(name, x, kind, source, module, bounds, axis, dim)
         meta = site.meta
+        if not self._order_done:
+            self.forward_order.append({"event": "site", "key": meta["key"]})
         if meta["units"] != U or meta["unit_axis"] != axis:
             meta["mismatched_calls"] = meta.get("mismatched_calls", 0) + 1
             return

@@ -410,6 +410,9 @@ class Recorder:
             self._pack(p, stats, torch.float64)
         if raw:
             self._pack(p, raw, torch.float32)
+        if tr._order_done and "forward_order" not in self._manifest:
+            self._manifest["forward_order"] = tr.forward_order
+            self._sites_dirty = True
         if self._sites_dirty and self.rank == 0:
             self._sites_dirty = False
             fmt.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
