@@ -111,10 +111,20 @@ def _check_step_cols(cols: dict) -> int:
 # --------------------------------------------------------------------------- HDF5
 
 class HDF5ShardWriter(ShardWriter):
-    """Chunked, extendable datasets; one group per payload with ``values`` and ``steps``."""
+    """Chunked datasets, one group per payload with ``values`` and ``steps``.
+
+    Written for speed on the writer thread: value datasets are created with room for ``max_rows``
+    rows and filled through the low-level API (one H5Dwrite per block, no Python-level selection
+    machinery); the step table and the step indices are kept in memory and written once, at
+    ``close()``, when every dataset is also trimmed to its length. The live file is not meant to
+    be read before it is closed (readers ignore ``.part`` files).
+    """
+
+    _STEP_DTYPES = {"step": "i8", "epoch": "i8", "loss": "f8", "time": "f8", "dropped": "i4"}
 
     def __init__(self, path: str, attrs: dict, max_rows: int = 1024):
         import h5py
+        self._h5s = h5py.h5s
         self.path = path
         self.max_rows = max(1, int(max_rows))
         self._f = h5py.File(path, "w")
@@ -122,11 +132,8 @@ class HDF5ShardWriter(ShardWriter):
             self._f.attrs[k] = v
         self._f.attrs["format"] = fmt.FORMAT_NAME
         self._f.attrs["format_version"] = fmt.FORMAT_VERSION
-        g = self._f.create_group("steps")
-        dtypes = {"step": "i8", "epoch": "i8", "loss": "f8", "time": "f8", "dropped": "i4"}
-        self._steps = {c: g.create_dataset(c, shape=(0,), maxshape=(None,), chunks=(min(4096, self.max_rows),),
-                                           dtype=dtypes[c]) for c in fmt.STEP_COLUMNS}
-        self._groups: dict[tuple[str, str, str], tuple] = {}
+        self._cols: dict[str, list] = {c: [] for c in fmt.STEP_COLUMNS}
+        self._entries: dict[tuple[str, str, str], list] = {}   # key -> [group, vds, n, cap, [steps]]
         self.nbytes = 0
         self.n_steps = 0
         self.step_range = [None, None]
@@ -135,54 +142,69 @@ class HDF5ShardWriter(ShardWriter):
         k = _check_step_cols(cols)
         if not k:
             return
-        for c, ds in self._steps.items():
-            n = ds.shape[0]
-            ds.resize((n + k,))
-            ds[n:] = np.asarray(cols[c])
+        for c in fmt.STEP_COLUMNS:
+            self._cols[c].append(np.asarray(cols[c]).astype(self._STEP_DTYPES[c], copy=True))
         s = np.asarray(cols["step"])
         if self.step_range[0] is None:
             self.step_range[0] = int(s[0])
         self.step_range[1] = int(s[-1]) + 1
         self.n_steps += k
 
+    def _write(self, vds, start: int, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=vds.dtype)
+        fspace = vds.id.get_space()
+        fspace.select_hyperslab((start,) + (0,) * (block.ndim - 1), block.shape)
+        vds.id.write(self._h5s.create_simple(block.shape), fspace, block)
+
     def append(self, kind, layer_key, param_key, steps, values, attrs=None):
         """``values``: an array (k, *shape), or a list of k arrays of ``shape`` written row by row
         without first copying them into one block (large tensors)."""
         key = (kind, layer_key, param_key)
-        entry = self._groups.get(key)
         rows = values if isinstance(values, list) else None
         if rows is not None:
             first = np.asarray(rows[0])
             shape, dtype, k = first.shape, first.dtype, len(rows)
         else:
-            values = np.ascontiguousarray(values)
+            values = np.asarray(values)
             shape, dtype, k = values.shape[1:], values.dtype, values.shape[0]
-        if entry is None:
+        e = self._entries.get(key)
+        if e is None:
             g = self._f.require_group(kind).require_group(layer_key).create_group(param_key)
             for a, v in (attrs or {}).items():
-                g.attrs[a] = v
-            vds = g.create_dataset("values", shape=(0, *shape), maxshape=(None, *shape),
+                if v is not None:
+                    g.attrs[a] = v
+            cap = max(self.max_rows, k)
+            vds = g.create_dataset("values", shape=(cap, *shape), maxshape=(None, *shape),
                                    chunks=chunk_shape(shape, dtype.itemsize, self.max_rows), dtype=dtype)
-            sds = g.create_dataset("steps", shape=(0,), maxshape=(None,), chunks=(min(4096, self.max_rows),),
-                                   dtype="i8")
-            entry = self._groups[key] = (vds, sds)
-        vds, sds = entry
+            e = self._entries[key] = [g, vds, 0, cap, []]
+        g, vds, n, cap, steplist = e
         if tuple(shape) != vds.shape[1:] or (rows is not None and any(np.shape(r) != shape for r in rows)):
             raise ValueError(f"{kind}/{layer_key}/{param_key}: shape {tuple(shape)} != {vds.shape[1:]}")
-        n = vds.shape[0]
-        vds.resize((n + k, *vds.shape[1:]))
+        if n + k > cap:
+            cap = max(n + k, 2 * cap)
+            vds.resize((cap, *shape))
+            e[3] = cap
         if rows is None:
-            vds[n:n + k] = values
+            self._write(vds, n, values)
         else:
             for i, r in enumerate(rows):
-                vds[n + i] = r
-        sds.resize((n + k,))
-        sds[n:n + k] = np.asarray(steps, dtype=np.int64)
+                self._write(vds, n + i, np.asarray(r)[None])
+        steplist.append(np.asarray(steps, dtype=np.int64).reshape(-1))
+        e[2] = n + k
         self.nbytes += k * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
     def close(self):
         if self._f is None:
             return
+        g = self._f.create_group("steps")
+        for c in fmt.STEP_COLUMNS:
+            v = self._cols[c]
+            data = np.concatenate(v) if v else np.zeros(0, self._STEP_DTYPES[c])
+            g.create_dataset(c, data=data.astype(self._STEP_DTYPES[c], copy=False))
+        for grp, vds, n, cap, steplist in self._entries.values():
+            if n != cap:
+                vds.resize((n, *vds.shape[1:]))
+            grp.create_dataset("steps", data=np.concatenate(steplist) if steplist else np.zeros(0, np.int64))
         self._f.attrs["n_steps"] = self.n_steps
         self._f.attrs["step_start"] = -1 if self.step_range[0] is None else self.step_range[0]
         self._f.attrs["step_stop"] = -1 if self.step_range[1] is None else self.step_range[1]

@@ -272,3 +272,19 @@ def test_unsafe_module_names_are_sanitised(tmp_path):
     run = analyzer.open(tmp_path / "r")
     assert sorted(run.grad_stats()["layer"].unique()) == ["a/b", "c\\d"]
     assert run.layers["key"].tolist() == ["a_b", "c_d"]
+
+
+def test_idle_recorder_publishes_steps_within_flush_secs(tmp_path):
+    m = Tiny()
+    rec = Recorder(m, tmp_path / "r", flush_steps=1000, flush_secs=0.3)
+    _train(rec, m, 3)
+    deadline = time.time() + 5
+    n = 0
+    while time.time() < deadline and n < 3:  # flush_secs + the writer's batch wait, at most
+        time.sleep(0.2)
+        try:
+            n = len(analyzer.open(tmp_path / "r").steps)
+        except analyzer.TraceError:
+            n = 0
+    assert n == 3
+    rec.close()
