@@ -214,11 +214,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     fsync_dir(d)
 
 
-def fsync_file(path: str) -> None:
-    """Flush a closed file's data to stable storage."""
+def fsync_file(path: str, drop_cache: bool = False) -> None:
+    """Flush a closed file's data to stable storage; with ``drop_cache``, then tell the kernel the
+    (now clean) pages are not needed, so a recorder writing gigabytes does not push the training
+    job's data out of the page cache."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+        if drop_cache and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
     finally:
         os.close(fd)
 

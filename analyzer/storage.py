@@ -403,7 +403,7 @@ class HDF5Backend:
         return HDF5ShardWriter(path, attrs, max_rows)
 
     def commit(self, live_path: str, final_path: str) -> None:
-        fmt.fsync_file(live_path)  # a published shard survives a power loss, not only a kill
+        fmt.fsync_file(live_path, drop_cache=True)  # survives a power loss, not only a kill
         os.replace(live_path, final_path)
         fmt.fsync_dir(os.path.dirname(final_path))
 
