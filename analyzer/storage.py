@@ -403,8 +403,14 @@ class HDF5Backend:
         return HDF5ShardWriter(path, attrs, max_rows)
 
     def commit(self, live_path: str, final_path: str) -> None:
-        fmt.fsync_file(live_path, drop_cache=True)  # survives a power loss, not only a kill
+        """Publish a closed shard (a rename: from now on it survives a killed process)."""
         os.replace(live_path, final_path)
+
+    def sync(self, final_path: str) -> None:
+        """Make a published shard durable against power loss, then drop its clean pages from the
+        page cache (a recorder writing gigabytes should not evict the training job's data).
+        Runs on a background thread, overlapping the next shard's writes."""
+        fmt.fsync_file(final_path, drop_cache=True)
         fmt.fsync_dir(os.path.dirname(final_path))
 
     def open(self, path: str, display: str | None = None) -> ShardReader:
@@ -423,6 +429,9 @@ class MemoryBackend:
 
     def commit(self, live_path, final_path):
         self.shards[final_path] = self.shards.pop(live_path)
+
+    def sync(self, final_path):
+        pass
 
     def open(self, path, display=None):
         return MemoryShardReader(self.shards[path], display or path)
@@ -466,7 +475,13 @@ class ShardSeriesWriter:
         self.state = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "rank": rank,
                       "status": fmt.STATUS_RECORDING, "shards": 0, "steps_flushed": 0,
                       "last_step": None, "dropped": 0, "bytes": 0, "errors": [], "warnings": []}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        # published shards waiting for fsync, synced by a background thread (at most 2 pending)
+        self._sync_cv = threading.Condition()
+        self._sync_q: list[str] = []
+        self._sync_busy = False
+        self._sync_error: BaseException | None = None
+        self._sync_thread: threading.Thread | None = None
         os.makedirs(rank_dir, exist_ok=True)
         self.write_state()
 
@@ -534,7 +549,8 @@ class ShardSeriesWriter:
             w.append(kind, lk, pk, steps, vals, rows[0][2])
         self._n_in_shard += len(recs)
         self._last_step = recs[-1].step
-        self.state["dropped"] += int(sum(r.dropped for r in recs))
+        with self._lock:
+            self.state["dropped"] += int(sum(r.dropped for r in recs))
 
     def _due(self) -> bool:
         if self._w is None:
@@ -566,22 +582,78 @@ class ShardSeriesWriter:
             return
         self.backend.commit(self._live, self._final)
         self.shard_index += 1
-        self.state["shards"] = self.shard_index
-        self.state["steps_flushed"] += self._n_in_shard
-        self.state["last_step"] = self._last_step
-        self.state["bytes"] += int(getattr(w, "nbytes", 0))
+        with self._lock:
+            self.state["shards"] = self.shard_index
+            self.state["steps_flushed"] += self._n_in_shard
+            self.state["last_step"] = self._last_step
+            self.state["bytes"] += int(getattr(w, "nbytes", 0))
         self.write_state()
+        self._queue_sync(self._final)
+
+    # -- background fsync of published shards
+    def _queue_sync(self, path: str) -> None:
+        with self._sync_cv:
+            self._raise_sync_error()
+            while len(self._sync_q) + self._sync_busy >= 2:   # bounded: at most 2 shards unsynced
+                self._sync_cv.wait()
+                self._raise_sync_error()
+            self._sync_q.append(path)
+            if self._sync_thread is None:
+                self._sync_thread = threading.Thread(target=self._sync_loop, name="bbdecoder-sync", daemon=True)
+                self._sync_thread.start()
+            self._sync_cv.notify_all()
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._sync_cv:
+                while not self._sync_q:
+                    self._sync_cv.wait()
+                path = self._sync_q.pop(0)
+                if path is None:
+                    return
+                self._sync_busy = True
+            try:
+                self.backend.sync(path)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the writer thread
+                self._sync_error = self._sync_error or e
+            finally:
+                with self._sync_cv:
+                    self._sync_busy = False
+                    self._sync_cv.notify_all()
+
+    def _raise_sync_error(self) -> None:
+        if self._sync_error is not None:
+            e, self._sync_error = self._sync_error, None
+            raise e
+
+    def wait_synced(self) -> None:
+        """Wait until every published shard is fsynced; raises a sync error if one happened."""
+        with self._sync_cv:
+            while self._sync_q or self._sync_busy:
+                self._sync_cv.wait()
+            self._raise_sync_error()
 
     def close(self, status: str = fmt.STATUS_COMPLETE) -> None:
         self.rotate()
-        if self.state["status"] != fmt.STATUS_FAILED:
-            self.state["status"] = status
+        try:
+            self.wait_synced()
+        finally:
+            if self._sync_thread is not None:
+                with self._sync_cv:
+                    self._sync_q.append(None)
+                    self._sync_cv.notify_all()
+                self._sync_thread.join()
+                self._sync_thread = None
+        with self._lock:
+            if self.state["status"] != fmt.STATUS_FAILED:
+                self.state["status"] = status
         self.write_state()
 
     def record_error(self, message: str) -> None:
         """Note a recorder failure in rank.json (status "failed")."""
-        self.state["errors"].append(message[:2000])
-        self.state["status"] = fmt.STATUS_FAILED
+        with self._lock:
+            self.state["errors"].append(message[:2000])
+            self.state["status"] = fmt.STATUS_FAILED
         try:
             self.write_state()
         except Exception:

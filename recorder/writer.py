@@ -221,6 +221,9 @@ class BackgroundWriter:
                     self.written += len(records)
                     records = []
                 self.sink.rotate()
+                wait = getattr(self.sink, "wait_synced", None)
+                if wait is not None:  # flush: durable, not only visible
+                    wait()
             else:
                 records.append(self.resolve(item))
         if records:
