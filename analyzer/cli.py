@@ -110,16 +110,126 @@ def layers(run_dir: str, as_json: bool) -> None:
               help="Layers: ids, dotted names, globs or type names, comma-separated (default: all).")
 @click.option("--bins", default=64, show_default=True, type=click.IntRange(1, 10000),
               help="Bins of the weight histograms.")
-def report(run_dir: str, out: str, layer_spec: str | None, bins: int) -> None:
-    """Write an HTML report with figures, tables and summary.json for RUN_DIR into --out."""
-    from .report import build_report
+@click.option("--dead-criterion", default="strict", show_default=True,
+              type=click.Choice(["strict", "apoz", "dormant"]),
+              help="Dead units: strict (never above --dead-threshold), apoz (fraction of values <= 0 at least "
+                   "--dead-threshold) or dormant (E|h| / layer mean <= --dead-threshold).")
+@click.option("--dead-threshold", default=0.0, show_default=True, type=float,
+              help="Threshold of the dead criterion (strict: value units; apoz: a fraction; dormant: >= 0).")
+@click.option("--max-active-fraction", default=0.0, show_default=True, type=float,
+              help="strict only (at threshold 0): dead when active (> 0) in at most this fraction of values.")
+@click.option("--layer-share", default=0.5, show_default=True, type=float,
+              help="Flag a site when more than this share of its units are dead (or saturated).")
+@click.option("--delta", default=0.03, show_default=True, type=float,
+              help="Saturation margin: bounded activations within delta of a bound are saturated.")
+@click.option("--unit-fraction", default=0.5, show_default=True, type=float,
+              help="A unit is saturated when more than this fraction of its values are.")
+@click.option("--sim-dim", default=1, show_default=True, type=int,
+              help="Dimension (sample axis = 0) of the variance and similarity figure.")
+@click.option("--sim-method", default="cosine", show_default=True, type=click.Choice(["cosine", "kl"]),
+              help="Similarity between slices: cosine, or KL divergence of their softmaxes.")
+@click.option("--raster-site", default=None,
+              help="Activation site of the unit x step raster (default: the site with the most dead units).")
+def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_criterion: str, dead_threshold: float,
+           max_active_fraction: float, layer_share: float, delta: float, unit_fraction: float, sim_dim: int,
+           sim_method: str, raster_site: str | None) -> None:
+    """Write an HTML report with figures, tables and summary.json for RUN_DIR into --out.
+
+    Every threshold is an analysis-time option, written to summary.json: a rerun with other thresholds
+    into another --out needs no retraining."""
+    from .report import build_report, check_activation_options
+    act = check_activation_options(dead_criterion, dead_threshold, max_active_fraction, layer_share, delta,
+                                   unit_fraction, sim_dim, sim_method, raster_site)
     run = _open(run_dir)
     run.select(layer_spec)  # unknown layers fail before anything is written
+    if raster_site is not None:
+        from .activations import select_site
+        select_site(run, raster_site)  # likewise an unknown or ambiguous site
     out = check_out_dir(out)
-    summary = build_report(run, out, layers=layer_spec, bins=bins)
+    summary = build_report(run, out, layers=layer_spec, bins=bins, **act)
     click.echo(f"report: {os.path.join(out, 'index.html')}")
-    for w in summary.get("skipped", []):
+    for w in summary.get("skipped", []) + summary.get("not_recorded", []):
         click.echo(f"note: {w}", err=True)
+
+
+def _records_json(df) -> str:
+    from .report import _clean
+    return json.dumps(_clean(df.to_dict(orient="records")), indent=1, allow_nan=False)
+
+
+def _no_sites(run) -> None:
+    if not run._sites:
+        raise TraceError(f"no activation sites in {run.path} (record with Recorder(..., activations='all') "
+                         "or a selection of modules and functional activations)")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--criterion", default="strict", show_default=True, type=click.Choice(["strict", "apoz", "dormant"]),
+              help="strict: never above --threshold; apoz: fraction of values <= 0 at least --threshold; "
+                   "dormant: E|h| / the site's mean E|h| at most --threshold.")
+@click.option("--threshold", default=0.0, show_default=True, type=float, help="Threshold of the criterion.")
+@click.option("--max-active-fraction", default=0.0, show_default=True, type=float,
+              help="strict only (at threshold 0): dead when active (> 0) in at most this fraction of values.")
+@click.option("--layer-share", default=0.5, show_default=True, type=float,
+              help="Flag a site when more than this share of its units are dead.")
+@click.option("--sites", "site_spec", default=None,
+              help="Activation sites: names, globs, kinds or families, comma-separated (default: all).")
+@click.option("--per-unit", is_flag=True, help="One row per unit (only the dead ones unless --all).")
+@click.option("--all", "all_units", is_flag=True, help="With --per-unit: every unit, dead or not.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records.")
+def dead(run_dir: str, criterion: str, threshold: float, max_active_fraction: float, layer_share: float,
+         site_spec: str | None, per_unit: bool, all_units: bool, as_json: bool) -> None:
+    """Dead units per activation site of RUN_DIR at any threshold: site, kind, units, dead,
+    dead_fraction, flagged (or per unit with --per-unit)."""
+    from .report import dead_layer_table
+    run = _open(run_dir)
+    du = run.dead_units(criterion, threshold, max_active_fraction, sites=site_spec, layer_share=layer_share)
+    _no_sites(run)
+    if per_unit:
+        df = du[["site", "kind", "unit", "active_fraction", "max", "score", "dead", "died_at"]]
+        if not all_units:
+            df = df[df["dead"]]
+        df = df.reset_index(drop=True)
+    else:
+        df = dead_layer_table(du)
+    if as_json:
+        click.echo(_records_json(df))
+    elif not len(df):
+        click.echo("no dead units" if per_unit and len(du) else "no activation statistics recorded")
+    else:
+        click.echo(df.to_string(index=False, na_rep="-"))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--delta", default=0.03, show_default=True, type=float,
+              help="Saturation margin: bounded activations within delta of a bound are saturated.")
+@click.option("--unit-fraction", default=0.5, show_default=True, type=float,
+              help="A unit is saturated when more than this fraction of its values are.")
+@click.option("--layer-share", default=0.5, show_default=True, type=float,
+              help="Flag a site when more than this share of its units are saturated.")
+@click.option("--sites", "site_spec", default=None,
+              help="Activation sites: names, globs, kinds or families, comma-separated (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records.")
+def saturation(run_dir: str, delta: float, unit_fraction: float, layer_share: float, site_spec: str | None,
+               as_json: bool) -> None:
+    """Saturation per activation site of RUN_DIR: site, kind, saturated (fraction of values),
+    saturated_units (share of units saturated in more than --unit-fraction of their values), flagged."""
+    from .activations import saturation_layers
+    from .report import _fraction
+    unit_fraction = _fraction("--unit-fraction", unit_fraction)
+    layer_share = _fraction("--layer-share", layer_share)
+    run = _open(run_dir)
+    df = saturation_layers(run, delta, unit_fraction=unit_fraction, layer_share=layer_share, sites=site_spec)
+    _no_sites(run)
+    if as_json:
+        click.echo(_records_json(df))
+    elif not len(df):
+        click.echo("no activation site of a saturating kind (ReLU family, sigmoid, tanh, hardtanh, softmax) "
+                   "selected")
+    else:
+        click.echo(df.to_string(index=False, na_rep="-"))
 
 
 @cli.command()
@@ -137,6 +247,8 @@ def demo(out: str, force: bool, epochs: int, samples: int) -> None:
     out = check_out_dir(out)
     res = _demo.run_demo(out, force=force, epochs=epochs, samples=samples, log=lambda m: click.echo(m))
     click.echo(f"report: {res['report']}")
+
+
 
 
 def main(argv: list[str] | None = None) -> None:

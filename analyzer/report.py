@@ -4,7 +4,11 @@
     summary = build_report(analyzer.open("runs/exp1"), "report/")
 
 Whatever the trace does not hold (no gradients, no weight snapshots, no loss) is skipped with a
-reason, listed in the report and in summary.json. Files are written under ``out_dir`` only, each to
+reason, listed in the report and in summary.json ("skipped"). The activation sections (dead units,
+saturation, distributions, variance/similarity, pruning sweep) appear when the trace has activation
+sites; a trace recorded without them lists those sections under "not_recorded". Their thresholds
+are keyword arguments of :func:`build_report` (CLI options of ``bbdecoder report``), all written to
+summary.json's "parameters". Files are written under ``out_dir`` only, each to
 a temporary name and then renamed over any earlier version; nothing is ever deleted.
 Nothing here imports torch; matplotlib and seaborn are imported (by :mod:`analyzer.plots`) on the
 first figure.
@@ -130,6 +134,122 @@ def layer_summary(layers: pd.DataFrame, gl: pd.DataFrame, ws: pd.DataFrame) -> p
     return out
 
 
+# ---------------------------------------------------------------------------------------- activations
+#: Report options for the activation sections and their defaults (all written to summary.json).
+ACTIVATION_DEFAULTS = {"dead_criterion": "strict", "dead_threshold": 0.0, "max_active_fraction": 0.0,
+                       "layer_share": 0.5, "delta": 0.03, "unit_fraction": 0.5, "sim_dim": 1,
+                       "sim_method": "cosine", "raster_site": None}
+DEAD_LAYER_COLUMNS = ["site", "kind", "units", "dead", "dead_fraction", "flagged"]
+SWEEP_COLUMNS = ["criterion", "parameter", "threshold", "site", "kind", "units", "dead", "sparsity"]
+
+
+def _fraction(name: str, v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], not {v!r}") from None
+    if not 0.0 <= f <= 1.0:       # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1], not {v!r}")
+    return f
+
+
+def check_activation_options(dead_criterion: str = "strict", dead_threshold: float = 0.0,
+                             max_active_fraction: float = 0.0, layer_share: float = 0.5, delta: float = 0.03,
+                             unit_fraction: float = 0.5, sim_dim: int = 1, sim_method: str = "cosine",
+                             raster_site: Any = None) -> dict:
+    """The activation options of a report, checked and normalised (floats, ints); raises ValueError
+    with one clear line for a bad one. ``raster_site`` is checked against a run by the report."""
+    from .activations import _check_criterion
+    try:
+        thr, maf = float(dead_threshold), float(max_active_fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"dead threshold and max_active_fraction must be numbers, not {dead_threshold!r}, "
+                         f"{max_active_fraction!r}") from None
+    _check_criterion(dead_criterion, thr, maf)
+    try:
+        d = float(delta)
+    except (TypeError, ValueError):
+        raise ValueError(f"delta must be a number in [0, 0.5), not {delta!r}") from None
+    if not 0.0 <= d < 0.5:
+        raise ValueError(f"delta must be in [0, 0.5), not {delta!r}")
+    if isinstance(sim_dim, bool) or not isinstance(sim_dim, (int, np.integer)) or sim_dim < 1:
+        raise ValueError(f"sim_dim must be an int >= 1 (0 is the sample axis), not {sim_dim!r}")
+    if sim_method not in ("cosine", "kl"):
+        raise ValueError(f"sim_method must be 'cosine' or 'kl', not {sim_method!r}")
+    return {"dead_criterion": dead_criterion, "dead_threshold": thr, "max_active_fraction": maf,
+            "layer_share": _fraction("layer_share", layer_share), "delta": d,
+            "unit_fraction": _fraction("unit_fraction", unit_fraction), "sim_dim": int(sim_dim),
+            "sim_method": sim_method, "raster_site": None if raster_site is None else str(raster_site)}
+
+
+def dead_layer_table(du: pd.DataFrame) -> pd.DataFrame:
+    """Per site, from a :meth:`Run.dead_units` table: site, kind, units, dead (count), dead_fraction,
+    flagged (more than layer_share of the units dead), in the table's (forward) site order."""
+    if not len(du):
+        return pd.DataFrame({c: [] for c in DEAD_LAYER_COLUMNS})
+    g = du.groupby("site", sort=False)
+    out = g.agg(kind=("kind", "first"), units=("unit", "size"), dead=("dead", "sum"),
+                dead_fraction=("dead_fraction", "first"), flagged=("flagged", "first")).reset_index()
+    out["units"] = out["units"].astype(np.int64)
+    out["dead"] = out["dead"].astype(np.int64)
+    out["flagged"] = out["flagged"].astype(bool)
+    return out[DEAD_LAYER_COLUMNS]
+
+
+def sweep_grid(criterion: str, threshold: float, max_active_fraction: float, du: pd.DataFrame | None = None
+               ) -> tuple[str, list[float]]:
+    """The swept parameter ("threshold" or "max_active_fraction") and its values for a pruning sweep
+    under ``criterion``; always includes the chosen value. strict (max_active_fraction 0): 0 and
+    quantiles of the units' largest values (``du``'s score); strict with max_active_fraction > 0:
+    active fractions; apoz: APoZ levels; dormant: score levels (Sokar et al. use 0 ... 0.1)."""
+    if criterion == "strict" and max_active_fraction > 0:
+        return "max_active_fraction", sorted({0.0, 0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5,
+                                              float(max_active_fraction)})
+    if criterion == "apoz":
+        vals = {0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0}
+    elif criterion == "dormant":
+        vals = {0.0, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0}
+    else:
+        vals = {0.0}
+        if du is not None and len(du):
+            sc = du["score"].to_numpy(np.float64)
+            sc = sc[np.isfinite(sc) & (sc > 0)]
+            if len(sc):
+                for q in np.quantile(sc, [0.05, 0.1, 0.25, 0.5, 0.75, 0.9]):
+                    vals.add(float(f"{q:.3g}"))
+    vals.add(float(threshold))
+    return "threshold", sorted(vals)
+
+
+def dead_sweep(run, criterion: str = "strict", threshold: float = 0.0, max_active_fraction: float = 0.0,
+               values: Any = None, du: pd.DataFrame | None = None, sites: Any = None) -> pd.DataFrame:
+    """Sparsity versus threshold per site under the dead criterion, from :meth:`Run.dead_units` at
+    each value of the swept parameter (see :func:`sweep_grid`; ``values`` overrides the grid).
+    ``du``: the dead_units table at the chosen threshold (reused, and the strict grid's source).
+    Columns: criterion, parameter, threshold (the swept value), site, kind, units, dead, sparsity;
+    rows with site "(all sites)" pool every unit."""
+    from .activations import dead_units
+    threshold, max_active_fraction = float(threshold), float(max_active_fraction)
+    param, grid = sweep_grid(criterion, threshold, max_active_fraction, du)
+    if values is not None:
+        grid = sorted({float(v) for v in values})
+    rows = []
+    for v in grid:
+        thr, maf = (threshold, v) if param == "max_active_fraction" else (v, max_active_fraction)
+        if du is not None and thr == threshold and maf == max_active_fraction:
+            d = du
+        else:
+            d = dead_units(run, criterion, thr, maf, sites=sites)
+        t = dead_layer_table(d)
+        for r in t.itertuples(index=False):
+            rows.append((criterion, param, v, r.site, r.kind, int(r.units), int(r.dead),
+                         r.dead / r.units if r.units else np.nan))
+        if len(t):
+            u, n = int(t["units"].sum()), int(t["dead"].sum())
+            rows.append((criterion, param, v, "(all sites)", "", u, n, n / u if u else np.nan))
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+
+
 # ---------------------------------------------------------------------------------------- output
 def _clean(x: Any) -> Any:
     """JSON-safe copy: NaN/Inf -> None, numpy scalars and arrays -> Python."""
@@ -208,8 +328,11 @@ class _SilentProgress:
 
 # ---------------------------------------------------------------------------------------- report
 class _Report:
-    def __init__(self, run, out_dir: str, layers: Any, bins: int, progress: Callable | None):
+    def __init__(self, run, out_dir: str, layers: Any, bins: int, progress: Callable | None,
+                 act: dict | None = None):
         self.run = run
+        self.act = dict(act or check_activation_options())
+        self.act_summary: dict = {}
         self.out = os.path.abspath(os.fspath(out_dir))
         self.layers_spec = layers
         self.bins = bins
@@ -218,6 +341,7 @@ class _Report:
         self.tables: list[dict] = []
         self.skipped: list[str] = []
         self.missing: list[str] = []
+        self.not_recorded: list[str] = []
 
     # ------------------------------------------------------------------ helpers
     def skip(self, item: str, reason: str) -> None:
@@ -290,6 +414,7 @@ class _Report:
             self._loss(steps)
             self._gradients(lt, gs, ge, gl)
             self._weights(lt, ws1)
+            self._activations()
 
         if self.missing:
             warnings.warn(f"bbdecoder report: the trace has {' and '.join(self.missing)}; the figures that "
@@ -486,6 +611,278 @@ class _Report:
                                     layer=L)
                 bar.update(1)
 
+    # ------------------------------------------------------------------ activations
+    ACT_FIGURES = ("dead fraction heatmap", "dead unit raster", "saturation", "activation distributions",
+                   "dimension variance and similarity", "pruning sweep")
+
+    def _activations(self) -> None:
+        """Dead units, saturation, distributions, variance/similarity and the pruning sweep of the
+        activation sites, at the report's thresholds (self.act)."""
+        from . import activations as A
+        run, a = self.run, self.act
+        crit, thr, maf, share = a["dead_criterion"], a["dead_threshold"], a["max_active_fraction"], a["layer_share"]
+        sites = run.sites
+        order = list(sites["name"])
+        du = A.dead_units(run, crit, thr, maf, layer_share=share)
+        dl = dead_layer_table(du)
+        dps = A.dead_per_step(run, crit, thr, maf)
+        sat = A.saturation(run, a["delta"])
+        satl = A.saturation_layers(run, a["delta"], unit_fraction=a["unit_fraction"], layer_share=share)
+        ast = A.activation_stats(run, per="epoch")
+        crit_text = self._criterion_text()
+        self.table("activation_stats_epoch", ast, "per-unit activation statistics per (epoch, site, unit): count, "
+                   "mean, abs_mean, std, min, max, frac_active (> 0), apoz")
+        self.table("dead_units", du, f"per (site, unit): active_fraction, max, score, dead, died_at under {crit_text}")
+        self.table("dead_layers", dl, f"per site: units, dead, dead_fraction, flagged (dead_fraction > "
+                   f"{share:g}) under {crit_text}")
+        self.table("dead_per_step", dps, f"per (step, site): fraction of units dead at that step ({crit_text})")
+        self.table("saturation", sat, f"per (step, site): saturated fraction at delta {a['delta']:g} "
+                   "(ReLU family: fraction <= 0)")
+        self.table("saturation_layers", satl, f"per site: saturated fraction, share of saturated units (> "
+                   f"{a['unit_fraction']:g} of their values), flagged (share > {share:g})")
+        self.act_summary = self._act_headline(sites, dl, satl)
+        if not len(sites):
+            why = ("the trace has no activation sites (record with Recorder(..., activations='all') or a "
+                   "selection of modules and functional activations)")
+            for n in self.ACT_FIGURES:
+                self.not_recorded.append(f"figure {n}: {why}")
+            return
+        with self.progress("report: activation figures", len(self.ACT_FIGURES)) as bar:
+            self._dead_heatmap(dps, order, crit_text)
+            bar.update(1)
+            self._dead_raster(du, dps, order, crit_text)
+            bar.update(1)
+            self._saturation(sat, order)
+            bar.update(1)
+            self._distributions(ast, order)
+            bar.update(1)
+            self._variance_similarity(sites, order)
+            bar.update(1)
+            self._sweep(du, order)
+            bar.update(1)
+
+    def _criterion_text(self) -> str:
+        a = self.act
+        c, t, m = a["dead_criterion"], a["dead_threshold"], a["max_active_fraction"]
+        if c == "strict":
+            return (f"strict (never above {t:g})" if m == 0 else
+                    f"strict (values > 0 in at most {m:g} of the cases)")
+        if c == "apoz":
+            return f"APoZ >= {t:g} (fraction of values <= 0)"
+        return f"dormant (E|h| / layer mean E|h| <= {t:g})"
+
+    def _act_headline(self, sites: pd.DataFrame, dl: pd.DataFrame, satl: pd.DataFrame) -> dict:
+        d = dl.set_index("site") if len(dl) else None
+        sl = satl.set_index("site") if len(satl) else None
+        rows = []
+        for S in sites.itertuples(index=False):
+            r = {"site": S.name, "kind": S.kind, "source": S.source, "units": S.units,
+                 "dead": None, "dead_fraction": None, "dead_flagged": None,
+                 "saturated": None, "saturated_units": None, "saturation_flagged": None}
+            if d is not None and S.name in d.index:
+                x = d.loc[S.name]
+                r.update(dead=int(x["dead"]), dead_fraction=float(x["dead_fraction"]), dead_flagged=bool(x["flagged"]))
+            if sl is not None and S.name in sl.index:
+                x = sl.loc[S.name]
+                r.update(saturated=float(x["saturated"]), saturated_units=float(x["saturated_units"]),
+                         saturation_flagged=bool(x["flagged"]))
+            rows.append(r)
+        return {
+            "sites": rows,
+            "dead_flagged": [r["site"] for r in rows if r["dead_flagged"]],
+            "saturation_flagged": [r["site"] for r in rows if r["saturation_flagged"]],
+            "criterion": self._criterion_text(),
+            "raster_site": None,
+            "definitions": {
+                "dead_fraction": "share of the site's units dead over the whole run under the criterion",
+                "dead_flagged": "dead_fraction > layer_share",
+                "saturated": "mean over steps (and units) of the fraction of saturated values: bounded kinds "
+                             "within delta of a bound (softmax: row max > 1 - delta), ReLU family <= 0",
+                "saturated_units": "share of units saturated in more than unit_fraction of their values",
+                "saturation_flagged": "saturated_units > layer_share",
+            },
+        }
+
+    def _act_figure(self, key: str, name: str, title: str, caption: str, draw: Callable, why: str | None) -> None:
+        if why:
+            self.skip(f"figure {key}", why)
+        else:
+            self.figure(name, title, caption, draw, "activations")
+
+    def _dead_heatmap(self, dps, order, crit_text) -> None:
+        n = dps["site"].nunique() if len(dps) else 0
+
+        def draw():
+            fig, ax = plots.new_figure(11, max(3.0, min(14.0, 1.4 + 0.32 * n)))
+            plots.dead_heatmap(dps, ax[0, 0], order=order)
+            return fig
+        nsteps = dps["step"].nunique() if len(dps) else 0
+        binned = (f" The {nsteps} steps are averaged into {plots.MAX_HEATMAP_COLUMNS} columns of consecutive "
+                  "steps." if nsteps > plots.MAX_HEATMAP_COLUMNS else "")
+        self._act_figure("dead fraction heatmap", "act_dead_heatmap", "Dead units per site and step",
+                         f"Fraction of each activation site's units that are dead <em>at that step</em> under "
+                         f"{html.escape(crit_text)} (rows: sites in forward order; white 0, dark red 1). "
+                         "A row that darkens over time is a layer dying during training; a dark row from "
+                         "the start is dead from initialisation. Per-step: a unit can be dead at one step and "
+                         "alive at the next; the run-level count is in dead_layers.csv." + binned,
+                         draw, plots.check(dps, plots.dead_heatmap))
+
+    def _dead_raster(self, du, dps, order, crit_text) -> None:
+        from . import activations as A
+        a, run = self.act, self.run
+        if a["raster_site"] is not None:
+            site = A.select_site(run, a["raster_site"])["name"]
+            how = "chosen with --raster-site"
+        else:
+            site, how = None, "the site with the most dead units"
+            if len(du):
+                cnt = du.groupby("site", sort=False)["dead"].sum()
+                per = dps.groupby("site", sort=False)["dead_fraction"].mean() if len(dps) else pd.Series(dtype=float)
+                key = [(int(cnt.get(s, 0)), float(per.get(s, 0.0)), -i) for i, s in enumerate(order)]
+                site = order[max(range(len(order)), key=lambda i: key[i])]
+        self.act_summary["raster_site"] = site
+        if site is None:
+            self.skip("figure dead unit raster", "no activation statistics recorded")
+            return
+        st, mask = A.dead_mask(run, site, a["dead_criterion"], a["dead_threshold"], a["max_active_fraction"])
+        k, U = mask.shape
+        df = pd.DataFrame({"step": np.repeat(st, U), "unit": np.tile(np.arange(U), k), "dead": mask.reshape(-1)})
+        ndead = int(du.loc[du["site"] == site, "dead"].sum()) if len(du) else 0
+
+        def draw():
+            fig, ax = plots.new_figure(11, max(3.0, min(9.0, 1.5 + 0.12 * min(U, plots.MAX_RASTER_ROWS))))
+            plots.dead_raster(df, ax[0, 0], title=f"Dead units of {plots.text(site)} at each step")
+            return fig
+        self._act_figure("dead unit raster", "act_dead_raster", f"Dead-unit raster: {site}",
+                         f"Site <code>{html.escape(site)}</code> ({how}; {ndead} of {U} units dead over the "
+                         f"run): one row per unit, one column per step, black where the unit is dead at that "
+                         f"step under {html.escape(crit_text)}. A row black to the right edge is a unit that "
+                         "died and never recovered (its died_at in dead_units.csv is where the black run "
+                         "starts); speckle is a unit that is silent on some batches only.",
+                         draw, plots.check(df, plots.dead_raster))
+
+    def _saturation(self, sat, order) -> None:
+        a = self.act
+        used = sorted({float(x) for x in sat["delta_used"].dropna()}) if len(sat) else []
+        note = (f" delta is rounded down to the stored histogram's bin edges: used {', '.join(f'{u:g}' for u in used)}."
+                if any(abs(u - a["delta"]) > 1e-12 for u in used if u) else "")
+        kinds = set(sat["kind"]) if len(sat) else set()
+        panels = 1 + (len(kinds & {"relu", "leaky_relu", "elu", "gelu", "silu", "softplus"}) > 0
+                      and len(kinds - {"relu", "leaky_relu", "elu", "gelu", "silu", "softplus"}) > 0)
+
+        def draw():
+            fig = plots.figure(7.5 * panels, 4.5)
+            plots.saturation_lines(sat, fig, order=order)
+            return fig
+        why = plots.check(sat, plots.saturation_lines)
+        if why == "no data":
+            why = "no activation site of a saturating kind (ReLU family, sigmoid, tanh, hardtanh, softmax)"
+        self._act_figure("saturation", "act_saturation", "Saturation per site",
+                         f"Fraction of saturated values at every recorded step, one line per site. Bounded "
+                         f"activations: sigmoid/hardtanh values within delta = {a['delta']:g} of a bound, tanh "
+                         f"|a| > 1 − delta, softmax rows whose largest probability exceeds 1 − delta. ReLU "
+                         "family: the fraction of values at or below zero (no gradient flows there). "
+                         "Saturation near 1 means a layer has stopped passing gradient." + note,
+                         draw, why)
+
+    def _distributions(self, ast, order) -> None:
+        last = ast[ast["epoch"] == ast["epoch"].max()] if len(ast) else ast
+        n = last["site"].nunique() if len(last) else 0
+        ep = int(last["epoch"].iloc[0]) if len(last) else None
+
+        def draw():
+            fig = plots.figure(12, max(3.2, min(16.0, 1.4 + 0.42 * n)))
+            plots.activation_distributions(last, fig, order=order,
+                                           title=f"Per-unit activation statistics, epoch {ep}")
+            return fig
+        self._act_figure("activation distributions", "act_distributions", "Activation distributions",
+                         f"Per site (rows, forward order), the distribution over its units of statistics pooled "
+                         f"over the last epoch ({ep}): left, the fraction of each unit's values that are > 0 "
+                         "(0 = a unit that never fires); right, each unit's mean activation, with the grey bar "
+                         "spanning the smallest and largest value any unit of the site produced. Boxes are the "
+                         "quartiles over units; dots are single units.", draw,
+                         plots.check(last, plots.activation_distributions))
+
+    def _variance_similarity(self, sites, order) -> None:
+        from . import activations as A
+        a, run = self.act, self.run
+        dim, method = a["sim_dim"], a["sim_method"]
+        parts, too_few = [], []
+        for S in run._sites:
+            nd = len(S.get("sample_shape") or ()) + 1
+            if dim >= nd:
+                too_few.append(S["name"])
+                continue
+            dv = A.dimension_variance(run, S["name"], dim=dim)
+            if not len(dv):
+                continue
+            sm = A.similarity(run, S["name"], dim=dim, method=method)
+            m = dv.merge(sm[["step", "similarity"]], on="step", how="left")
+            m.insert(1, "site", S["name"])
+            m.insert(2, "kind", S["kind"])
+            m["dim"], m["method"] = dim, method
+            parts.append(m)
+        cols = ["step", "site", "kind", "variance", "slice_mean_variance", "similarity", "slices", "samples",
+                "dim", "method"]
+        df = pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame({c: [] for c in cols})
+        self.table("activation_dims", df, f"per (step, site) with raw samples: variance across dim {dim}, "
+                   f"variance of the slice means, mean pairwise {method} similarity of the slices")
+        n = df["site"].nunique() if len(df) else 0
+        if not len(df):
+            why = ("no raw activation samples in the trace (activation_samples=0, or the activations_every "
+                   "schedule never fired)")
+            if too_few and len(too_few) == len(run._sites):
+                why = f"--sim-dim {dim} is beyond the dimensions of every site's samples"
+            self.skip("figure dimension variance and similarity", why)
+            return
+        if too_few:
+            self.skip(f"dimension variance and similarity of {len(too_few)} site(s)",
+                      f"their samples have no dimension {dim} ({', '.join(too_few[:5])}"
+                      f"{', …' if len(too_few) > 5 else ''})")
+
+        def draw():
+            fig = plots.figure(13 if n <= plots.MAX_LEGEND else 12, 4.6)
+            plots.variance_similarity(df, fig, order=order, method=method, dim=dim)
+            return fig
+        sim = ("mean cosine similarity over pairs of distinct slices (1 = all slices point the same way: "
+               "redundant units)" if method == "cosine" else
+               "mean KL divergence KL(p_i ‖ p_j) over ordered pairs of distinct slices, each slice turned into "
+               "a distribution by a softmax (0 = identical slices: redundant units)")
+        self._act_figure("dimension variance and similarity", "act_variance_similarity",
+                         "Variance and similarity across a dimension",
+                         f"For every site with raw samples, at every step where samples were recorded (dimension "
+                         f"{dim}, counting the sample axis as 0; for conv outputs dimension 1 is the channel). "
+                         "Left: the variance of the values along that dimension, averaged over the other "
+                         f"positions. Right: the {sim}. Collapsing variance or similarity rising towards 1 "
+                         "means the units of a layer become interchangeable.", draw,
+                         plots.check(df, plots.variance_similarity))
+
+    def _sweep(self, du, order) -> None:
+        a = self.act
+        sw = dead_sweep(self.run, a["dead_criterion"], a["dead_threshold"], a["max_active_fraction"], du=du)
+        self.table("pruning_sweep", sw, "sparsity versus threshold per site under the dead criterion "
+                   "(site '(all sites)' pools every unit)")
+        param = sw["parameter"].iloc[0] if len(sw) else "threshold"
+        chosen = a["max_active_fraction"] if param == "max_active_fraction" else a["dead_threshold"]
+        xlabel = {("strict", "threshold"): "threshold (value units): dead if never above",
+                  ("strict", "max_active_fraction"): "max_active_fraction: dead if active (> 0) at most this often",
+                  ("apoz", "threshold"): "APoZ threshold: dead if this fraction of values is <= 0",
+                  ("dormant", "threshold"): "dormant threshold τ: dead if E|h| / layer mean <= τ"}.get(
+                      (a["dead_criterion"], param), param)
+
+        def draw():
+            fig, ax = plots.new_figure(10, 4.8)
+            plots.pruning_sweep(sw, ax[0, 0], order=order, chosen=chosen, xlabel=xlabel,
+                                title=f"Pruning sweep ({a['dead_criterion']})")
+            return fig
+        self._act_figure("pruning sweep", "act_pruning_sweep", "Pruning sweep",
+                         f"Sparsity a dead-unit pruning would reach (fraction of each site's units dead over the "
+                         f"whole run, criterion {html.escape(a['dead_criterion'])}) at each value of the "
+                         f"{html.escape(param)} (x), one line per site; thick black: all sites' units together; "
+                         "dashed: this report's value. The same numbers are in pruning_sweep.csv; rerun the "
+                         "report with another --dead-threshold for the per-unit lists at that value.",
+                         draw, plots.check(sw, plots.pruning_sweep))
+
     # ------------------------------------------------------------------ summary and HTML
     def _summary(self, steps, lt, summ, gl, ws, multi_rank) -> dict:
         run = self.run
@@ -508,7 +905,7 @@ class _Report:
             "parameters": {"run": run.path, "out_dir": self.out,
                            "layers": self.layers_spec if self.layers_spec is None
                            or isinstance(self.layers_spec, (str, int)) else repr(self.layers_spec),
-                           "bins": self.bins},
+                           "bins": self.bins, **self.act},
             "run": {"path": run.path, "status": run.status, "status_reason": run.status_reason,
                     "format_version": run.manifest.get("format_version"), "ranks": run.ranks,
                     "ranks_used": "lowest rank only" if multi_rank else None,
@@ -531,10 +928,34 @@ class _Report:
                 "layers_pool": "statistics of a layer pool all its parameters (weight, bias, ...)",
             },
             "layers": layers,
+            "activations": self.act_summary,
             "figures": [f["file"] for f in self.figures],
             "tables": [t["file"] for t in self.tables],
             "skipped": list(self.skipped),
+            "not_recorded": list(self.not_recorded),
         }
+
+    def _act_html(self, s: dict) -> str:
+        """Parameters and the per-site headline table of the activation section."""
+        e = html.escape
+        a, p = s["activations"], s["parameters"]
+        rows = "\n".join(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in (
+                f"<code>{e(r['site'])}</code>", e(str(r["kind"])), _fmt(r["units"]), _fmt(r["dead"]),
+                _fmt(r["dead_fraction"]), "<strong>yes</strong>" if r["dead_flagged"] else
+                ("no" if r["dead_flagged"] is not None else "–"), _fmt(r["saturated"]), _fmt(r["saturated_units"]),
+                "<strong>yes</strong>" if r["saturation_flagged"] else
+                ("no" if r["saturation_flagged"] is not None else "–"))) + "</tr>"
+            for r in a.get("sites", []))
+        return (f"<p class='note'>Dead criterion: {e(a.get('criterion') or '')}; a site is flagged when more than "
+                f"{p['layer_share']:g} of its units are dead (or saturated). Saturation: delta {p['delta']:g}, a unit "
+                f"is saturated when more than {p['unit_fraction']:g} of its values are. Similarity: dimension "
+                f"{p['sim_dim']}, {e(p['sim_method'])}. Rerun <code>bbdecoder report</code> with other "
+                "<code>--dead-criterion/--dead-threshold/--delta/...</code> into another <code>--out</code> for "
+                "other thresholds.</p>\n"
+                "<table class='num'><tr><th>site</th><th>kind</th><th>units</th><th>dead</th><th>dead fraction</th>"
+                "<th>dead flagged</th><th>saturated</th><th>saturated units</th><th>saturation flagged</th></tr>\n"
+                f"{rows}\n</table>")
 
     def _html(self, s: dict) -> str:
         e = html.escape
@@ -567,13 +988,15 @@ class _Report:
                 _fmt(L["last_epoch_mean_l2"]), _fmt(L["weight_l2_final"]), _fmt(L["update_ratio_median"]))) + "</tr>"
             for L in s["layers"])
         sections = [("loss", "Loss"), ("gradients", "Gradients"), ("weights", "Weights"),
-                    ("layers", "Per layer")]
+                    ("activations", "Activations"), ("layers", "Per layer")]
         figs = []
         for key, title in sections:
             fs = [f for f in self.figures if f["section"] == key]
             if not fs:
                 continue
             figs.append(f"<h2>{title}</h2>")
+            if key == "activations":
+                figs.append(self._act_html(s))
             if key == "layers":      # grouped by layer, in id order
                 fs = sorted(fs, key=lambda f: f["layer"].id)
             last = None
@@ -587,8 +1010,8 @@ class _Report:
                             f'<figcaption><strong>{e(f["title"])}.</strong> {f["caption"]}</figcaption></figure>')
         tables = "\n".join(f'<li><a href="{e(t["file"])}">{e(t["file"])}</a> — {e(t["description"])} '
                            f'({t["rows"]} rows)</li>' for t in self.tables)
-        skipped = ("\n".join(f"<li>{e(x)}</li>" for x in s["skipped"]) if s["skipped"]
-                   else "<li>nothing</li>")
+        skipped = ("\n".join(f"<li>{e(x)}</li>" for x in s["skipped"] + s["not_recorded"])
+                   if s["skipped"] or s["not_recorded"] else "<li>nothing</li>")
         stale = ""
         if s.get("stale_files"):
             stale = ("<p class='note'>Also in this directory, from an earlier report and not part of this one: "
@@ -645,7 +1068,10 @@ final ‖w‖₂ at the last snapshot and the update ratio ‖w<sub>t</sub> − 
 
 
 def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int = 64,
-                 progress: Callable | None = None) -> dict:
+                 progress: Callable | None = None, *, dead_criterion: str = "strict", dead_threshold: float = 0.0,
+                 max_active_fraction: float = 0.0, layer_share: float = 0.5, delta: float = 0.03,
+                 unit_fraction: float = 0.5, sim_dim: int = 1, sim_method: str = "cosine",
+                 raster_site: Any = None) -> dict:
     """Write the report of ``run`` into ``out_dir``: ``index.html``, ``summary.json``,
     ``figures/*.png`` and ``tables/*.csv``.
 
@@ -657,17 +1083,34 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
         bins: bins of the weight histograms.
         progress: ``progress(label, total)`` -> context manager with ``update(n)``
             (click.progressbar-compatible); default ``run.progress``.
+        dead_criterion, dead_threshold, max_active_fraction: the dead-unit criterion of the activation
+            sections ("strict", "apoz" or "dormant"; see :func:`analyzer.activations.dead_units`).
+        layer_share: a site is flagged when more than this share of its units are dead (or saturated).
+        delta, unit_fraction: saturation margin and the share of a unit's values that makes it saturated
+            (see :func:`analyzer.activations.saturation_layers`).
+        sim_dim, sim_method: dimension (sample axis = 0) and method ("cosine" or "kl") of the variance
+            and similarity figure (sites with raw samples).
+        raster_site: the site of the unit x step raster; None = the site with the most dead units.
+
+    The activation sections appear only when the trace has activation sites; otherwise they are
+    listed under ``not_recorded``. Every option is written to summary.json's ``parameters``.
 
     Returns:
         The summary (as written to summary.json; NaN as None).
     """
     if not isinstance(bins, int) or isinstance(bins, bool) or not 1 <= bins <= 100_000:
         raise ValueError(f"bins must be an int in [1, 100000], not {bins!r}")
+    act = check_activation_options(dead_criterion, dead_threshold, max_active_fraction, layer_share, delta,
+                                   unit_fraction, sim_dim, sim_method, raster_site)
+    if raster_site is not None:
+        from .activations import select_site
+        act["raster_site"] = select_site(run, raster_site)["name"]   # TraceError before anything is written
     out = os.path.abspath(os.fspath(out_dir))
     if not os.path.isdir(out):
         raise FileNotFoundError(f"report directory {out} does not exist")
-    return _Report(run, out, layers, bins, progress).build()
+    return _Report(run, out, layers, bins, progress, act).build()
 
 
 __all__ = ["build_report", "layer_summary", "layer_update_ratio", "layer_weight_l2",
-           "grad_variance_epoch_table", "first_rank"]
+           "grad_variance_epoch_table", "first_rank", "check_activation_options", "dead_layer_table",
+           "dead_sweep", "sweep_grid", "ACTIVATION_DEFAULTS"]
