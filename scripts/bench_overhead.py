@@ -7,6 +7,8 @@ Settings (one model + Adam optimizer each, all from the same initial weights, sa
 * ``default``:  ``Recorder(model, dir)`` with its defaults (raw gradients of every layer every
   step, weights every 50 steps);
 * ``heavy``:    raw gradients and weights of every layer every step
+* ``activations``: default + ``activations="all"`` (per-unit statistics of every module output and
+  functional activation every step, raw samples of 8 inputs every 50 steps)
   (``grads_every=1, weights_every=1``);
 * ``write-ref`` (not a training setting): the "physical limit" for heavy: writing the same number
   of bytes per step as heavy with plain numpy ``tofile`` into a file in the same temp directory,
@@ -263,6 +265,8 @@ def main(argv=None):
             Setting("default", model0, 2e-3, tmp, {}, "grads every step, weights every 50"),
             Setting("heavy", model0, 2e-3, tmp, {"grads_every": 1, "weights_every": 1},
                     "grads + weights every step"),
+            Setting("activations", model0, 2e-3, tmp, {"activations": "all", "activations_every": 50},
+                    "default + activation statistics every step, raw samples every 50"),
         ]
         heavy_bytes = 2 * n_params * 4   # float32 gradients + weights of every parameter
         ref = WriteRef(heavy_bytes, tmp)
@@ -396,6 +400,10 @@ def main(argv=None):
         print(f"default overhead: {d_ratio:.3f} (target <= {TARGET:.2f}) {verdict}; "
               f"paired per-round median {res['default']['ratio_paired']:.3f}, "
               f"without the end-of-block flush {res['default']['ratio_noflush']:.3f}")
+        if "activations" in res:
+            a_ratio = res["activations"]["ms_per_step"] / base
+            print(f"activations overhead (with default grads/weights): {a_ratio:.3f} (target <= 1.10); "
+                  f"paired per-round median {res['activations'].get('ratio_paired', float('nan')):.3f}")
         print(f"total runtime: {t_total:.1f} s")
 
         if args.json:
