@@ -249,6 +249,7 @@ def demo(out: str, force: bool, epochs: int, samples: int) -> None:
     click.echo(f"report: {res['report']}")
 
 
+from .cli_prune import prune as _prune_cmd; cli.add_command(_prune_cmd)  # noqa: E402,E702
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,4 +288,5 @@ def _one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    from analyzer.cli import main as _main  # the package's module, so exception classes match
+    _main()

@@ -332,6 +332,20 @@ class Run:
         from .activations import similarity
         return similarity(self, layer, dim=dim, method=method, steps=steps)
 
+    def pruning_plan(self, criterion: str, threshold: float, layers: Any = None, steps=None,
+                     max_active_fraction: float = 0.0) -> dict:
+        """A versioned pruning plan (see :func:`analyzer.pruning.pruning_plan`)."""
+        from .pruning import pruning_plan
+        return pruning_plan(self, criterion, threshold, layers=layers, steps=steps,
+                            max_active_fraction=max_active_fraction)
+
+    def pruning_sweep(self, criterion: str, thresholds=None, layers: Any = None, steps=None,
+                      max_active_fraction: float = 0.0) -> pd.DataFrame:
+        """Sparsity versus threshold per layer and overall (see :func:`analyzer.pruning.sweep`)."""
+        from .pruning import sweep
+        return sweep(self, criterion, thresholds, layers=layers, steps=steps,
+                     max_active_fraction=max_active_fraction)
+
     # ------------------------------------------------------------------ selection
     def select(self, layers: Any = None) -> list[int]:
         """Layer ids for a specification (ids, names, globs, type names; see format.select_layers)."""

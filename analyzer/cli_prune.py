@@ -1,0 +1,194 @@
+"""`bbdecoder prune`: a pruning plan (JSON) or a sparsity-versus-threshold sweep from a recorded run.
+
+Registered on the click group by :mod:`analyzer.cli`. Imports from there lazily (inside the command)
+so that either module can be imported first. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import click
+
+from .pruning import CRITERIA, OVERALL
+
+
+def _parse_thresholds(text: str) -> list[float]:
+    from .cli import UsageProblem
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            v = float(item)
+        except ValueError:
+            raise UsageProblem(f"--thresholds: {item!r} is not a number") from None
+        if not math.isfinite(v):
+            raise UsageProblem(f"--thresholds: {item!r} is not a finite number")
+        out.append(v)
+    if not out:
+        raise UsageProblem("--thresholds: give at least one number, e.g. --thresholds 0,0.01,0.1")
+    return out
+
+
+def _steps(text: str | None):
+    """"A:B" (half-open, either side may be empty) or "a,b,c"."""
+    from .cli import UsageProblem
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            return (int(a) if a.strip() else None, int(b) if b.strip() else None)
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageProblem(f"--steps must be START:STOP or a comma-separated list of steps, not {text!r}") from None
+
+
+def _label(name: str) -> str:
+    return name if name else "(model)"
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:6.2f}%"
+
+
+def plan_table(plan: dict) -> str:
+    """A short text table: per layer units removed and sparsity, then the overall sparsity."""
+    es = plan["expected_sparsity"]
+    by = {e["layer"]: e for e in plan["layers"]}
+    rows = [("layer", "removed", "sparsity")]
+    for name, sp in es["per_layer"].items():
+        e = by.get(name)
+        if e is None and sp == 0:
+            continue
+        if e is not None and "units" in e:
+            rem = f"{len(e['units'])}/{e.get('units_total', '?')} units"
+        elif e is not None:
+            rem = f"|w| <= {e['magnitude_threshold']:.4g}"
+        elif sp > 0:
+            rem = "inputs"
+        else:
+            rem = "-"
+        rows.append((_label(name), rem, _pct(sp)))
+    rows.append((OVERALL, "", _pct(es["overall"])))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0].ljust(w[0])}  {r[1].ljust(w[1])}  {r[2].rjust(w[2])}".rstrip() for r in rows)
+
+
+def sweep_table(df) -> str:
+    """threshold x (overall + up to 6 layers) sparsity table."""
+    piv = df.pivot_table(index="threshold", columns="layer", values="sparsity", sort=False)
+    layers = [c for c in dict.fromkeys(df["layer"]) if c != OVERALL]
+    moving = [c for c in layers if piv[c].max() > 0][:6]
+    cols = [OVERALL] + moving
+    head = ["threshold"] + [_label(c) for c in cols]
+    rows = [head] + [[f"{t:.4g}"] + [_pct(piv.loc[t, c]).strip() for c in cols] for t in piv.index]
+    w = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(r[i].rjust(w[i]) for i in range(len(head))) for r in rows)
+
+
+def sweep_figure(df, path: str, criterion: str) -> str:
+    """Seaborn line plot of sparsity versus threshold, one line per layer that prunes anything, overall thick."""
+    from . import plots
+    _, sns = plots._mpl()
+    fig, ax = plots.new_figure(9, 4.6)
+    ax = ax[0, 0]
+    d = df.copy()
+    moving = [n for n, g in d[d["layer"] != OVERALL].groupby("layer", sort=False) if g["sparsity"].max() > 0]
+    per = d[d["layer"].isin(moving)].copy()
+    per["layer"] = [plots.layer_label(i, n) for i, n in zip(per["layer_id"], per["layer"])]
+    if len(per):
+        sns.lineplot(data=per, x="threshold", y="sparsity", hue="layer", marker="o", ax=ax,
+                     legend=len(moving) <= plots.MAX_LEGEND)
+    o = d[d["layer"] == OVERALL].sort_values("threshold")
+    ax.plot(o["threshold"], o["sparsity"], color="black", lw=2.5, marker="o", ms=4, label="overall", zorder=5)
+    h, lab = ax.get_legend_handles_labels()
+    if h:
+        ax.legend(h, lab, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(f"threshold ({criterion})")
+    ax.set_ylabel("sparsity (fraction of weights masked)")
+    ax.set_title(f"Pruning sweep: {criterion}")
+    return plots.save(fig, path)
+
+
+@click.command("prune")
+@click.argument("run_dir", type=click.Path())
+@click.option("--criterion", required=True, type=click.Choice(CRITERIA),
+              help="dead (never active), dormant (E|h| relative to the layer), magnitude (|w|), "
+                   "l1-channel (L1 norm of output channels).")
+@click.option("--threshold", type=float, default=None,
+              help="The criterion's threshold (required unless --sweep).")
+@click.option("--max-active-fraction", "max_active_fraction", type=float, default=0.0, show_default=True,
+              help="dead: a unit is dead if active (> 0) at most this often (threshold 0 only).")
+@click.option("--layers", "layer_spec", default=None,
+              help="Layers that may be pruned: ids, names, globs or type names, comma-separated "
+                   "(default: all but the model's final layer).")
+@click.option("--steps", "steps_spec", default=None,
+              help="Steps to use: START:STOP (half-open) or a comma-separated list (default: all).")
+@click.option("--sweep", is_flag=True, help="Sparsity versus threshold per layer: DIR/sweep.csv and DIR/sweep.png.")
+@click.option("--thresholds", default=None, help="--sweep: comma-separated thresholds (default: from the data).")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help="The plan file (JSON), or with --sweep the output directory.")
+@click.option("--force", is_flag=True, help="Replace an existing plan file.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def prune(run_dir, criterion, threshold, max_active_fraction, layer_spec, steps_spec, sweep, thresholds, out,
+          force, as_json) -> None:
+    """Write a pruning plan for RUN_DIR (--out plan.json), or a sweep (--sweep --out DIR).
+
+    Apply a plan to a torch model with recorder.apply_plan(model, "plan.json").
+    """
+    from .cli import UsageProblem, _open, check_out_dir
+    from .pruning import pruning_plan, sweep as _sweep, write_plan
+    steps = _steps(steps_spec)
+    if sweep:
+        if threshold is not None:
+            raise UsageProblem("--sweep takes --thresholds a,b,c, not --threshold")
+        ts = _parse_thresholds(thresholds) if thresholds is not None else None
+        run = _open(run_dir)
+        df = _sweep(run, criterion, ts, layers=layer_spec, steps=steps, max_active_fraction=max_active_fraction)
+        out = check_out_dir(out)
+        csv = os.path.join(out, "sweep.csv")
+        df.to_csv(csv, index=False)
+        png = sweep_figure(df, os.path.join(out, "sweep.png"), criterion)
+        if as_json:
+            click.echo(json.dumps({"csv": csv, "png": png, "notes": df.attrs.get("notes", []),
+                                   "rows": json.loads(df.to_json(orient="records"))}))
+            return
+        click.echo(sweep_table(df))
+        for n in df.attrs.get("notes", []):
+            click.echo(f"note: {n}", err=True)
+        click.echo(f"sweep: {csv}, {png}")
+        return
+    if thresholds is not None:
+        raise UsageProblem("--thresholds goes with --sweep; give one --threshold for a plan")
+    if threshold is None:
+        raise UsageProblem("--threshold is required (or --sweep)")
+    path = os.path.abspath(out)
+    if os.path.isdir(path):
+        raise UsageProblem(f"--out {path} is a directory; give the plan's file name (or use --sweep)")
+    if os.path.exists(path) and not force:
+        raise UsageProblem(f"--out {path} exists; pass --force to replace it")
+    parent = os.path.dirname(path)
+    run = _open(run_dir)
+    plan = pruning_plan(run, criterion, threshold, layers=layer_spec, steps=steps,
+                        max_active_fraction=max_active_fraction)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UsageProblem(f"cannot create the directory of --out {path}: {e.strerror}") from None
+    write_plan(plan, path, overwrite=force)
+    if as_json:
+        click.echo(json.dumps({"plan": path, "expected_sparsity": plan["expected_sparsity"],
+                               "layers": [{k: e[k] for k in ("layer", "layer_id", "sparsity")}
+                                          | ({"units": len(e["units"])} if "units" in e else {})
+                                          for e in plan["layers"]], "notes": plan["notes"]}))
+        return
+    click.echo(plan_table(plan))
+    for n in plan["notes"]:
+        click.echo(f"note: {n}", err=True)
+    click.echo(f"plan: {path}")
