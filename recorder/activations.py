@@ -3,16 +3,27 @@
 Every step, per unit and on the device, sufficient statistics are accumulated for each selected
 *site* (a module's output, or one functional activation call site such as ``features.3/relu#0``):
 count, sum, sum |h|, sum h^2, min, max, count(h > 0), non-finite count, and for bounded activations
-(sigmoid, tanh, hardtanh, softmax) a fixed-edge histogram. With these the analyzer answers dead
-units (strict / APoZ / tau-dormant) and saturation at any threshold. Raw activations of the first
-K samples are copied when the raw schedule fires.
+(sigmoid, tanh, hardtanh, relu6, softmax) a fixed-edge histogram. With these the analyzer answers
+dead units (strict / APoZ / tau-dormant) and saturation at any threshold. Raw activations of the
+first K samples are copied when the raw schedule fires.
 
-Hot path: only torch reductions on the device (no ``.item()``, no Python loops over elements).
+Hot path: only torch operations on the device (no ``.item()``, ``.cpu()`` or Python loops over
+elements; the only Python loop walks large CPU tensors in cache-sized slabs). A first stage
+reduces in the tensor's own dtype into small partials (per contiguous row), a second combines them
+in float64; the sum of squares is accumulated around each partial's mean, so that the variance
+keeps float32 precision when the mean dwarfs the spread (see ``ActivationTracker._stats``). Kinds
+whose outputs are never negative skip the |h| pass (sum |h| is sum h). The statistics' own torch
+calls bypass the activation wrapper.
+
+Naming: a functional call site is ``<enclosing module path>/<op>#<i>``, ``i`` counting the calls of
+that op within one invocation of the enclosing module (so a module called twice per forward feeds
+the same sites twice, like its module-output site); the root module's path is empty (``/relu#0``).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Any, Callable
 
 import torch
@@ -24,9 +35,14 @@ import analyzer.format as fmt
 F = nn.functional
 
 #: kind -> (lower bound, upper bound) for bounded activations (hardtanh bounds come from the call)
-BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softmax": (0.0, 1.0), "hardtanh": (-1.0, 1.0)}
+BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softmax": (0.0, 1.0), "hardtanh": (-1.0, 1.0),
+          "relu6": (0.0, 6.0)}
 HIST_BINS = 200
 RELU_FAMILY = ("relu", "leaky_relu", "elu", "gelu", "silu", "softplus")
+#: kinds whose outputs are never negative (then sum |h| = sum h, computed once)
+NONNEG_KINDS = ("relu", "relu6", "sigmoid", "softmax", "softplus")
+#: float counts (0/1 indicators summed in float32) are exact up to this many terms
+_EXACT_F32 = 1 << 24
 
 
 def _func_table() -> dict:
@@ -46,16 +62,26 @@ def _func_table() -> dict:
     add("leaky_relu", F.leaky_relu, getattr(F, "leaky_relu_", None))
     add("elu", F.elu, getattr(F, "elu_", None))
     add("softplus", F.softplus)
-    add("hardtanh", F.hardtanh, getattr(F, "hardtanh_", None), F.relu6)
-    add("softmax", F.softmax, torch.softmax, T.softmax)
+    add("hardtanh", F.hardtanh, getattr(F, "hardtanh_", None))
+    add("relu6", F.relu6)
+    add("softmax", F.softmax, torch.softmax, T.softmax, getattr(torch.special, "softmax", None))
     return t
 
 
 FUNCS = _func_table()
 MODULE_KINDS = [(nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.GELU, "gelu"),
                 (nn.SiLU, "silu"), (nn.LeakyReLU, "leaky_relu"), (nn.ELU, "elu"), (nn.Softplus, "softplus"),
-                (nn.Hardtanh, "hardtanh"), (nn.Softmax, "softmax")]
+                (nn.ReLU6, "relu6"), (nn.Hardtanh, "hardtanh"), (nn.Softmax, "softmax")]
+#: exact module types whose output is never negative (a subclass may override forward)
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Softplus)
 LINEAR_STYLE = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)
+#: modules whose (N, C, ...) outputs have their units (channels) on axis 1, also for 3-D outputs
+CONV_STYLE = tuple(c for c in (
+    getattr(nn.modules.conv, "_ConvNd", None), getattr(nn.modules.batchnorm, "_BatchNorm", None),
+    getattr(nn.modules.instancenorm, "_InstanceNorm", None), nn.GroupNorm,
+    getattr(nn.modules.pooling, "_MaxPoolNd", None), getattr(nn.modules.pooling, "_AvgPoolNd", None),
+    getattr(nn.modules.pooling, "_AdaptiveAvgPoolNd", None), getattr(nn.modules.pooling, "_AdaptiveMaxPoolNd", None),
+    getattr(nn.modules.pooling, "_LPPoolNd", None), nn.Dropout1d, nn.Dropout2d, nn.Dropout3d) if c is not None)
 
 
 def module_kind(m: nn.Module) -> str | None:
@@ -68,22 +94,54 @@ def module_kind(m: nn.Module) -> str | None:
 def _call_bounds(func, kind, args, kwargs) -> tuple[float, float] | None:
     if kind != "hardtanh":
         return BOUNDS.get(kind)
-    if func is F.relu6:
-        return (0.0, 6.0)
     lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
     hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
-    return (float(lo), float(hi))
+    return _valid_bounds(lo, hi)
+
+
+def _valid_bounds(lo, hi) -> tuple[float, float] | None:
+    try:
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        return None
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) and lo < hi else None
+
+
+def _softmax_dim(dim, ndim: int) -> int:
+    """The axis a softmax normalises over (``dim=None``: torch's legacy rule)."""
+    if dim is None:
+        return 0 if ndim in (0, 1, 3) else 1
+    return int(dim) % max(ndim, 1)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. activation checkpointing recomputing a forward)."""
+    f = getattr(torch._C, "_current_graph_task_id", None)
+    return f is not None and f() != -1
+
+
+def _bin_counts(idx: torch.Tensor, n: int, bincount: bool | None = None) -> torch.Tensor:
+    """float64 counts of the values ``0 <= idx < n`` (1-D int64). ``torch.bincount`` on the CPU;
+    elsewhere an ``index_add_`` (CUDA's bincount reads the largest index back to the host: a
+    synchronisation)."""
+    if bincount if bincount is not None else idx.device.type == "cpu":
+        return torch.bincount(idx, minlength=n).double()
+    ones = torch.ones((), dtype=torch.float64, device=idx.device).expand(idx.numel())
+    return torch.zeros(n, dtype=torch.float64, device=idx.device).index_add_(0, idx, ones)
 
 
 class _Site:
-    """Per-step accumulators of one site, kept on the device."""
+    """Per-step accumulators of one site, kept on the device (the count is a host int: it follows
+    from the shapes alone)."""
 
-    __slots__ = ("meta", "acc", "samples")
+    __slots__ = ("meta", "acc", "samples", "count", "nonneg")
 
-    def __init__(self, meta: dict):
+    def __init__(self, meta: dict, nonneg: bool = False):
         self.meta = meta
         self.acc: dict[str, torch.Tensor] | None = None
         self.samples: list[torch.Tensor] = []
+        self.count = 0
+        self.nonneg = nonneg
 
 
 class _Wrapper(TorchFunctionMode):
@@ -110,12 +168,17 @@ class ActivationTracker:
 
     Args:
         model: the root module.
-        spec: "all", or items (ids/dotted names/globs/type names of modules, module classes, or
-            functional call-site patterns like ``"features.*/relu#*"`` or op kinds ``"fn:relu"``).
+        spec: "all" (or True), or items (ids/dotted names/globs/type names of modules, module
+            classes or modules, functional call-site patterns like ``"features.*/relu#*"``, op kinds
+            ``"fn:relu"`` (``"fn:*"`` or ``"fn"``: every functional call site), and "all").
         samples: raw samples (first K of the batch) per site when the raw schedule fires.
         unit_axis: overrides ``{site name or glob: axis}``; default 1 for (N, C, ...) outputs of
-            4-D/5-D tensors and conv-style modules, the last axis otherwise.
+            4-D/5-D tensors and of conv-style modules (convolutions, norms, pooling), the last axis
+            otherwise (linear-style outputs (N, ..., D), and 3-D outputs of other sites).
         on_new_site: callback(meta) when a site is seen the first time.
+
+    Only training-mode forwards are recorded (``model.training``), and not forwards recomputed
+    inside a backward pass (activation checkpointing).
     """
 
     def __init__(self, model: nn.Module, spec: Any, samples: int = 0, unit_axis: dict | None = None,
@@ -128,10 +191,13 @@ class ActivationTracker:
         self.sites: dict[str, _Site] = {}
         self._keys: set[str] = set()
         self._names = {m: n for n, m in model.named_modules()}
-        self._stack: list[nn.Module] = []
-        self._counters: dict[tuple, int] = {}
+        #: (module, {kind: calls so far in this invocation}) for every module whose forward is running
+        self._stack: list[tuple[nn.Module, dict]] = []
         self._want_raw = False
         self._handles: list = []
+        self._scratch: dict = {}
+        #: CPU: bytes of one slab of rows walked by the statistics (about the L2 cache)
+        self.chunk_bytes = 2 << 20
         #: execution order of the first training forward: ("layer", layer id, in, out) and ("site", key)
         self.forward_order: list = []
         self._order_done = False
@@ -146,7 +212,7 @@ class ActivationTracker:
         fn_all, fn_patterns = False, []
         named = dict(self.model.named_modules())
         leaves = [m for n, m in named.items() if not list(m.children())]
-        if spec == "all":
+        if spec is True or (isinstance(spec, str) and spec.strip() == "all"):
             return set(leaves), True, []
         items = spec if isinstance(spec, (list, tuple, set)) else [spec]
         flat = []
@@ -154,11 +220,14 @@ class ActivationTracker:
             flat.extend(s.strip() for s in it.split(",") if s.strip()) if isinstance(it, str) else flat.append(it)
         for it in flat:
             hit = False
-            if isinstance(it, str) and (it.startswith("fn:") or "/" in it):
+            if it is True or it == "all":
+                mods.update(leaves)
+                fn_all = hit = True
+            elif isinstance(it, str) and it in ("functional", "fn", "fn:*"):
+                fn_all = hit = True
+            elif isinstance(it, str) and (it.startswith("fn:") or "/" in it):
                 fn_patterns.append(it)
                 hit = True
-            elif isinstance(it, str) and it in ("functional", "fn"):
-                fn_all = hit = True
             elif isinstance(it, type) and issubclass(it, nn.Module):
                 sel = [m for m in named.values() if isinstance(m, it)]
                 mods.update(sel)
@@ -221,6 +290,7 @@ class ActivationTracker:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._scratch.clear()
         if self._mode is not None:
             try:
                 self._mode.__exit__(None, None, None)
@@ -229,11 +299,10 @@ class ActivationTracker:
             self._mode = None
 
     def _active(self) -> bool:
-        return self.model.training
+        return self.model.training and not _in_backward()
 
     def _root_pre(self, module, args):
-        self._counters.clear()
-        self._stack = [module]
+        self._stack = [(module, {})]
         if self._need_fn and self._active() and self._mode is None:
             self._mode = _Wrapper(self)
             self._mode.__enter__()
@@ -256,10 +325,10 @@ class ActivationTracker:
                                    "out_shape": list(t_out.shape[1:]) if t_out is not None else None})
 
     def _push(self, module, args):
-        self._stack.append(module)
+        self._stack.append((module, {}))
 
     def _pop(self, module, args, out):
-        if self._stack and self._stack[-1] is module:
+        if self._stack and self._stack[-1][0] is module:
             self._stack.pop()
 
     def _module_out(self, module, args, out):
@@ -272,71 +341,79 @@ class ActivationTracker:
             name = self._names.get(module, "")
             kind = module_kind(module) or "output"
             bounds = None
-            if kind == "hardtanh":
-                bounds = (float(module.min_val), float(module.max_val))
+            if kind == "hardtanh" or kind == "relu6":
+                bounds = _valid_bounds(module.min_val, module.max_val)
             elif kind in BOUNDS:
                 bounds = BOUNDS[kind]
             dim = getattr(module, "dim", None) if kind == "softmax" else None
-            self._observe(name, t, kind, "module", name, bounds, dim,
-                          linear=isinstance(module, LINEAR_STYLE))
+            nonneg = ((type(module) in _NONNEG_MODULES and (kind != "softplus" or module.beta > 0))
+                      or (kind == "hardtanh" and bounds is not None and bounds[0] >= 0))
+            self._observe(name, t, kind, "module", name, bounds, dim, nonneg=nonneg,
+                          style="linear" if isinstance(module, LINEAR_STYLE) else
+                          "conv" if isinstance(module, CONV_STYLE) else None)
         except Exception as e:
             self.error = self.error or e
 
     def _functional(self, func, kind, out, args, kwargs):
         if not self._active():
             return
-        inner = self._stack[-1] if self._stack else self.model
-        if module_kind(inner) is not None and inner is not self.model:
+        inner, calls = self._stack[-1] if self._stack else (self.model, {})
+        if inner is not self.model and module_kind(inner) is not None:
             return  # nn.ReLU & co.: the module's own site covers it
         path = self._names.get(inner, "")
-        idx = self._counters.get((path, kind), 0)
-        self._counters[(path, kind)] = idx + 1
+        idx = calls.get(kind, 0)
+        calls[kind] = idx + 1
         name = f"{path}/{kind}#{idx}"
         if not self._fn_selected(name, kind):
             return
         dim = None
         if kind == "softmax":
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        self._observe(name, out, kind, "function", path, _call_bounds(func, kind, args, kwargs), dim)
+        bounds = _call_bounds(func, kind, args, kwargs)
+        nonneg = kind in NONNEG_KINDS or (kind == "hardtanh" and bounds is not None and bounds[0] >= 0)
+        if kind == "softplus":   # 1/beta * log(1 + exp(beta * x)) is negative for beta < 0
+            beta = kwargs.get("beta", args[1] if len(args) > 1 else 1.0)
+            nonneg = isinstance(beta, (int, float)) and beta > 0
+        self._observe(name, out, kind, "function", path, bounds, dim, nonneg=nonneg)
 
     # ------------------------------------------------------------------ statistics
-    def _axis(self, name: str, t: torch.Tensor, linear: bool) -> int:
+    def _axis(self, name: str, t: torch.Tensor, style: str | None) -> int:
         for pat, ax in self.unit_axis.items():
             if pat == name or fnmatch.fnmatchcase(name, pat):
                 return ax % t.dim()
-        if t.dim() <= 2 or linear:
+        if style == "conv" and t.dim() >= 3:
+            return 1
+        if t.dim() <= 2 or style == "linear":
             return t.dim() - 1
         return 1 if t.dim() >= 4 else t.dim() - 1
 
-    def _observe(self, name, t, kind, source, module, bounds, dim, linear=False):
+    def _observe(self, name, t, kind, source, module, bounds, dim, nonneg=False, style=None):
         if not t.is_floating_point() or t.dim() == 0:
             return
+        # the statistics' own torch calls must not pass through the activation wrapper (or any
+        # other torch-function mode or subclass): that would cost a Python call per operation
+        with torch._C.DisableTorchFunction():
+            self._observe_now(name, t, kind, source, module, bounds, dim, nonneg, style)
+
+    def _observe_now(self, name, t, kind, source, module, bounds, dim, nonneg, style):
         x = t.detach()
-        axis = self._axis(name, x, linear)
+        axis = self._axis(name, x, style)
         U = x.shape[axis]
         site = self.sites.get(name)
         if site is None:
-            site = self._new_site(name, x, kind, source, module, bounds, axis, dim)
+            if kind == "softmax":
+                dim = _softmax_dim(dim, x.dim())
+            site = self._new_site(name, x, kind, source, module, bounds, axis, dim, nonneg)
         meta = site.meta
         if not self._order_done:
             self.forward_order.append({"event": "site", "key": meta["key"]})
         if meta["units"] != U or meta["unit_axis"] != axis:
             meta["mismatched_calls"] = meta.get("mismatched_calls", 0) + 1
             return
-        dims = tuple(d for d in range(x.dim()) if d != axis)
-        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        st = {
-            "count": torch.full((), xf.numel() // max(U, 1), dtype=torch.float64, device=x.device),
-            "sum": xf.sum(dims, dtype=torch.float64),
-            "sum_abs": torch.linalg.vector_norm(xf, 1, dim=dims, dtype=torch.float64),
-            "sumsq": torch.linalg.vector_norm(xf, 2, dim=dims, dtype=torch.float64).square(),
-            "min": xf.amin(dims).double(),
-            "max": xf.amax(dims).double(),
-            "n_pos": torch.count_nonzero(xf > 0, dims).double(),
-            "nonfinite": (~torch.isfinite(xf)).sum().double(),
-        }
-        if meta.get("hist_edges") is not None:
-            st["hist"] = self._hist(xf, axis, U, meta)
+        if x.numel() == 0:
+            return
+        st = self._stats(x, axis, U, site)
+        site.count += x.numel() // U
         acc = site.acc
         if acc is None:
             site.acc = st
@@ -349,23 +426,155 @@ class ActivationTracker:
                 else:
                     acc[k] = acc[k] + v
         if self._want_raw and self.samples > 0 and not site.samples:
-            site.samples.append(x[: self.samples].detach().clone())
+            if list(x.shape[1:]) == meta["sample_shape"]:
+                site.samples.append(x[: self.samples].clone())
+            else:  # the stored rows have one shape per site
+                meta["samples_skipped"] = meta.get("samples_skipped", 0) + 1
 
-    def _hist(self, xf, axis, U, meta):
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """A scratch tensor shaped like ``like`` (contiguous). On the CPU one buffer per dtype is kept
+        and reused (fresh large allocations cost page faults); elsewhere the allocator caches."""
+        if like.device.type != "cpu":
+            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        key = like.dtype
+        n = like.numel()
+        b = self._scratch.get(key)
+        if b is None or b.numel() < n:
+            b = self._scratch[key] = torch.empty(n, dtype=like.dtype)
+        return b[:n].view(like.shape)
+
+    def _stats(self, x: torch.Tensor, axis: int, U: int, site: _Site) -> dict[str, torch.Tensor]:
+        """Per-unit sums of one call: float64 tensors (U,) (nonfinite: a scalar, hist: see _hist).
+
+        The tensor is seen as (A, U, Q) (units in the middle). A first stage reduces, in the
+        tensor's own dtype, along Q (long contiguous rows) or along A (short rows: vectorised
+        across U*Q) into small partials, and a second stage combines the partials in float64.
+        Sum and sum of squares come from the partials' means and centred second moments
+        (values minus their partial's mean; Chan et al. to combine), so that the variance derived
+        later (sumsq / n - mean**2, in float64) keeps float32 precision even where the mean is
+        far larger than the spread (a saturated tanh unit). Sums of 0/1 indicators are exact
+        (float64 partials from 2**24 terms on). Cost: four plain reductions (sum, min, max, and the
+        centred square sum as 2-norms of short pieces on the CPU) and four (three for kinds that
+        are never negative) elementwise passes into a scratch buffer, each followed by a sum.
+        On the CPU a large tensor is walked in slabs of rows so that the slab and the scratch
+        stay in the cache across the passes.
+        """
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()  # half / bfloat16: reduce in float32 (squares overflow float16)
+        shape = x.shape
+        A, Q = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+        if Q == 1 or x.is_contiguous():
+            v = x.reshape(A, U, Q)
+        else:
+            xm = x.movedim(axis, -1)
+            if xm.is_contiguous():   # channels_last: units innermost
+                v = xm.reshape(-1, U, 1)
+            else:
+                v = x.reshape(A, U, Q)   # a copy
+        A, Q = v.shape[0], v.shape[2]
+        inner = Q >= 32                          # first stage along Q, else along A
+        d = 2 if inner else 0
+        cpu = v.device.type == "cpu"
+        rows = A if not cpu else max(1, min(A, self.chunk_bytes // max(1, U * Q * v.element_size())))
+        nch = -(-A // rows)
+        pshape = (A, U) if inner else (nch, U, Q)
+        exact = (Q if inner else rows) < _EXACT_F32   # sums of 0/1 terms stay exact in float32
+        nonneg = site.nonneg
+        k = 0   # centred square sums: 2-norms of contiguous pieces of k <= 256 values (fast)
+        if inner and cpu:
+            k = Q if Q <= 256 else next((c for c in (256, 192, 160, 128, 112, 100, 96, 64, 49, 32) if Q % c == 0), 0)
+        names = ["sum", "csum", "n_pos", "fin"] + ([] if nonneg else ["sum_abs"]) + ([] if k else ["csq"])
+        part = torch.empty((len(names),) + pshape, dtype=v.dtype, device=v.device)
+        cnt = None if exact else torch.empty((2,) + pshape, dtype=torch.float64, device=v.device)
+        ext = torch.empty((2,) + pshape, dtype=v.dtype, device=v.device)
+        nrm = torch.empty((A, U, Q // k), dtype=v.dtype, device=v.device) if k else None
+        scratch = self._buffer(v[:rows])
+        fmax = torch.finfo(v.dtype).max
+        for c in range(nch):
+            i, j = c * rows, min(A, (c + 1) * rows)
+            w, b = v[i:j], scratch[: j - i]
+            sel = (slice(None), slice(i, j)) if inner else (slice(None), c)
+            o = dict(zip(names, part[sel].unbind(0)))
+            if cnt is not None:
+                o["n_pos"], o["fin"] = cnt[sel].unbind(0)
+            lo, hi = ext[sel].unbind(0)
+            torch.sum(w, d, out=o["sum"])
+            torch.amin(w, d, out=lo)
+            torch.amax(w, d, out=hi)
+            # centred: each value minus the mean of its partial (as rounded in the tensor's dtype)
+            torch.sub(w, o["sum"].div(Q if inner else j - i).unsqueeze(d), out=b)
+            torch.sum(b, d, out=o["csum"])
+            if k:
+                torch.linalg.vector_norm(b.view(j - i, U, -1, k), 2, dim=-1, out=nrm[i:j])
+            else:
+                torch.sum(b.mul_(b), d, out=o["csq"])
+            self._count(torch.gt(w, 0, out=b), d, o["n_pos"])
+            if nonneg:   # values >= 0, +inf or NaN: sum |h| = sum h; finite <=> h <= max
+                torch.le(w, fmax, out=b)
+            else:        # |h| <= max is false exactly for NaN and +-inf
+                torch.sum(torch.abs(w, out=b), d, out=o["sum_abs"])
+                b.le_(fmax)
+            self._count(b, d, o["fin"])
+        f64 = torch.float64
+        axes = (0,) if inner else (0, 2)
+        n = float(A * Q)
+        if inner:
+            ng = float(Q)
+        else:
+            ng = torch.full((nch, 1, 1), float(rows), dtype=f64, device=v.device)
+            ng[-1] = float(A - (nch - 1) * rows)
+        P = {nm: part[i].double() for i, nm in enumerate(names)}
+        # per partial g: shift m_g (its rounded mean), centred sum e_g and square sum q_g
+        m_g = part[0].div(Q if inner else ng.to(v.dtype)).double()
+        e_g = P["csum"]
+        q_g = nrm.double().square_().sum(2) if k else P["csq"]
+        mean_g = m_g + e_g / ng
+        M2_g = q_g - e_g * e_g / ng
+        total = (mean_g * ng).sum(axes)
+        mean = total / n
+        M2 = M2_g.sum(axes) + (ng * (mean_g - mean.view((1, U) if inner else (1, U, 1))).square()).sum(axes)
+        st = {"sum": total, "sumsq": M2 + total * mean,
+              "min": ext[0].amin(axes).double(), "max": ext[1].amax(axes).double()}
+        if cnt is not None:
+            st["n_pos"], fin = cnt.sum(tuple(a + 1 for a in axes)).unbind(0)
+        else:
+            st["n_pos"], fin = P["n_pos"].sum(axes), P["fin"].sum(axes)
+        st["sum_abs"] = total if nonneg else P["sum_abs"].sum(axes)
+        st["nonfinite"] = n * U - fin.sum()
+        meta = site.meta
+        if meta.get("hist_edges") is not None:
+            st["hist"] = self._hist(x, v, U, meta, self._buffer(v))
+        return st
+
+    @staticmethod
+    def _count(b, d, out):
+        """Sum of a 0/1 indicator along ``d`` into ``out`` (float64 when 2**24 terms or more: exact)."""
+        if out.dtype == b.dtype:
+            torch.sum(b, d, out=out)
+        else:
+            out.copy_(b.sum(d, dtype=out.dtype))
+
+    def _hist(self, x, v, U, meta, b):
+        """Fixed-edge histogram over the kind's range: per unit (U, B), or for softmax of each row's
+        largest probability (B,). ``v``: the (A, U, Q) view of ``x``, ``b`` a scratch buffer like it.
+        NaN values are counted in no bin."""
         lo, hi = meta["bounds"]
         B = HIST_BINS
         if meta["kind"] == "softmax":
-            d = meta.get("softmax_dim")
-            d = xf.dim() - 1 if d is None else d % xf.dim()
-            v = xf.amax(d).reshape(-1)   # max probability per row
-            idx = ((v - lo) * (B / (hi - lo))).floor().clamp_(0, B - 1).long()
-            return torch.bincount(idx, minlength=B).double()
-        xt = xf.movedim(axis, 0).reshape(U, -1)
-        idx = ((xt - lo) * (B / (hi - lo))).floor().clamp_(0, B - 1).long()
-        idx += torch.arange(U, device=xf.device).unsqueeze(1) * B
-        return torch.bincount(idx.reshape(-1), minlength=U * B).reshape(U, B).double()
+            v = x.amax(meta["softmax_dim"] % x.dim()).reshape(-1)
+            b = torch.empty_like(v)
+        torch.sub(v, lo, out=b).mul_(B / (hi - lo)).floor_().clamp_(0, B - 1).nan_to_num_(nan=float(B))
+        if meta["kind"] == "softmax":
+            return _bin_counts(b.to(torch.int64), B + 1)[:B]
+        if U * (B + 1) < _EXACT_F32:
+            off = torch.arange(U, device=b.device, dtype=b.dtype).mul_(B + 1)
+            idx = b.add_(off.view(1, U, 1)).to(torch.int64)
+        else:
+            off = torch.arange(U, device=b.device, dtype=torch.int64).mul_(B + 1)
+            idx = b.to(torch.int64).add_(off.view(1, U, 1))
+        return _bin_counts(idx.reshape(-1), U * (B + 1)).view(U, B + 1)[:, :B]
 
-    def _new_site(self, name, x, kind, source, module, bounds, axis, dim):
+    def _new_site(self, name, x, kind, source, module, bounds, axis, dim, nonneg=False):
         key = fmt.sanitize(name.replace("/", "__").replace("#", "-"))
         base, n = key, 1
         while key in self._keys:
@@ -385,7 +594,7 @@ class ActivationTracker:
             meta["hist_edges"] = [lo + (hi - lo) * i / HIST_BINS for i in range(HIST_BINS + 1)]
             stats["hist"] = [HIST_BINS] if kind == "softmax" else [U, HIST_BINS]
         meta["stats"] = stats
-        site = _Site(meta)
+        site = _Site(meta, nonneg)
         self.sites[name] = site
         if self.on_new_site is not None:
             self.on_new_site(meta)
@@ -401,6 +610,8 @@ class ActivationTracker:
         out = []
         for s in self.sites.values():
             if s.acc is not None:
-                out.append((s.meta["key"], s.acc, s.samples))
-            s.acc, s.samples = None, []
+                acc = s.acc
+                acc["count"] = torch.full((), float(s.count), dtype=torch.float64, device=acc["sum"].device)
+                out.append((s.meta["key"], acc, s.samples))
+            s.acc, s.samples, s.count = None, [], 0
         return out
