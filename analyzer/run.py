@@ -432,16 +432,7 @@ class Run:
                 acc.update(flat[epochs == e])
         for k in list(noise):
             noise_out[k] = noise.pop(k).compute_mean_variance()
-        cols = GRAD_STEP_COLUMNS + (["rank"] if multi_rank else [])
-        if parts:
-            df = pd.DataFrame({c: np.concatenate([np.broadcast_to(np.asarray(p[c]), len(p["step"]))
-                                                  for p in parts]) for c in cols})
-        else:
-            df = pd.DataFrame({c: [] for c in cols})
-        df = _typed(df, {"step": "int64", "epoch": "int64", "layer_id": "int64", "numel": "int64",
-                         "count": "int64", "nonfinite": "int64"})
-        order = (["rank"] if multi_rank else []) + ["step", "layer_id", "param"]
-        df = df.sort_values(order, kind="stable").reset_index(drop=True)
+        df = _frame(parts, GRAD_STEP_COLUMNS, multi_rank)
         ep = self._epoch_table(df, noise_out, multi_rank)
         self._cache[ck] = (df, ep)
         return df, ep
@@ -531,16 +522,7 @@ class Run:
                           "abs_mean": st["abs_mean"], "max_abs": st["max_abs"], "min": st["min"],
                           "max": st["max"], "l2": st["l2"], "update_ratio": ratios,
                           "nonfinite": st["nonfinite"], "rank": shard.rank})
-        cols = WEIGHT_COLUMNS + (["rank"] if multi_rank else [])
-        if parts:
-            df = pd.DataFrame({c: np.concatenate([np.broadcast_to(np.asarray(p[c]), len(p["step"]))
-                                                  for p in parts]) for c in cols})
-        else:
-            df = pd.DataFrame({c: [] for c in cols})
-        df = _typed(df, {"step": "int64", "epoch": "int64", "layer_id": "int64", "numel": "int64",
-                         "nonfinite": "int64", "rank": "int64"})
-        order = (["rank"] if multi_rank else []) + ["step", "layer_id", "param"]
-        df = df.sort_values(order, kind="stable").reset_index(drop=True)
+        df = _frame(parts, WEIGHT_COLUMNS, multi_rank)
         self._cache[ck] = df
         return df.copy()
 
@@ -611,6 +593,21 @@ def pool_params(df: pd.DataFrame) -> pd.DataFrame:
     out["l2"] = np.sqrt(out["_l2sq"])
     cols = keys + ["numel", "count", "nonfinite", "mean", "abs_mean", "max_abs", "var", "l1", "l2"]
     return out[cols]
+
+
+def _frame(parts: list[dict], columns: list[str], multi_rank: bool) -> pd.DataFrame:
+    """One DataFrame from per-block column dicts (scalars broadcast), typed and sorted by
+    (rank,) step, layer_id, param."""
+    cols = columns + (["rank"] if multi_rank else [])
+    if parts:
+        df = pd.DataFrame({c: np.concatenate([np.broadcast_to(np.asarray(p[c]), len(p["step"]))
+                                              for p in parts]) for c in cols})
+    else:
+        df = pd.DataFrame({c: [] for c in cols})
+    df = _typed(df, {"step": "int64", "epoch": "int64", "layer_id": "int64", "numel": "int64",
+                     "count": "int64", "nonfinite": "int64", "rank": "int64"})
+    order = (["rank"] if multi_rank else []) + ["step", "layer_id", "param"]
+    return df.sort_values(order, kind="stable").reset_index(drop=True)
 
 
 def _typed(df: pd.DataFrame, types: dict) -> pd.DataFrame:

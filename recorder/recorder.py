@@ -203,6 +203,18 @@ class Recorder:
                 model, activations, samples=activation_samples, unit_axis=activation_unit_axis,
                 on_new_site=self._site_added, layer_ids={L["id"]: self._modules[L["id"]] for L in table})
 
+        try:
+            self._setup_run(model, table, overwrite, on_error, on_full, queue_items, queue_bytes,
+                            flush_steps, flush_secs, max_shard_bytes, grad_dtype, weight_dtype,
+                            record_rank, layers, activations, activation_samples)
+        except BaseException:
+            if self._tracker is not None:  # a failed constructor leaves the model without our hooks
+                self._tracker.remove()
+            raise
+
+    def _setup_run(self, model, table, overwrite, on_error, on_full, queue_items, queue_bytes,
+                   flush_steps, flush_secs, max_shard_bytes, grad_dtype, weight_dtype, record_rank,
+                   layers, activations, activation_samples) -> None:
         # ---- run directory
         self._prepare_dir(overwrite)
         self.config = {

@@ -288,3 +288,13 @@ def test_idle_recorder_publishes_steps_within_flush_secs(tmp_path):
             n = 0
     assert n == 3
     rec.close()
+
+
+def test_failed_constructor_leaves_no_hooks_on_the_model(tmp_path):
+    m = Tiny()
+    record_tiny(str(tmp_path / "r"), epochs=1, steps_per_epoch=1)
+    hooks = lambda: sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())
+    before = hooks()
+    with pytest.raises(FileExistsError):
+        Recorder(m, tmp_path / "r", activations="all")
+    assert hooks() == before == 0
