@@ -349,3 +349,123 @@ def iter_rank_dirs(run_dir: str | os.PathLike) -> Iterable[tuple[int, str]]:
         if r is not None and os.path.isdir(os.path.join(run_dir, n)):
             out.append((r, os.path.join(run_dir, n)))
     return sorted(out)
+
+
+# --------------------------------------------------------------------------- attention captures
+# One HDF5 file per capture pass (an evaluation pass over a loader, not a training step):
+#   RUN/captures/capture-NNNNNN.h5      (written as .part, then renamed; immutable once renamed)
+# Root attributes: format, format_version, kind="attention-capture", step, epoch, target_layer,
+#   targets (JSON list of {name, key, kind, index}), image_size [H, W], n_images, rank,
+#   mask_names (JSON {key: name}), group_names (JSON list).
+# Datasets: activations (N,K,h,w); grads/<target key> (N,K,h,w); logits (N,C); labels (N,...);
+#   index (N,) int64; optional groups (N,G) int64; optional masks/<mask key> (N,Hm,Wm).
+CAPTURES_DIR = "captures"
+CAPTURE_KIND = "attention-capture"
+CAPTURE_TARGET_KINDS = ("class", "predicted", "multilabel", "callable")
+CAPTURE_DTYPES = ("float32", "float16")
+_CAPTURE_RE = re.compile(r"^capture-(\d{6})\.h5$")
+#: Largest number of elements of one image's activation map accepted on read (sanity bound).
+CAPTURE_MAX_ELEMENTS = 1 << 28
+
+
+def capture_filename(index: int, live: bool = False) -> str:
+    """File name of capture pass ``index`` (``capture-000000.h5``); ``live`` adds ``.part``."""
+    name = f"capture-{int(index):06d}{SHARD_SUFFIX}"
+    return name + LIVE_SUFFIX if live else name
+
+
+def parse_capture_filename(name: str) -> int | None:
+    """Index of a finished capture file name, or None if ``name`` is not one."""
+    m = _CAPTURE_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def list_captures(run_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """``(index, path)`` of every finished capture of a run, in index order (``.part`` files are ignored)."""
+    d = os.path.join(os.fspath(run_dir), CAPTURES_DIR)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return []
+    out = [(parse_capture_filename(n), os.path.join(d, n)) for n in names]
+    return sorted((i, p) for i, p in out if i is not None)
+
+
+def validate_capture(attrs: dict, shapes: dict, where: str) -> dict:
+    """Check a capture file's root attributes and dataset shapes; returns the parsed description.
+
+    Args:
+        attrs: root attributes (bytes already decoded to str).
+        shapes: dataset path -> shape tuple, e.g. ``{"activations": (N, K, h, w), "grads/bird": ...}``.
+        where: file name for messages.
+
+    Returns:
+        dict with n, K, h, w, image_size (H, W), targets (list of dicts), mask_keys, mask_names,
+        group_names, step, epoch, target_layer.
+
+    Raises:
+        TraceError: one line naming the first problem.
+    """
+    if attrs.get("format") != FORMAT_NAME or attrs.get("kind") != CAPTURE_KIND:
+        raise TraceError(f"{where} is not a bbdecoder attention capture")
+    check_version(attrs.get("format_version"), where)
+
+    def _json(name, default):
+        v = attrs.get(name)
+        if v is None:
+            return default
+        try:
+            return json.loads(v)
+        except (TypeError, ValueError):
+            raise TraceError(f"{where}: attribute {name!r} is not valid JSON") from None
+
+    targets = _json("targets", None)
+    if not isinstance(targets, list) or not targets:
+        raise TraceError(f"{where}: 'targets' must be a non-empty JSON list")
+    for t in targets:
+        if not (isinstance(t, dict) and isinstance(t.get("name"), str) and is_safe_key(t.get("key"))
+                and t.get("kind") in CAPTURE_TARGET_KINDS):
+            raise TraceError(f"{where}: malformed target entry {t!r:.80}")
+    act = shapes.get("activations")
+    if act is None or len(act) != 4:
+        raise TraceError(f"{where}: 'activations' must be a 4-d dataset (N, K, h, w)")
+    n, K, h, w = (int(x) for x in act)
+    if min(K, h, w) < 1 or K * h * w > CAPTURE_MAX_ELEMENTS:
+        raise TraceError(f"{where}: activations of shape {tuple(act)} are not sane")
+    for t in targets:
+        g = shapes.get(f"grads/{t['key']}")
+        if g is None or tuple(g) != tuple(act):
+            raise TraceError(f"{where}: gradient of target {t['name']!r} has shape {g} but activations {tuple(act)}")
+    for name in ("logits", "labels", "index"):
+        s = shapes.get(name)
+        if s is None or len(s) < 1 or int(s[0]) != n:
+            raise TraceError(f"{where}: {name!r} is missing or does not have {n} rows")
+    if len(shapes["logits"]) != 2:
+        raise TraceError(f"{where}: 'logits' must be (N, C)")
+    group_names = _json("group_names", [])
+    if "groups" in shapes:
+        s = shapes["groups"]
+        if len(s) != 2 or int(s[0]) != n or not isinstance(group_names, list) or len(group_names) != int(s[1]):
+            raise TraceError(f"{where}: 'groups' must be (N, G) with G group names")
+    else:
+        group_names = []
+    mask_names = _json("mask_names", {})
+    if not isinstance(mask_names, dict):
+        raise TraceError(f"{where}: 'mask_names' must be a JSON object")
+    mask_keys = sorted(k[len("masks/"):] for k in shapes if k.startswith("masks/"))
+    for k in mask_keys:
+        s = shapes[f"masks/{k}"]
+        if not is_safe_key(k) or len(s) != 3 or int(s[0]) != n or min(s[1:]) < 1 \
+                or int(s[1]) * int(s[2]) > CAPTURE_MAX_ELEMENTS:
+            raise TraceError(f"{where}: mask {k!r} must be (N, H, W), not {tuple(s)}")
+    size = _json("image_size", None) if isinstance(attrs.get("image_size"), str) else attrs.get("image_size")
+    try:
+        H, W = (int(x) for x in size)
+    except (TypeError, ValueError):
+        raise TraceError(f"{where}: 'image_size' must be [H, W]") from None
+    if not (1 <= H < 1 << 16 and 1 <= W < 1 << 16):
+        raise TraceError(f"{where}: image_size {size} is not sane")
+    return {"n": n, "K": K, "h": h, "w": w, "image_size": (H, W), "targets": targets,
+            "mask_keys": mask_keys, "mask_names": {k: str(mask_names.get(k, k)) for k in mask_keys},
+            "group_names": [str(g) for g in group_names], "step": int(attrs.get("step", -1)),
+            "epoch": int(attrs.get("epoch", -1)), "target_layer": str(attrs.get("target_layer", ""))}

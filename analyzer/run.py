@@ -346,6 +346,54 @@ class Run:
         return sweep(self, criterion, thresholds, layers=layers, steps=steps,
                      max_active_fraction=max_active_fraction)
 
+    # ------------------------------------------------------------------ attention captures (see analyzer.attention_iou)
+    def _captures(self) -> list:
+        from .captures import open_captures
+        if "captures" not in self._cache:
+            self._cache["captures"] = open_captures(self.path)
+        return self._cache["captures"]
+
+    @property
+    def captures(self) -> pd.DataFrame:
+        """Attention captures: position, index, step, epoch, n_images, target_layer, targets, masks, groups."""
+        caps = self._captures()
+        return pd.DataFrame({"position": range(len(caps)), "index": [c.index for c in caps],
+                             "step": [c.step for c in caps], "epoch": [c.epoch for c in caps],
+                             "n_images": [c.n for c in caps], "target_layer": [c.target_layer for c in caps],
+                             "targets": [",".join(t["name"] for t in c.targets) for c in caps],
+                             "masks": [",".join(c.mask_names.values()) for c in caps],
+                             "groups": [",".join(c.group_names) for c in caps]})
+
+    def attention_maps(self, target: str, method: str = "gradcam", size: Any = None, capture: int = -1) -> np.ndarray:
+        """Attention maps of ``target`` from a capture, computed offline (no model, no torch).
+
+        Args:
+            target: a captured target name. method: gradcam, gradcam++, xgradcam, hirescam, layercam,
+                elementwise, eigencam or eigengradcam.
+            size: None (the target layer's h x w), "image" (the input size) or (H, W).
+            capture: position in :attr:`captures` (-1: the latest).
+
+        Returns:
+            (N, H, W) float32 in [0, 1], images in capture order.
+        """
+        from .attention_iou import attention_maps
+        from .captures import pick
+        return attention_maps(pick(self._captures(), capture, self.path), target, method, size)
+
+    def attention_iou(self, target: str, mask_group: str | None = None, protected: str | None = None,
+                      method: str = "gradcam", bootstrap: int = 10000, seed: int = 0, resolution: str = "image",
+                      capture: Any = -1, scores=("iou",), by: Any = "all") -> pd.DataFrame:
+        """Attention-IoU mask score (``mask_group``) or heatmap score (``protected``) with bootstrap, per
+        split (all / correct / incorrect / group labels); ``capture="all"`` scores every capture (over time).
+        See :func:`analyzer.attention_iou.attention_iou` for the columns."""
+        from .attention_iou import attention_iou
+        from .captures import pick
+        caps = self._captures() if capture == "all" else [pick(self._captures(), capture, self.path)]
+        if not caps:
+            pick(caps, -1, self.path)
+        return pd.concat([attention_iou(c, target, mask_group, protected, method, resolution, scores, bootstrap,
+                                        seed, by) for c in caps], ignore_index=True)
+
     # ------------------------------------------------------------------ selection
     def select(self, layers: Any = None) -> list[int]:
         """Layer ids for a specification (ids, names, globs, type names; see format.select_layers)."""

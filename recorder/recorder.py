@@ -266,7 +266,7 @@ class Recorder:
                     raise FileExistsError(f"{d} is not a bbdecoder run; refusing to overwrite it")
                 for n in os.listdir(d):
                     p = os.path.join(d, n)
-                    if fmt.parse_rank_dirname(n) is not None and os.path.isdir(p):
+                    if (fmt.parse_rank_dirname(n) is not None or n == fmt.CAPTURES_DIR) and os.path.isdir(p):
                         shutil.rmtree(p)
                     elif n == fmt.MANIFEST or n.startswith(".tmp-"):
                         os.unlink(p)
@@ -350,6 +350,21 @@ class Recorder:
             raise RecorderClosedError("Recorder.epoch_end() called after close()")
         self._surface_error()
         self._epoch += 1
+
+    def capture_attention(self, loader, target_layer: Any, targets: dict, **kwargs) -> str:
+        """An attention capture pass into this run (``RUN/captures/``) at the current step and epoch.
+
+        Same arguments as :func:`recorder.attention.capture_attention` (without model and run_dir).
+        Not part of the training step: call it between steps, e.g. once per epoch on a probe set.
+
+        Returns:
+            Path of the capture file written.
+        """
+        if self._closed:
+            raise RecorderClosedError("Recorder.capture_attention() called after close()")
+        from .attention import capture_attention
+        return capture_attention(self.model, loader, self.run_dir, target_layer, targets, step=self._step,
+                                 epoch=self._epoch, rank=self.rank, **kwargs)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every step so far is written and visible to readers (the live shard is closed)."""
