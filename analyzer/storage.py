@@ -24,6 +24,11 @@ CHUNK_TARGET_BYTES = 1 << 20
 STACK_MAX_BYTES = 1 << 20
 #: Upper bound for a single chunk (HDF5 allows 4 GiB; keep reads reasonable).
 CHUNK_MAX_BYTES = 64 << 20
+#: A dataset of a shard may declare more bytes than the file stores for it (compression, unwritten
+#: fill values) only up to this ratio, beyond MAX_SPARSE_BYTES: a sparse dataset of absurd declared
+#: size is refused instead of being read (terabytes of fill values).
+MAX_SPARSE_RATIO = 1000
+MAX_SPARSE_BYTES = 64 << 20
 
 
 def chunk_shape(row_shape: tuple[int, ...], itemsize: int, max_rows: int = 1024) -> tuple[int, ...]:
@@ -219,6 +224,7 @@ class HDF5ShardReader(ShardReader):
         import h5py
         self.path = path
         self._disp = display or path
+        self._checked: set = set()
         try:
             self._f = h5py.File(path, "r", locking=False)
         except Exception as e:  # OSError for truncated / random files
@@ -243,6 +249,21 @@ class HDF5ShardReader(ShardReader):
         except Exception as e:
             raise TraceError(f"corrupt shard {self._disp}: missing or unreadable {path!r} ({_short(e)})") from None
 
+    def _check_dataset(self, ds, what: str) -> None:
+        """Refuse a dataset that is not a real numeric array, or that declares far more data than the
+        file stores (a sparse dataset of absurd size: reading it would exhaust memory or time)."""
+        try:
+            kind, size, itemsize = ds.dtype.kind, int(ds.size), int(ds.dtype.itemsize)
+            stored = int(ds.id.get_storage_size())
+        except Exception as e:
+            raise TraceError(f"corrupt shard {self._disp}: unreadable {what} ({_short(e)})") from None
+        if kind not in "biuf":
+            raise TraceError(f"corrupt shard {self._disp}: {what} holds {ds.dtype}, not numeric (real) values")
+        declared = size * itemsize
+        if declared > MAX_SPARSE_BYTES and declared > MAX_SPARSE_RATIO * stored:
+            raise TraceError(f"corrupt shard {self._disp}: {what} declares an absurd size "
+                             f"{tuple(ds.shape)} ({declared:,} bytes) but stores {stored:,} bytes")
+
     def steps(self):
         g = self._get("steps")
         out = {}
@@ -250,7 +271,11 @@ class HDF5ShardReader(ShardReader):
             for c in fmt.STEP_COLUMNS:
                 if c not in g:
                     raise TraceError(f"corrupt shard {self._disp}: step table lacks {c!r}")
-                out[c] = g[c][()]
+                ds = g[c]
+                if not hasattr(ds, "dtype") or ds.ndim != 1:
+                    raise TraceError(f"corrupt shard {self._disp}: step table column {c!r} is not 1-D")
+                self._check_dataset(ds, f"step table column {c!r}")
+                out[c] = ds[()]
         except TraceError:
             raise
         except Exception as e:
@@ -278,22 +303,34 @@ class HDF5ShardReader(ShardReader):
             v, s = g["values"], g["steps"]
         except Exception:
             raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} lacks values or steps") from None
-        if v.shape[0] != s.shape[0] or s.ndim != 1:
-            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} has {v.shape[0]} rows "
-                             f"but {s.shape[0]} steps")
+        try:
+            ok = v.ndim >= 1 and s.ndim == 1 and v.shape[0] == s.shape[0]
+        except Exception:
+            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} values or steps are not datasets") from None
+        if not ok:
+            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} has {v.shape[0] if v.ndim else 0} rows "
+                             f"but {s.shape[0] if s.ndim else 0} steps")
+        return v, s
+
+    def _checked_pair(self, kind, lk, pk):
+        v, s = self._pair(kind, lk, pk)
+        if (kind, lk, pk) not in self._checked:
+            self._check_dataset(v, f"{kind}/{lk}/{pk}/values")
+            self._check_dataset(s, f"{kind}/{lk}/{pk}/steps")
+            self._checked.add((kind, lk, pk))
         return v, s
 
     def payload_info(self, kind, lk, pk):
-        v, _ = self._pair(kind, lk, pk)
+        v, _ = self._checked_pair(kind, lk, pk)
         chunks = v.chunks[0] if v.chunks else max(1, v.shape[0])
         return v.shape[0], tuple(v.shape[1:]), int(chunks)
 
     def read_payload_steps(self, kind, lk, pk):
-        _, s = self._pair(kind, lk, pk)
+        _, s = self._checked_pair(kind, lk, pk)
         return self._read(s, slice(None))
 
     def read_payload(self, kind, lk, pk, start, stop):
-        v, _ = self._pair(kind, lk, pk)
+        v, _ = self._checked_pair(kind, lk, pk)
         return self._read(v, slice(start, stop))
 
     def _read(self, ds, sel):

@@ -78,3 +78,27 @@ def stats64(a):
     return {"mean": f.mean(), "abs_mean": np.abs(f).mean(), "max_abs": np.abs(f).max(), "var": f.var(),
             "l1": np.abs(f).sum(), "l2": np.sqrt((f ** 2).sum()), "nonfinite": x.size - f.size,
             "std": f.std(), "min": f.min(), "max": f.max()}
+
+
+def run_cli(argv, capsys):
+    """Run ``bbdecoder argv`` in-process; returns (exit code, stdout, stderr)."""
+    from analyzer.cli import main
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tree_snapshot(root):
+    """{relative path: (size, mtime_ns)} of every file and directory under ``root`` (symlinks not followed)."""
+    import os
+    out = {}
+    for dp, dns, fs in os.walk(root):
+        for n in dns + fs:
+            p = os.path.join(dp, n)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (st.st_size if n in fs else 0, st.st_mtime_ns)
+    return out
