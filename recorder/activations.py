@@ -168,9 +168,12 @@ class ActivationTracker:
 
     Args:
         model: the root module.
-        spec: "all" (or True), or items (ids/dotted names/globs/type names of modules, module
-            classes or modules, functional call-site patterns like ``"features.*/relu#*"``, op kinds
-            ``"fn:relu"`` (``"fn:*"`` or ``"fn"``: every functional call site), and "all").
+        spec: True or ``"activations"`` (every module of an activation kind -- nn.ReLU, nn.Sigmoid,
+            nn.Tanh, nn.GELU, ... -- and every functional activation call site: what dead-unit and
+            saturation analysis need), ``"all"`` (every leaf module's output and every functional
+            call site), or items (ids/dotted names/globs/type names of modules, module classes or
+            modules, functional call-site patterns like ``"features.*/relu#*"``, op kinds
+            ``"fn:relu"`` (``"fn:*"`` or ``"fn"``: every functional call site), "activations" and "all").
         samples: raw samples (first K of the batch) per site when the raw schedule fires.
         unit_axis: overrides ``{site name or glob: axis}``; default 1 for (N, C, ...) outputs of
             4-D/5-D tensors and of conv-style modules (convolutions, norms, pooling), the last axis
@@ -198,6 +201,7 @@ class ActivationTracker:
         self._scratch: dict = {}
         #: CPU: bytes of one slab of rows walked by the statistics (about the L2 cache)
         self.chunk_bytes = 2 << 20
+        self.floor0_kinds = ("relu", "relu6")
         #: execution order of the first training forward: ("layer", layer id, in, out) and ("site", key)
         self.forward_order: list = []
         self._order_done = False
@@ -212,16 +216,22 @@ class ActivationTracker:
         fn_all, fn_patterns = False, []
         named = dict(self.model.named_modules())
         leaves = [m for n, m in named.items() if not list(m.children())]
-        if spec is True or (isinstance(spec, str) and spec.strip() == "all"):
+        acts = [m for m in named.values() if module_kind(m) is not None]
+        if isinstance(spec, str) and spec.strip() == "all":
             return set(leaves), True, []
+        if spec is True or (isinstance(spec, str) and spec.strip() == "activations"):
+            return set(acts), True, []
         items = spec if isinstance(spec, (list, tuple, set)) else [spec]
         flat = []
         for it in items:
             flat.extend(s.strip() for s in it.split(",") if s.strip()) if isinstance(it, str) else flat.append(it)
         for it in flat:
             hit = False
-            if it is True or it == "all":
+            if it == "all":
                 mods.update(leaves)
+                fn_all = hit = True
+            elif it is True or it == "activations":
+                mods.update(acts)
                 fn_all = hit = True
             elif isinstance(it, str) and it in ("functional", "fn", "fn:*"):
                 fn_all = hit = True
@@ -449,15 +459,28 @@ class ActivationTracker:
         The tensor is seen as (A, U, Q) (units in the middle). A first stage reduces, in the
         tensor's own dtype, along Q (long contiguous rows) or along A (short rows: vectorised
         across U*Q) into small partials, and a second stage combines the partials in float64.
-        Sum and sum of squares come from the partials' means and centred second moments
-        (values minus their partial's mean; Chan et al. to combine), so that the variance derived
-        later (sumsq / n - mean**2, in float64) keeps float32 precision even where the mean is
-        far larger than the spread (a saturated tanh unit). Sums of 0/1 indicators are exact
-        (float64 partials from 2**24 terms on). Cost: four plain reductions (sum, min, max, and the
-        centred square sum as 2-norms of short pieces on the CPU) and four (three for kinds that
-        are never negative) elementwise passes into a scratch buffer, each followed by a sum.
-        On the CPU a large tensor is walked in slabs of rows so that the slab and the scratch
-        stay in the cache across the passes.
+        Each partial g keeps a shift m_g, the sum e_g of (value - m_g) and the square sum q_g of
+        (value - m_g); Chan et al.'s rule combines them, so sum and sum of squares are exact up
+        to float32 rounding of each partial.
+
+        Two paths per slab of rows:
+
+        * exact (always off the CPU, where nothing may be read back to the host): m_g is the
+          partial's own mean, so the variance derived later (sumsq / n - mean**2, in float64)
+          keeps float32 precision even where the mean is far larger than the spread (a
+          saturated tanh unit), and the finite values are counted. Four plain reductions and
+          four (three for kinds that are never negative) elementwise passes.
+        * fast (CPU): m_g = 0 and no count of finite values: sum, min, max, 2-norms of short
+          pieces, count(h > 0) and, unless the kind is never negative, sum |h| -- six or eight
+          passes instead of eleven or thirteen. Afterwards two checks on the small partials
+          (a host read, free on the CPU) send a slab back through the exact path when one of
+          its partials holds a non-finite value (then the exact count is needed) or has a
+          spread (standard deviation) below 10% of its root mean square (below that, rounding
+          of the uncentred square sum would cost more than about five float32 roundings of the
+          spread).
+
+        Sums of 0/1 indicators are exact (float64 partials from 2**24 terms on). On the CPU a
+        large tensor is walked in slabs of rows so that the slab and the scratch stay in the cache.
         """
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # half / bfloat16: reduce in float32 (squares overflow float16)
@@ -480,17 +503,21 @@ class ActivationTracker:
         pshape = (A, U) if inner else (nch, U, Q)
         exact = (Q if inner else rows) < _EXACT_F32   # sums of 0/1 terms stay exact in float32
         nonneg = site.nonneg
-        k = 0   # centred square sums: 2-norms of contiguous pieces of k <= 256 values (fast)
+        k = 0   # square sums: 2-norms of contiguous pieces of k <= 256 values (fast)
         if inner and cpu:
             k = Q if Q <= 256 else next((c for c in (256, 192, 160, 128, 112, 100, 96, 64, 49, 32) if Q % c == 0), 0)
-        names = ["sum", "csum", "n_pos", "fin"] + ([] if nonneg else ["sum_abs"]) + ([] if k else ["csq"])
+        names = ["sum", "csum", "shift", "n_pos", "fin"] + ([] if nonneg else ["sum_abs"]) + ([] if k else ["csq"])
         part = torch.empty((len(names),) + pshape, dtype=v.dtype, device=v.device)
         cnt = None if exact else torch.empty((2,) + pshape, dtype=torch.float64, device=v.device)
         ext = torch.empty((2,) + pshape, dtype=v.dtype, device=v.device)
         nrm = torch.empty((A, U, Q // k), dtype=v.dtype, device=v.device) if k else None
         scratch = self._buffer(v[:rows])
         fmax = torch.finfo(v.dtype).max
-        for c in range(nch):
+        # ReLU / ReLU6: values >= 0, so a unit's minimum is 0 unless every one of its values is
+        # positive: the fast path skips the min pass and computes it afterwards for those units only
+        floor0 = cpu and site.meta.get("kind") in self.floor0_kinds
+
+        def slab(c, fast):
             i, j = c * rows, min(A, (c + 1) * rows)
             w, b = v[i:j], scratch[: j - i]
             sel = (slice(None), slice(i, j)) if inner else (slice(None), c)
@@ -499,22 +526,54 @@ class ActivationTracker:
                 o["n_pos"], o["fin"] = cnt[sel].unbind(0)
             lo, hi = ext[sel].unbind(0)
             torch.sum(w, d, out=o["sum"])
-            torch.amin(w, d, out=lo)
-            torch.amax(w, d, out=hi)
-            # centred: each value minus the mean of its partial (as rounded in the tensor's dtype)
-            torch.sub(w, o["sum"].div(Q if inner else j - i).unsqueeze(d), out=b)
-            torch.sum(b, d, out=o["csum"])
-            if k:
-                torch.linalg.vector_norm(b.view(j - i, U, -1, k), 2, dim=-1, out=nrm[i:j])
+            if fast and floor0:
+                lo.zero_()       # checked below
             else:
-                torch.sum(b.mul_(b), d, out=o["csq"])
+                torch.amin(w, d, out=lo)
+            torch.amax(w, d, out=hi)
+            if fast:
+                o["shift"].zero_()
+                o["csum"].copy_(o["sum"])
+                o["fin"].fill_(Q if inner else j - i)   # checked below
+                c_in = w
+            else:
+                # centred: each value minus the mean of its partial (as rounded in the tensor's dtype)
+                torch.div(o["sum"], Q if inner else j - i, out=o["shift"])
+                c_in = torch.sub(w, o["shift"].unsqueeze(d), out=b)
+                torch.sum(c_in, d, out=o["csum"])
+            if k:
+                torch.linalg.vector_norm(c_in.view(j - i, U, -1, k), 2, dim=-1, out=nrm[i:j])
+            elif fast:
+                torch.sum(torch.mul(w, w, out=b), d, out=o["csq"])
+            else:
+                torch.sum(c_in.mul_(c_in), d, out=o["csq"])
             self._count(torch.gt(w, 0, out=b), d, o["n_pos"])
-            if nonneg:   # values >= 0, +inf or NaN: sum |h| = sum h; finite <=> h <= max
+            if not nonneg:
+                torch.sum(torch.abs(w, out=b), d, out=o["sum_abs"])
+            if fast:
+                return
+            if nonneg:   # values >= 0, +inf or NaN: finite <=> h <= max
                 torch.le(w, fmax, out=b)
             else:        # |h| <= max is false exactly for NaN and +-inf
-                torch.sum(torch.abs(w, out=b), d, out=o["sum_abs"])
                 b.le_(fmax)
             self._count(b, d, o["fin"])
+
+        for c in range(nch):
+            slab(c, cpu)
+        if cpu:
+            # slabs whose partials hold a non-finite value or a spread small against their size
+            # go through the exact path (host reads of small tensors: free on the CPU)
+            S = part[0].double()
+            q = nrm.double().square_().sum(2) if k else part[names.index("csq")].double()
+            ng = float(Q) if inner else torch.full((nch, 1, 1), float(rows), dtype=torch.float64)
+            if not inner:
+                ng[-1] = float(A - (nch - 1) * rows)
+            bad = ~torch.isfinite(S) | ~torch.isfinite(q) | ((q - S * S / ng) < 0.01 * q)
+            if bool(bad.any()):
+                hit = bad.flatten(1).any(1).nonzero().flatten().tolist()
+                redo = sorted({a // rows for a in hit}) if inner else hit
+                for c in redo:
+                    slab(c, False)
         f64 = torch.float64
         axes = (0,) if inner else (0, 2)
         n = float(A * Q)
@@ -524,8 +583,8 @@ class ActivationTracker:
             ng = torch.full((nch, 1, 1), float(rows), dtype=f64, device=v.device)
             ng[-1] = float(A - (nch - 1) * rows)
         P = {nm: part[i].double() for i, nm in enumerate(names)}
-        # per partial g: shift m_g (its rounded mean), centred sum e_g and square sum q_g
-        m_g = part[0].div(Q if inner else ng.to(v.dtype)).double()
+        # per partial g: shift m_g (its rounded mean, or 0), shifted sum e_g and square sum q_g
+        m_g = P["shift"]
         e_g = P["csum"]
         q_g = nrm.double().square_().sum(2) if k else P["csq"]
         mean_g = m_g + e_g / ng
@@ -539,6 +598,11 @@ class ActivationTracker:
             st["n_pos"], fin = cnt.sum(tuple(a + 1 for a in axes)).unbind(0)
         else:
             st["n_pos"], fin = P["n_pos"].sum(axes), P["fin"].sum(axes)
+        if floor0:   # the units whose every value is positive: their true minimum (one pass over them)
+            allpos = st["n_pos"] >= n
+            if bool(allpos.any()):
+                idx = allpos.nonzero().flatten()
+                st["min"][idx] = torch.amin(v.index_select(1, idx), (0, 2)).double()
         st["sum_abs"] = total if nonneg else P["sum_abs"].sum(axes)
         st["nonfinite"] = n * U - fin.sum()
         meta = site.meta

@@ -115,6 +115,14 @@ class Recorder:
         grad_dtype / weight_dtype: storage dtype of raw tensors ("float32", "float16", "float64").
         record_rank: the rank that records gradients and weights under torch.distributed
             (they are identical on every rank after DDP's all-reduce); None = every rank.
+        activations: activation sites to record (None: none). True or ``"activations"``: every
+            activation module (nn.ReLU, nn.Sigmoid, nn.Tanh, ...) and every functional activation
+            call; ``"all"``: every leaf module's output too; or ids, names, globs, types, modules
+            and call-site patterns (see :class:`recorder.activations.ActivationTracker`).
+            Per-unit statistics are kept every step.
+        activations_every: schedule of raw activation samples (default every 50 steps).
+        activation_samples: raw samples per site when that schedule fires (the first K inputs).
+        activation_unit_axis: ``{site name or glob: axis}`` overrides of the unit axis.
     """
 
     def __init__(self, model: torch.nn.Module, run_dir: str | os.PathLike, layers: Any = None,

@@ -6,10 +6,16 @@ Settings (one model + Adam optimizer each, all from the same initial weights, sa
 * ``baseline``: no recorder;
 * ``default``:  ``Recorder(model, dir)`` with its defaults (raw gradients of every layer every
   step, weights every 50 steps);
-* ``heavy``:    raw gradients and weights of every layer every step
-* ``activations``: default + ``activations="all"`` (per-unit statistics of every module output and
-  functional activation every step, raw samples of 8 inputs every 50 steps)
-  (``grads_every=1, weights_every=1``);
+* ``heavy``: ``grads_every=1, weights_every=1``;
+* ``activations``: default + ``activations=True`` (per-unit statistics of every activation module
+  and functional activation every step, raw samples of 8 inputs every 50 steps); target 1.10x;
+* ``activations-all``: default + ``activations="all"`` (also every convolution, pooling, flatten
+  and linear output: three times the tensor volume; no target, reported for what it costs);
+* ``tensorboard``: no recorder; ``SummaryWriter.add_histogram`` of every parameter's gradient and
+  weight every step (what a user would do instead of ``heavy``; its writer is flushed at the end of
+  each block like the recorder's);
+* ``bbdecoder-1.x``: no recorder; the statistics BBDecoder 1.x collected per parameter per step
+  (mean |g|, max |g|, L1 and L2 norms of the gradient, each fetched with ``.item()``);
 * ``write-ref`` (not a training setting): the "physical limit" for heavy: writing the same number
   of bytes per step as heavy with plain numpy ``tofile`` into a file in the same temp directory,
   plus a plain in-memory copy of those bytes (``np.copyto``) for the memory-bandwidth floor.
@@ -137,8 +143,11 @@ def _writer_ids(rec):
 class Setting:
     """One training setting: its own model copy, optimizer, recorder (or None) and timings."""
 
-    def __init__(self, name, model0, lr, tmp, rec_kwargs=None, note=""):
+    def __init__(self, name, model0, lr, tmp, rec_kwargs=None, note="", hook=None):
         self.name, self.note = name, note
+        #: optional alternative instrumentation: an object with ``after_backward(model, step)``,
+        #: ``flush()`` (end of block, timed) and ``close()``
+        self.hook = hook
         self.model = copy.deepcopy(model0)
         self.model.train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
@@ -178,10 +187,16 @@ class Setting:
                 a = perf()
                 rec.step(loss=loss)
                 t_rec += perf() - a
+            elif self.hook is not None:
+                a = perf()
+                self.hook.after_backward(model, self.i)
+                t_rec += perf() - a
             opt.step()
         t1 = perf()
         if rec is not None:
             rec.flush()
+        elif self.hook is not None:
+            self.hook.flush()
         t2 = perf()
         c1 = _cpu_snapshot(*wid)
         proc = c1[1] - c0[1]
@@ -191,6 +206,44 @@ class Setting:
                                None if c0[2] is None or c1[2] is None else (c1[2] - c0[2]) / n * 1e3,
                                max(0.0, (c1[0] - c0[0]) - proc) / n * 1e3) + us)
         return t1 - t0, t2 - t0, t_rec
+
+
+class TensorBoardHist:
+    """TensorBoard's SummaryWriter.add_histogram of every parameter's gradient and weight."""
+
+    def __init__(self, log_dir):
+        from torch.utils.tensorboard import SummaryWriter
+        self.w = SummaryWriter(log_dir=log_dir)
+
+    def after_backward(self, model, step):
+        for n, p in model.named_parameters():
+            self.w.add_histogram(f"grad/{n}", p.grad, step)
+            self.w.add_histogram(f"weight/{n}", p, step)
+
+    def flush(self):
+        self.w.flush()
+
+    def close(self):
+        self.w.close()
+
+
+class OneX:
+    """BBDecoder 1.x style: mean |g|, max |g|, L1 and L2 of every parameter's gradient via .item()."""
+
+    def __init__(self):
+        self.log = []
+
+    def after_backward(self, model, step):
+        for n, p in model.named_parameters():
+            g = p.grad.detach()
+            a = g.abs()
+            self.log.append((step, n, a.mean().item(), a.max().item(), a.sum().item(), g.norm(2).item()))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.log.clear()
 
 
 class WriteRef:
@@ -265,9 +318,19 @@ def main(argv=None):
             Setting("default", model0, 2e-3, tmp, {}, "grads every step, weights every 50"),
             Setting("heavy", model0, 2e-3, tmp, {"grads_every": 1, "weights_every": 1},
                     "grads + weights every step"),
-            Setting("activations", model0, 2e-3, tmp, {"activations": "all", "activations_every": 50},
-                    "default + activation statistics every step, raw samples every 50"),
+            Setting("activations", model0, 2e-3, tmp, {"activations": True, "activations_every": 50},
+                    "default + statistics of every activation every step, raw samples every 50"),
+            Setting("activations-all", model0, 2e-3, tmp, {"activations": "all", "activations_every": 50},
+                    "default + statistics of every leaf module output every step, samples every 50"),
         ]
+        try:
+            settings.append(Setting("tensorboard", model0, 2e-3, tmp, None,
+                                    "TensorBoard add_histogram of every grad + weight every step",
+                                    hook=TensorBoardHist(os.path.join(tmp, "tb"))))
+        except ImportError as e:
+            print(f"tensorboard setting skipped: {e} (pip install tensorboard)", flush=True)
+        settings.append(Setting("bbdecoder-1.x", model0, 2e-3, tmp, None,
+                                "1.x statistics (.item() per parameter per step)", hook=OneX()))
         heavy_bytes = 2 * n_params * 4   # float32 gradients + weights of every parameter
         ref = WriteRef(heavy_bytes, tmp)
         items = settings + [ref]
@@ -322,6 +385,9 @@ def main(argv=None):
             w_ms = med(w_cpu) if w_cpu else None
             paired = med([x / y for x, y in zip(s.block_ms, base_s.block_ms)])
             notes = s.note
+            if s.rec is None and s.hook is not None:
+                r_ms = med(s.block_ms_recstep)
+                notes += f"; in its hook {r_ms:.2f} ms; paired ratio {paired:.3f}"
             if s.rec is not None:
                 notes += (f"; no-flush {ms_nf:.1f} ms ({ms_nf / base:.3f}x); in rec.step {r_ms:.2f} ms"
                           + ("" if w_ms is None else f"; writer CPU {w_ms:.1f} ms")
@@ -402,8 +468,17 @@ def main(argv=None):
               f"without the end-of-block flush {res['default']['ratio_noflush']:.3f}")
         if "activations" in res:
             a_ratio = res["activations"]["ms_per_step"] / base
-            print(f"activations overhead (with default grads/weights): {a_ratio:.3f} (target <= 1.10); "
-                  f"paired per-round median {res['activations'].get('ratio_paired', float('nan')):.3f}")
+            print(f"activations overhead (with default grads/weights): {a_ratio:.3f} (target <= 1.10) "
+                  f"{'OK' if a_ratio <= 1.10 else 'ABOVE TARGET'}; "
+                  f"paired per-round median {res['activations'].get('ratio_paired', float('nan')):.3f}; "
+                  f"activations=\"all\": {res['activations-all']['ratio']:.3f} (no target)")
+        if "tensorboard" in res:
+            tb = res["tensorboard"]["ms_per_step"]
+            print(f"raw gradients + weights every step (heavy) {heavy:.1f} ms/step vs TensorBoard histograms of "
+                  f"the same tensors {tb:.1f} ms/step: heavy costs {(heavy - base) / max(tb - base, 1e-9):.2f}x "
+                  f"TensorBoard's overhead ({'OK' if heavy < tb else 'ABOVE TARGET'}: target heavy < tensorboard)")
+        print(f"heavy within 1.5x of the bandwidth limit: {heavy / limit:.3f} "
+              f"{'OK' if heavy / limit <= 1.5 else 'ABOVE TARGET'}")
         print(f"total runtime: {t_total:.1f} s")
 
         if args.json:
@@ -419,11 +494,13 @@ def main(argv=None):
             print(f"results saved to {args.json}")
     finally:
         for s in settings:
-            if s.rec is not None:
-                try:
+            try:
+                if s.rec is not None:
                     s.rec.close()
-                except Exception:
-                    pass
+                elif s.hook is not None:
+                    s.hook.close()
+            except Exception:
+                pass
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

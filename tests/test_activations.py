@@ -454,6 +454,9 @@ def test_wrapper_names_kinds_and_stats_of_every_functional_form(tmp_path):
     ("/relu#1, fc", {"/relu#1", "fc"}),
     ("fn", set(FUNCTIONAL)),
     (["all"], set(FUNCTIONAL + LEAVES)),
+    (True, set(FUNCTIONAL) | {"block.act"}),          # activation modules and functional activations
+    ("activations", set(FUNCTIONAL) | {"block.act"}),
+    (["activations", "fc"], set(FUNCTIONAL) | {"block.act", "fc"}),
 ])
 def test_selection(tmp_path, spec, want):
     torch.manual_seed(0)
@@ -918,3 +921,43 @@ def test_counts_stay_exact_past_float32_integers():
     tr.chunk_bytes = 1 << 40                           # one slab of 2**24 + 3 rows (as on a GPU)
     st = tr._stats(x.view(Q, 1), 1, 1, _Site({"hist_edges": None}))
     assert st["n_pos"].item() == Q - 6 and st["nonfinite"].item() == 1
+
+
+@pytest.mark.parametrize("shape,kind", [((6, 5, 9, 7), "relu"), ((6, 5, 9, 7), "tanh"), ((40, 7), "relu"),
+                                        ((40, 7), None), ((4, 6, 40), "relu6")])
+def test_fast_cpu_path_matches_numpy_with_nan_tiny_spread_and_positive_units(shape, kind):
+    """The CPU fast path (no centring, no finite count, no min pass for ReLU) against numpy, with the
+    cases that send a slab through the exact path: NaN / inf values, a unit whose spread is tiny
+    against its mean, and a ReLU unit whose every value is positive (its minimum must be exact)."""
+    from recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).float()
+    axis = 1
+    if kind in ("relu", "relu6"):
+        x = x.clamp(0, 6 if kind == "relu6" else None)
+        x.select(axis, 0).uniform_(0.5, 2.0, generator=g)         # unit 0: every value positive
+    x.select(axis, 1).mul_(3e-2).add_(300.0)                      # unit 1: mean 1e4 x the spread
+    x.view(-1)[x.numel() // 2] = float("nan")
+    x.view(-1)[x.numel() // 3] = float("inf")
+    U = x.shape[axis]
+    tr = ActivationTracker(nn.Linear(1, 1), [])
+    for cb in (1 << 30, 200):                                     # one slab, and many slabs of a few rows
+        tr.chunk_bytes = cb
+        st = tr._stats(x, axis, U, _Site({"hist_edges": None, "kind": kind}, nonneg=kind in NONNEG_KINDS))
+        m = unit_rows(x.numpy(), axis)
+        fin = np.isfinite(m)
+        assert st["nonfinite"].item() == (~fin).sum()
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(st["min"].numpy(), m.min(0))
+            np.testing.assert_array_equal(st["max"].numpy(), m.max(0))
+            np.testing.assert_array_equal(st["n_pos"].numpy(), (m > 0).sum(0))
+        ok = fin.all(0)                                           # units without NaN / inf
+        assert ok.sum() >= 2 and ok[1]
+        mean, var = m[:, ok].mean(0), m[:, ok].var(0)
+        n = m.shape[0]
+        rms = np.sqrt((m[:, ok] ** 2).mean(0))
+        assert np.isclose(st["sum"].numpy()[ok] / n, mean, rtol=1e-7, atol=1e-7 * rms).all()
+        got_var = st["sumsq"].numpy()[ok] / n - (st["sum"].numpy()[ok] / n) ** 2
+        got_std, want_std = np.sqrt(np.maximum(got_var, 0)), np.sqrt(var)
+        assert np.isclose(got_std, want_std, rtol=1e-5, atol=0).all(), (got_std, want_std)
+        np.testing.assert_allclose(st["sum_abs"].numpy()[ok], np.abs(m[:, ok]).sum(0), rtol=1e-6)
