@@ -234,7 +234,8 @@ class HDF5ShardReader(ShardReader):
         except Exception as e:
             self.close()
             raise TraceError(f"corrupt shard {self._disp}: unreadable attributes ({_short(e)})") from None
-        if self.attrs.get("format") != fmt.FORMAT_NAME:
+        tag = self.attrs.get("format")
+        if not isinstance(tag, str) or tag != fmt.FORMAT_NAME:
             self.close()
             raise TraceError(f"{self._disp} is not a bbdecoder shard")
         try:
