@@ -63,10 +63,15 @@ def cli() -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=True, dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def info(run_dir: str, as_json: bool) -> None:
+@click.option("--nonfinite", "scan_nonfinite", is_flag=True,
+              help="Also list where NaN/Inf values are (reads every recorded gradient and weight).")
+def info(run_dir: str, as_json: bool, scan_nonfinite: bool = False) -> None:
     """Status, steps, epochs, layers, ranks, bytes and what was recorded in RUN_DIR."""
     run = _open(run_dir)
     d = run.info()
+    if scan_nonfinite:
+        from .report import nonfinite_findings
+        d["nonfinite"] = nonfinite_findings(run, run.grad_stats(), run.weight_stats())
     if as_json:
         click.echo(json.dumps(d, indent=1, sort_keys=True, default=str))
         return
@@ -87,7 +92,22 @@ def info(run_dir: str, as_json: bool) -> None:
         lines.append(f"error     {e}")
     for p in d["problems"]:
         lines.append(f"problem   {p}")
+    lines += _nonfinite_lines(d.get("nonfinite"))
     click.echo("\n".join(lines))
+
+
+def _nonfinite_lines(nf: dict | None) -> list[str]:
+    """`info --nonfinite`: a headline, then one line per (kind, layer or site, param) with NaN/Inf."""
+    if nf is None:
+        return []
+    if not nf["found"]:
+        return ["nonfinite none (gradients, weights and activation statistics scanned)"]
+    out = [f"nonfinite NaN/Inf first at step {nf['first_step']} in {len(nf['layers'])} layer(s) or site(s)"]
+    for e in nf["entries"]:
+        what = f"{e['layer'] or '(model)'}" + (f" ({e['param']})" if e["param"] else "")
+        out.append(f"nonfinite   {e['kind']} of {what}: first at step {e['first_step']}, {e['count']:,} "
+                   f"value(s) in {e['steps']} step(s)")
+    return out
 
 
 @cli.command()
