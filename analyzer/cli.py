@@ -271,6 +271,9 @@ def demo(out: str, force: bool, epochs: int, samples: int) -> None:
 
 from .cli_prune import prune as _prune_cmd; cli.add_command(_prune_cmd)  # noqa: E402,E702
 from .cli_attention import attention_iou_cmd as _aiou_cmd; cli.add_command(_aiou_cmd)  # noqa: E402,E702
+from .cli_graph import graph_cmd as _graph_cmd, features_cmd as _feat_cmd  # noqa: E402
+cli.add_command(_graph_cmd)
+cli.add_command(_feat_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

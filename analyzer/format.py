@@ -469,3 +469,110 @@ def validate_capture(attrs: dict, shapes: dict, where: str) -> dict:
             "mask_keys": mask_keys, "mask_names": {k: str(mask_names.get(k, k)) for k in mask_keys},
             "group_names": [str(g) for g in group_names], "step": int(attrs.get("step", -1)),
             "epoch": int(attrs.get("epoch", -1)), "target_layer": str(attrs.get("target_layer", ""))}
+
+
+# --------------------------------------------------------------------------- function graph
+# RUN/graph.json (atomic replace): the operations one forward pass performed (recorder/graph.py).
+# {format, format_version, kind="function-graph", model, device, training, total_flops, outputs: [node ids],
+#  nodes: [{id, op, func, module, module_type, kind, inputs: [shape], input_dtypes, outputs: [shape],
+#           output_dtypes, params: [dotted names], flops}],
+#  edges: [{src, dst, arg, shape}], modules: [{name, type, calls, order, depth, kind, n_params, flops, time_s}]}
+GRAPH_FILE = "graph.json"
+GRAPH_KIND = "function-graph"
+_NODE_KEYS = ("id", "op", "module", "inputs", "outputs", "params", "flops")
+_MODULE_KEYS = ("name", "type", "calls", "depth", "flops")
+
+
+def validate_graph(g: Any, where: str) -> dict:
+    """Check a function graph (the content of ``graph.json``); returns it unchanged.
+
+    Raises:
+        TraceError: one line naming the first problem (wrong kind or version, a node without its
+            fields, ids out of order, an edge naming a node that does not exist, negative FLOPs).
+    """
+    if not isinstance(g, dict) or g.get("format") != FORMAT_NAME or g.get("kind") != GRAPH_KIND:
+        raise TraceError(f"{where} is not a bbdecoder function graph")
+    check_version(g.get("format_version"), where)
+    nodes, edges, mods = g.get("nodes"), g.get("edges"), g.get("modules")
+    if not isinstance(nodes, list) or not isinstance(edges, list) or not isinstance(mods, list):
+        raise TraceError(f"{where}: 'nodes', 'edges' and 'modules' must be lists")
+    for i, n in enumerate(nodes):
+        if not isinstance(n, dict) or any(k not in n for k in _NODE_KEYS):
+            raise TraceError(f"{where}: node {i} lacks one of {', '.join(_NODE_KEYS)}")
+        if n["id"] != i or not isinstance(n["op"], str) or not isinstance(n["module"], str):
+            raise TraceError(f"{where}: node {i} has a wrong id, op or module")
+        if not isinstance(n["flops"], int) or isinstance(n["flops"], bool) or n["flops"] < 0:
+            raise TraceError(f"{where}: node {i} has invalid flops {n['flops']!r:.40}")
+        for s in list(n["inputs"]) + list(n["outputs"]):
+            if not isinstance(s, list) or not all(isinstance(x, int) and x >= 0 for x in s):
+                raise TraceError(f"{where}: node {i} has a malformed shape {s!r:.60}")
+        if not isinstance(n["params"], list) or not all(isinstance(p, str) for p in n["params"]):
+            raise TraceError(f"{where}: node {i} has malformed params")
+    for e in edges:
+        if not isinstance(e, dict) or not all(isinstance(e.get(k), int) for k in ("src", "dst")) \
+                or not (0 <= e["src"] < e["dst"] < len(nodes)):
+            raise TraceError(f"{where}: malformed edge {e!r:.80}")
+    for m in mods:
+        if not isinstance(m, dict) or any(k not in m for k in _MODULE_KEYS) or not isinstance(m["name"], str):
+            raise TraceError(f"{where}: malformed module entry {m!r:.80}")
+        t = m.get("time_s")
+        if t is not None and not (isinstance(t, (int, float)) and t >= 0):
+            raise TraceError(f"{where}: module {m['name']!r} has invalid time_s {t!r}")
+    return g
+
+
+# --------------------------------------------------------------------------- feature captures
+# One HDF5 file per capture of one layer's output on a fixed probe input (recorder/features.py):
+#   RUN/features/features-NNNNNN.h5   (written as .part, then renamed; immutable once renamed)
+# Root attributes: format, format_version, kind="feature-capture", layer (dotted module name),
+#   step, epoch, rank. Dataset: values (N, ...) float32, the layer's output for the N probe inputs.
+FEATURES_DIR = "features"
+FEATURE_KIND = "feature-capture"
+_FEATURE_RE = re.compile(r"^features-(\d{6})\.h5$")
+FEATURE_MAX_ELEMENTS = 1 << 28
+
+
+def feature_filename(index: int, live: bool = False) -> str:
+    """File name of feature capture ``index`` (``features-000000.h5``); ``live`` adds ``.part``."""
+    name = f"features-{int(index):06d}{SHARD_SUFFIX}"
+    return name + LIVE_SUFFIX if live else name
+
+
+def list_features(run_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """``(index, path)`` of every finished feature capture, in index order (``.part`` files ignored)."""
+    d = os.path.join(os.fspath(run_dir), FEATURES_DIR)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return []
+    out = [(_FEATURE_RE.match(n), os.path.join(d, n)) for n in names]
+    return sorted((int(m.group(1)), p) for m, p in out if m)
+
+
+def validate_feature_capture(attrs: dict, shape: Any, where: str) -> dict:
+    """Check a feature capture's root attributes and ``values`` shape.
+
+    Returns:
+        dict with layer (str), step, epoch (int) and shape (tuple, N first).
+
+    Raises:
+        TraceError: one line naming the first problem.
+    """
+    if attrs.get("format") != FORMAT_NAME or attrs.get("kind") != FEATURE_KIND:
+        raise TraceError(f"{where} is not a bbdecoder feature capture")
+    check_version(attrs.get("format_version"), where)
+    layer = attrs.get("layer")
+    if not isinstance(layer, str):
+        raise TraceError(f"{where}: attribute 'layer' must be a string")
+    try:
+        step, epoch = int(attrs.get("step")), int(attrs.get("epoch"))
+    except (TypeError, ValueError):
+        raise TraceError(f"{where}: attributes 'step' and 'epoch' must be integers") from None
+    if shape is None or len(shape) < 2 or min(int(x) for x in shape) < 1:
+        raise TraceError(f"{where}: 'values' must be a dataset of shape (N, C, ...), not {shape}")
+    n = 1
+    for x in shape[1:]:
+        n *= int(x)
+    if n > FEATURE_MAX_ELEMENTS:
+        raise TraceError(f"{where}: values of shape {tuple(shape)} are not sane")
+    return {"layer": layer, "step": step, "epoch": epoch, "shape": tuple(int(x) for x in shape)}

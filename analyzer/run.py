@@ -394,6 +394,40 @@ class Run:
         return pd.concat([attention_iou(c, target, mask_group, protected, method, resolution, scores, bootstrap,
                                         seed, by) for c in caps], ignore_index=True)
 
+    # ------------------------------------------------------------------ function graph and feature evolution
+    def graph(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The recorded function graph (``graph.json``): (nodes, edges) DataFrames.
+
+        nodes: one row per op that ran, in call order (id, op, func, module, module_type, activation
+        kind, input/output shapes and dtypes, params, flops); edges: src, dst, arg, shape, src_op, dst_op.
+        See :mod:`analyzer.graph`. Raises TraceError when no graph was recorded.
+        """
+        from .graph import edge_frame, node_frame, read_graph
+        g = read_graph(self.path)
+        return node_frame(g), edge_frame(g)
+
+    def graph_modules(self) -> pd.DataFrame:
+        """Per-module cost of the recorded forward: name, type, depth, calls, n_params, flops
+        (inclusive, per forward), time_s (median inclusive forward time, seconds), kind."""
+        from .graph import module_frame, read_graph
+        return module_frame(read_graph(self.path))
+
+    @property
+    def feature_captures(self) -> pd.DataFrame:
+        """Feature captures (``RUN/features/``): index, path, layer, step, epoch, shape."""
+        from .features import feature_captures
+        return feature_captures(self.path)
+
+    def feature_maps(self, layer: str, sample: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """One layer's output for probe input ``sample`` at every capture.
+
+        Returns:
+            (maps float32 (T, C, H, W), steps int64 (T,)); see :func:`analyzer.features.feature_maps`.
+        """
+        from .features import feature_maps
+        maps, steps, _ = feature_maps(self.path, layer, sample)
+        return maps, steps
+
     # ------------------------------------------------------------------ selection
     def select(self, layers: Any = None) -> list[int]:
         """Layer ids for a specification (ids, names, globs, type names; see format.select_layers)."""

@@ -123,6 +123,12 @@ class Recorder:
         activations_every: schedule of raw activation samples (default every 50 steps).
         activation_samples: raw samples per site when that schedule fires (the first K inputs).
         activation_unit_axis: ``{site name or glob: axis}`` overrides of the unit axis.
+        graph: record the function graph (``RUN/graph.json``, see :mod:`recorder.graph`) once, on the
+            first forward pass (an extra forward without gradients; buffers and RNG restored).
+        probe: ``(example_input, layer)``: capture ``layer``'s output for this fixed input into
+            ``RUN/features/`` (see :mod:`recorder.features`) on the ``probe_every`` schedule.
+        probe_every: "epoch" (default: at every ``epoch_end()``), or a step schedule (int every n /
+            callable ``step -> bool``), checked in ``step()`` after the step is handed to the writer.
     """
 
     def __init__(self, model: torch.nn.Module, run_dir: str | os.PathLike, layers: Any = None,
@@ -132,7 +138,8 @@ class Recorder:
                  max_shard_bytes: int = 1 << 30, grad_dtype: str = "float32",
                  weight_dtype: str = "float32", record_rank: int | None = 0,
                  activations: Any = None, activations_every: Any = 50, activation_samples: int = 8,
-                 activation_unit_axis: dict | None = None):
+                 activation_unit_axis: dict | None = None, graph: bool = False, probe: Any = None,
+                 probe_every: Any = "epoch"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("model must be a torch.nn.Module")
         if on_error not in ("warn", "raise"):
@@ -219,6 +226,20 @@ class Recorder:
             if self._tracker is not None:  # a failed constructor leaves the model without our hooks
                 self._tracker.remove()
             raise
+        self._init_graph_probe(model, graph, probe, probe_every)
+
+    def _init_graph_probe(self, model, graph: bool, probe: Any, probe_every: Any) -> None:
+        """Function graph on the first forward and the feature probe (small, self-contained)."""
+        self._graph_hook = model.register_forward_pre_hook(self._graph_pre, with_kwargs=True, prepend=True) \
+            if graph else None
+        self._probe = None
+        if probe is not None:
+            from .attention import _resolve_layer
+            if not (isinstance(probe, tuple) and len(probe) == 2):
+                raise ValueError("probe must be a tuple (example_input, layer)")
+            self._probe = (probe[0], _resolve_layer(model, probe[1])[0])
+            self._probe_sched = "epoch" if probe_every == "epoch" else as_schedule(probe_every)
+            self.config.update(probe_layer=self._probe[1], probe_every=repr(probe_every))
 
     def _setup_run(self, model, table, overwrite, on_error, on_full, queue_items, queue_bytes,
                    flush_steps, flush_secs, max_shard_bytes, grad_dtype, weight_dtype, record_rank,
@@ -274,9 +295,10 @@ class Recorder:
                     raise FileExistsError(f"{d} is not a bbdecoder run; refusing to overwrite it")
                 for n in os.listdir(d):
                     p = os.path.join(d, n)
-                    if (fmt.parse_rank_dirname(n) is not None or n == fmt.CAPTURES_DIR) and os.path.isdir(p):
+                    if (fmt.parse_rank_dirname(n) is not None or n in (fmt.CAPTURES_DIR, fmt.FEATURES_DIR)) \
+                            and os.path.isdir(p):
                         shutil.rmtree(p)
-                    elif n == fmt.MANIFEST or n.startswith(".tmp-"):
+                    elif n in (fmt.MANIFEST, fmt.GRAPH_FILE) or n.startswith(".tmp-"):
                         os.unlink(p)
             os.makedirs(d, exist_ok=True)
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -345,6 +367,8 @@ class Recorder:
                 p.events.extend(p.loss.events)
                 p.loss = p.loss.host
             self._writer.put(p, p.nbytes, _drop_payload)
+            if self._probe is not None and self._probe_sched != "epoch" and self._probe_sched(s):
+                self.capture_features(*self._probe, step=s)
         except (WriterClosedError, RecorderError):
             raise
         except WriterError as e:
@@ -357,7 +381,60 @@ class Recorder:
         if self._closed:
             raise RecorderClosedError("Recorder.epoch_end() called after close()")
         self._surface_error()
+        if self._probe is not None and self._probe_sched == "epoch" and not self._disabled:
+            try:
+                self.capture_features(*self._probe)
+            except Exception as e:
+                self._fail(e)
         self._epoch += 1
+
+    def record_graph(self, example_input: Any, kwargs: dict | None = None) -> str:
+        """Record the function graph of one forward pass on ``example_input`` into ``RUN/graph.json``
+        (see :func:`recorder.graph.record_graph`). Not part of the training step.
+
+        Returns:
+            Path of graph.json.
+        """
+        if self._closed:
+            raise RecorderClosedError("Recorder.record_graph() called after close()")
+        from .graph import record_graph, write_graph
+        tr = self._tracker
+        if tr is not None:  # the extra forward must not count as an activation step
+            tr.remove()
+        try:
+            g = record_graph(self.model, example_input, kwargs)
+        finally:
+            if tr is not None:
+                tr._install()
+        if self.rank != 0:
+            return os.path.join(self.run_dir, fmt.GRAPH_FILE)
+        return write_graph(self.run_dir, g)
+
+    def capture_features(self, x: Any, layer: Any, step: int | None = None) -> str:
+        """Store ``layer``'s output for the fixed input ``x`` into ``RUN/features/`` at the current step
+        (default: the index of the next step, i.e. the weights after the last optimizer step) and epoch
+        (see :func:`recorder.features.capture_features`). Not part of the training step.
+
+        Returns:
+            Path of the capture file written.
+        """
+        if self._closed:
+            raise RecorderClosedError("Recorder.capture_features() called after close()")
+        from .features import capture_features
+        return capture_features(self.model, x, layer, self.run_dir, step=self._step if step is None else step,
+                                epoch=self._epoch, rank=self.rank)
+
+    def _graph_pre(self, module, args, kwargs):
+        h, self._graph_hook = self._graph_hook, None
+        if h is not None:
+            h.remove()
+        if self._disabled or self._closed:
+            return None
+        try:
+            self.record_graph(args, kwargs)
+        except Exception as e:
+            self._fail(e)
+        return None
 
     def capture_attention(self, loader, target_layer: Any, targets: dict, **kwargs) -> str:
         """An attention capture pass into this run (``RUN/captures/``) at the current step and epoch.
@@ -398,6 +475,8 @@ class Recorder:
         status = status or fmt.STATUS_COMPLETE
         if self._tracker is not None:
             self._tracker.remove()
+        if getattr(self, "_graph_hook", None) is not None:
+            self._graph_hook.remove()
         self._writer.close(status, raise_error=False)
         err = self._writer.take_error()
         if self._writer.error is not None:
