@@ -179,7 +179,7 @@ def _records_json(df) -> str:
 
 def _no_sites(run) -> None:
     if not run._sites:
-        raise TraceError(f"no activation sites in {run.path} (record with Recorder(..., activations='all') "
+        raise TraceError(f"no activation sites in {run.path} (record with Recorder(..., activations=True) "
                          "or a selection of modules and functional activations)")
 
 

@@ -531,10 +531,7 @@ class ActivationTracker:
             else:
                 torch.amin(w, d, out=lo)
             torch.amax(w, d, out=hi)
-            if fast:
-                o["shift"].zero_()
-                o["csum"].copy_(o["sum"])
-                o["fin"].fill_(Q if inner else j - i)   # checked below
+            if fast:   # shift 0, shifted sum = sum and every value finite: set for all slabs below
                 c_in = w
             else:
                 # centred: each value minus the mean of its partial (as rounded in the tensor's dtype)
@@ -561,6 +558,14 @@ class ActivationTracker:
         for c in range(nch):
             slab(c, cpu)
         if cpu:
+            part[names.index("shift")].zero_()
+            part[names.index("csum")].copy_(part[0])
+            fin_p = cnt[1] if cnt is not None else part[names.index("fin")]
+            if inner:
+                fin_p.fill_(Q)
+            else:
+                fin_p.fill_(rows)
+                fin_p[-1].fill_(A - (nch - 1) * rows)
             # slabs whose partials hold a non-finite value or a spread small against their size
             # go through the exact path (host reads of small tensors: free on the CPU)
             S = part[0].double()

@@ -200,7 +200,8 @@ def run_demo(out: str, force: bool = False, epochs: int = 3, samples: int = 2048
     model = make_reference_cnn()
     log(f"training the reference CNN ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"on {samples} synthetic images for {epochs} epochs, recording into {run_dir}")
-    with Recorder(model, run_dir, grads_every=1, weights_every=10, overwrite=force) as rec:
+    with Recorder(model, run_dir, grads_every=1, weights_every=10, activations=True, activations_every=20,
+                  overwrite=force) as rec:
         losses = train(model, images, labels, epochs=epochs, recorder=rec, seed=seed)
     acc = accuracy(model, test_x, test_y)
     log("epoch losses: " + ", ".join(f"{v:.3f}" for v in losses) + f"; held-out accuracy {acc:.1%}")
