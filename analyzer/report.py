@@ -415,6 +415,7 @@ class _Report:
             self._gradients(lt, gs, ge, gl)
             self._weights(lt, ws1)
             self._activations()
+            self._attention()
 
         if self.missing:
             warnings.warn(f"bbdecoder report: the trace has {' and '.join(self.missing)}; the figures that "
@@ -884,6 +885,67 @@ class _Report:
                          "report with another --dead-threshold for the per-unit lists at that value.",
                          draw, plots.check(sw, plots.pruning_sweep))
 
+    # ------------------------------------------------------------------ attention captures (issue 4)
+    def _attention(self) -> None:
+        """Attention-IoU section: scores per split, average maps, overlays, score over capture steps."""
+        from . import plots_attention as pa
+        try:
+            data = pa.section_data(self.run)
+        except fmt.TraceError as e:
+            self.skip("attention section", str(e))
+            return
+        if not data:
+            self.not_recorded.append("attention section: no attention captures (recorder.capture_attention)")
+            return
+        cap, target = data["capture"], data["target"]
+        where = f"capture {cap.index} (step {cap.step}), target <code>{html.escape(target)}</code>, Grad-CAM"
+        sc = data["scores"]
+        if sc is not None and len(sc):
+            self.table("attention_iou", sc, f"Attention-IoU of {target!r} per split and reference "
+                       f"(capture {cap.index}, Grad-CAM, {pa.REPORT_BOOTSTRAP} bootstrap resamples)")
+
+            def draw_scores():
+                fig, ax = plots.new_figure(9, 4.2)
+                pa.attention_scores(sc, ax[0, 0])
+                return fig
+            self.figure("attention_scores", "Attention-IoU per split", f"{where}: mean Attention-IoU S of the "
+                        "maps against each mask group (or the second target's maps), per split: all images, correct "
+                        "and incorrect predictions, and each joint value of the captured group labels. Bars: "
+                        f"bootstrap mean ({pa.REPORT_BOOTSTRAP} resamples); whiskers: bootstrap std. Rescore with "
+                        "<code>bbdecoder attention-iou</code> (other method, resolution, mask group, 10,000 "
+                        "resamples).", draw_scores, "attention")
+        else:
+            self.skip("figure attention_scores", "the capture has no masks and a single target")
+        if data["avg_maps"]:
+            def draw_avg():
+                n = len(data["avg_maps"])
+                fig = plots.figure(min(4, n) * 2.6 + 1, int(np.ceil(n / 4)) * 2.6)
+                return pa.attention_average_maps(data["avg_maps"], fig)
+            self.figure("attention_average_maps", "Average attention maps", f"{where}: the mean of the "
+                        "per-image [0, 1] maps (at the image size) over each split's images.", draw_avg, "attention")
+
+        def draw_ov():
+            fig = plots.figure(2.3 * max(len(data["overlays"]), 1), 2.6)
+            return pa.attention_overlays(data["overlays"], data["overlay_masks"], fig,
+                                         titles=[f"image {i}" for i in range(len(data["overlays"]))])
+        mname = data["overlay_mask_name"]
+        self.figure("attention_overlays", "Attention overlays", f"{where}: the first images' maps" +
+                    (f", with the outline of mask group <code>{html.escape(mname)}</code> in white." if mname else
+                     " (no masks were captured)."), draw_ov, "attention")
+        tm = data["time"]
+        if tm is not None and tm["step"].nunique() > 1:
+            self.table("attention_iou_time", tm, f"Attention-IoU of {target!r} (all images) per capture")
+
+            def draw_time():
+                fig, ax = plots.new_figure(9, 4)
+                pa.attention_over_time(tm, ax[0, 0])
+                return fig
+            self.figure("attention_over_time", "Attention-IoU over training", f"Target <code>"
+                        f"{html.escape(target)}</code>, Grad-CAM: the score over all images of each capture, by the "
+                        "training step at which it was taken; band: bootstrap std.", draw_time, "attention")
+        else:
+            self.skip("figure attention_over_time", "fewer than two captures at different steps")
+
     # ------------------------------------------------------------------ summary and HTML
     def _summary(self, steps, lt, summ, gl, ws, multi_rank) -> dict:
         run = self.run
@@ -989,7 +1051,7 @@ class _Report:
                 _fmt(L["last_epoch_mean_l2"]), _fmt(L["weight_l2_final"]), _fmt(L["update_ratio_median"]))) + "</tr>"
             for L in s["layers"])
         sections = [("loss", "Loss"), ("gradients", "Gradients"), ("weights", "Weights"),
-                    ("activations", "Activations"), ("layers", "Per layer")]
+                    ("activations", "Activations"), ("attention", "Attention-IoU"), ("layers", "Per layer")]
         figs = []
         for key, title in sections:
             fs = [f for f in self.figures if f["section"] == key]

@@ -206,3 +206,22 @@ def test_corrupt_capture_is_one_line_error(tmp_path, capsys, what):
         Capture(p)
     code, out = _cli(["attention-iou", str(run), "--target", "bird", "--mask-group", "object"], capsys)
     assert code == 2 and out.err.count("\n") == 1
+
+
+def test_attention_iou_without_torch(tmp_path):
+    """The attention modules and command run with torch blocked and give the same numbers."""
+    import subprocess
+    import sys
+    run = _run(tmp_path)
+    write_capture(str(run / "captures" / "capture-000000.h5"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys; sys.modules['torch'] = None; sys.path.insert(0, {root!r})\n"
+            "from analyzer.cli import main\n"
+            f"main(['attention-iou', {str(run)!r}, '--target', 'bird', '--mask-group', 'object', '--json',"
+            " '--bootstrap', '30', '--by', 'none', '--method', 'eigengradcam'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import analyzer
+    want = analyzer.open(run).attention_iou("bird", mask_group="object", bootstrap=30, by=None, method="eigengradcam")
+    got = json.loads(r.stdout)
+    np.testing.assert_allclose([g["boot_mean"] for g in got], want["boot_mean"].to_numpy(), rtol=1e-12)
