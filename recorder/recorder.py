@@ -398,6 +398,9 @@ class Recorder:
         if self._closed:
             raise RecorderClosedError("Recorder.record_graph() called after close()")
         from .graph import record_graph, write_graph
+        h, self._graph_hook = self._graph_hook, None  # graph=True is satisfied by this call
+        if h is not None:
+            h.remove()
         tr = self._tracker
         if tr is not None:  # the extra forward must not count as an activation step
             tr.remove()
@@ -425,10 +428,10 @@ class Recorder:
                                 epoch=self._epoch, rank=self.rank)
 
     def _graph_pre(self, module, args, kwargs):
-        h, self._graph_hook = self._graph_hook, None
-        if h is not None:
-            h.remove()
         if self._disabled or self._closed:
+            h, self._graph_hook = self._graph_hook, None
+            if h is not None:
+                h.remove()
             return None
         try:
             self.record_graph(args, kwargs)
