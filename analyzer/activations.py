@@ -81,13 +81,15 @@ def _steps_filter(steps_arg):
     return lambda s: np.isin(s, want)
 
 
-def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), steps=None):
+def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), steps=None, rank=None):
     """Yield ``(steps (k,), {stat: array (k, ...)}, rank)`` shard by shard for one site: every shard of
     the lowest rank in step order, then those of the next rank (each rank records its own
-    activations under torch.distributed)."""
+    activations under torch.distributed). ``rank``: only that rank's shards. Per-rank rows: use
+    :func:`iter_merged_site_stats` for statistics summed over ranks."""
     keep = _steps_filter(steps)
     want = [s for s in stats if s in site["stats"]]
-    shards = [sh for sh in run._shards if (fmt.KIND_ACT_STATS, site["key"], want[0]) in sh.payloads]
+    shards = [sh for sh in run._shards if (fmt.KIND_ACT_STATS, site["key"], want[0]) in sh.payloads
+              and (rank is None or sh.rank == rank)]
     shards.sort(key=lambda sh: (sh.rank, sh.index))
     for sh in shards:
         with run._open_shard(sh.path, sh.name) as r:
@@ -105,6 +107,72 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
                                      f"expected {len(st)}")
                 out[s] = np.asarray(r.read_payload(fmt.KIND_ACT_STATS, site["key"], s, 0, rows), np.float64)[m]
             yield st[m], out, sh.rank
+
+
+def _site_ranks(run, site: dict, stat: str) -> list[int]:
+    return sorted({sh.rank for sh in run._shards if (fmt.KIND_ACT_STATS, site["key"], stat) in sh.payloads})
+
+
+def _combine(out: dict, idx: np.ndarray, d: dict) -> None:
+    """Add one rank's rows ``d`` (unique steps) into the merged rows ``out[idx]``: minima of ``min``,
+    maxima of ``max``, sums of everything else (counts, sums, n_pos, histograms)."""
+    for s, v in d.items():
+        if s == "min":
+            out[s][idx] = np.minimum(out[s][idx], v)   # NaN propagates, as on the device
+        elif s == "max":
+            out[s][idx] = np.maximum(out[s][idx], v)
+        else:
+            out[s][idx] += v
+
+
+def iter_merged_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), steps=None):
+    """Yield ``(steps (k,), {stat: array (k, ...)})`` for one site in increasing step order, each step's
+    statistics merged over every rank that recorded it (torch.distributed: each rank records its own
+    samples): counts, sums, sums of squares, n_pos and histograms add, min of the minima, max of the
+    maxima. Streams: holds at most about one shard's rows per rank."""
+    want = [s for s in stats if s in site["stats"]]
+    ranks = _site_ranks(run, site, want[0]) if want else []
+    if len(ranks) <= 1:
+        for st, d, _ in iter_site_stats(run, site, stats, steps):
+            yield st, d
+        return
+    gens = {r: iter_site_stats(run, site, stats, steps, rank=r) for r in ranks}
+    buf: dict[int, list] = {r: [] for r in ranks}    # per rank: [(steps, d)] not yet merged
+    while gens or any(buf.values()):
+        for r in list(gens):                        # every open rank holds at least one block
+            if not buf[r]:
+                nxt = next(gens[r], None)
+                if nxt is None:
+                    del gens[r]
+                else:
+                    buf[r].append(nxt[:2])
+        if not any(buf.values()):
+            break
+        # steps up to the smallest "last buffered step" of the open ranks are complete on every rank
+        upto = min((buf[r][-1][0][-1] for r in gens if buf[r]), default=np.iinfo(np.int64).max)
+        parts = []
+        for r in ranks:
+            keep_r = []
+            for st, d in buf[r]:
+                m = st <= upto
+                if m.all():
+                    parts.append((st, d))
+                elif m.any():
+                    parts.append((st[m], {s: v[m] for s, v in d.items()}))
+                    keep_r.append((st[~m], {s: v[~m] for s, v in d.items()}))
+                else:
+                    keep_r.append((st, d))
+            buf[r] = keep_r
+        if not parts:
+            continue
+        allst = np.unique(np.concatenate([st for st, _ in parts]))
+        out = {}
+        for s, v in parts[0][1].items():
+            init = np.inf if s == "min" else (-np.inf if s == "max" else 0.0)
+            out[s] = np.full((len(allst),) + v.shape[1:], init, np.float64)
+        for st, d in parts:
+            _combine(out, np.searchsorted(allst, st), d)
+        yield allst, out
 
 
 def samples(run, site: Any, steps=None) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +251,16 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def activation_stats(run, per: str = "step", sites: Any = None, steps=None) -> pd.DataFrame:
+def _site_blocks(run, S: dict, stats=PER_UNIT + ("count", "nonfinite"), steps=None, by_rank: bool = False):
+    """``(steps, {stat: rows}, rank)`` blocks of one site: merged over ranks (rank None) unless ``by_rank``."""
+    if by_rank:
+        yield from iter_site_stats(run, S, stats, steps)
+    else:
+        for st, d in iter_merged_site_stats(run, S, stats, steps):
+            yield st, d, None
+
+
+def activation_stats(run, per: str = "step", sites: Any = None, steps=None, by_rank: bool = False) -> pd.DataFrame:
     """Per-unit activation statistics.
 
     Returns one row per (step, site, unit) (``per="step"``) or per (epoch, site, unit) (``per="epoch"``,
@@ -192,6 +269,10 @@ def activation_stats(run, per: str = "step", sites: Any = None, steps=None) -> p
     (fraction of values > 0), apoz (= 1 - frac_active: the fraction at or below 0; NaN values count
     here too), nonfinite (NaN/Inf values of the whole site at that step or epoch, repeated per
     unit). NaN and Inf values enter the sums as they are (a NaN makes that unit's mean, min, ... NaN).
+
+    Several ranks (torch.distributed, each rank records its own samples): each step's row pools
+    every rank's values (counts and sums add, min of minima, max of maxima), unless ``by_rank``
+    (``per="step"`` only): then one row per (rank, step, site, unit) with a leading ``rank`` column.
     """
     if per not in ("step", "epoch"):
         raise ValueError(f"per must be 'step' or 'epoch', not {per!r}")
@@ -199,7 +280,7 @@ def activation_stats(run, per: str = "step", sites: Any = None, steps=None) -> p
     ranks: set = set()
     for S in select_sites(run, sites):
         pooled: dict = {}
-        for st, d, rank in iter_site_stats(run, S, steps=steps):
+        for st, d, rank in _site_blocks(run, S, steps=steps, by_rank=by_rank and per == "step"):
             ranks.add(rank)
             ep = run._epoch_of(st)
             if per == "step":
@@ -309,8 +390,8 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
         last one), dead_fraction and flagged (per site, repeated). ``dead`` judges the whole range:
         a unit that died half-way has a died_at but is dead only over ``steps=(died_at, None)``.
         Statistics that are NaN (NaN activations) never make a unit dead. Sites without recorded
-        steps in ``steps`` have no rows. With several ranks a unit is alive at a step if it is
-        alive on any rank, and the pooled judgement uses every rank's values.
+        steps in ``steps`` have no rows. With several ranks every judgement (per step and pooled)
+        uses the statistics of every rank's values at that step (see :func:`iter_merged_site_stats`).
     """
     threshold, max_active_fraction = _check_criterion(criterion, threshold, max_active_fraction)
     layer_share = _number("layer_share", layer_share)
@@ -325,7 +406,7 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
         mx = np.full(U, -np.inf)
         last_alive = np.full(U, np.iinfo(np.int64).min)   # last step at which the unit was alive
         all_steps: set = set()
-        for st, d, _ in iter_site_stats(run, S, steps=steps):
+        for st, d in iter_merged_site_stats(run, S, steps=steps):
             dead_now = _dead_now(criterion, threshold, max_active_fraction, d)
             all_steps.update(st.tolist())
             alive = np.where(~dead_now, st[:, None], np.iinfo(np.int64).min)
@@ -357,14 +438,15 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
 
 
 def dead_per_step(run, criterion: str = "strict", threshold: float = 0.0, max_active_fraction: float = 0.0,
-                  steps=None, sites: Any = None) -> pd.DataFrame:
+                  steps=None, sites: Any = None, by_rank: bool = False) -> pd.DataFrame:
     """Fraction of each site's units dead *at each step* (the per-step criterion): step, site, dead_fraction.
-    Also per unit with :func:`dead_mask`."""
+    Also per unit with :func:`dead_mask`. Several ranks: judged on every rank's values at that step,
+    unless ``by_rank`` (then per rank, with a leading ``rank`` column)."""
     threshold, max_active_fraction = _check_criterion(criterion, threshold, max_active_fraction)
     rows = []
     ranks: set = set()
     for S in select_sites(run, sites):
-        for st, d, rank in iter_site_stats(run, S, steps=steps):
+        for st, d, rank in _site_blocks(run, S, steps=steps, by_rank=by_rank):
             ranks.add(rank)
             dn = _dead_now(criterion, threshold, max_active_fraction, d)
             rows.append(pd.DataFrame({"rank": rank, "step": st.astype(np.int64), "site": S["name"],
@@ -377,11 +459,12 @@ def dead_per_step(run, criterion: str = "strict", threshold: float = 0.0, max_ac
 
 def dead_mask(run, site: Any, criterion: str = "strict", threshold: float = 0.0,
               max_active_fraction: float = 0.0, steps=None) -> tuple[np.ndarray, np.ndarray]:
-    """Unit x step raster of one site: ``(steps (k,), dead (k, U) bool)`` under the per-step criterion."""
+    """Unit x step raster of one site: ``(steps (k,), dead (k, U) bool)`` under the per-step criterion
+    (several ranks: on every rank's values at that step)."""
     threshold, max_active_fraction = _check_criterion(criterion, threshold, max_active_fraction)
     S = select_site(run, site)
     st_all, masks = [], []
-    for st, d, _ in iter_site_stats(run, S, steps=steps):
+    for st, d in iter_merged_site_stats(run, S, steps=steps):
         st_all.append(st)
         masks.append(_dead_now(criterion, threshold, max_active_fraction, d))
     if not st_all:
@@ -402,7 +485,8 @@ def _hist_bins_for_delta(S, delta):
     return nb, nb * width, B
 
 
-def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit: bool = False) -> pd.DataFrame:
+def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit: bool = False,
+               by_rank: bool = False) -> pd.DataFrame:
     """Fraction of saturated values per (step, site[, unit]).
 
     By kind: sigmoid, hardtanh, relu6: a < lo + delta or a > hi - delta, with the kind's bounds
@@ -414,7 +498,8 @@ def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit
     step: ``delta`` is rounded down to a bin edge (``delta_used``; the default 200 bins give steps of
     0.005 for sigmoid, 0.01 for tanh, 0.03 for relu6); NaN values count in no bin.
     Sites of other kinds (plain module outputs) are not included. The site's fraction pools its
-    units (saturated values / values). Several ranks: a ``rank`` column.
+    units (saturated values / values). Several ranks: over every rank's values at that step, unless
+    ``by_rank`` (then per rank, with a leading ``rank`` column).
     """
     delta = _number("delta", delta)
     if not 0.0 <= delta < 0.5:
@@ -428,7 +513,7 @@ def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit
         if fam not in ("relu", "bounded"):
             continue
         need = ("count", "n_pos") if fam == "relu" else ("count", "hist")
-        for st, d, rank in iter_site_stats(run, S, stats=need, steps=steps):
+        for st, d, rank in _site_blocks(run, S, stats=need, steps=steps, by_rank=by_rank):
             ranks.add(rank)
             ep = run._epoch_of(st)
             if fam == "relu":

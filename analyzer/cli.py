@@ -88,12 +88,28 @@ def info(run_dir: str, as_json: bool, scan_nonfinite: bool = False) -> None:
         f"weights   {rec['weights']['steps']} snapshot(s), {rec['weights']['layers']} layer(s)",
         f"dropped   {d['dropped']}",
     ]
+    lines[6:6] = _rank_lines(d)   # under the "ranks" line
     for e in d["errors"]:
         lines.append(f"error     {e}")
     for p in d["problems"]:
         lines.append(f"problem   {p}")
     lines += _nonfinite_lines(d.get("nonfinite"))
     click.echo("\n".join(lines))
+
+
+def _rank_lines(d: dict) -> list[str]:
+    """`info` under torch.distributed: one line per rank (status, shards, steps, what it recorded)."""
+    rt = d.get("rank_table") or []
+    if len(rt) <= 1 and d.get("world_size", 1) <= 1:
+        return []
+    out = []
+    for r in rt:
+        what = [k for k in ("grads", "weights", "activations") if r[k]]
+        span = f" ({r['first_step']}..{r['last_step']})" if r["steps"] else ""
+        out.append(f"  rank {r['rank']:<3} {r['status']}, {r['shards']} shard(s)"
+                   + (f" + {r['live']} unfinished" if r["live"] else "")
+                   + f", {r['steps']} step(s){span}, {r['bytes']:,} bytes, records {', '.join(what) or 'steps only'}")
+    return out
 
 
 def _nonfinite_lines(nf: dict | None) -> list[str]:

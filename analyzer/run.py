@@ -214,6 +214,26 @@ class Run:
     def ranks(self) -> list[int]:
         return sorted(self.rank_states)
 
+    def rank_table(self) -> pd.DataFrame:
+        """One row per rank directory: rank, status (from its rank.json), shards (closed), live
+        (unfinished shards), steps (rows of its step tables), first_step, last_step (NaN if none),
+        bytes (closed shards, bytes), grads, weights, activations (whether its shards hold any)."""
+        rows = []
+        for r in self.ranks:
+            sh = [s for s in self._shards if s.rank == r]
+            st = np.concatenate([np.asarray(s.steps["step"], np.int64) for s in sh]) if sh else np.zeros(0, np.int64)
+            kinds = {k[0] for s in sh for k, v in s.payloads.items() if v[0]}
+            rows.append({"rank": r, "status": str(self.rank_states[r].get("status", "unknown")), "shards": len(sh),
+                         "live": sum(n.startswith(fmt.rank_dirname(r) + "/") for n in self._live),
+                         "steps": int(len(np.unique(st))),
+                         "first_step": float(st.min()) if len(st) else np.nan,
+                         "last_step": float(st.max()) if len(st) else np.nan,
+                         "bytes": int(sum(s.nbytes for s in sh)), "grads": fmt.KIND_GRADS in kinds,
+                         "weights": fmt.KIND_WEIGHTS in kinds, "activations": fmt.KIND_ACT_STATS in kinds})
+        cols = ["rank", "status", "shards", "live", "steps", "first_step", "last_step", "bytes", "grads", "weights",
+                "activations"]
+        return pd.DataFrame(rows, columns=cols)
+
     @property
     def nbytes(self) -> int:
         """Bytes of closed shards on disk."""
@@ -295,6 +315,9 @@ class Run:
             "shards": len(self._shards), "bytes": self.nbytes, "recorded": self.recorded(),
             "dropped": int(st["dropped"].sum()) if len(st) else 0,
             "errors": [e for s in self.rank_states.values() for e in s.get("errors", [])],
+            "rank_table": [{k: (None if isinstance(v, float) and np.isnan(v) else
+                                int(v) if isinstance(v, (float, np.integer)) else v) for k, v in row.items()}
+                           for row in self.rank_table().to_dict("records")],
             "problems": list(self.problems), "model": m.get("model", {}), "config": m.get("config", {}),
             "created": m.get("created"), "ended": m.get("ended"),
         }
@@ -306,10 +329,11 @@ class Run:
         from .activations import site_table
         return site_table(self)
 
-    def activation_stats(self, per: str = "step", sites: Any = None, steps=None) -> pd.DataFrame:
-        """Per-unit activation statistics per step or epoch (see :func:`analyzer.activations.activation_stats`)."""
+    def activation_stats(self, per: str = "step", sites: Any = None, steps=None, by_rank: bool = False) -> pd.DataFrame:
+        """Per-unit activation statistics per step or epoch, pooled over ranks unless ``by_rank``
+        (see :func:`analyzer.activations.activation_stats`)."""
         from .activations import activation_stats
-        return activation_stats(self, per=per, sites=sites, steps=steps)
+        return activation_stats(self, per=per, sites=sites, steps=steps, by_rank=by_rank)
 
     def dead_units(self, criterion: str = "strict", threshold: float = 0.0, max_active_fraction: float = 0.0,
                    steps=None, sites: Any = None, layer_share: float = 0.5) -> pd.DataFrame:
@@ -317,10 +341,12 @@ class Run:
         from .activations import dead_units
         return dead_units(self, criterion, threshold, max_active_fraction, steps, sites, layer_share)
 
-    def saturation(self, delta: float = 0.03, steps=None, sites: Any = None, per_unit: bool = False) -> pd.DataFrame:
-        """Saturated fraction per (step, site[, unit]) (see :func:`analyzer.activations.saturation`)."""
+    def saturation(self, delta: float = 0.03, steps=None, sites: Any = None, per_unit: bool = False,
+                   by_rank: bool = False) -> pd.DataFrame:
+        """Saturated fraction per (step, site[, unit]), pooled over ranks unless ``by_rank``
+        (see :func:`analyzer.activations.saturation`)."""
         from .activations import saturation
-        return saturation(self, delta, steps=steps, sites=sites, per_unit=per_unit)
+        return saturation(self, delta, steps=steps, sites=sites, per_unit=per_unit, by_rank=by_rank)
 
     def dimension_variance(self, layer: Any, dim: int = 1, steps=None) -> pd.DataFrame:
         """Variance across ``dim`` of a site's raw samples, per recorded step."""

@@ -27,7 +27,7 @@ from analyzer.storage import HDF5Backend, ShardSeriesWriter, StepRecord
 from .schedules import as_schedule
 from .writer import BackgroundWriter, WriterClosedError, WriterError
 
-__all__ = ["Recorder", "RecorderError", "RecorderWarning", "RecorderClosedError", "LayerInfo"]
+__all__ = ["Recorder", "RecorderError", "RecorderWarning", "RecorderClosedError", "LayerInfo", "unwrap_model"]
 
 VERSION = "2.0.0.dev0"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
@@ -115,6 +115,9 @@ class Recorder:
         grad_dtype / weight_dtype: storage dtype of raw tensors ("float32", "float16", "float64").
         record_rank: the rank that records gradients and weights under torch.distributed
             (they are identical on every rank after DDP's all-reduce); None = every rank.
+        activation_ranks: the ranks that record activations under torch.distributed: None (default:
+            every rank, each from its own data), a rank or a list of ranks (must include rank 0,
+            which writes the site table). Every rank writes its step table and ``rank.json``.
         activations: activation sites to record (None: none). True or ``"activations"``: every
             activation module (nn.ReLU, nn.Sigmoid, nn.Tanh, ...) and every functional activation
             call; ``"all"``: every leaf module's output too; or ids, names, globs, types, modules
@@ -139,9 +142,10 @@ class Recorder:
                  weight_dtype: str = "float32", record_rank: int | None = 0,
                  activations: Any = None, activations_every: Any = 50, activation_samples: int = 8,
                  activation_unit_axis: dict | None = None, graph: bool = False, probe: Any = None,
-                 probe_every: Any = "epoch"):
+                 probe_every: Any = "epoch", activation_ranks: Any = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("model must be a torch.nn.Module")
+        model = unwrap_model(model)   # DDP / DataParallel: record the wrapped module, same names
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', not {on_error!r}")
         if grad_dtype not in _DTYPES or weight_dtype not in _DTYPES:
@@ -156,6 +160,9 @@ class Recorder:
         self._grad_dtype, self._weight_dtype = _DTYPES[grad_dtype], _DTYPES[weight_dtype]
         self.rank, self.world_size = _dist_info()
         records_tensors = record_rank is None or record_rank == self.rank
+        self._activation_ranks = _check_ranks(activation_ranks, self.world_size)
+        if self._activation_ranks is not None and self.rank not in self._activation_ranks:
+            activations = None   # this rank records no activations (its steps and rank.json still)
 
         # ---- layer table: every module owning parameters directly, ids in named_modules order
         self._modules: list[torch.nn.Module] = []
@@ -252,6 +259,7 @@ class Recorder:
             "queue_items": queue_items, "queue_bytes": queue_bytes, "flush_steps": flush_steps,
             "flush_secs": flush_secs, "max_shard_bytes": max_shard_bytes, "grad_dtype": grad_dtype,
             "weight_dtype": weight_dtype, "record_rank": record_rank,
+            "activation_ranks": self._activation_ranks,
             "activations": repr(activations), "activations_every": repr(self._act_sched),
             "activation_samples": activation_samples,
         }
@@ -629,6 +637,38 @@ def _loss_handoff(loss: Any) -> Any:
         return float(loss)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (else ``model``), so
+    that layer names are the same with and without DDP (no ``module.`` prefix). Hooks on the inner
+    module fire when the wrapper runs it.
+
+    Returns:
+        The innermost wrapped ``torch.nn.Module``.
+    """
+    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def _check_ranks(ranks: Any, world_size: int) -> list[int] | None:
+    """``activation_ranks`` as a sorted list of ranks (None: every rank). ValueError if malformed."""
+    if ranks is None:
+        return None
+    try:
+        items = [ranks] if isinstance(ranks, int) and not isinstance(ranks, bool) else list(ranks)
+        out = sorted({int(r) for r in items if isinstance(r, int) and not isinstance(r, bool)})
+        ok = len(out) == len(set(items)) and all(0 <= r < world_size for r in out)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"activation_ranks must be None, a rank or a list of ranks in [0, {world_size}), "
+                         f"not {ranks!r}")
+    if 0 not in out:
+        raise ValueError("activation_ranks must include rank 0 (rank 0 writes the activation site table)")
+    return out
 
 
 def _dist_info() -> tuple[int, int]:

@@ -863,7 +863,7 @@ def test_analyzer_with_torch_blocked(tmp_path):
 
 
 def test_two_ranks(dead_run, tmp_path):
-    """Each rank records its own activations: per-step rows carry the rank, epochs and dead units pool them."""
+    """Each rank records its own activations: steps, epochs and dead units pool them (by_rank: per rank)."""
     import shutil
     one = dead_run[0]
     d = tmp_path / "two"
@@ -873,18 +873,24 @@ def test_two_ranks(dead_run, tmp_path):
     m["world_size"] = 2
     (d / "manifest.json").write_text(json.dumps(m))
     two = analyzer.open(d)
-    a1, a2 = one.activation_stats(), two.activation_stats()
+    a1, a2 = one.activation_stats(), two.activation_stats(by_rank=True)
     assert list(a2.columns[:2]) == ["rank", "step"] and sorted(set(a2["rank"])) == [0, 1]
     pd.testing.assert_frame_equal(a2[a2["rank"] == 1].drop(columns="rank").reset_index(drop=True), a1)
+    m2 = two.activation_stats()   # merged per step: twice the values, same moments
+    assert "rank" not in m2.columns and len(m2) == len(a1) and (m2["count"] == 2 * a1["count"]).all()
+    for c in ("mean", "std", "min", "max", "frac_active"):
+        np.testing.assert_allclose(m2[c], a1[c], rtol=1e-9, atol=1e-12, err_msg=c)
     e1, e2 = one.activation_stats(per="epoch"), two.activation_stats(per="epoch")
     assert (e2["count"] == 2 * e1["count"]).all()
     np.testing.assert_allclose(e2["mean"], e1["mean"], rtol=1e-12)
     np.testing.assert_allclose(e2["std"], e1["std"], rtol=1e-9)
     for kw in (dict(), dict(threshold=0.5), dict(criterion="dormant", threshold=0.1)):
         pd.testing.assert_frame_equal(two.dead_units(**kw), one.dead_units(**kw))
-    s2 = two.saturation(per_unit=True)
+    s2 = two.saturation(per_unit=True, by_rank=True)
     assert "rank" in s2.columns and len(s2) == 2 * len(one.saturation(per_unit=True))
-    assert "rank" in analyzer.activations.dead_per_step(two).columns
+    pd.testing.assert_frame_equal(two.saturation(per_unit=True), one.saturation(per_unit=True))
+    assert "rank" in analyzer.activations.dead_per_step(two, by_rank=True).columns
+    pd.testing.assert_frame_equal(analyzer.activations.dead_per_step(two), analyzer.activations.dead_per_step(one))
 
 
 class Ckpt(nn.Module):
