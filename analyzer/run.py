@@ -126,6 +126,7 @@ class Run:
             self._expected[(fmt.KIND_ACTIVATIONS, S["key"], "samples")] = tuple(S["sample_shape"])
         self.problems: list[str] = []
         self.rank_states: dict[int, dict] = {}
+        self._site_conflicts: set[tuple[int, str]] = set()   # (rank, site key) named differently there
         self._shards: list[_Shard] = []
         self._live: list[str] = []
         self._scan()
@@ -140,6 +141,7 @@ class Run:
                 st = fmt.read_json(rfile, f"rank file {fmt.rank_dirname(rank)}/{fmt.RANK_FILE}")
                 fmt.check_version(st.get("format_version"), f"{fmt.rank_dirname(rank)}/{fmt.RANK_FILE}")
                 self.rank_states[rank] = st
+                self._add_rank_sites(rank, st)
             else:
                 self.rank_states[rank] = {"status": fmt.STATUS_RECORDING}
                 self.problems.append(f"{fmt.rank_dirname(rank)} has no {fmt.RANK_FILE}")
@@ -154,6 +156,9 @@ class Run:
                         for lk, pk in r.payloads(kind):
                             rows, shape, chunk = r.payload_info(kind, lk, pk)
                             want = self._expected.get((kind, lk, pk))
+                            if (rank, lk) in self._site_conflicts and kind in (fmt.KIND_ACT_STATS,
+                                                                               fmt.KIND_ACTIVATIONS):
+                                continue
                             if want is None:
                                 self.problems.append(f"{name}: {kind} for unknown parameter {lk}/{pk} ignored")
                                 continue
@@ -168,6 +173,29 @@ class Run:
                 self._shards.append(_Shard(rank, idx, spath, name, steps, payloads, nbytes))
         if not ranks:
             self.problems.append("no rank directory: nothing was recorded")
+
+    def _add_rank_sites(self, rank: int, st: dict) -> None:
+        """Activation sites that a rank other than 0 found and rank 0 did not (rank.json "sites";
+        torch.distributed with activation_ranks without 0, or data-dependent control flow)."""
+        sites = st.get("sites") if isinstance(st, dict) else None
+        if not sites:
+            return
+        where = f"{fmt.rank_dirname(rank)}/{fmt.RANK_FILE}"
+        fmt.validate_manifest({"format": fmt.FORMAT_NAME, "format_version": st.get("format_version"),
+                               "layers": [], "sites": sites}, where)   # the manifest's checks of sites
+        for S in sites:
+            old = self._site_by_key.get(S["key"])
+            if old is None:
+                S = dict(S)
+                self._sites.append(S)
+                self._site_by_key[S["key"]] = S
+                for stat, shp in S["stats"].items():
+                    self._expected[(fmt.KIND_ACT_STATS, S["key"], stat)] = tuple(shp)
+                self._expected[(fmt.KIND_ACTIVATIONS, S["key"], "samples")] = tuple(S["sample_shape"])
+            elif old["name"] != S["name"]:
+                self._site_conflicts.add((rank, S["key"]))
+                self.problems.append(f"{where}: site key {S['key']!r} is {S['name']!r} there but "
+                                     f"{old['name']!r} in the manifest; that rank's values of it are ignored")
 
     def _open_shard(self, path: str, name: str) -> ShardReader:
         return self._backend.open(path, name)

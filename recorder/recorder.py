@@ -116,8 +116,8 @@ class Recorder:
         record_rank: the rank that records gradients and weights under torch.distributed
             (they are identical on every rank after DDP's all-reduce); None = every rank.
         activation_ranks: the ranks that record activations under torch.distributed: None (default:
-            every rank, each from its own data), a rank or a list of ranks (must include rank 0,
-            which writes the site table). Every rank writes its step table and ``rank.json``.
+            every rank, each from its own data), a rank or a list of ranks. Every rank writes its step
+            table and ``rank.json``; ranks other than 0 put their activation sites in ``rank.json``.
         activations: activation sites to record (None: none). True or ``"activations"``: every
             activation module (nn.ReLU, nn.Sigmoid, nn.Tanh, ...) and every functional activation
             call; ``"all"``: every leaf module's output too; or ids, names, globs, types, modules
@@ -541,6 +541,11 @@ class Recorder:
         if self._sites_dirty and self.rank == 0:
             self._sites_dirty = False
             fmt.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
+        elif self._sites_dirty:   # other ranks: their site table in rank.json (the analyzer adds new sites)
+            self._sites_dirty = False
+            with self._series._lock:
+                self._series.state["sites"] = list(self._manifest["sites"])
+            self._series.write_state()
 
     def _site_added(self, meta: dict) -> None:
         self._manifest["sites"].append(meta)
@@ -666,8 +671,6 @@ def _check_ranks(ranks: Any, world_size: int) -> list[int] | None:
     if not ok:
         raise ValueError(f"activation_ranks must be None, a rank or a list of ranks in [0, {world_size}), "
                          f"not {ranks!r}")
-    if 0 not in out:
-        raise ValueError("activation_ranks must include rank 0 (rank 0 writes the activation site table)")
     return out
 
 

@@ -70,21 +70,21 @@ WORKER = textwrap.dedent(r"""
             opt.zero_grad()
             loss = ((ddp(x) - y) ** 2).mean()
             loss.backward()
-            if tag == "a":
-                seen["grad"].append(model.fc1.weight.grad.numpy().copy())
+            seen["grad"].append(model.fc1.weight.grad.numpy().copy())
             rec.step(loss)
             opt.step()
         rec.close()
+        for k in ("relu", "tanh", "grad"):
+            np.save(os.path.join(out, f"{{k}}{{tag}}-{{rank}}.npy"), np.stack(seen[k]))
+            seen[k].clear()
 
     rec = Recorder(ddp, sys.argv[2], activations=True, activations_every=0, flush_steps=2, weights_every=2)
     names = [L.name for L in rec.layers]
     info = {{"rank": rec.rank, "world_size": rec.world_size, "names": names,
              "inner": rec.model is model}}
-    train(rec, {STEPS}, "a")
-    for k in ("relu", "tanh", "grad"):
-        np.save(os.path.join(out, f"{{k}}-{{rank}}.npy"), np.stack(seen[k]))
-    # second run: activations on rank 0 only, gradients on every rank
-    rec2 = Recorder(ddp, sys.argv[3], activations=True, activations_every=0, activation_ranks=[0],
+    train(rec, {STEPS}, "")
+    # second run: activations on rank 1 only (its sites go to its rank.json), gradients on every rank
+    rec2 = Recorder(ddp, sys.argv[3], activations=True, activations_every=0, activation_ranks=[1],
                     record_rank=None, flush_steps=10)
     train(rec2, 2, "b")
     with open(os.path.join(out, f"info-{{rank}}.json"), "w") as f:
@@ -253,15 +253,22 @@ def test_info_lists_both_ranks(ddp_runs):
 
 
 def test_activation_ranks_and_record_rank_none(ddp_runs):
-    _, run2, _ = ddp_runs
+    _, run2, out = ddp_runs
     run = analyzer.open(run2)
-    assert run.status == "complete"
+    assert run.status == "complete" and run.problems == []
     rt = run.rank_table().set_index("rank")
-    assert rt["activations"].tolist() == [True, False]      # activation_ranks=[0]
+    assert rt["activations"].tolist() == [False, True]      # activation_ranks=[1]
     assert rt["grads"].tolist() == [True, True]             # record_rank=None: every rank
     assert rt["steps"].tolist() == [2, 2]
     m = json.loads((run2 / "manifest.json").read_text())
-    assert m["config"]["activation_ranks"] == [0] and m["config"]["record_rank"] is None
+    assert m["config"]["activation_ranks"] == [1] and m["config"]["record_rank"] is None
+    assert m["sites"] == []                                  # rank 0 saw no site: rank 1's rank.json has them
+    st1 = json.loads((run2 / "rank-00001" / "rank.json").read_text())
+    assert sorted(S["name"] for S in st1["sites"]) == sorted(run.sites["name"]) and "act" in list(run.sites["name"])
+    relu = np.load(out / "relub-1.npy")
+    a = run.activation_stats(sites="act").sort_values(["step", "unit"])
+    np.testing.assert_allclose(a["mean"].to_numpy().reshape(2, HIDDEN), relu.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a["max"].to_numpy().reshape(2, HIDDEN), relu.max(1), rtol=1e-6)
     # identical all-reduced gradients on both ranks: per-rank rows agree
     gs = run.grad_stats()
     a, b = (gs[gs["rank"] == r].drop(columns="rank").reset_index(drop=True) for r in (0, 1))
@@ -272,7 +279,8 @@ def test_activation_ranks_validation():
     import torch.nn as nn
     from recorder.recorder import _check_ranks
     assert _check_ranks(None, 4) is None and _check_ranks(0, 4) == [0] and _check_ranks((2, 0), 4) == [0, 2]
-    for bad in ([1], [0, 4], [0, -1], "0", [0.0], [True], 1.5):
+    assert _check_ranks([1], 2) == [1] and _check_ranks([], 2) == []
+    for bad in ([0, 4], [0, -1], [7], "0", [0.0], [True], 1.5):
         with pytest.raises(ValueError, match="activation_ranks"):
             _check_ranks(bad, 4)
     from recorder.recorder import unwrap_model
@@ -321,3 +329,33 @@ def test_merge_streams_misaligned_blocks(monkeypatch):
             np.testing.assert_allclose(got[n], sum(d[n][i] for d, i in rows), err_msg=f"{n} at {s}")
         np.testing.assert_array_equal(got["min"], np.min([d["min"][i] for d, i in rows], axis=0))
         np.testing.assert_array_equal(got["max"], np.max([d["max"][i] for d, i in rows], axis=0))
+
+
+def test_rank_sites_conflict_and_malformed(ddp_runs, tmp_path, capsys):
+    """A rank.json site whose key names another site in the manifest is reported and its values ignored;
+    a malformed rank.json site table is a clear TraceError."""
+    import shutil
+    src = ddp_runs[0]
+    d = tmp_path / "conflict"
+    shutil.copytree(src, d)
+    one = analyzer.open(src)
+    site = one.sites.set_index("name").loc["act"]
+    p = d / "rank-00001" / "rank.json"
+    st = json.loads(p.read_text())
+    meta = [S for S in json.loads((d / "manifest.json").read_text())["sites"] if S["name"] == "act"][0]
+    st["sites"] = [dict(meta, name="other")]
+    p.write_text(json.dumps(st))
+    run = analyzer.open(d)
+    assert any("'other'" in q and "ignored" in q for q in run.problems)
+    r0 = _load(ddp_runs[2], "relu")[0]
+    a = run.activation_stats(sites="act").sort_values(["step", "unit"])   # rank 0's values only
+    assert site["key"] == meta["key"] and (a["count"] == BATCH).all()
+    np.testing.assert_allclose(a["max"].to_numpy().reshape(STEPS, HIDDEN), r0.max(1), rtol=1e-6)
+    st["sites"] = [dict(meta, units=-1)]
+    p.write_text(json.dumps(st))
+    with pytest.raises(analyzer.TraceError, match="rank-00001/rank.json: activation site #0 is malformed"):
+        analyzer.open(d)
+    from helpers import run_cli
+    code, out, err = run_cli(["info", str(d)], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "rank-00001/rank.json: activation site #0 is malformed" in err and "Traceback" not in err
