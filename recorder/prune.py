@@ -27,7 +27,10 @@ __all__ = ["apply_plan", "model_params", "model_sparsity"]
 def model_params(model: nn.Module) -> list[list]:
     """``[[full parameter name, shape], ...]`` in the recorder's order (modules in named_modules order,
     each module's own parameters). A parameter already pruned (``weight_orig`` with a ``weight_mask``)
-    counts under its original name, so plans can be applied one after another."""
+    counts under its original name, so plans can be applied one after another. A DDP/DataParallel
+    wrapper is looked through (names without ``module.``, as the recorder writes them)."""
+    from .recorder import unwrap_model
+    model = unwrap_model(model)
     out = []
     for mname, m in model.named_modules():
         for pname, p in m.named_parameters(recurse=False):
@@ -75,6 +78,8 @@ def apply_plan(model: nn.Module, plan: Any, permanent: bool = False) -> dict:
         ValueError: the plan is malformed, or its model fingerprint (parameter names and shapes) does
             not match ``model``. TraceError: the file cannot be read.
     """
+    from .recorder import unwrap_model
+    model = unwrap_model(model)   # plans name layers as the recorder does: without DDP's "module."
     if isinstance(plan, (str, os.PathLike)):
         plan = load_plan(plan)
     elif isinstance(plan, dict):

@@ -359,3 +359,14 @@ def test_rank_sites_conflict_and_malformed(ddp_runs, tmp_path, capsys):
     code, out, err = run_cli(["info", str(d)], capsys)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert "rank-00001/rank.json: activation site #0 is malformed" in err and "Traceback" not in err
+
+
+def test_prune_names_through_wrappers():
+    """Pruning plans name parameters as the recorder does: a DataParallel/DDP wrapper is looked through."""
+    import torch
+    import torch.nn as nn
+    from recorder.prune import model_params
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    want = [["0.weight", [4, 3]], ["0.bias", [4]], ["2.weight", [2, 4]], ["2.bias", [2]]]
+    assert model_params(m) == want and model_params(nn.DataParallel(m)) == want
+    assert [n for n, _ in torch.nn.DataParallel(m).named_parameters()][0] == "module.0.weight"
