@@ -3,6 +3,7 @@ HDF5 structures. HDF5ShardReader must read them consistently or raise TraceError
 exception and never hang (a per-example alarm and hypothesis' deadline bound every example)."""
 
 import os
+import shutil
 import signal
 import tempfile
 
@@ -152,11 +153,8 @@ def _dataset(g, name, dtype, shape):
 
 
 # a tree: each node is either a dataset (dtype, shape) or a group {name: node}
-tree = st.recursive(
-    st.tuples(st.sampled_from(DTYPES), shapes),
-    lambda children: st.dictionaries(names, children, max_size=4),
-    max_leaves=14,
-)
+leaf = st.tuples(st.sampled_from(DTYPES), shapes)
+tree = st.deferred(lambda: st.one_of(leaf, st.dictionaries(names, tree, max_size=3)))
 attr_values = st.one_of(st.just(fmt.FORMAT_NAME), st.just(fmt.FORMAT_VERSION), st.integers(-2, 3),
                         st.text(max_size=5), st.floats(allow_nan=True), st.just(np.array([1, 1])))
 
@@ -206,3 +204,55 @@ def test_random_structures(root, fmt_attr, ver_attr, steps_rows, drop_col, paylo
                 g.create_dataset("steps", data=np.arange(srows, dtype="i8"))
             _build(f, root)
         _expect_reads_or_trace_error(p)
+
+
+# ------------------------------------------------------------------ the same through a whole Run
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """A recorded run (one shard: gradients, weights, activation statistics and samples)."""
+    from helpers import record_tiny
+    d = tmp_path_factory.mktemp("fuzzrun") / "run"
+    record_tiny(str(d), epochs=1, steps_per_epoch=3, weights_every=1, flush_steps=10, activations="all",
+                activations_every=1)
+    shard = d / "rank-00000" / "shard-000000.h5"
+    return d, shard.read_bytes()
+
+
+def analyse_everything(path):
+    """What `bbdecoder report` computes, minus the figures."""
+    import analyzer
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(ALARM_S * 3)
+    try:
+        run = analyzer.open(path)
+        run.info()
+        run.grad_stats()
+        run.grad_stats(per="epoch")
+        run.weight_stats()
+        run.activation_stats(per="epoch")
+        run.dead_units()
+        run.saturation()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@settings(max_examples=30, **dict(SETTINGS, deadline=10000))
+@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8))
+def test_byte_mutations_through_the_run(recorded_run, flips):
+    src, data = recorded_run
+    b = bytearray(data)
+    for pos, val in flips:
+        b[int(pos * len(b))] = val
+    with tempfile.TemporaryDirectory() as d:
+        run_dir = os.path.join(d, "run")
+        shutil.copytree(src, run_dir)
+        with open(os.path.join(run_dir, "rank-00000", "shard-000000.h5"), "wb") as f:
+            f.write(bytes(b))
+        try:
+            analyse_everything(run_dir)
+            event("analysed")
+        except TraceError as e:
+            assert str(e) and "\n" not in str(e)
+            event("TraceError")
