@@ -140,11 +140,13 @@ def _param_shape_absurd(m):
 
 
 def _absurd_payload(h):
-    # ... and a matching sparse dataset: HDF5 stores nothing, reading it would take terabytes
-    g = h["grads/conv/weight"]
-    n = g["values"].shape[0]
-    del g["values"]
-    g.create_dataset("values", shape=(n, 10 ** 6, 10 ** 6), dtype="f4", chunks=(1, 1000, 1000))
+    # ... and matching sparse datasets: HDF5 stores nothing, reading them would take terabytes
+    for kind in ("grads", "weights"):
+        if f"{kind}/conv/weight" in h:
+            g = h[f"{kind}/conv/weight"]
+            n = g["values"].shape[0]
+            del g["values"]
+            g.create_dataset("values", shape=(n, 10 ** 6, 10 ** 6), dtype="f4", chunks=(1, 1000, 1000))
 
 
 def _huge_step_table(h):
@@ -249,8 +251,9 @@ def _absurd(run, t):
     m = json.loads((d / "manifest.json").read_text())
     _param_shape_absurd(m)
     (d / "manifest.json").write_text(json.dumps(m))
-    with h5py.File(_shard(d), "r+") as f:
-        _absurd_payload(f)
+    for p in sorted((d / "rank-00000").glob("shard-*.h5")):     # a consistent trace of absurd size
+        with h5py.File(p, "r+") as f:
+            _absurd_payload(f)
     return d
 
 
