@@ -1189,7 +1189,8 @@ def nonfinite_findings(run, gs: pd.DataFrame, ws: pd.DataFrame) -> dict:
         sites with non-finite values) and ``entries``: one dict per (kind, layer or site, param) with
         kind ("gradients", "weights" or "activations"), layer, layer_id (None for a site), param (None
         for a site), first_step, steps (number of steps with a non-finite value) and count (number of
-        non-finite values over all steps; elements, or activation values for a site).
+        non-finite values over all steps, summed over ranks when several recorded; tensor elements, or
+        activation values for a site).
     """
     entries = []
     for kind, df in (("gradients", gs), ("weights", ws)):

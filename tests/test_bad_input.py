@@ -473,3 +473,28 @@ def test_layer_names_with_slashes_are_not_paths(act_run, tmp_path, capsys):
     assert code == 0 and [r["name"] for r in json.loads(out)] == NAMES
     code, out, err = run_cli(["dead", str(d), "--json"], capsys)
     assert code == 0 and json.loads(out)[0]["site"] == ".."
+
+
+# ------------------------------------------------------------------ a real process: real stderr, real exit status
+
+def test_real_process_one_line_and_exit_2(act_run, tmp_path):
+    """Three cases through the console entry point in a child process (no pytest capture involved)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cases = [(CASES["parameter of 10**12 elements"][0], ["report"], "absurd"),
+             (CASES["values of strings"][0], ["info"], "not numeric"),
+             (CASES["rank.json of unknown version"][0], ["dead"], "version 7")]
+    for i, (make, cmd, words) in enumerate(cases):
+        t = tmp_path / f"c{i}"
+        t.mkdir()
+        target = make(act_run, t)
+        out_dir = t / "out"
+        before = tree_snapshot(t)
+        argv = cmd + [str(target)] + (["--out", str(out_dir)] if cmd == ["report"] else [])
+        r = subprocess.run([sys.executable, "-m", "analyzer.cli", *argv], capture_output=True, text=True,
+                           cwd=root, timeout=120)
+        assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bbdecoder: error:") and words in lines[0], r.stderr
+        assert tree_snapshot(t) == before and not out_dir.exists()
