@@ -121,13 +121,6 @@ def _set(path, **kw):
     return f
 
 
-def _replace(path, data=None, **kw):
-    def f(h):
-        del h[path]
-        h.create_dataset(path, data=data, **kw)
-    return f
-
-
 def _first_param(h):
     lk = sorted(h["grads"].keys())[0]
     pk = sorted(h["grads"][lk].keys())[0]
