@@ -35,9 +35,9 @@ class _Quiet:
         pass
 
 
-def _open(path: str):
+def _open(path: str, engine: str = "local"):
     from . import run as _run
-    return _run.open(path, progress=_progress)
+    return _run.open(path, progress=_progress, engine=engine)
 
 
 def check_out_dir(out: str) -> str:
@@ -166,9 +166,12 @@ def layers(run_dir: str, as_json: bool) -> None:
               help="Similarity between slices: cosine, or KL divergence of their softmaxes.")
 @click.option("--raster-site", default=None,
               help="Activation site of the unit x step raster (default: the site with the most dead units).")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "dask"]),
+              help="How gradient and weight passes map over the shards: in this process, or with dask (extra "
+                   "'dask'; a local cluster, or the scheduler at $BBDECODER_DASK_SCHEDULER). Same numbers.")
 def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_criterion: str, dead_threshold: float,
            max_active_fraction: float, layer_share: float, delta: float, unit_fraction: float, sim_dim: int,
-           sim_method: str, raster_site: str | None) -> None:
+           sim_method: str, raster_site: str | None, engine: str = "local") -> None:
     """Write an HTML report with figures, tables and summary.json for RUN_DIR into --out.
 
     Every threshold is an analysis-time option, written to summary.json: a rerun with other thresholds
@@ -176,13 +179,18 @@ def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_crite
     from .report import build_report, check_activation_options
     act = check_activation_options(dead_criterion, dead_threshold, max_active_fraction, layer_share, delta,
                                    unit_fraction, sim_dim, sim_method, raster_site)
-    run = _open(run_dir)
+    run = _open(run_dir, engine)
     run.select(layer_spec)  # unknown layers fail before anything is written
     if raster_site is not None:
         from .activations import select_site
         select_site(run, raster_site)  # likewise an unknown or ambiguous site
     out = check_out_dir(out)
-    summary = build_report(run, out, layers=layer_spec, bins=bins, **act)
+    try:
+        summary = build_report(run, out, layers=layer_spec, bins=bins, **act)
+    finally:
+        if engine == "dask":
+            from .engine import close_owned_client
+            close_owned_client()
     click.echo(f"report: {os.path.join(out, 'index.html')}")
     for w in summary.get("skipped", []) + summary.get("not_recorded", []):
         click.echo(f"note: {w}", err=True)

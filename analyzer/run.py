@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from . import format as fmt
+from .engine import ShardContext, check_engine, grad_shard, map_shards, previous_rows, shard_blocks, weight_shard
 from .format import TraceError
-from .stats import ElementwiseMoments, RowMoments, row_moments
+from .stats import ElementwiseMoments
 from .storage import HDF5Backend, ShardReader
 
 #: Bytes of stored data read per block (rows are chunk-aligned); bounds the memory of every pass.
@@ -77,21 +78,29 @@ class WeightHistograms:
                              "bin_right": np.tile(self.edges[1:], S), "count": self.counts.reshape(-1)})
 
 
-def open(path: str | os.PathLike, progress: Callable | None = None) -> "Run":  # noqa: A001
+def open(path: str | os.PathLike, progress: Callable | None = None, engine: str = "local") -> "Run":  # noqa: A001
     """Open a run directory written by the recorder (possibly still being written).
+
+    ``engine``: "local" (default) or "dask" (gradient and weight passes mapped over the shards with
+    dask; see :mod:`analyzer.engine`).
 
     Raises:
         TraceError: the directory is missing, empty, not a run, or holds a malformed manifest,
             an unsupported format version or an unreadable shard.
     """
-    return Run(path, progress=progress)
+    return Run(path, progress=progress, engine=engine)
 
 
 class Run:
     """A recorded run. Opening reads the manifest and every closed shard's index (small);
     statistics stream over the shards block by block."""
 
-    def __init__(self, path: str | os.PathLike, progress: Callable | None = None, backend=None):
+    def __init__(self, path: str | os.PathLike, progress: Callable | None = None, backend=None,
+                 engine: str = "local"):
+        #: "local" or "dask": how the gradient and weight passes map over the shards (same numbers).
+        self.engine = check_engine(engine)
+        #: dask client for engine="dask" (None: the default client or a new local cluster).
+        self.dask_client = None
         self.path = os.path.abspath(os.fspath(path))
         self.progress = progress or null_progress
         self._backend = backend or HDF5Backend()
@@ -512,18 +521,21 @@ class Run:
         with self.progress(f"reading {kind}", len(shards)) as bar:
             for s in shards:
                 with self._open_shard(s.path, s.name) as r:
-                    for (k, lk, pk), (rows, shape, chunk) in sorted(s.payloads.items()):
-                        if k != kind or (lk, pk) not in keys or not rows:
-                            continue
-                        steps = r.read_payload_steps(kind, lk, pk)
-                        row_bytes = max(1, int(np.prod(shape, dtype=np.int64)) * 4)
-                        per = max(1, BLOCK_BYTES // row_bytes)
-                        if per >= chunk:
-                            per -= per % chunk  # whole chunks per read
-                        for a in range(0, rows, per):
-                            b = min(rows, a + per)
-                            yield s, lk, pk, steps[a:b], r.read_payload(kind, lk, pk, a, b)
+                    for lk, pk, steps, block in shard_blocks(r, s, kind, keys, BLOCK_BYTES):
+                        yield s, lk, pk, steps, block
                 bar.update(1)
+
+    def _shards_with(self, kind: str, keys: set) -> list[_Shard]:
+        """Shards holding a payload of ``kind`` for one of ``keys``, by (rank, index)."""
+        shards = [s for s in self._shards if any(k[0] == kind and (k[1], k[2]) in keys for k in s.payloads)]
+        return sorted(shards, key=lambda s: (s.rank, s.index))
+
+    def _shard_ctx(self) -> ShardContext:
+        """What a per-shard task needs (see analyzer.engine): parameter metadata and the step table."""
+        st = self.steps
+        meta = {(lk, pk): self._meta(lk, pk) for (lk, pk) in self._param_shape}
+        backend = None if isinstance(self._backend, HDF5Backend) else self._backend
+        return ShardContext(meta, st["step"].to_numpy(), st["epoch"].to_numpy(), BLOCK_BYTES, backend)
 
     def _keys_for(self, layers: Any) -> tuple[list[int], set]:
         ids = self.select(layers)
@@ -545,27 +557,22 @@ class Run:
         noise: dict[tuple, ElementwiseMoments] = {}
         noise_out: dict[tuple, float] = {}
         multi_rank = len({s.rank for s in self._shards if any(k[0] == fmt.KIND_GRADS for k in s.payloads)}) > 1
-        for shard, lk, pk, steps, block in self._iter_blocks(fmt.KIND_GRADS, keys):
-            lid, lname, pname, numel = self._meta(lk, pk)
-            st = row_moments(block).compute()
-            epochs = self._epoch_of(steps)
-            d = {"step": steps, "epoch": epochs, "layer_id": np.full(len(steps), lid), "layer": lname,
-                 "param": pname, "numel": numel}
-            for c in GRAD_STEP_COLUMNS[6:]:
-                d[c] = st[c]
-            if multi_rank:
-                d["rank"] = shard.rank
-            parts.append(d)
-            flat = block.reshape(len(steps), -1)
-            for e in np.unique(epochs):
-                key = (shard.rank, lk, pk, int(e))
-                acc = noise.get(key)
-                if acc is None:
+        shards = self._shards_with(fmt.KIND_GRADS, keys)
+        ctx = self._shard_ctx()
+        for shard, (sparts, snoise) in zip(shards, map_shards(
+                self.engine, grad_shard, [(sh, keys, ctx) for sh in shards], self.progress,
+                f"reading {fmt.KIND_GRADS}", self.dask_client)):
+            parts += sparts
+            for (lk, pk, e), acc in sorted(snoise.items(), key=lambda kv: kv[0][2]):
+                key = (shard.rank, lk, pk, e)
+                old = noise.get(key)
+                if old is None:
                     # epochs arrive in order per (rank, param): finish older accumulators now
-                    for old in [k for k in noise if k[:3] == key[:3]]:
-                        noise_out[old] = noise.pop(old).compute_mean_variance()
-                    acc = noise[key] = ElementwiseMoments(flat.shape[1])
-                acc.update(flat[epochs == e])
+                    for k in [k for k in noise if k[:3] == key[:3]]:
+                        noise_out[k] = noise.pop(k).compute_mean_variance()
+                    noise[key] = acc
+                else:
+                    old.merge(acc)
         for k in list(noise):
             noise_out[k] = noise.pop(k).compute_mean_variance()
         df = _frame(parts, GRAD_STEP_COLUMNS, multi_rank)
@@ -636,28 +643,14 @@ class Run:
         ck = ("weights", tuple(ids))
         if ck in self._cache:
             return self._cache[ck].copy()
-        prev: dict[tuple, np.ndarray] = {}
         parts = []
         multi_rank = len({s.rank for s in self._shards if any(k[0] == fmt.KIND_WEIGHTS for k in s.payloads)}) > 1
-        for shard, lk, pk, steps, block in self._iter_blocks(fmt.KIND_WEIGHTS, keys):
-            lid, lname, pname, numel = self._meta(lk, pk)
-            st = row_moments(block).compute()
-            flat = block.reshape(len(steps), -1)
-            ratios = np.full(len(steps), np.nan)
-            key = (shard.rank, lk, pk)
-            for i in range(len(steps)):
-                cur = flat[i].astype(np.float64)
-                p = prev.get(key)
-                if p is not None:
-                    den = np.sqrt(np.dot(p, p))
-                    diff = cur - p
-                    ratios[i] = np.sqrt(np.dot(diff, diff)) / den if den > 0 else np.nan
-                prev[key] = cur
-            parts.append({"step": steps, "epoch": self._epoch_of(steps), "layer_id": lid, "layer": lname,
-                          "param": pname, "numel": numel, "mean": st["mean"], "std": st["std"],
-                          "abs_mean": st["abs_mean"], "max_abs": st["max_abs"], "min": st["min"],
-                          "max": st["max"], "l2": st["l2"], "update_ratio": ratios,
-                          "nonfinite": st["nonfinite"], "rank": shard.rank})
+        shards = self._shards_with(fmt.KIND_WEIGHTS, keys)
+        ctx = self._shard_ctx()
+        args = [(sh, keys, ctx, pv) for sh, pv in zip(shards, previous_rows(shards, fmt.KIND_WEIGHTS, keys))]
+        for sparts in map_shards(self.engine, weight_shard, args, self.progress, f"reading {fmt.KIND_WEIGHTS}",
+                                 self.dask_client):
+            parts += sparts
         df = _frame(parts, WEIGHT_COLUMNS, multi_rank)
         self._cache[ck] = df
         return df.copy()

@@ -1,0 +1,261 @@
+"""Per-shard passes over gradients and weights, mapped over the shards locally or with dask.
+
+Every pass is a pure function of one shard (opened by path inside the call) that returns partial
+results: per-step rows (complete: a step lives in one shard of a rank) and mergeable accumulators
+(:class:`analyzer.stats.ElementwiseMoments` per (parameter, epoch), merged across shards with their
+declared merge rule). The ``local`` engine calls them one shard after the other in this process;
+the ``dask`` engine (optional extra: ``pip install bbdecoder[dask]``) submits them to a dask
+cluster, at most a few shards ahead, and consumes the results in the same order, so both engines
+merge the same partial results in the same order and give the same numbers.
+
+dask is imported only when the dask engine is used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from . import format as fmt
+from .format import TraceError
+from .stats import ElementwiseMoments, row_moments
+
+ENGINES = ("local", "dask")
+
+#: Environment variable: address of a running dask scheduler for ``engine="dask"`` (else a local cluster).
+SCHEDULER_ENV = "BBDECODER_DASK_SCHEDULER"
+
+
+def check_engine(engine: str) -> str:
+    """Validate an engine name; for "dask", also that dask.distributed can be imported.
+
+    Raises:
+        ValueError: unknown engine, or dask missing (one line naming the extra to install).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "dask":
+        try:
+            import dask  # noqa: F401
+            import distributed  # noqa: F401
+        except ImportError:
+            raise ValueError("the dask engine needs dask.distributed: pip install 'bbdecoder[dask]' "
+                             "(or: pip install 'dask[distributed]')") from None
+    return engine
+
+
+@dataclass
+class ShardContext:
+    """What a shard task needs besides the shard: small and picklable.
+
+    Attributes:
+        meta: (layer_key, param_key) -> (layer id, layer name, param name, numel).
+        step: (S,) int64 recorded steps of the step table (sorted); epoch: (S,) their epochs.
+        block_bytes: bytes of stored data per read.
+    """
+
+    meta: dict
+    step: np.ndarray
+    epoch: np.ndarray
+    block_bytes: int
+    backend: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def epoch_of(self, steps: np.ndarray) -> np.ndarray:
+        """Epoch of each step (-1 for a step not in the step table)."""
+        return epoch_lookup(self.step, self.epoch, steps)
+
+
+def epoch_lookup(step: np.ndarray, epoch: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Epochs (int64, like ``steps``) of ``steps`` in a sorted step table; -1 where absent."""
+    if not len(step):
+        return np.full(len(steps), -1, np.int64)
+    i = np.clip(np.searchsorted(step, steps), 0, len(step) - 1)
+    return np.where(step[i] == steps, epoch[i], -1)
+
+
+def shard_blocks(reader, shard, kind: str, keys: set, block_bytes: int
+                 ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+    """Yield (layer_key, param_key, steps (k,), values (k, *shape)) for the payloads of ``kind`` in
+    ``keys`` of one open shard, in key order, in chunk-aligned blocks of at most about ``block_bytes``."""
+    for (k, lk, pk), (rows, shape, chunk) in sorted(shard.payloads.items()):
+        if k != kind or (lk, pk) not in keys or not rows:
+            continue
+        steps = reader.read_payload_steps(kind, lk, pk)
+        row_bytes = max(1, int(np.prod(shape, dtype=np.int64)) * 4)
+        per = max(1, block_bytes // row_bytes)
+        if per >= chunk:
+            per -= per % chunk  # whole chunks per read
+        for a in range(0, rows, per):
+            b = min(rows, a + per)
+            yield lk, pk, steps[a:b], reader.read_payload(kind, lk, pk, a, b)
+
+
+def _open(ctx: ShardContext, path: str, name: str):
+    if ctx.backend is not None:
+        return ctx.backend.open(path, name)
+    from .storage import HDF5Backend
+    return HDF5Backend().open(path, name)
+
+
+GRAD_STATS = ["count", "nonfinite", "mean", "abs_mean", "max_abs", "var", "l1", "l2"]
+
+
+def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict]:
+    """Gradient pass over one shard.
+
+    Returns:
+        (parts, noise): parts = per-block column dicts (step, epoch, layer_id, layer, param, numel,
+        rank and the per-step statistics of :data:`GRAD_STATS`); noise = {(layer_key, param_key,
+        epoch): ElementwiseMoments} of the gradient elements across that shard's steps of the epoch.
+    """
+    parts: list[dict] = []
+    noise: dict[tuple, ElementwiseMoments] = {}
+    with _open(ctx, shard.path, shard.name) as r:
+        for lk, pk, steps, block in shard_blocks(r, shard, fmt.KIND_GRADS, keys, ctx.block_bytes):
+            lid, lname, pname, numel = ctx.meta[(lk, pk)]
+            st = row_moments(block).compute()
+            epochs = ctx.epoch_of(steps)
+            d = {"step": steps, "epoch": epochs, "layer_id": np.full(len(steps), lid), "layer": lname,
+                 "param": pname, "numel": numel, "rank": shard.rank}
+            for c in GRAD_STATS:
+                d[c] = st[c]
+            parts.append(d)
+            flat = block.reshape(len(steps), -1)
+            for e in np.unique(epochs):
+                acc = noise.get((lk, pk, int(e)))
+                if acc is None:
+                    acc = noise[(lk, pk, int(e))] = ElementwiseMoments(flat.shape[1])
+                acc.update(flat[epochs == e])
+    return parts, noise
+
+
+def weight_shard(shard, keys: set, ctx: ShardContext, prev: dict) -> list[dict]:
+    """Weight pass over one shard: per-snapshot statistics and update ratios.
+
+    Args:
+        prev: (layer_key, param_key) -> (path, name, row) of the snapshot before this shard's first
+            one (same rank), read here to give the first snapshot its update ratio.
+
+    Returns:
+        Per-block column dicts: step, epoch, layer_id, layer, param, numel, mean, std, abs_mean,
+        max_abs, min, max, l2, update_ratio (||w_t - w_prev|| / ||w_prev||, NaN without a previous
+        snapshot), nonfinite, rank.
+    """
+    last: dict[tuple, np.ndarray] = {}
+    for key, (path, name, row) in prev.items():
+        if key in keys:
+            with _open(ctx, path, name) as r:
+                last[key] = np.asarray(r.read_payload(fmt.KIND_WEIGHTS, key[0], key[1], row, row + 1)
+                                       ).reshape(-1).astype(np.float64)
+    parts = []
+    with _open(ctx, shard.path, shard.name) as r:
+        for lk, pk, steps, block in shard_blocks(r, shard, fmt.KIND_WEIGHTS, keys, ctx.block_bytes):
+            lid, lname, pname, numel = ctx.meta[(lk, pk)]
+            st = row_moments(block).compute()
+            flat = block.reshape(len(steps), -1)
+            ratios = np.full(len(steps), np.nan)
+            key = (lk, pk)
+            for i in range(len(steps)):
+                cur = flat[i].astype(np.float64)
+                p = last.get(key)
+                if p is not None:
+                    den = np.sqrt(np.dot(p, p))
+                    diff = cur - p
+                    ratios[i] = np.sqrt(np.dot(diff, diff)) / den if den > 0 else np.nan
+                last[key] = cur
+            parts.append({"step": steps, "epoch": ctx.epoch_of(steps), "layer_id": lid, "layer": lname,
+                          "param": pname, "numel": numel, "mean": st["mean"], "std": st["std"],
+                          "abs_mean": st["abs_mean"], "max_abs": st["max_abs"], "min": st["min"],
+                          "max": st["max"], "l2": st["l2"], "update_ratio": ratios,
+                          "nonfinite": st["nonfinite"], "rank": shard.rank})
+    return parts
+
+
+def previous_rows(shards: list, kind: str, keys: set) -> list[dict]:
+    """For each shard (sorted by rank, index): key -> (path, name, row) of that key's last row in an
+    earlier shard of the same rank."""
+    out, seen = [], {}
+    for s in shards:
+        out.append({k[1:]: v for k, v in seen.items() if k[0] == s.rank})
+        for (k, lk, pk), (rows, _, _) in s.payloads.items():
+            if k == kind and (lk, pk) in keys and rows:
+                seen[(s.rank, lk, pk)] = (s.path, s.name, rows - 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- mapping
+def map_shards(engine: str, fn: Callable, args: list[tuple], progress, label: str, client: Any = None
+               ) -> Iterator[Any]:
+    """``fn(*a)`` for every ``a`` in ``args``, results yielded in order.
+
+    local: one after the other in this process. dask: submitted to ``client`` (or the default
+    client, or one connected to $BBDECODER_DASK_SCHEDULER, or a new local cluster), at most
+    2 x workers + 1 in flight so that memory stays bounded on both sides.
+    """
+    with progress(label, len(args)) as bar:
+        if engine == "local" or not args:
+            for a in args:
+                yield fn(*a)
+                bar.update(1)
+            return
+        client = client or dask_client()
+        window = 2 * max(1, len(client.scheduler_info().get("workers", {})) or 1) + 1
+        futures = []
+        i = 0
+        try:
+            while i < len(args) or futures:
+                while i < len(args) and len(futures) < window:
+                    futures.append(client.submit(fn, *args[i], pure=False))
+                    i += 1
+                f = futures.pop(0)
+                res = f.result()
+                f.release()
+                yield res
+                bar.update(1)
+        finally:
+            for f in futures:
+                f.cancel()
+
+
+_OWNED: dict = {}
+
+
+def dask_client():
+    """The dask client to use: the current default client, else one connected to
+    $BBDECODER_DASK_SCHEDULER, else a new in-process local cluster (one worker per core, one thread
+    each), kept for the life of the process (see :func:`close_owned_client`)."""
+    import distributed
+    try:
+        return distributed.default_client()
+    except ValueError:
+        pass
+    if "client" in _OWNED:
+        return _OWNED["client"]
+    addr = os.environ.get(SCHEDULER_ENV)
+    try:
+        if addr:
+            client = distributed.Client(addr, set_as_default=False)
+        else:
+            cluster = distributed.LocalCluster(n_workers=max(1, min(os.cpu_count() or 1, 8)),
+                                               threads_per_worker=1, processes=False,
+                                               dashboard_address=None)
+            client = distributed.Client(cluster, set_as_default=False)
+            _OWNED["cluster"] = cluster
+    except OSError as e:
+        raise TraceError(f"cannot start or reach the dask cluster{' at ' + addr if addr else ''}: {e}") from None
+    _OWNED["client"] = client
+    return client
+
+
+def close_owned_client() -> None:
+    """Close the client and local cluster that :func:`dask_client` created (if any)."""
+    c = _OWNED.pop("client", None)
+    cl = _OWNED.pop("cluster", None)
+    if c is not None:
+        c.close()
+    if cl is not None:
+        cl.close()
