@@ -491,3 +491,43 @@ def test_real_process_one_line_and_exit_2(act_run, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("bbdecoder: error:") and words in lines[0], r.stderr
         assert tree_snapshot(t) == before and not out_dir.exists()
+
+
+# ------------------------------------------------------------------ not errors: NaN/Inf-filled tensors
+
+def test_nan_and_inf_filled_tensors_are_analysed_and_flagged(act_run, tmp_path, capsys):
+    """Every gradient row of head.weight and every weight snapshot of conv.bias in the first shard
+    replaced by NaN/+Inf/-Inf: every command succeeds; the counts and the report's flags say so."""
+    d = _copy(act_run, tmp_path)
+    fills = {"grads/head/weight": (np.nan, np.inf, -np.inf), "weights/conv/bias": (np.nan, np.inf, -np.inf)}
+    want = {}
+    with h5py.File(_shard(d), "r+") as f:
+        for path, vals in fills.items():
+            v = f[path + "/values"]
+            data = np.empty(v.shape, v.dtype)
+            for i in range(len(data)):
+                data[i] = vals[i % 3]
+            v[...] = data
+            want[path] = (int(f[path + "/steps"][0]), int(np.isnan(data).sum() + np.isinf(data).sum()),
+                          len(data))
+    out_dir = tmp_path / "out"
+    before = tree_snapshot(tmp_path)
+    for cmd in COMMANDS:
+        code, out, err = run_cli(argv_for(cmd, str(d), str(out_dir)), capsys)
+        assert code == 0 and "error" not in err and "Traceback" not in err, (cmd, err)
+    after = tree_snapshot(tmp_path)
+    assert all(p == "out" or p.startswith("out" + os.sep) for p in after if after.get(p) != before.get(p))
+    nf = json.loads((out_dir / "summary.json").read_text())["nonfinite"]
+    got = {f"{'grads' if e['kind'] == 'gradients' else 'weights'}/{e['layer']}/{e['param']}":
+           (e["first_step"], e["count"], e["steps"]) for e in nf["entries"] if e["kind"] != "activations"}
+    assert got == want
+    import analyzer
+    run = analyzer.open(d)
+    gs = run.grad_stats()
+    bad = gs[(gs["layer"] == "head") & (gs["param"] == "weight")].set_index("step")
+    numel = 5 * 96
+    rows = want["grads/head/weight"][2]
+    steps = sorted(bad.index)[:rows]
+    assert (bad.loc[steps, "nonfinite"] == numel).all() and (bad.loc[steps, "count"] == 0).all()
+    assert bad.loc[steps, "l2"].isna().all()                     # no finite element: no statistic
+    assert (bad.drop(steps)["nonfinite"] == 0).all() and bad.drop(steps)["l2"].notna().all()
