@@ -100,6 +100,12 @@ def test_capture_features_linear_layer_and_errors(tmp_path):
         analyzer.open(run).feature_maps("head", sample=3)
     with pytest.raises(ValueError, match="probe must be"):
         Recorder(model, str(tmp_path / "r2"), probe=x)
+    # overwrite=True removes the old run's feature captures and graph with it
+    with Recorder(model, run, grads_every=0, weights_every=0, graph=True, overwrite=True) as rec:
+        assert not os.path.exists(os.path.join(run, "features"))
+        rec.record_graph(x)
+    with Recorder(model, run, grads_every=0, weights_every=0, overwrite=True):
+        assert not os.path.exists(os.path.join(run, "graph.json"))
 
 
 def test_parse_channels():
