@@ -86,8 +86,9 @@ WORKER = textwrap.dedent(r"""
     info = {{"rank": rec.rank, "world_size": rec.world_size, "names": names,
              "inner": rec.model is model}}
     train(rec, {STEPS}, "")
-    # second run: activations on rank 1 only (its sites go to its rank.json), gradients on every rank
-    rec2 = Recorder(ddp, sys.argv[3], activations=True, activations_every=0, activation_ranks=[1],
+    # second run, given the bare model this time (DDP still trains it): activations on rank 1 only
+    # (its sites go to its rank.json), gradients on every rank
+    rec2 = Recorder(model, sys.argv[3], activations=True, activations_every=0, activation_ranks=[1],
                     record_rank=None, flush_steps=10)
     train(rec2, 2, "b")
     with open(os.path.join(out, f"info-{{rank}}.json"), "w") as f:
@@ -267,6 +268,9 @@ def test_activation_ranks_and_record_rank_none(ddp_runs):
     assert rt["steps"].tolist() == [2, 2]
     m = json.loads((run2 / "manifest.json").read_text())
     assert m["config"]["activation_ranks"] == [1] and m["config"]["record_rank"] is None
+    # the bare model gives the same layer table as the DDP wrapper did in the first run
+    m1 = json.loads((ddp_runs[0] / "manifest.json").read_text())
+    assert m["layers"] == m1["layers"] and m["model"] == m1["model"]
     assert m["sites"] == []                                  # rank 0 saw no site: rank 1's rank.json has them
     st1 = json.loads((run2 / "rank-00001" / "rank.json").read_text())
     assert sorted(S["name"] for S in st1["sites"]) == sorted(run.sites["name"]) and "act" in list(run.sites["name"])
