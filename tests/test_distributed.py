@@ -81,7 +81,8 @@ WORKER = textwrap.dedent(r"""
             np.save(os.path.join(out, f"{{k}}{{tag}}-{{rank}}.npy"), np.stack(seen[k]))
             seen[k].clear()
 
-    rec = Recorder(ddp, sys.argv[2], activations=True, activations_every=0, flush_steps=2, weights_every=2)
+    rec = Recorder(ddp, sys.argv[2], activations=True, activations_every=2, activation_samples=3, flush_steps=2,
+                   weights_every=2)
     names = [L.name for L in rec.layers]
     info = {{"rank": rec.rank, "world_size": rec.world_size, "names": names,
              "inner": rec.model is model}}
@@ -379,3 +380,20 @@ def test_prune_names_through_wrappers():
     want = [["0.weight", [4, 3]], ["0.bias", [4]], ["2.weight", [2, 4]], ["2.bias", [2]]]
     assert model_params(m) == want and model_params(nn.DataParallel(m)) == want
     assert [n for n, _ in torch.nn.DataParallel(m).named_parameters()][0] == "module.0.weight"
+
+
+def test_raw_samples_pool_ranks(ddp_runs):
+    """Raw activation samples (first 3 of each rank's batch every 2 steps) are read from both ranks and
+    the sample-based analyses pool them per step."""
+    run1, _, out = ddp_runs
+    run = analyzer.open(run1)
+    r0, r1 = _load(out, "relu")
+    st, x = analyzer.activations.samples(run, "act")
+    for s in (0, 2, 4):
+        want = np.concatenate([r0[s][:3], r1[s][:3]])
+        np.testing.assert_allclose(x[st == s], want, rtol=1e-6)
+    assert sorted(set(st.tolist())) == [0, 2, 4]
+    dv = run.dimension_variance("act", dim=1)
+    assert dv["samples"].tolist() == [6, 6, 6]
+    want = [np.concatenate([r0[s][:3], r1[s][:3]]).astype(np.float64).var(axis=1).mean() for s in (0, 2, 4)]
+    np.testing.assert_allclose(dv["variance"], want, rtol=1e-5)
