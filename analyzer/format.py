@@ -287,8 +287,13 @@ def validate_manifest(m: dict, where: str) -> dict:
                 raise TraceError(f"{where}: layer #{i} lacks a valid {k!r}")
         if not is_safe_key(L["key"]):
             raise TraceError(f"{where}: layer #{i} has an unsafe key {L['key']!r}")
+        if isinstance(L["id"], bool) or not 0 <= L["id"] < 2**31:
+            raise TraceError(f"{where}: layer #{i} has an invalid id {L['id']!r}")
         if L["id"] in seen:
             raise TraceError(f"{where}: duplicate layer id {L['id']}")
+        if "n_params" in L and not (isinstance(L["n_params"], int) and not isinstance(L["n_params"], bool)
+                                    and 0 <= L["n_params"] < 2**50):
+            raise TraceError(f"{where}: layer #{i} has an invalid 'n_params' {L['n_params']!r}")
         seen.add(L["id"])
         for p in L["params"]:
             if not (isinstance(p, dict) and isinstance(p.get("name"), str)
@@ -318,10 +323,31 @@ def validate_manifest(m: dict, where: str) -> dict:
         if S["key"] in skeys:
             raise TraceError(f"{where}: duplicate activation site key {S['key']!r}")
         skeys.add(S["key"])
+        _check_site_stats(S, where)
     ws = m.get("world_size", 1)
     if not isinstance(ws, int) or isinstance(ws, bool) or not 1 <= ws <= 99_999:
         raise TraceError(f"{where}: invalid world_size {ws!r}")
     return m
+
+
+#: Per-step statistics every activation site carries: per unit (shape [units]) and per site (shape []).
+SITE_UNIT_STATS = ("sum", "sum_abs", "sumsq", "min", "max", "n_pos")
+SITE_SCALAR_STATS = ("count", "nonfinite")
+
+
+def _check_site_stats(S: dict, where: str) -> None:
+    """The statistics the analyzer reads from every site must be declared, with their shapes."""
+    st = S["stats"]
+    missing = [k for k in SITE_UNIT_STATS + SITE_SCALAR_STATS if k not in st]
+    if missing:
+        raise TraceError(f"{where}: activation site {S['name']!r} lacks the statistics {', '.join(missing)}")
+    for k in SITE_UNIT_STATS:
+        if st[k] != [S["units"]]:
+            raise TraceError(f"{where}: activation site {S['name']!r} declares {k} of shape {st[k]} for "
+                             f"{S['units']} units")
+    for k in SITE_SCALAR_STATS:
+        if st[k] != []:
+            raise TraceError(f"{where}: activation site {S['name']!r} declares {k} of shape {st[k]}, not []")
 
 
 def list_shards(rank_dir: str | os.PathLike) -> tuple[list[tuple[int, str]], list[str]]:

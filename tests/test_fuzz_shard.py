@@ -256,3 +256,65 @@ def test_byte_mutations_through_the_run(recorded_run, flips):
         except TraceError as e:
             assert str(e) and "\n" not in str(e)
             event("TraceError")
+
+
+# ------------------------------------------------------------------ manifests with random values in random places
+
+json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 2 ** 70), st.floats(),
+                                     st.text(max_size=6)),
+                           lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=4), c,
+                                                                                          max_size=3)),
+                           max_leaves=6)
+
+
+def _paths(obj, prefix=()):
+    """Every (path to a container, key) in a JSON document."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield prefix, k
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield prefix, i
+            yield from _paths(v, prefix + (i,))
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(data=st.data())
+def test_manifest_mutations_through_the_run(recorded_run, data):
+    import json
+
+    import analyzer
+    src, _ = recorded_run
+    m = json.loads((src / "manifest.json").read_text())
+    paths = list(_paths(m))
+    for _ in range(data.draw(st.integers(1, 3))):
+        where, key = data.draw(st.sampled_from(paths))
+        node = m
+        try:
+            for k in where:
+                node = node[k]
+            if data.draw(st.booleans()) and isinstance(node, dict):
+                node.pop(key, None)
+            else:
+                node[key] = data.draw(json_values)
+        except (KeyError, IndexError, TypeError):
+            continue    # an earlier mutation removed or replaced the path
+    with tempfile.TemporaryDirectory() as d:
+        run_dir = os.path.join(d, "run")
+        shutil.copytree(src, run_dir)
+        with open(os.path.join(run_dir, "manifest.json"), "w") as f:
+            json.dump(m, f)
+        try:
+            run = analyzer.open(run_dir)
+            run.info()
+            run.layers
+            run.grad_stats()
+            run.weight_stats()
+            run.sites
+            run.activation_stats(per="epoch")
+            run.dead_units()
+            event("analysed")
+        except TraceError as e:
+            assert str(e) and "\n" not in str(e)
+            event("TraceError")
