@@ -454,6 +454,13 @@ class HDF5Backend:
     def open(self, path: str, display: str | None = None) -> ShardReader:
         return HDF5ShardReader(path, display)
 
+    def discard(self, live_path: str) -> None:
+        """Delete a live shard that will not be published (missing is fine)."""
+        try:
+            os.unlink(live_path)
+        except FileNotFoundError:
+            pass
+
 
 class MemoryBackend:
     """Shards live in a dict keyed by path (nothing touches the disk but the JSON files)."""
@@ -473,6 +480,9 @@ class MemoryBackend:
 
     def open(self, path, display=None):
         return MemoryShardReader(self.shards[path], display or path)
+
+    def discard(self, live_path):
+        self.shards.pop(live_path, None)
 
 
 # --------------------------------------------------------------------------- series writer
@@ -506,6 +516,7 @@ class ShardSeriesWriter:
         self.clock = clock
         self._w: ShardWriter | None = None
         self._live = self._final = None
+        self._live_ok = True        # False while a write into the live shard is under way (or failed)
         self._opened_at = 0.0
         self._n_in_shard = 0
         self._last_step: int | None = None
@@ -537,6 +548,7 @@ class ShardSeriesWriter:
                                       max_rows=self.flush_steps)
         self._opened_at = self.clock()
         self._n_in_shard = 0
+        self._live_ok = True
 
     def write(self, records: list[StepRecord]) -> None:
         """Write records (in step order). Payloads of equal shape are batched into one append."""
@@ -560,6 +572,7 @@ class ShardSeriesWriter:
 
     def _write_part(self, recs: list[StepRecord]):
         w = self._w
+        self._live_ok = False   # until every payload of recs is in: a failure leaves the shard inconsistent
         w.append_steps({
             "step": np.array([r.step for r in recs], np.int64),
             "epoch": np.array([r.epoch for r in recs], np.int64),
@@ -587,6 +600,7 @@ class ShardSeriesWriter:
             w.append(kind, lk, pk, steps, vals, rows[0][2])
         self._n_in_shard += len(recs)
         self._last_step = recs[-1].step
+        self._live_ok = True
         with self._lock:
             self.state["dropped"] += int(sum(r.dropped for r in recs))
 
@@ -698,8 +712,25 @@ class ShardSeriesWriter:
             pass
 
     def abandon_live(self) -> None:
-        """After an error: try to close the live shard cleanly so that what it holds is kept."""
-        try:
-            self.rotate()
-        except Exception:
-            self._w = None
+        """After an error: publish the live shard if it is consistent (the error came from outside a
+        write, e.g. converting a tensor), so that what it holds is kept. A live shard that a write
+        failed in the middle of (e.g. ``ENOSPC``: its step table would list steps whose tensors are
+        partly missing), or that cannot be closed and published, is deleted instead, as a crash
+        would lose it; deleting it also gives the space back on a full disk."""
+        if self._w is not None and self._live_ok:
+            try:
+                self.rotate()
+                return
+            except Exception:
+                pass
+        w, self._w = self._w, None
+        if w is not None:
+            try:
+                w.close()
+            except Exception:
+                pass
+        if self._live is not None:   # (a shard renamed before the failure is no longer there)
+            try:
+                self.backend.discard(self._live)
+            except Exception:
+                pass

@@ -198,11 +198,11 @@ class BackgroundWriter:
                 if self.error is None:
                     self._process(batch)
             except BaseException as e:  # noqa: BLE001 - kept and re-raised in the caller
-                self._set_error(e)
-                try:
+                try:  # first: publish or delete the live shard (frees space on a full disk) ...
                     self.sink.abandon_live()
                 except BaseException:
                     pass
+                self._set_error(e)  # ... then rank.json says "failed" with the final counts
             finally:
                 with self._cv:
                     for _, nb in batch:
