@@ -330,6 +330,22 @@ def validate_manifest(m: dict, where: str) -> dict:
     return m
 
 
+def validate_rank_state(st: dict, where: str) -> dict:
+    """Check the fields of a ``rank.json`` the analyzer relies on; returns ``st``. Raises :class:`TraceError`."""
+    check_version(st.get("format_version"), where)
+    if "status" in st and not isinstance(st["status"], str):
+        raise TraceError(f"{where}: 'status' must be a string, not {st['status']!r}")
+    for k in ("errors", "warnings"):
+        v = st.get(k, [])
+        if not (isinstance(v, list) and all(isinstance(e, str) for e in v)):
+            raise TraceError(f"{where}: {k!r} must be a list of strings")
+    for k in ("shards", "steps_flushed", "dropped", "bytes"):
+        v = st.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise TraceError(f"{where}: {k!r} must be an int >= 0, not {v!r}")
+    return st
+
+
 #: Per-step statistics every activation site carries: per unit (shape [units]) and per site (shape []).
 SITE_UNIT_STATS = ("sum", "sum_abs", "sumsq", "min", "max", "n_pos")
 SITE_SCALAR_STATS = ("count", "nonfinite")

@@ -148,7 +148,7 @@ class Run:
             rfile = os.path.join(rdir, fmt.RANK_FILE)
             if os.path.exists(rfile):
                 st = fmt.read_json(rfile, f"rank file {fmt.rank_dirname(rank)}/{fmt.RANK_FILE}")
-                fmt.check_version(st.get("format_version"), f"{fmt.rank_dirname(rank)}/{fmt.RANK_FILE}")
+                fmt.validate_rank_state(st, f"{fmt.rank_dirname(rank)}/{fmt.RANK_FILE}")
                 self.rank_states[rank] = st
                 self._add_rank_sites(rank, st)
             else:

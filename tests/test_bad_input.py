@@ -294,6 +294,11 @@ CASES = {
     "rank.json of unknown version": (rank_json(lambda o: dict(o, format_version=7)), "version 7", COMMANDS),
     "rank.json without version": (rank_json(lambda o: {k: v for k, v in o.items() if k != "format_version"}),
                                   "format_version", ("info", "report")),
+    "rank.json errors not a list": (rank_json(lambda o: dict(o, errors=None)), "'errors' must be a list",
+                                    ("info", "report")),
+    "rank.json status a number": (rank_json(lambda o: dict(o, status=3)), "'status' must be a string", ("info",)),
+    "rank.json negative dropped": (rank_json(lambda o: dict(o, dropped=-5)), "'dropped' must be an int",
+                                   ("info", "layers")),
     "rank.json is a list": (rank_json(lambda o: [o]), "malformed rank file", ("info", "dead")),
     # shards: structure
     "shard version as a string": (shard(lambda h: h.attrs.__setitem__("format_version", "1")), "format_version",

@@ -258,7 +258,7 @@ def test_byte_mutations_through_the_run(recorded_run, flips):
             event("TraceError")
 
 
-# ------------------------------------------------------------------ manifests with random values in random places
+# ------------------------------------------------------------------ manifest.json and rank.json with random values in random places
 
 json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 2 ** 70), st.floats(),
                                      st.text(max_size=6)),
@@ -281,12 +281,13 @@ def _paths(obj, prefix=()):
 
 @settings(max_examples=100, **SETTINGS)
 @given(data=st.data())
-def test_manifest_mutations_through_the_run(recorded_run, data):
+def test_manifest_and_rank_json_mutations_through_the_run(recorded_run, data):
     import json
 
     import analyzer
     src, _ = recorded_run
-    m = json.loads((src / "manifest.json").read_text())
+    which = data.draw(st.sampled_from(["manifest.json", os.path.join("rank-00000", "rank.json")]))
+    m = json.loads((src / which).read_text())
     paths = list(_paths(m))
     for _ in range(data.draw(st.integers(1, 3))):
         where, key = data.draw(st.sampled_from(paths))
@@ -303,7 +304,7 @@ def test_manifest_mutations_through_the_run(recorded_run, data):
     with tempfile.TemporaryDirectory() as d:
         run_dir = os.path.join(d, "run")
         shutil.copytree(src, run_dir)
-        with open(os.path.join(run_dir, "manifest.json"), "w") as f:
+        with open(os.path.join(run_dir, which), "w") as f:
             json.dump(m, f)
         try:
             run = analyzer.open(run_dir)
@@ -314,6 +315,7 @@ def test_manifest_mutations_through_the_run(recorded_run, data):
             run.sites
             run.activation_stats(per="epoch")
             run.dead_units()
+            assert isinstance(run.status_reason, str)
             event("analysed")
         except TraceError as e:
             assert str(e) and "\n" not in str(e)
