@@ -21,7 +21,7 @@ import numpy as np
 
 from . import format as fmt
 from .format import TraceError
-from .stats import ElementwiseMoments, row_moments
+from .stats import PIECE_ELEMS, ElementwiseMoments, row_moments
 
 ENGINES = ("local", "dask")
 
@@ -129,7 +129,9 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict]:
                 acc = noise.get((lk, pk, int(e)))
                 if acc is None:
                     acc = noise[(lk, pk, int(e))] = ElementwiseMoments(flat.shape[1])
-                acc.update(flat[epochs == e])
+                idx = np.flatnonzero(epochs == e)
+                # steps ascend, so an epoch's rows are usually one range: a view, not a copy of the block
+                acc.update(flat[idx[0]:idx[-1] + 1] if idx[-1] - idx[0] + 1 == len(idx) else flat[idx])
     return parts, noise
 
 
@@ -145,12 +147,15 @@ def weight_shard(shard, keys: set, ctx: ShardContext, prev: dict) -> list[dict]:
         max_abs, min, max, l2, update_ratio (||w_t - w_prev|| / ||w_prev||, NaN without a previous
         snapshot), nonfinite, rank.
     """
-    last: dict[tuple, np.ndarray] = {}
+    last: dict[tuple, np.ndarray] = {}     # the previous snapshot, as stored (float32)
+    by_path: dict[tuple, list] = {}
     for key, (path, name, row) in prev.items():
         if key in keys:
-            with _open(ctx, path, name) as r:
-                last[key] = np.asarray(r.read_payload(fmt.KIND_WEIGHTS, key[0], key[1], row, row + 1)
-                                       ).reshape(-1).astype(np.float64)
+            by_path.setdefault((path, name), []).append((key, row))
+    for (path, name), items in by_path.items():
+        with _open(ctx, path, name) as r:
+            for key, row in items:
+                last[key] = np.asarray(r.read_payload(fmt.KIND_WEIGHTS, key[0], key[1], row, row + 1)).reshape(-1)
     parts = []
     with _open(ctx, shard.path, shard.name) as r:
         for lk, pk, steps, block in shard_blocks(r, shard, fmt.KIND_WEIGHTS, keys, ctx.block_bytes):
@@ -159,20 +164,31 @@ def weight_shard(shard, keys: set, ctx: ShardContext, prev: dict) -> list[dict]:
             flat = block.reshape(len(steps), -1)
             ratios = np.full(len(steps), np.nan)
             key = (lk, pk)
+            p = last.get(key)
             for i in range(len(steps)):
-                cur = flat[i].astype(np.float64)
-                p = last.get(key)
                 if p is not None:
-                    den = np.sqrt(np.dot(p, p))
-                    diff = cur - p
-                    ratios[i] = np.sqrt(np.dot(diff, diff)) / den if den > 0 else np.nan
-                last[key] = cur
+                    ratios[i] = update_ratio(flat[i], p)
+                p = flat[i]
+            last[key] = flat[-1].copy()      # not a view: the block is not kept alive
             parts.append({"step": steps, "epoch": ctx.epoch_of(steps), "layer_id": lid, "layer": lname,
                           "param": pname, "numel": numel, "mean": st["mean"], "std": st["std"],
                           "abs_mean": st["abs_mean"], "max_abs": st["max_abs"], "min": st["min"],
                           "max": st["max"], "l2": st["l2"], "update_ratio": ratios,
                           "nonfinite": st["nonfinite"], "rank": shard.rank})
     return parts
+
+
+def update_ratio(cur: np.ndarray, prev: np.ndarray, piece: int = PIECE_ELEMS) -> float:
+    """||cur - prev||_2 / ||prev||_2 of two flat arrays, in float64 over bounded pieces (NaN when
+    ||prev|| is 0 or NaN)."""
+    num = den = 0.0
+    for j in range(0, len(cur), piece):
+        p = prev[j:j + piece].astype(np.float64)
+        d = cur[j:j + piece].astype(np.float64)
+        d -= p
+        num += float(np.einsum("i,i->", d, d))   # not BLAS: its threads spin on a busy machine
+        den += float(np.einsum("i,i->", p, p))
+    return float(np.sqrt(num) / np.sqrt(den)) if den > 0 else float("nan")
 
 
 def previous_rows(shards: list, kind: str, keys: set) -> list[dict]:

@@ -80,3 +80,14 @@ def test_elementwise_moments_split_merge_and_numpy(seed):
     np.testing.assert_allclose(acc.m2 / acc.n, want, rtol=1e-9)
     np.testing.assert_allclose(merged.m2 / merged.n, want, rtol=1e-9)
     assert acc.compute_mean_variance() == pytest.approx(float(np.mean(want)), rel=1e-12)
+
+
+def test_elementwise_moments_column_pieces_equal_one_pass():
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((5, 1003)) * 2 + 50).astype(np.float32)
+    x[rng.random(x.shape) < 0.02] = np.nan
+    whole = ElementwiseMoments(1003).update(x, max_elems=1 << 20)
+    pieces = ElementwiseMoments(1003).update(x[:2], max_elems=17).update(x[2:], max_elems=40)
+    np.testing.assert_allclose(pieces.m2 / pieces.n, np.nanvar(x.astype(np.float64), axis=0), rtol=1e-9)
+    np.testing.assert_allclose(pieces.mean, whole.mean, rtol=1e-12)
+    np.testing.assert_array_equal(pieces.n, whole.n)
