@@ -210,7 +210,7 @@ def map_shards(engine: str, fn: Callable, args: list[tuple], progress, label: st
 
     local: one after the other in this process. dask: submitted to ``client`` (or the default
     client, or one connected to $BBDECODER_DASK_SCHEDULER, or a new local cluster), at most
-    2 x workers + 1 in flight so that memory stays bounded on both sides.
+    workers + 1 in flight so that memory stays bounded on both sides.
     """
     with progress(label, len(args)) as bar:
         if engine == "local" or not args:
@@ -219,7 +219,7 @@ def map_shards(engine: str, fn: Callable, args: list[tuple], progress, label: st
                 bar.update(1)
             return
         client = client or dask_client()
-        window = 2 * max(1, len(client.scheduler_info().get("workers", {})) or 1) + 1
+        window = max(1, len(client.scheduler_info().get("workers", {}))) + 1   # bounded partial results
         futures = []
         i = 0
         try:

@@ -1,0 +1,357 @@
+#!/usr/bin/env python
+"""Out-of-core benchmark (issue 5, section 4): the full report of a trace larger than a memory budget.
+
+1. Generates a trace of about ``--gb`` GB of shards directly with the storage layer (torch-free:
+   analyzer.storage.ShardSeriesWriter and the analyzer.format manifest contract): a ResNet-like layer
+   table (convolutions, batch norms, a linear head) whose width is chosen so that ``--steps`` steps
+   give ``--gb``; random float32 gradients every step, weight snapshots every ``--weights-every``
+   steps, and per-unit activation statistics (ReLU sites after every convolution) every step,
+   computed with numpy from small random activation batches.
+2. Measures raw sequential h5py read throughput of the same files: every ``values`` dataset read in
+   chunk-aligned blocks of about analyzer.run.BLOCK_BYTES, in file order (bytes of shards / seconds).
+3. Runs ``bbdecoder report RUN --out OUT`` in a child process (the code path users run) and measures
+   its wall time and its peak resident set size (ru_maxrss of that child, from os.wait4: measured
+   by the kernel, not estimated).
+4. Runs the report's data passes alone (the same Run / activation calls, no figures, no HTML) in
+   another child process, to separate the streaming statistics from the figure drawing.
+5. Prints a table: peak RSS against the 600 MB target, report throughput (bytes of shards / wall
+   seconds of the report process, start-up and figures included) as a fraction of the raw read
+   throughput against the 0.5 target, and the same for the data passes alone.
+
+Page cache: ``--cache cold`` (default) drops the shards' pages (fsync, then
+os.posix_fadvise(POSIX_FADV_DONTNEED) on every shard file) before each measurement, so both read
+from the disk (or whatever caches the host keeps below this VM); ``--cache warm`` reads every shard
+once before each measurement so that both read from the page cache. The raw read is measured
+before and after the report and the faster of the two is used (the conservative choice for the
+ratio).
+
+The generated trace is removed at the end unless ``--keep``. Usage::
+
+    .venv/bin/python scripts/bench_outofcore.py              # 2 GB
+    .venv/bin/python scripts/bench_outofcore.py --gb 0.1     # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from analyzer import format as fmt  # noqa: E402
+from analyzer.run import BLOCK_BYTES  # noqa: E402
+from analyzer.storage import HDF5Backend, ShardSeriesWriter, StepRecord  # noqa: E402
+
+RSS_TARGET_MB = 600
+RATIO_TARGET = 0.5
+BASE_CHANNELS = (16, 32, 64, 128, 256)
+RELU_SAMPLES = 64          # activation values per unit and step behind the synthetic statistics
+
+
+def layer_specs(width: float) -> list[tuple[str, str, list[tuple[str, tuple[int, ...]]]]]:
+    """A ResNet-like layer table: (name, type, [(param, shape)]) with channels scaled by ``width``."""
+    ch = [max(4, int(round(c * width))) for c in BASE_CHANNELS]
+    specs = [("stem.conv", "Conv2d", [("weight", (ch[0], 3, 3, 3))]),
+             ("stem.bn", "BatchNorm2d", [("weight", (ch[0],)), ("bias", (ch[0],))])]
+    cin = ch[0]
+    for i, c in enumerate(ch):
+        for j in range(2):
+            pre = f"layer{i + 1}.{j}"
+            specs.append((f"{pre}.conv1", "Conv2d", [("weight", (c, cin, 3, 3))]))
+            specs.append((f"{pre}.bn1", "BatchNorm2d", [("weight", (c,)), ("bias", (c,))]))
+            specs.append((f"{pre}.conv2", "Conv2d", [("weight", (c, c, 3, 3))]))
+            specs.append((f"{pre}.bn2", "BatchNorm2d", [("weight", (c,)), ("bias", (c,))]))
+            cin = c
+    specs.append(("fc", "Linear", [("weight", (100, cin)), ("bias", (100,))]))
+    return specs
+
+
+def n_params(specs) -> int:
+    return int(sum(np.prod(s) for _, _, ps in specs for _, s in ps))
+
+
+def pick_width(target_params: int) -> float:
+    """Largest width multiplier whose layer table has at most ``target_params`` parameters."""
+    lo, hi = 0.05, 64.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if n_params(layer_specs(mid)) <= target_params:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def make_manifest(specs) -> tuple[dict, list[dict]]:
+    """Manifest (format contract) and the activation site records (ReLU after every convolution)."""
+    table = []
+    for (name, typ, ps), key in zip(specs, fmt.assign_keys([s[0] for s in specs])):
+        pkeys = fmt.assign_keys([p for p, _ in ps])
+        table.append({"id": len(table), "name": name, "type": typ, "key": key,
+                      "params": [{"name": p, "key": k, "shape": list(s), "dtype": "float32",
+                                  "numel": int(np.prod(s)), "requires_grad": True}
+                                 for (p, s), k in zip(ps, pkeys)],
+                      "n_params": int(sum(np.prod(s) for _, s in ps)), "selected": True})
+    sites = []
+    for L in table:
+        if L["type"] != "Conv2d":
+            continue
+        U = L["params"][0]["shape"][0]
+        name = L["name"].replace("conv", "relu")
+        sites.append({"name": name, "key": fmt.sanitize(name), "kind": "relu", "source": "module",
+                      "module": name, "unit_axis": 1, "units": U, "sample_shape": [U, 8, 8],
+                      "bounds": None, "softmax_dim": None, "hist_edges": None, "family": "relu",
+                      "stats": {**{k: [U] for k in ("sum", "sum_abs", "sumsq", "min", "max", "n_pos")},
+                                "count": [], "nonfinite": []}})
+    manifest = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "created": time.time(),
+                "status": fmt.STATUS_RECORDING, "world_size": 1, "host": "bench_outofcore",
+                "model": {"class": "bench_outofcore.ResNetLike", "n_params": n_params(specs)},
+                "config": {"generator": "scripts/bench_outofcore.py"}, "layers": table, "sites": sites}
+    return manifest, sites
+
+
+def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: int, seed: int = 0) -> dict:
+    """Write the trace; returns a description (layers, parameters, bytes, seconds)."""
+    t0 = time.perf_counter()
+    per_step_rows = 1.0 + 1.0 / weights_every
+    width = pick_width(int(gb * 1e9 / (4 * steps * per_step_rows)))
+    specs = layer_specs(width)
+    manifest, sites = make_manifest(specs)
+    os.makedirs(run_dir)
+    fmt.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), manifest)
+    rng = np.random.default_rng(seed)
+    P = n_params(specs)
+    pool = rng.standard_normal(P + (1 << 20), dtype=np.float32)   # slices at random offsets, scaled
+    w0 = {}
+    off = 0
+    for L in manifest["layers"]:
+        for q in L["params"]:
+            n = q["numel"]
+            w0[(L["key"], q["key"])] = (pool[off:off + n] * (1.0 / np.sqrt(max(1, n // q["shape"][0])))
+                                        ).reshape(q["shape"])
+            off += n
+    per_epoch = max(1, steps // epochs)
+    rows_per_shard = max(2, min(100, int((256 << 20) // max(1, 4 * P))))   # shards of ~256 MB
+    series = ShardSeriesWriter(os.path.join(run_dir, fmt.rank_dirname(0)), 0, flush_steps=rows_per_shard,
+                               flush_secs=1e9, max_shard_bytes=1 << 40, backend=HDF5Backend())
+    t_wall = time.time()
+    for step in range(steps):
+        depth_scale = 1.0 / (1.0 + step / steps)
+        payloads = []
+        for i, L in enumerate(manifest["layers"]):
+            for q in L["params"]:
+                n = q["numel"]
+                o = int(rng.integers(0, len(pool) - n))
+                g = (pool[o:o + n] * np.float32(1e-3 * depth_scale * (0.7 ** (len(specs) - i) + 0.05)))
+                payloads.append((fmt.KIND_GRADS, L["key"], q["key"], g.reshape(q["shape"]), {}))
+                if step % weights_every == 0:
+                    w = w0[(L["key"], q["key"])] * np.float32(1.0 + 0.01 * step / steps)
+                    payloads.append((fmt.KIND_WEIGHTS, L["key"], q["key"], w, {}))
+        for j, S in enumerate(sites):
+            U = S["units"]
+            a = np.maximum(rng.standard_normal((RELU_SAMPLES, U), dtype=np.float32) + np.float32(0.5 - j * 0.05),
+                           0, dtype=np.float32).astype(np.float64)
+            a[:, : max(1, U // 10)] = 0.0                                   # a tenth of the units is dead
+            st = {"sum": a.sum(0), "sum_abs": np.abs(a).sum(0), "sumsq": (a * a).sum(0), "min": a.min(0),
+                  "max": a.max(0), "n_pos": (a > 0).sum(0).astype(np.float64),
+                  "count": np.float64(RELU_SAMPLES), "nonfinite": np.float64(0)}
+            for k, v in st.items():
+                payloads.append((fmt.KIND_ACT_STATS, S["key"], k, np.asarray(v, np.float32), {}))
+        loss = float(2.5 * np.exp(-3.0 * step / steps) + 0.05 * rng.random())
+        series.write([StepRecord(step=step, epoch=min(epochs - 1, step // per_epoch), loss=loss,
+                                 time=t_wall + 0.1 * step, payloads=payloads)])
+    series.close()
+    manifest.update(status=fmt.STATUS_COMPLETE, ended=time.time(), steps=steps, epochs=epochs)
+    fmt.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), manifest)
+    files = shard_files(run_dir)
+    return {"layers": len(specs), "params": P, "sites": len(sites), "steps": steps, "epochs": epochs,
+            "weights_every": weights_every, "shards": len(files), "bytes": sum(os.path.getsize(f) for f in files),
+            "seconds": time.perf_counter() - t0}
+
+
+def shard_files(run_dir: str) -> list[str]:
+    out = []
+    for _, rdir in fmt.iter_rank_dirs(run_dir):
+        out += [p for _, p in fmt.list_shards(rdir)[0]]
+    return out
+
+
+def prepare_cache(files: list[str], mode: str) -> None:
+    """cold: fsync and drop every shard's pages from the page cache; warm: read every shard once."""
+    for p in files:
+        if mode == "cold":
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        else:
+            with open(p, "rb") as f:
+                while f.read(16 << 20):
+                    pass
+
+
+def raw_read(files: list[str]) -> tuple[float, int]:
+    """Read every ``values`` dataset of every shard in chunk-aligned blocks with h5py.
+
+    Returns:
+        (seconds, bytes of values read).
+    """
+    import h5py
+    nread = 0
+    t0 = time.perf_counter()
+    for p in files:
+        with h5py.File(p, "r") as f:
+            dsets = []
+            f.visititems(lambda name, o: dsets.append(o) if isinstance(o, h5py.Dataset)
+                         and name.endswith("/values") else None)
+            for ds in dsets:
+                rows = ds.shape[0]
+                if not rows:
+                    continue
+                row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+                chunk = ds.chunks[0] if ds.chunks else rows
+                per = max(1, BLOCK_BYTES // row_bytes)
+                if per >= chunk:
+                    per -= per % chunk
+                for a in range(0, rows, per):
+                    nread += ds[a:min(rows, a + per)].nbytes
+    return time.perf_counter() - t0, nread
+
+
+#: The report's streaming passes without its figures and HTML: what `bbdecoder report` reads and computes.
+PASSES = r"""
+import sys
+from analyzer import activations as A, open as open_run
+run = open_run(sys.argv[1], engine=sys.argv[2])
+ids = run.select(None)
+run.grad_stats(layers=ids); run.grad_stats(per="epoch", layers=ids); run.grad_stats(by="layer", layers=ids)
+run.weight_stats(layers=ids)
+for L in run.layers.itertuples(index=False):
+    run.weight_histograms(int(L.id), bins=64)
+A.dead_units(run, "strict", 0.0, 0.0, layer_share=0.5); A.dead_per_step(run, "strict", 0.0, 0.0)
+A.saturation(run, 0.03); A.saturation_layers(run, 0.03, unit_fraction=0.5, layer_share=0.5)
+A.activation_stats(run, per="epoch")
+"""
+
+
+def run_child(args: list[str]) -> tuple[float, float, int, str]:
+    """``python args...`` in a child process (stdout discarded).
+
+    Returns:
+        (wall seconds, peak RSS of the child in MB (ru_maxrss from os.wait4), exit status, stderr tail).
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MPLBACKEND="Agg")
+    err = tempfile.TemporaryFile()
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable] + args, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    err.seek(0)
+    tail = err.read().decode(errors="replace")[-2000:]
+    scale = 1 if sys.platform == "darwin" else 1024          # ru_maxrss: bytes on macOS, KiB on Linux
+    return wall, ru.ru_maxrss * scale / 1e6, p.returncode, tail
+
+
+def run_report(run_dir: str, out_dir: str, engine: str) -> tuple[float, float, int, str]:
+    """``bbdecoder report RUN --out OUT --engine ENGINE`` in a child process (see :func:`run_child`)."""
+    code = "import sys; from analyzer.cli import main; main(sys.argv[1:])"
+    return run_child(["-c", code, "report", run_dir, "--out", out_dir, "--engine", engine])
+
+
+def run_passes(run_dir: str, engine: str) -> tuple[float, float, int, str]:
+    """The report's data passes only (:data:`PASSES`) in a child process (see :func:`run_child`)."""
+    return run_child(["-c", PASSES, run_dir, engine])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gb", type=float, default=2.0, help="size of the generated shards in GB (1e9 bytes)")
+    ap.add_argument("--steps", type=int, default=200, help="recorded steps (gradients every step)")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--weights-every", type=int, default=10)
+    ap.add_argument("--dir", default=None, help="where to create the trace (default: the temp directory)")
+    ap.add_argument("--cache", choices=["cold", "warm"], default="cold")
+    ap.add_argument("--engine", default="local", choices=["local", "dask"], help="`bbdecoder report --engine`")
+    ap.add_argument("--keep", action="store_true", help="keep the generated trace and report")
+    ap.add_argument("--json", dest="as_json", action="store_true", help="also print the results as JSON")
+    a = ap.parse_args(argv)
+    if not (a.gb > 0 and a.steps >= a.epochs >= 1 and a.weights_every >= 1):
+        ap.error("need --gb > 0, --steps >= --epochs >= 1 and --weights-every >= 1")
+    base = a.dir or tempfile.gettempdir()
+    free = shutil.disk_usage(base).free
+    if free < 1.3 * a.gb * 1e9 + (200 << 20):
+        print(f"bench_outofcore: only {free / 1e9:.1f} GB free in {base}, need about {1.3 * a.gb:.1f} GB",
+              file=sys.stderr)
+        return 2
+    work = tempfile.mkdtemp(prefix="bbdecoder-outofcore-", dir=base)
+    run_dir, out_dir = os.path.join(work, "run"), os.path.join(work, "report")
+    try:
+        print(f"generating ~{a.gb:g} GB in {run_dir} ...", file=sys.stderr, flush=True)
+        g = generate(run_dir, a.gb, a.steps, a.epochs, a.weights_every)
+        files = shard_files(run_dir)
+        prepare_cache(files, a.cache)
+        raw1, nvals = raw_read(files)
+        prepare_cache(files, a.cache)
+        print("running bbdecoder report ...", file=sys.stderr, flush=True)
+        wall, rss, rc, tail = run_report(run_dir, out_dir, a.engine)
+        if rc != 0:
+            print(f"bench_outofcore: bbdecoder report failed (exit {rc}):\n{tail}", file=sys.stderr)
+            return 1
+        prepare_cache(files, a.cache)
+        print("running the report's data passes alone ...", file=sys.stderr, flush=True)
+        pwall, prss, rc, tail = run_passes(run_dir, a.engine)
+        if rc != 0:
+            print(f"bench_outofcore: the data passes failed (exit {rc}):\n{tail}", file=sys.stderr)
+            return 1
+        prepare_cache(files, a.cache)
+        raw2, _ = raw_read(files)
+        raw = min(raw1, raw2)
+        B = g["bytes"]
+        raw_tp, rep_tp, pass_tp = B / raw, B / wall, B / pwall
+        res = {**g, "cache": a.cache, "engine": a.engine, "values_bytes": nvals,
+               "raw_read_s": [round(raw1, 3), round(raw2, 3)], "raw_MBps": raw_tp / 1e6,
+               "report_s": wall, "report_MBps": rep_tp / 1e6, "ratio": rep_tp / raw_tp, "peak_rss_MB": rss,
+               "passes_s": pwall, "passes_MBps": pass_tp / 1e6, "passes_ratio": pass_tp / raw_tp,
+               "passes_peak_rss_MB": prss, "figures": len(os.listdir(os.path.join(out_dir, "figures")))}
+        ok_rss, ok_ratio = rss <= RSS_TARGET_MB, res["ratio"] >= RATIO_TARGET
+        rows = [
+            ("trace", f"{B / 1e9:.3f} GB in {g['shards']} shards; {g['layers']} layers, {g['params']:,} parameters, "
+                      f"{g['sites']} ReLU sites; {g['steps']} steps, {g['epochs']} epochs, weights every "
+                      f"{g['weights_every']} (generated in {g['seconds']:.1f} s)"),
+            ("page cache", f"{a.cache} before every measurement"),
+            ("raw h5py read", f"{raw:.2f} s  ->  {raw_tp / 1e6:,.0f} MB/s   (runs: {raw1:.2f} s, {raw2:.2f} s; "
+                              f"{nvals / 1e9:.3f} GB of values)"),
+            ("bbdecoder report", f"{wall:.2f} s  ->  {rep_tp / 1e6:,.0f} MB/s   (engine {res['engine']}, "
+                                 f"{res['figures']} figures)"),
+            ("throughput ratio", f"{res['ratio']:.3f}   (target >= {RATIO_TARGET}: {'met' if ok_ratio else 'NOT met'})"),
+            ("peak RSS (report)", f"{rss:,.0f} MB   (target <= {RSS_TARGET_MB} MB: {'met' if ok_rss else 'NOT met'})"),
+            ("data passes alone", f"{pwall:.2f} s  ->  {pass_tp / 1e6:,.0f} MB/s, ratio {res['passes_ratio']:.3f}, "
+                                  f"peak RSS {prss:,.0f} MB   (the report without figures and HTML)"),
+            ("figures + HTML", f"about {max(0.0, wall - pwall):.1f} s of the report's {wall:.1f} s"),
+        ]
+        w = max(len(k) for k, _ in rows)
+        print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+        if a.as_json:
+            print(json.dumps(res, indent=1))
+        return 0 if ok_rss else 1
+    finally:
+        if a.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
