@@ -65,6 +65,13 @@ class ShardWriter:
     def close(self) -> None:
         raise NotImplementedError
 
+    def abort(self) -> None:
+        """Close a shard that will be discarded, keeping nothing; never raises."""
+        try:
+            self.close()
+        except Exception:
+            pass
+
 
 class ShardReader:
     """Reads one closed shard."""
@@ -201,20 +208,47 @@ class HDF5ShardWriter(ShardWriter):
     def close(self):
         if self._f is None:
             return
-        g = self._f.create_group("steps")
-        for c in fmt.STEP_COLUMNS:
-            v = self._cols[c]
-            data = np.concatenate(v) if v else np.zeros(0, self._STEP_DTYPES[c])
-            g.create_dataset(c, data=data.astype(self._STEP_DTYPES[c], copy=False))
-        for grp, vds, n, cap, steplist in self._entries.values():
-            if n != cap:
-                vds.resize((n, *vds.shape[1:]))
-            grp.create_dataset("steps", data=np.concatenate(steplist) if steplist else np.zeros(0, np.int64))
-        self._f.attrs["n_steps"] = self.n_steps
-        self._f.attrs["step_start"] = -1 if self.step_range[0] is None else self.step_range[0]
-        self._f.attrs["step_stop"] = -1 if self.step_range[1] is None else self.step_range[1]
+        try:
+            g = self._f.create_group("steps")
+            for c in fmt.STEP_COLUMNS:
+                v = self._cols[c]
+                data = np.concatenate(v) if v else np.zeros(0, self._STEP_DTYPES[c])
+                g.create_dataset(c, data=data.astype(self._STEP_DTYPES[c], copy=False))
+            for grp, vds, n, cap, steplist in self._entries.values():
+                if n != cap:
+                    vds.resize((n, *vds.shape[1:]))
+                grp.create_dataset("steps", data=np.concatenate(steplist) if steplist else np.zeros(0, np.int64))
+            self._f.attrs["n_steps"] = self.n_steps
+            self._f.attrs["step_start"] = -1 if self.step_range[0] is None else self.step_range[0]
+            self._f.attrs["step_stop"] = -1 if self.step_range[1] is None else self.step_range[1]
+            self._f.flush()   # a write error (ENOSPC) shows here, while the file can still be aborted
+        except BaseException:
+            self.abort()
+            raise
         self._f.close()
         self._f = None
+
+    def abort(self):
+        """Close the file keeping nothing (the caller deletes it): its descriptor is first pointed at
+        /dev/null, so that HDF5's pending writes succeed into nothing. After a failed write (ENOSPC,
+        EFBIG) a plain close fails as well and leaves a half-closed file that crashes the interpreter
+        at exit (h5py 3 with HDF5 1.14: a segmentation fault), i.e. it would kill the training job."""
+        f, self._f = self._f, None
+        if f is None:
+            return
+        try:
+            if f.id.valid:
+                nul = os.open(os.devnull, os.O_RDWR)
+                try:
+                    os.dup2(nul, f.id.get_vfd_handle())
+                finally:
+                    os.close(nul)
+        except Exception:
+            pass
+        try:
+            f.close()
+        except Exception:
+            pass
 
 
 class HDF5ShardReader(ShardReader):
@@ -725,10 +759,7 @@ class ShardSeriesWriter:
                 pass
         w, self._w = self._w, None
         if w is not None:
-            try:
-                w.close()
-            except Exception:
-                pass
+            w.abort()
         if self._live is not None:   # (a shard renamed before the failure is no longer there)
             try:
                 self.backend.discard(self._live)

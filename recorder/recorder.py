@@ -25,7 +25,7 @@ from analyzer import format as fmt
 from analyzer.storage import HDF5Backend, ShardSeriesWriter, StepRecord
 
 from .schedules import as_schedule
-from .writer import BackgroundWriter, WriterClosedError, WriterError
+from .writer import BackgroundWriter, WriterClosedError, WriterError, describe_error
 
 __all__ = ["Recorder", "RecorderError", "RecorderWarning", "RecorderClosedError", "LayerInfo", "unwrap_model"]
 
@@ -496,7 +496,7 @@ class Recorder:
             self._manifest.update(status=status, ended=time.time(), steps=self._step, epochs=self._epoch,
                                   dropped=self._writer.dropped)
             if self._writer.error is not None:
-                self._manifest["error"] = f"{type(self._writer.error).__name__}: {self._writer.error}"
+                self._manifest["error"] = describe_error(self._writer.error)
             try:
                 fmt.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
             except OSError as e:
@@ -597,10 +597,10 @@ class Recorder:
                 self._series_note(err)
             except Exception:
                 pass
-        msg = f"bbdecoder recorder failed ({type(err).__name__}: {err}); " + \
+        msg = f"bbdecoder recorder failed ({describe_error(err)}); " + \
               ("recording stopped, training goes on" if self.on_error == "warn" else "")
         if self.on_error == "raise":
-            raise RecorderError(f"bbdecoder recorder failed: {type(err).__name__}: {err}") from err
+            raise RecorderError(f"bbdecoder recorder failed: {describe_error(err)}") from err
         if first:
             warnings.warn(msg.rstrip("; "), RecorderWarning, stacklevel=3)
 

@@ -12,11 +12,28 @@ Semantics (ported from TensorBoard's EventFileWriter tests):
 from __future__ import annotations
 
 import collections
+import os
+import re
 import threading
 import traceback
 from typing import Any, Callable
 
 from analyzer import format as fmt
+
+
+_HDF5_ERRNO = re.compile(r"errno = (\d+), error message = '([^']*)'")
+
+
+def describe_error(e: BaseException, limit: int = 1000) -> str:
+    """``"ExceptionType: message"`` on one line, at most ``limit`` characters. An HDF5 I/O error
+    (h5py raises it with the OS error buried in a multi-line message) is led by the OS error, e.g.
+    ``"RuntimeError: [Errno 28] No space left on device (HDF5: Can't ... )"``."""
+    msg = " ".join(str(e).split())
+    m = _HDF5_ERRNO.search(msg)
+    if m and not msg.startswith("[Errno"):
+        msg = f"[Errno {m.group(1)}] {m.group(2) or os.strerror(int(m.group(1)))} (HDF5: {msg})"
+    out = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return out if len(out) <= limit else out[:limit - 3] + "..."
 
 
 class WriterClosedError(RuntimeError):
@@ -160,7 +177,7 @@ class BackgroundWriter:
     def _raise_pending(self) -> None:
         if self.error is not None and not getattr(self, "_raised", False):
             self._raised = True
-            raise WriterError(f"bbdecoder writer failed: {type(self.error).__name__}: {self.error}") \
+            raise WriterError(f"bbdecoder writer failed: {describe_error(self.error)}") \
                 from self.error
 
     def take_error(self) -> BaseException | None:
@@ -244,6 +261,6 @@ class BackgroundWriter:
                 self.error_trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
             self._cv.notify_all()
         try:
-            self.sink.record_error(f"{type(e).__name__}: {e}")
+            self.sink.record_error(describe_error(e))
         except BaseException:
             pass

@@ -280,3 +280,56 @@ def test_full_disk_while_writing_rank_json(tmp_path, monkeypatch, capsys):
     _check_failed_json(d, rank_dir, 15, 20)
     out = _info(d, capsys)
     assert "status    incomplete" in out and "steps     15 (0..14)" in out and ENOSPC_TEXT in out
+
+
+FSIZE_CHILD = f"""
+import json, resource, signal, sys, warnings
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG instead
+sys.path[:0] = [{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r},
+                {os.path.dirname(os.path.abspath(__file__))!r}]
+import torch
+torch.set_num_threads(1)
+from helpers import Tiny
+from recorder import Recorder, at
+torch.manual_seed(0)
+m = Tiny()
+opt = torch.optim.SGD(m.parameters(), lr=0.01)
+resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, resource.RLIM_INFINITY))
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    rec = Recorder(m, sys.argv[1], flush_steps=100, flush_secs=1000, weights_every=at([50]))
+    for s in range(120):
+        loss = m(torch.randn(8, 3, 8, 8)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); rec.step(loss=loss); opt.step()
+        if s in (9, 19):
+            rec.flush()
+    rec.close()
+print(json.dumps({{"trained": s + 1, "warnings": [str(x.message) for x in w]}}))
+"""
+
+
+def test_real_write_failure_file_size_limit(tmp_path, capsys):
+    """A real failing write, not an injected one: RLIMIT_FSIZE (no root needed) makes the OS refuse
+    to grow any file past 500 kB with EFBIG ("File too large"), which h5py reports buried in a
+    multi-line RuntimeError. Shards 0 and 1 (10 steps each, closed by flush()) fit; shard 2 gets the
+    weight snapshot of step 50 and grows past the limit. Same guarantees as for ENOSPC, the error on
+    one line led by the OS error, and the process exits 0: closing an HDF5 file after a failed write
+    used to leave a half-closed file that crashed the interpreter at exit (SIGSEGV)."""
+    import subprocess
+    import sys
+    d = str(tmp_path / "run")
+    p = subprocess.run([sys.executable, "-c", FSIZE_CHILD, d], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["trained"] == 120
+    efbig = f"[Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}"
+    assert len(res["warnings"]) == 1 and efbig in res["warnings"][0] and "\n" not in res["warnings"][0]
+    rank_dir = _check_readable(d, 20)
+    rank = json.load(open(os.path.join(rank_dir, fmt.RANK_FILE)))
+    assert rank["status"] == "failed" and (rank["shards"], rank["steps_flushed"]) == (2, 20)
+    assert rank["errors"][0].startswith(f"RuntimeError: {efbig} (HDF5: ")
+    man = json.load(open(os.path.join(d, fmt.MANIFEST)))
+    assert man["status"] == "failed" and man["error"] == rank["errors"][0] and man["steps"] == 120
+    out = _info(d, capsys)
+    assert "status    incomplete" in out and "steps     20 (0..19)" in out and f"error     RuntimeError: {efbig}" in out
