@@ -188,7 +188,8 @@ def update_ratio(cur: np.ndarray, prev: np.ndarray, piece: int = PIECE_ELEMS) ->
         d -= p
         num += float(np.einsum("i,i->", d, d))   # not BLAS: its threads spin on a busy machine
         den += float(np.einsum("i,i->", p, p))
-    return float(np.sqrt(num) / np.sqrt(den)) if den > 0 else float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):   # non-finite weights: NaN, flagged elsewhere
+        return float(np.sqrt(num) / np.sqrt(den)) if den > 0 else float("nan")
 
 
 def previous_rows(shards: list, kind: str, keys: set) -> list[dict]:
