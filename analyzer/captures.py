@@ -47,7 +47,7 @@ class Capture:
             raise TraceError(f"corrupt or unreadable capture {self.name}: {_short(e)}") from None
         d = fmt.validate_capture(attrs, shapes, self.name)
         for k, dt in dtypes.items():
-            if k != "labels" and dt.kind not in "fiub":
+            if dt.kind not in "fiub":
                 raise TraceError(f"{self.name}: dataset {k!r} has a non-numeric dtype {dt}")
         self.__dict__.update(d)
         self.n_classes = int(shapes["logits"][1])
