@@ -231,7 +231,7 @@ def test_waterbirds_smoke(tmp_path):
     wb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wb)
     df = wb.main(["--out", str(tmp_path / "wb"), "--levels", "0.5,1.0", "--train", "256", "--test", "64",
-                  "--epochs", "2", "--bootstrap", "50", "--size", "24"])
+                  "--epochs", "2", "--bootstrap", "50", "--size", "24", "--seeds", "1"])
     assert set(df["bias"]) == {0.5, 1.0} and set(df["mask"]) == {"background", "object"}
     assert ((df["mean"] >= 0) & (df["mean"] <= 1)).all() and (df["boot_std"] >= 0).all()
     assert os.path.isfile(tmp_path / "wb" / "waterbirds_attention_iou.png")
