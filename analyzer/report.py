@@ -423,6 +423,7 @@ class _Report:
 
         summary = self._summary(steps, lt, summ, gl, ws1, multi_rank)
         summary["nonfinite"] = nonfinite_findings(run, gs_all, ws)
+        summary["attention"] = getattr(self, "attention", {})
         written = {f["file"] for f in self.figures} | {t["file"] for t in self.tables}
         summary["stale_files"] = sorted(p for p in before if p not in written)
         summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -894,10 +895,14 @@ class _Report:
         except fmt.TraceError as e:
             self.skip("attention section", str(e))
             return
-        if not data:
-            self.not_recorded.append("attention section: no attention captures (recorder.capture_attention)")
+        if not data:   # noted in summary.json only: a run without captures is the normal case
+            self.attention = {"captures": 0, "note": "no attention captures (recorder.capture_attention)"}
             return
         cap, target = data["capture"], data["target"]
+        self.attention = {"captures": len(self.run._captures()), "capture": cap.index, "step": cap.step,
+                          "target": target, "method": "gradcam", "bootstrap": pa.REPORT_BOOTSTRAP,
+                          "scores": [] if data["scores"] is None else data["scores"][
+                              ["reference", "split", "n", "mean", "boot_mean", "boot_std"]].to_dict(orient="records")}
         where = f"capture {cap.index} (step {cap.step}), target <code>{html.escape(target)}</code>, Grad-CAM"
         sc = data["scores"]
         if sc is not None and len(sc):

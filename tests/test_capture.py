@@ -177,7 +177,7 @@ def test_frozen_model_reshape_and_batch_limit(tmp_path):
     np.testing.assert_allclose(r.attention_maps("y"), cam, atol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore:bbdecoder report: the trace has no weight snapshots")
+@pytest.mark.filterwarnings("ignore:.*the trace has no weight snapshots")
 def test_recorder_captures_over_training(tmp_path):
     torch.manual_seed(3)
     model = Net()
@@ -219,6 +219,7 @@ def test_recorder_captures_over_training(tmp_path):
     api = r.attention_iou("c0", mask_group="bg", bootstrap=REPORT_BOOTSTRAP)
     np.testing.assert_allclose(tab[tab["reference"] == "bg"]["boot_std"].to_numpy(), api["boot_std"].to_numpy())
     assert "Attention-IoU" in (out / "index.html").read_text()
+    assert summ["attention"]["captures"] == 3 and summ["attention"]["target"] == "c0"
     # overwrite removes the old captures with the run
     Recorder(model, run, overwrite=True).close()
     assert fmt.list_captures(run) == []
