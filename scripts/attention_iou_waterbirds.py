@@ -178,12 +178,12 @@ def main(argv=None):
         test_acc=("test_acc", "mean"), worst_group_acc=("worst_group_acc", "mean"),
         models=("seed", "nunique")).reset_index()
     df["model_std"] = df["model_std"].fillna(0.0)
-    lines = [f"{'bias':>5}  {'background':>24}  {'object':>24}  {'test acc':>8}  {'worst grp':>9}",
-             f"{'':5}  {'mean  boot std  model std':>24}  {'mean  boot std  model std':>24}"]
+    lines = [f"{'bias':>5}  {'background':^26}  {'object':^26}  {'test acc':>8}  {'worst grp':>9}",
+             f"{'':5}  {' mean  boot std  model std':>26}  {' mean  boot std  model std':>26}"]
     for lv in levels:
         d = df[df["bias"] == lv].set_index("mask")
-        cell = lambda m: f"{d.loc[m, 'mean']:.3f}  {d.loc[m, 'boot_std']:.3f}     {d.loc[m, 'model_std']:.3f}"  # noqa: E731
-        lines.append(f"{lv * 100:4.0f}%  {cell('background'):>24}  {cell('object'):>24}"
+        cell = lambda m: f"{d.loc[m, 'mean']:.3f}  {d.loc[m, 'boot_std']:8.3f}  {d.loc[m, 'model_std']:9.3f}"  # noqa: E731
+        lines.append(f"{lv * 100:4.0f}%  {cell('background'):>26}  {cell('object'):>26}"
                      f"  {d.loc['object', 'test_acc']:8.3f}  {d.loc['object', 'worst_group_acc']:9.3f}")
     print("\n".join(lines))
     png = figure(df, os.path.join(out, "waterbirds_attention_iou.png"))
