@@ -20,6 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[torch,dev,bench]'
 	$(PY) scripts/bench_overhead.py
 
 clean:

@@ -255,12 +255,14 @@ class BackgroundWriter:
             return None
 
     def _set_error(self, e: BaseException) -> None:
+        # rank.json first, then the error becomes visible: a caller woken by it (flush) finds the
+        # failure note written and no temporary file of that write still on disk.
+        try:
+            self.sink.record_error(describe_error(e))
+        except BaseException:
+            pass
         with self._cv:
             if self.error is None:
                 self.error = e
                 self.error_trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
             self._cv.notify_all()
-        try:
-            self.sink.record_error(describe_error(e))
-        except BaseException:
-            pass
