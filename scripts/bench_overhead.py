@@ -156,6 +156,19 @@ class Setting:
         if rec_kwargs is not None:
             self.run_dir = os.path.join(tmp, name)
             self.rec = Recorder(self.model, self.run_dir, **rec_kwargs)
+        self.act_s = 0.0                # seconds inside the activation statistics (forward hooks)
+        tracker = getattr(self.rec, "_tracker", None)
+        if tracker is not None:         # instrumentation of the benchmark only: time each statistics call
+            inner, perf = tracker._stats, time.perf_counter
+
+            def timed(*a, **k):
+                t = perf()
+                try:
+                    return inner(*a, **k)
+                finally:
+                    self.act_s += perf() - t
+            tracker._stats = timed
+        self.block_ms_act = []          # per round: mean ms/step inside the activation statistics
         self.i = 0                      # global step counter (selects the batch)
         self.block_ms = []              # per round: mean ms/step incl. flush
         self.block_ms_noflush = []      # per round: mean ms/step before the flush
@@ -176,6 +189,7 @@ class Setting:
         perf = time.perf_counter
         wid = _writer_ids(rec) if rec is not None else (None, None)
         c0 = _cpu_snapshot(*wid)
+        a0 = self.act_s
         t0 = perf()
         for _ in range(n):
             x, y = batches[self.i % nb]
@@ -205,6 +219,7 @@ class Setting:
         self.block_cpu.append((proc / n * 1e3,
                                None if c0[2] is None or c1[2] is None else (c1[2] - c0[2]) / n * 1e3,
                                max(0.0, (c1[0] - c0[0]) - proc) / n * 1e3) + us)
+        self.block_ms_act.append((self.act_s - a0) / n * 1e3)
         return t1 - t0, t2 - t0, t_rec
 
 
@@ -389,7 +404,9 @@ def main(argv=None):
                 r_ms = med(s.block_ms_recstep)
                 notes += f"; in its hook {r_ms:.2f} ms; paired ratio {paired:.3f}"
             if s.rec is not None:
+                a_ms = med(s.block_ms_act)
                 notes += (f"; no-flush {ms_nf:.1f} ms ({ms_nf / base:.3f}x); in rec.step {r_ms:.2f} ms"
+                          + (f"; in activation statistics {a_ms:.2f} ms" if a_ms > 0 else "")
                           + ("" if w_ms is None else f"; writer CPU {w_ms:.1f} ms")
                           + f"; paired ratio {paired:.3f}")
             rows.append((s.name, f"{ms:.1f}", f"{ms / base:.3f}",
@@ -398,6 +415,7 @@ def main(argv=None):
             res[s.name] = {"ms_per_step": ms, "ratio": ms / base, "ratio_paired": paired,
                            "ms_per_step_noflush": ms_nf, "ratio_noflush": ms_nf / base,
                            "ms_in_rec_step": r_ms, "writer_cpu_ms_per_step": w_ms,
+                           "ms_in_activation_stats": med(s.block_ms_act) if s.block_ms_act else None,
                            "process_cpu_ms_per_step": med([c[0] for c in cpu]),
                            "other_cpu_ms_per_step": med([c[2] for c in cpu]),
                            "writer_user_ms_per_step": med([c[3] for c in cpu if c[3] is not None]) if s.rec else None,
@@ -472,6 +490,13 @@ def main(argv=None):
                   f"{'OK' if a_ratio <= 1.10 else 'ABOVE TARGET'}; "
                   f"paired per-round median {res['activations'].get('ratio_paired', float('nan')):.3f}; "
                   f"activations=\"all\": {res['activations-all']['ratio']:.3f} (no target)")
+            ra = res["activations"]
+            d_call = res["default"]["ms_in_rec_step"]
+            extra = ra["ms_in_activation_stats"] + ra["ms_in_rec_step"] - d_call
+            print(f"activations, caller-side cost over default: {ra['ms_in_activation_stats']:.2f} ms/step in the "
+                  f"statistics hooks + {ra['ms_in_rec_step'] - d_call:.2f} ms more in rec.step = "
+                  f"{extra / base:.3f} of the baseline step; default ratio + that = "
+                  f"{d_ratio + extra / base:.3f} (caller-side only: the writer thread's extra CPU is not in it)")
         if "tensorboard" in res:
             tb = res["tensorboard"]["ms_per_step"]
             print(f"raw gradients + weights every step (heavy) {heavy:.1f} ms/step vs TensorBoard histograms of "
