@@ -526,9 +526,7 @@ class ActivationTracker:
                 o["n_pos"], o["fin"] = cnt[sel].unbind(0)
             lo, hi = ext[sel].unbind(0)
             torch.sum(w, d, out=o["sum"])
-            if fast and floor0:
-                lo.zero_()       # checked below
-            else:
+            if not (fast and floor0):   # fast ReLU: minima 0 (set below), checked afterwards
                 torch.amin(w, d, out=lo)
             torch.amax(w, d, out=hi)
             if fast:   # shift 0, shifted sum = sum and every value finite: set for all slabs below
@@ -555,30 +553,10 @@ class ActivationTracker:
                 b.le_(fmax)
             self._count(b, d, o["fin"])
 
+        if floor0:
+            ext[0].zero_()
         for c in range(nch):
             slab(c, cpu)
-        if cpu:
-            part[names.index("shift")].zero_()
-            part[names.index("csum")].copy_(part[0])
-            fin_p = cnt[1] if cnt is not None else part[names.index("fin")]
-            if inner:
-                fin_p.fill_(Q)
-            else:
-                fin_p.fill_(rows)
-                fin_p[-1].fill_(A - (nch - 1) * rows)
-            # slabs whose partials hold a non-finite value or a spread small against their size
-            # go through the exact path (host reads of small tensors: free on the CPU)
-            S = part[0].double()
-            q = nrm.double().square_().sum(2) if k else part[names.index("csq")].double()
-            ng = float(Q) if inner else torch.full((nch, 1, 1), float(rows), dtype=torch.float64)
-            if not inner:
-                ng[-1] = float(A - (nch - 1) * rows)
-            bad = ~torch.isfinite(S) | ~torch.isfinite(q) | ((q - S * S / ng) < 0.01 * q)
-            if bool(bad.any()):
-                hit = bad.flatten(1).any(1).nonzero().flatten().tolist()
-                redo = sorted({a // rows for a in hit}) if inner else hit
-                for c in redo:
-                    slab(c, False)
         f64 = torch.float64
         axes = (0,) if inner else (0, 2)
         n = float(A * Q)
@@ -587,29 +565,61 @@ class ActivationTracker:
         else:
             ng = torch.full((nch, 1, 1), float(rows), dtype=f64, device=v.device)
             ng[-1] = float(A - (nch - 1) * rows)
-        P = {nm: part[i].double() for i, nm in enumerate(names)}
-        # per partial g: shift m_g (its rounded mean, or 0), shifted sum e_g and square sum q_g
-        m_g = P["shift"]
-        e_g = P["csum"]
-        q_g = nrm.double().square_().sum(2) if k else P["csq"]
-        mean_g = m_g + e_g / ng
-        M2_g = q_g - e_g * e_g / ng
-        total = (mean_g * ng).sum(axes)
-        mean = total / n
-        M2 = M2_g.sum(axes) + (ng * (mean_g - mean.view((1, U) if inner else (1, U, 1))).square()).sum(axes)
-        st = {"sum": total, "sumsq": M2 + total * mean,
-              "min": ext[0].amin(axes).double(), "max": ext[1].amax(axes).double()}
-        if cnt is not None:
-            st["n_pos"], fin = cnt.sum(tuple(a + 1 for a in axes)).unbind(0)
+        redo = []
+        if cpu:
+            # slabs whose partials hold a non-finite value or a spread small against their size
+            # go through the exact path (host reads of small tensors: free on the CPU). NaN
+            # compares False, so a NaN partial fails the first test and an infinite one the second.
+            S = part[0].double()
+            q = nrm.double().square_().sum(2) if k else part[names.index("csq")].double()
+            bad = ~(((q - S * S / ng) >= 0.01 * q) & (q < math.inf))
+            if bool(bad.any()):
+                hit = bad.flatten(1).any(1).nonzero().flatten().tolist()
+                redo = sorted({a // rows for a in hit}) if inner else hit
+        if cpu and not redo:
+            # every slab took the fast path: shifts 0, every value finite, so the Chan combination
+            # below reduces to plain float64 sums of the partials (sum of squares = sum of q_g)
+            total = S.sum(axes)
+            st = {"sum": total, "sumsq": q.sum(axes)}
+            st["n_pos"] = (cnt[0] if cnt is not None else part[names.index("n_pos")]).sum(axes, dtype=f64)
+            st["sum_abs"] = total if nonneg else part[names.index("sum_abs")].sum(axes, dtype=f64)
+            st["nonfinite"] = torch.zeros((), dtype=f64)
         else:
-            st["n_pos"], fin = P["n_pos"].sum(axes), P["fin"].sum(axes)
+            if cpu:   # the fast slabs' partials in the exact path's terms, then redo the bad slabs
+                part[names.index("shift")].zero_()
+                part[names.index("csum")].copy_(part[0])
+                fin_p = cnt[1] if cnt is not None else part[names.index("fin")]
+                if inner:
+                    fin_p.fill_(Q)
+                else:
+                    fin_p.fill_(rows)
+                    fin_p[-1].fill_(A - (nch - 1) * rows)
+                for c in redo:
+                    slab(c, False)
+            P = {nm: part[i].double() for i, nm in enumerate(names)}
+            # per partial g: shift m_g (its rounded mean, or 0), shifted sum e_g and square sum q_g
+            m_g = P["shift"]
+            e_g = P["csum"]
+            q_g = nrm.double().square_().sum(2) if k else P["csq"]
+            mean_g = m_g + e_g / ng
+            M2_g = q_g - e_g * e_g / ng
+            total = (mean_g * ng).sum(axes)
+            mean = total / n
+            M2 = M2_g.sum(axes) + (ng * (mean_g - mean.view((1, U) if inner else (1, U, 1))).square()).sum(axes)
+            st = {"sum": total, "sumsq": M2 + total * mean}
+            if cnt is not None:
+                st["n_pos"], fin = cnt.sum(tuple(a + 1 for a in axes)).unbind(0)
+            else:
+                st["n_pos"], fin = P["n_pos"].sum(axes), P["fin"].sum(axes)
+            st["sum_abs"] = total if nonneg else P["sum_abs"].sum(axes)
+            st["nonfinite"] = n * U - fin.sum()
+        st["min"] = ext[0].amin(axes).double()
+        st["max"] = ext[1].amax(axes).double()
         if floor0:   # the units whose every value is positive: their true minimum (one pass over them)
             allpos = st["n_pos"] >= n
             if bool(allpos.any()):
                 idx = allpos.nonzero().flatten()
                 st["min"][idx] = torch.amin(v.index_select(1, idx), (0, 2)).double()
-        st["sum_abs"] = total if nonneg else P["sum_abs"].sum(axes)
-        st["nonfinite"] = n * U - fin.sum()
         meta = site.meta
         if meta.get("hist_edges") is not None:
             st["hist"] = self._hist(x, v, U, meta, self._buffer(v))

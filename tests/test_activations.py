@@ -967,3 +967,43 @@ def test_fast_cpu_path_matches_numpy_with_nan_tiny_spread_and_positive_units(sha
         got_std, want_std = np.sqrt(np.maximum(got_var, 0)), np.sqrt(var)
         assert np.isclose(got_std, want_std, rtol=1e-5, atol=0).all(), (got_std, want_std)
         np.testing.assert_allclose(st["sum_abs"].numpy()[ok], np.abs(m[:, ok]).sum(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,kind", [((6, 5, 9, 7), "relu"), ((6, 5, 40, 40), "relu"), ((6, 5, 9, 7), "tanh"),
+                                        ((40, 7), "relu"), ((40, 7), None), ((4, 6, 40), "relu6")])
+def test_fast_cpu_path_on_clean_data_matches_numpy(shape, kind):
+    """Finite values with a spread comparable to their size: every slab stays on the fast path and
+    the statistics come from its shortcut (plain float64 sums of the partials, no Chan combination).
+    Checked against numpy, with one slab and with many, and the slab redo never runs."""
+    from recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).float()
+    if kind in ("relu", "relu6"):
+        x = x.clamp(0, 6 if kind == "relu6" else None)
+        x.select(1, 0).uniform_(0.5, 2.0, generator=g)           # every value positive: exact minimum
+    elif kind == "tanh":
+        x = x.tanh()
+    m = unit_rows(x.numpy(), 1)
+    tr = ActivationTracker(nn.Linear(1, 1), [])
+    calls = []
+    sub = torch.sub                                              # the exact path's centring step
+
+    def spy(*a, **k):
+        calls.append(1)
+        return sub(*a, **k)
+    for cb in (1 << 30, 300):
+        tr.chunk_bytes = cb
+        torch.sub = spy
+        try:
+            st = tr._stats(x, 1, x.shape[1], _Site({"hist_edges": None, "kind": kind}, nonneg=kind in NONNEG_KINDS))
+        finally:
+            torch.sub = sub
+        assert not calls                                         # no slab went through the exact path
+        assert st["nonfinite"].item() == 0
+        np.testing.assert_array_equal(st["min"].numpy(), m.min(0))
+        np.testing.assert_array_equal(st["max"].numpy(), m.max(0))
+        np.testing.assert_array_equal(st["n_pos"].numpy(), (m > 0).sum(0))
+        m64 = m.astype(np.float64)
+        np.testing.assert_allclose(st["sum"].numpy(), m64.sum(0), rtol=1e-6, atol=1e-6 * np.abs(m64).sum(0).max())
+        np.testing.assert_allclose(st["sumsq"].numpy(), (m64 ** 2).sum(0), rtol=1e-6)
+        np.testing.assert_allclose(st["sum_abs"].numpy(), np.abs(m64).sum(0), rtol=1e-6)
