@@ -6,6 +6,8 @@ Settings (one model + Adam optimizer each, all from the same initial weights, sa
 * ``baseline``: no recorder;
 * ``default``:  ``Recorder(model, dir)`` with its defaults (raw gradients of every layer every
   step, weights every 50 steps);
+* ``baseline-2``: a second setting without recorder (A/A control: how far two identical settings
+  differ on this machine; ratios closer to 1 than that are noise);
 * ``heavy``: ``grads_every=1, weights_every=1``;
 * ``activations``: default + ``activations=True`` (per-unit statistics of every activation module
   and functional activation every step, raw samples of 8 inputs every 50 steps); target 1.10x;
@@ -331,6 +333,7 @@ def main(argv=None):
         settings = [
             Setting("baseline", model0, 2e-3, tmp, None, "no recorder"),
             Setting("default", model0, 2e-3, tmp, {}, "grads every step, weights every 50"),
+            Setting("baseline-2", model0, 2e-3, tmp, None, "no recorder: a second baseline (A/A control)"),
             Setting("heavy", model0, 2e-3, tmp, {"grads_every": 1, "weights_every": 1},
                     "grads + weights every step"),
             Setting("activations", model0, 2e-3, tmp, {"activations": True, "activations_every": 50},
@@ -484,6 +487,10 @@ def main(argv=None):
         print(f"default overhead: {d_ratio:.3f} (target <= {TARGET:.2f}) {verdict}; "
               f"paired per-round median {res['default']['ratio_paired']:.3f}, "
               f"without the end-of-block flush {res['default']['ratio_noflush']:.3f}")
+        if "baseline-2" in res:
+            aa = res["baseline-2"]
+            print(f"A/A control (a second baseline, no recorder): {aa['ratio']:.3f}, paired {aa['ratio_paired']:.3f}; "
+                  f"ratios closer to 1 than that are within this machine's noise")
         if "activations" in res:
             a_ratio = res["activations"]["ms_per_step"] / base
             print(f"activations overhead (with default grads/weights): {a_ratio:.3f} (target <= 1.10) "
