@@ -169,9 +169,11 @@ def layers(run_dir: str, as_json: bool) -> None:
 @click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "dask"]),
               help="How gradient and weight passes map over the shards: in this process, or with dask (extra "
                    "'dask'; a local cluster, or the scheduler at $BBDECODER_DASK_SCHEDULER). Same numbers.")
+@click.option("--jobs", default=None, type=click.IntRange(1, 256),
+              help="Processes drawing the figures (default: the CPUs available, at most 8; 1: no extra process).")
 def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_criterion: str, dead_threshold: float,
            max_active_fraction: float, layer_share: float, delta: float, unit_fraction: float, sim_dim: int,
-           sim_method: str, raster_site: str | None, engine: str = "local") -> None:
+           sim_method: str, raster_site: str | None, engine: str = "local", jobs: int | None = None) -> None:
     """Write an HTML report with figures, tables and summary.json for RUN_DIR into --out.
 
     Every threshold is an analysis-time option, written to summary.json: a rerun with other thresholds
@@ -186,7 +188,7 @@ def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_crite
         select_site(run, raster_site)  # likewise an unknown or ambiguous site
     out = check_out_dir(out)
     try:
-        summary = build_report(run, out, layers=layer_spec, bins=bins, **act)
+        summary = build_report(run, out, layers=layer_spec, bins=bins, jobs=jobs, **act)
     finally:
         if engine == "dask":
             from .engine import close_owned_client

@@ -645,8 +645,13 @@ def activation_distributions(df: pd.DataFrame, fig, order: Iterable[str] | None 
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*vert.*")
             sns.boxplot(data=v, x=col, y="site_label", order=labels, ax=ax, color="#c6dbef", fliersize=0,
                         width=0.6, linewidth=0.8)
-        sns.stripplot(data=v, x=col, y="site_label", order=labels, ax=ax, color="#08519c",
-                      size=2 if many else 3, alpha=0.5 if many else 0.8, jitter=0.2)
+        state = np.random.get_state()   # seaborn jitters with numpy's global generator:
+        np.random.seed(0)                 # a fixed jitter keeps the figure reproducible
+        try:
+            sns.stripplot(data=v, x=col, y="site_label", order=labels, ax=ax, color="#08519c",
+                          size=2 if many else 3, alpha=0.5 if many else 0.8, jitter=0.2)
+        finally:
+            np.random.set_state(state)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("activation site (forward order)" if col == "frac_active" else "")
         ax.set_title(title, fontsize="medium")

@@ -326,11 +326,57 @@ class _SilentProgress:
         return False
 
 
+# ---------------------------------------------------------------------------------------- figures
+_RENDER: tuple | None = None   # (pending figures, out dir) while a fork pool draws them
+
+
+def default_jobs() -> int:
+    """Processes that draw the report's figures: the CPUs this process may use, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def _fork_is_safe() -> bool:
+    """fork() copies only the calling thread: safe here only without other threads (a dask client's,
+    a progress bar's) that might hold a lock the child needs, and only where fork exists."""
+    import multiprocessing as mp
+    import threading
+    return "fork" in mp.get_all_start_methods() and threading.active_count() == 1
+
+
+def _draw_and_save(item: tuple, out: str) -> str | None:
+    """Draw one queued figure and save it; None, or the error as one line."""
+    name, draw = item[0], item[3]
+    plt, _ = plots._mpl()
+    before = set(plt.get_fignums())
+    try:
+        plots.save(draw(), os.path.join(out, FIG_DIR, f"{name}.png"), dpi=DPI)
+        return None
+    except Exception as e:  # noqa: BLE001 - one figure that cannot be drawn must not lose the report
+        for n in set(plt.get_fignums()) - before:
+            plt.close(n)
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def _render_one(i: int) -> str | None:
+    """In a forked worker: figure ``i`` of the inherited queue."""
+    pending, out = _RENDER
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _draw_and_save(pending[i], out)
+
+
 # ---------------------------------------------------------------------------------------- report
 class _Report:
     def __init__(self, run, out_dir: str, layers: Any, bins: int, progress: Callable | None,
-                 act: dict | None = None):
+                 act: dict | None = None, jobs: int | None = None):
         self.run = run
+        self.jobs = default_jobs() if jobs is None else max(1, int(jobs))
+        self._pending: list[tuple] = []   # figures to draw once every section has been computed
+        self.figure_processes = 1
         self.act = dict(act or check_activation_options())
         self.act_summary: dict = {}
         self.out = os.path.abspath(os.fspath(out_dir))
@@ -349,23 +395,39 @@ class _Report:
 
     def figure(self, name: str, title: str, caption: str, draw: Callable[[], Any], section: str,
                layer: Any = None) -> None:
-        """Draw with ``draw()`` (returns the figure) and save it as figures/<name>.png.
+        """Queue figures/<name>.png, drawn by ``draw()`` (returns the figure) in :meth:`_render`.
         ``layer``: the layer record (row of the layer table) of a per-layer figure."""
-        plt, _ = plots._mpl()
-        before = set(plt.get_fignums())
-        rel = f"{FIG_DIR}/{name}.png"
-        try:
-            plots.save(draw(), os.path.join(self.out, FIG_DIR, f"{name}.png"), dpi=DPI)
-        except Exception as e:  # noqa: BLE001 - one figure that cannot be drawn must not lose the report
-            for n in set(plt.get_fignums()) - before:
-                plt.close(n)
-            msg = " ".join(str(e).split())[:200]
-            self.skip(f"figure {name}", f"could not be drawn ({type(e).__name__}: {msg})")
-            warnings.warn(f"bbdecoder report: figure {name} could not be drawn: {type(e).__name__}: {msg}",
-                          stacklevel=4)
-            return
-        self.figures.append({"file": rel, "title": title, "caption": caption, "section": section,
-                             "layer": layer})
+        self._pending.append((name, title, caption, draw, section, layer))
+
+    def _render(self) -> None:
+        """Draw and save the queued figures, in ``self.jobs`` forked processes where that is safe
+        (a platform with fork, no other thread in this process: the drawing closures and their data
+        are inherited, nothing is pickled but an index and an error line), else one after the other.
+        A figure that cannot be drawn is listed as skipped with its error (one warning each); the
+        others are listed in queue order whatever the order they finished in."""
+        pending, self._pending = self._pending, []
+        jobs = min(self.jobs, len(pending) // 4 or 1)
+        if jobs > 1 and not _fork_is_safe():
+            jobs = 1
+        self.figure_processes = jobs
+        if jobs > 1:
+            import multiprocessing as mp
+            global _RENDER
+            _RENDER = (pending, self.out)
+            try:
+                with mp.get_context("fork").Pool(jobs) as pool:
+                    errors = pool.map(_render_one, range(len(pending)), chunksize=1)
+            finally:
+                _RENDER = None
+        else:
+            errors = [_draw_and_save(p, self.out) for p in pending]
+        for (name, title, caption, _, section, layer), err in zip(pending, errors):
+            if err is None:
+                self.figures.append({"file": f"{FIG_DIR}/{name}.png", "title": title, "caption": caption,
+                                     "section": section, "layer": layer})
+            else:
+                self.skip(f"figure {name}", f"could not be drawn ({err})")
+                warnings.warn(f"bbdecoder report: figure {name} could not be drawn: {err}", stacklevel=4)
 
     def table(self, name: str, df: pd.DataFrame, description: str) -> None:
         rel = f"{TAB_DIR}/{name}.csv"
@@ -416,6 +478,7 @@ class _Report:
             self._weights(lt, ws1)
             self._activations()
             self._attention()
+        self._render()
 
         if self.missing:
             warnings.warn(f"bbdecoder report: the trace has {' and '.join(self.missing)}; the figures that "
@@ -426,6 +489,7 @@ class _Report:
         summary["attention"] = getattr(self, "attention", {})
         written = {f["file"] for f in self.figures} | {t["file"] for t in self.tables}
         summary["stale_files"] = sorted(p for p in before if p not in written)
+        summary["figure_processes"] = self.figure_processes
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         _write_text(os.path.join(self.out, "summary.json"),
                     json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
@@ -1140,7 +1204,7 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
                  progress: Callable | None = None, *, dead_criterion: str = "strict", dead_threshold: float = 0.0,
                  max_active_fraction: float = 0.0, layer_share: float = 0.5, delta: float = 0.03,
                  unit_fraction: float = 0.5, sim_dim: int = 1, sim_method: str = "cosine",
-                 raster_site: Any = None) -> dict:
+                 raster_site: Any = None, jobs: int | None = None) -> dict:
     """Write the report of ``run`` into ``out_dir``: ``index.html``, ``summary.json``,
     ``figures/*.png`` and ``tables/*.csv``.
 
@@ -1160,6 +1224,8 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
         sim_dim, sim_method: dimension (sample axis = 0) and method ("cosine" or "kl") of the variance
             and similarity figure (sites with raw samples).
         raster_site: the site of the unit x step raster; None = the site with the most dead units.
+        jobs: processes drawing the figures (forked after the statistics are computed; 1 = in this
+            process); None = the CPUs available, at most 8 (see :func:`default_jobs`).
 
     The activation sections appear only when the trace has activation sites; otherwise they are
     listed under ``not_recorded``. Every option is written to summary.json's ``parameters``.
@@ -1177,7 +1243,9 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
     out = os.path.abspath(os.fspath(out_dir))
     if not os.path.isdir(out):
         raise FileNotFoundError(f"report directory {out} does not exist")
-    return _Report(run, out, layers, bins, progress, act).build()
+    if jobs is not None and (not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= 256):
+        raise ValueError(f"jobs must be an int in [1, 256], not {jobs!r}")
+    return _Report(run, out, layers, bins, progress, act, jobs).build()
 
 
 # ---------------------------------------------------------------------------------------- non-finite values

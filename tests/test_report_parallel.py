@@ -1,0 +1,94 @@
+"""The report's figures drawn by forked processes (``jobs``) against drawing them in one process.
+
+The report runs in a child process here: pytest's own process may hold other threads (writers of
+earlier tests), and then the report rightly refuses to fork and draws in-process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from analyzer.report import _fork_is_safe, build_report, default_jobs
+from tests.helpers import record_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = r"""
+import json, sys, warnings
+import analyzer
+from analyzer import plots
+from analyzer.report import build_report
+run_dir, out, jobs, broken = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+if broken:   # one figure fails to draw: it must be listed as skipped, the rest drawn
+    def weight_magnitude(*a, **k):
+        raise RuntimeError("broken on purpose")
+    weight_magnitude.requires = plots.weight_magnitude.requires
+    plots.weight_magnitude = weight_magnitude
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    s = build_report(analyzer.open(run_dir), out, jobs=jobs)
+print(json.dumps({"summary": s, "warnings": [str(x.message) for x in w if "could not be drawn" in str(x.message)]}))
+"""
+
+
+def _report(run_dir, out, jobs, broken=False):
+    os.makedirs(out)
+    env = dict(os.environ, PYTHONPATH=ROOT, MPLBACKEND="Agg")
+    p = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), str(out), str(jobs), "1" if broken else "0"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("par") / "run"
+    record_tiny(str(d), epochs=2, steps_per_epoch=6, weights_every=2, activations=True, activations_every=3)
+    return d
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_forked_figures_equal_in_process_figures(run_dir, tmp_path, broken):
+    one = _report(run_dir, tmp_path / "one", 1, broken)
+    two = _report(run_dir, tmp_path / "two", 3, broken)
+    s1, s2 = one["summary"], two["summary"]
+    assert s1["figure_processes"] == 1 and s2["figure_processes"] == 3
+    assert s1["figures"] == s2["figures"] and len(s1["figures"]) >= 12     # same figures, same order
+    for f in s1["figures"]:                                                 # byte for byte
+        a = (tmp_path / "one" / f).read_bytes()
+        assert a == (tmp_path / "two" / f).read_bytes(), f
+        assert a[:8] == b"\x89PNG\r\n\x1a\n"
+    assert s1["skipped"] == s2["skipped"]
+    assert sorted(os.listdir(tmp_path / "two" / "figures")) == sorted(os.path.basename(f) for f in s2["figures"])
+    if broken:
+        msg = "figure weight_magnitude: could not be drawn (RuntimeError: broken on purpose)"
+        assert msg in s1["skipped"] and msg in s2["skipped"]
+        assert "figures/weight_magnitude.png" not in s2["figures"]
+        assert one["warnings"] == two["warnings"] and len(two["warnings"]) == 1
+        assert "broken on purpose" in two["warnings"][0]
+    else:
+        assert not any("could not be drawn" in x for x in s2["skipped"])
+    html1 = (tmp_path / "one" / "index.html").read_text()
+    html2 = (tmp_path / "two" / "index.html").read_text()
+    strip = lambda h: [ln for ln in h.splitlines() if "written 20" not in ln and "seconds" not in ln]  # noqa: E731
+    assert strip(html1) == strip(html2)
+
+
+def test_jobs_argument_and_fork_guard(run_dir, tmp_path):
+    import threading
+    with pytest.raises(ValueError, match="jobs"):
+        build_report(__import__("analyzer").open(str(run_dir)), str(tmp_path), jobs=0)
+    assert 1 <= default_jobs() <= 8
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert not _fork_is_safe()            # another thread alive: no fork
+        s = build_report(__import__("analyzer").open(str(run_dir)), str(tmp_path), jobs=4)
+        assert s["figure_processes"] == 1 and len(s["figures"]) >= 12
+    finally:
+        stop.set()
+        t.join()
