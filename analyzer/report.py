@@ -331,12 +331,13 @@ _RENDER: tuple | None = None   # (pending figures, out dir) while a fork pool dr
 
 
 def default_jobs() -> int:
-    """Processes that draw the report's figures: the CPUs this process may use, at most 8."""
+    """Processes that draw the report's figures: the CPUs this process may use, at most 4 (each
+    drawing process adds some 80-100 MB of memory of its own)."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    return max(1, min(8, n))
+    return max(1, min(4, n))
 
 
 def _fork_is_safe() -> bool:
@@ -1225,7 +1226,7 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
             and similarity figure (sites with raw samples).
         raster_site: the site of the unit x step raster; None = the site with the most dead units.
         jobs: processes drawing the figures (forked after the statistics are computed; 1 = in this
-            process); None = the CPUs available, at most 8 (see :func:`default_jobs`).
+            process); None = the CPUs available, at most 4 (see :func:`default_jobs`).
 
     The activation sections appear only when the trace has activation sites; otherwise they are
     listed under ``not_recorded``. Every option is written to summary.json's ``parameters``.

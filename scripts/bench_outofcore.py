@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -245,17 +246,67 @@ A.activation_stats(run, per="epoch")
 """
 
 
+def tree_pss_mb(root: int) -> float | None:
+    """Proportional set size (MB) of process ``root`` and all its descendants, summed (Linux:
+    /proc/PID/smaps_rollup; pages shared by forked processes are split between them, so the sum
+    is the memory the tree really holds). None where /proc does not tell."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, todo = {root}, [root]
+    while todo:
+        p = todo.pop()
+        for c, pp in parent.items():
+            if pp == p and c not in tree:
+                tree.add(c)
+                todo.append(c)
+    total, seen = 0, False
+    for p in tree:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        seen = True
+                        break
+        except OSError:
+            pass
+    return total / 1024 if seen else None
+
+
 def run_child(args: list[str]) -> tuple[float, float, int, str]:
     """``python args...`` in a child process (stdout discarded).
 
     Returns:
-        (wall seconds, peak RSS of the child in MB (ru_maxrss from os.wait4), exit status, stderr tail).
+        (wall seconds, peak RSS of the child in MB (ru_maxrss from os.wait4: the largest single
+        process of its tree, figure workers included), exit status, stderr tail). The peak of the
+        whole tree's summed PSS, sampled every 50 ms, is stored in ``run_child.peak_pss_mb``.
     """
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MPLBACKEND="Agg")
     err = tempfile.TemporaryFile()
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable] + args, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+    peak = [None]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.05):
+            v = tree_pss_mb(p.pid)
+            if v is not None and (peak[0] is None or v > peak[0]):
+                peak[0] = v
+    th = threading.Thread(target=sample, daemon=True)
+    if os.path.exists("/proc/self/smaps_rollup"):
+        th.start()
     _, status, ru = os.wait4(p.pid, 0)
+    done.set()
+    if th.is_alive():
+        th.join()
+    run_child.peak_pss_mb = peak[0]
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     err.seek(0)
@@ -306,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_cache(files, a.cache)
         print("running bbdecoder report ...", file=sys.stderr, flush=True)
         wall, rss, rc, tail = run_report(run_dir, out_dir, a.engine)
+        pss = run_child.peak_pss_mb
         if rc != 0:
             print(f"bench_outofcore: bbdecoder report failed (exit {rc}):\n{tail}", file=sys.stderr)
             return 1
@@ -323,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         res = {**g, "cache": a.cache, "engine": a.engine, "values_bytes": nvals,
                "raw_read_s": [round(raw1, 3), round(raw2, 3)], "raw_MBps": raw_tp / 1e6,
                "report_s": wall, "report_MBps": rep_tp / 1e6, "ratio": rep_tp / raw_tp, "peak_rss_MB": rss,
+               "peak_tree_pss_MB": pss,
                "passes_s": pwall, "passes_MBps": pass_tp / 1e6, "passes_ratio": pass_tp / raw_tp,
                "passes_peak_rss_MB": prss, "figures": len(os.listdir(os.path.join(out_dir, "figures")))}
-        ok_rss, ok_ratio = rss <= RSS_TARGET_MB, res["ratio"] >= RATIO_TARGET
+        ok_rss, ok_ratio = max(rss, pss or 0) <= RSS_TARGET_MB, res["ratio"] >= RATIO_TARGET
         rows = [
             ("trace", f"{B / 1e9:.3f} GB in {g['shards']} shards; {g['layers']} layers, {g['params']:,} parameters, "
                       f"{g['sites']} ReLU sites; {g['steps']} steps, {g['epochs']} epochs, weights every "
@@ -336,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             ("bbdecoder report", f"{wall:.2f} s  ->  {rep_tp / 1e6:,.0f} MB/s   (engine {res['engine']}, "
                                  f"{res['figures']} figures)"),
             ("throughput ratio", f"{res['ratio']:.3f}   (target >= {RATIO_TARGET}: {'met' if ok_ratio else 'NOT met'})"),
-            ("peak RSS (report)", f"{rss:,.0f} MB   (target <= {RSS_TARGET_MB} MB: {'met' if ok_rss else 'NOT met'})"),
+            ("peak RSS (report)", f"{rss:,.0f} MB, largest process; all its processes together (PSS, sampled "
+                                  f"every 50 ms): {'n/a' if pss is None else f'{pss:,.0f} MB'}   "
+                                  f"(target <= {RSS_TARGET_MB} MB: {'met' if ok_rss else 'NOT met'})"),
             ("data passes alone", f"{pwall:.2f} s  ->  {pass_tp / 1e6:,.0f} MB/s, ratio {res['passes_ratio']:.3f}, "
                                   f"peak RSS {prss:,.0f} MB   (the report without figures and HTML)"),
             ("figures + HTML", f"about {max(0.0, wall - pwall):.1f} s of the report's {wall:.1f} s"),

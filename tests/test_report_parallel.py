@@ -81,7 +81,7 @@ def test_jobs_argument_and_fork_guard(run_dir, tmp_path):
     import threading
     with pytest.raises(ValueError, match="jobs"):
         build_report(__import__("analyzer").open(str(run_dir)), str(tmp_path), jobs=0)
-    assert 1 <= default_jobs() <= 8
+    assert 1 <= default_jobs() <= 4
     stop = threading.Event()
     t = threading.Thread(target=stop.wait)
     t.start()
