@@ -191,3 +191,33 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         Master_analyzer(m, str(tmp_path / "b"), (3, 8, 8))
     Master_analyzer(m, str(tmp_path / "b"), (3, 8, 8), overwrite=True).close()
+
+
+def test_exact_1x_constructor_and_calls(tmp_path):
+    """Only the 1.x names and arguments (Master_analyzer(model, save_path, input_size), positional):
+    the gradient numbers equal torch's, and the figures appear where 1.x put them."""
+    torch.manual_seed(1)
+    model = Net1x()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    crit = nn.CrossEntropyLoss()
+    an = Master_analyzer(model, str(tmp_path / "out"), (3, 8, 8))
+    want = {}
+    for it in range(3):
+        x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+        opt.zero_grad()
+        loss = crit(an.forward_propagation(x), y)
+        an.backward_propagation(loss, True, [0, 3])
+        want[it] = _direct(model, [0, 3])
+        opt.step()
+    flow = an.save_collected_grads(0, str(tmp_path / "figs"))
+    assert list(flow["iteration"].unique()) == [0, 1, 2]
+    df = an.grad_stats()
+    assert len(df) == 6
+    for r in df.itertuples():
+        m, mx, l1, l2 = want[r.iteration][r.layer_id]
+        assert r.mean_abs == pytest.approx(m, rel=1e-5) and r.max_abs == pytest.approx(mx, rel=1e-6)
+        assert r.l1 == pytest.approx(l1, rel=1e-5) and r.l2 == pytest.approx(l2, rel=1e-5)
+    an.visualize_weight_hist([0], str(tmp_path / "figs"))
+    names = set(os.listdir(tmp_path / "figs"))
+    assert {"gradient_flow_ep0.png", "grads_ep0.csv", "weights_0_conv1.weight.png"} <= names
+    an.close()
