@@ -146,6 +146,26 @@ class BackgroundWriter:
             self._raise_pending()
             return ok
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued is written into the live shard (no shard is closed, nothing
+        is synced to the disk: what a running job's writer does between shard closes).
+
+        Returns False on timeout. Raises WriterError if the writer failed.
+        """
+        with self._cv:
+            if self._closed:
+                return True
+            self._raise_pending()
+            self._urgent += 1          # write now: no waiting for a full batch
+            self._cv.notify_all()
+            try:
+                ok = self._cv.wait_for(lambda: (not self._q and not self._busy) or self.error is not None,
+                                       timeout=timeout)
+            finally:
+                self._urgent -= 1
+            self._raise_pending()
+            return ok
+
     def close(self, status: str = fmt.STATUS_COMPLETE, raise_error: bool = True) -> None:
         """Write what is queued, close the live shard, mark the rank's status. Idempotent."""
         with self._cv:

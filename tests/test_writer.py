@@ -57,6 +57,32 @@ def test_flush_waits_for_everything_queued():
     w.close()
 
 
+def test_drain_waits_for_everything_queued_without_publishing():
+    gate = threading.Event()
+    sink = FakeSink(gate=gate)
+    w = BackgroundWriter(sink, batch_items=1000, batch_wait=60)   # left alone it would wait a minute
+    for i in range(5):
+        w.put(i, nbytes=1)
+    threading.Timer(0.2, gate.set).start()
+    t = time.perf_counter()
+    assert w.drain(timeout=10)
+    assert time.perf_counter() - t < 5
+    assert sink.records == list(range(5))
+    assert sink.rotations == 0              # nothing published, unlike flush
+    assert w.drain(timeout=1)               # nothing queued: returns at once
+    w.close()
+    assert w.drain() and sink.closed_with == fmt.STATUS_COMPLETE
+
+
+def test_drain_reraises_a_writer_error():
+    w = BackgroundWriter(FakeSink(fail_on=1))
+    w.put(0, nbytes=1)
+    w.put(1, nbytes=1)
+    with pytest.raises(WriterError):
+        w.drain(timeout=10)
+    w.close(raise_error=False)
+
+
 def test_close_is_idempotent_and_writes_the_rest():
     sink = FakeSink()
     w = BackgroundWriter(sink)
