@@ -131,20 +131,7 @@ class BackgroundWriter:
 
         Returns False on timeout. Raises WriterError if the writer failed.
         """
-        with self._cv:
-            if self._closed:
-                return True
-            self._raise_pending()
-            self._q.append((_FLUSH, 0))
-            self._urgent += 1
-            self._cv.notify_all()
-            try:
-                ok = self._cv.wait_for(lambda: (not self._q and not self._busy) or self.error is not None,
-                                       timeout=timeout)
-            finally:
-                self._urgent -= 1
-            self._raise_pending()
-            return ok
+        return self._wait_written(timeout, publish=True)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything queued is written into the live shard (no shard is closed, nothing
@@ -152,10 +139,15 @@ class BackgroundWriter:
 
         Returns False on timeout. Raises WriterError if the writer failed.
         """
+        return self._wait_written(timeout, publish=False)
+
+    def _wait_written(self, timeout: float | None, publish: bool) -> bool:
         with self._cv:
             if self._closed:
                 return True
             self._raise_pending()
+            if publish:
+                self._q.append((_FLUSH, 0))
             self._urgent += 1          # write now: no waiting for a full batch
             self._cv.notify_all()
             try:
