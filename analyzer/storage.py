@@ -229,26 +229,33 @@ class HDF5ShardWriter(ShardWriter):
         self._f = None
 
     def abort(self):
-        """Close the file keeping nothing (the caller deletes it): its descriptor is first pointed at
-        /dev/null, so that HDF5's pending writes succeed into nothing. After a failed write (ENOSPC,
-        EFBIG) a plain close fails as well and leaves a half-closed file that crashes the interpreter
-        at exit (h5py 3 with HDF5 1.14: a segmentation fault), i.e. it would kill the training job."""
+        """Close the file keeping nothing (the caller deletes it); see :func:`abort_h5`."""
         f, self._f = self._f, None
-        if f is None:
-            return
-        try:
-            if f.id.valid:
-                nul = os.open(os.devnull, os.O_RDWR)
-                try:
-                    os.dup2(nul, f.id.get_vfd_handle())
-                finally:
-                    os.close(nul)
-        except Exception:
-            pass
-        try:
-            f.close()
-        except Exception:
-            pass
+        abort_h5(f)
+
+
+def abort_h5(f) -> None:
+    """Close an h5py file being written, keeping nothing (the caller deletes it); never raises.
+
+    Its descriptor is first pointed at /dev/null, so that HDF5's pending writes succeed into
+    nothing. After a failed write (ENOSPC, EFBIG) a plain close fails as well and leaves a
+    half-closed file that crashes the interpreter at exit (h5py 3 with HDF5 1.14: a segmentation
+    fault), i.e. it would kill the training job."""
+    if f is None:
+        return
+    try:
+        if f.id.valid:
+            nul = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(nul, f.id.get_vfd_handle())
+            finally:
+                os.close(nul)
+    except Exception:
+        pass
+    try:
+        f.close()
+    except Exception:
+        pass
 
 
 class HDF5ShardReader(ShardReader):

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 from analyzer import format as fmt
+from analyzer.storage import abort_h5
+
+from .writer import as_os_error
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -314,6 +317,7 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
                         "dtype": dtype, "created": time.time(),
                         "targets": json.dumps([{k: t[k] for k in ("name", "key", "kind", "index")} for t in tlist]),
                         "mask_names": json.dumps(mnames), "group_names": json.dumps(gnames or [])})
+        f.flush()   # a write error (ENOSPC, EFBIG) shows here, while the file can still be aborted
         f.close()
         f = None
         fmt.fsync_file(part)
@@ -321,12 +325,17 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
         fmt.fsync_dir(os.path.dirname(final))
         ok = True
         return final
+    except Exception as e:   # an HDF5 write failure raised as RuntimeError: the OSError it is
+        err = as_os_error(e)
+        if err is e:
+            raise
+        raise err from e
     finally:
         handle.remove()
         for m, tr in modes.items():
             m.training = tr
-        if f is not None:
-            f.close()
+        if f is not None:   # an error while writing (a full disk): close without a crash at exit
+            abort_h5(f)
         if not ok:
             try:
                 os.unlink(part)

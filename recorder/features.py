@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 from analyzer import format as fmt
+from analyzer.storage import abort_h5
+
+from .writer import as_os_error
 
 from .attention import _ensure_run, _first_tensor, _resolve_layer
 
@@ -99,11 +102,20 @@ def capture_features(model: torch.nn.Module, x: Any, layer: Any, run_dir: str | 
     final = part[: -len(fmt.LIVE_SUFFIX)]
     ok = False
     try:
-        with h5py.File(part, "w") as f:
+        f = h5py.File(part, "w")
+        try:
             f.create_dataset("values", data=np.ascontiguousarray(arr, dtype=np.float32))
             f.attrs.update({"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
                             "kind": fmt.FEATURE_KIND, "layer": name, "step": int(step), "epoch": int(epoch),
                             "rank": int(rank), "created": time.time()})
+            f.flush()   # a write error (ENOSPC, EFBIG) shows here, while the file can still be aborted
+            f.close()
+        except BaseException as e:   # an error while writing (a full disk): close without a crash at exit
+            abort_h5(f)
+            err = as_os_error(e)      # an HDF5 write failure raised as RuntimeError: the OSError it is
+            if err is e:
+                raise
+            raise err from e
         fmt.fsync_file(part)
         os.replace(part, final)
         fmt.fsync_dir(os.path.dirname(final))

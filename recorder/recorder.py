@@ -427,13 +427,20 @@ class Recorder:
         (see :func:`recorder.features.capture_features`). Not part of the training step.
 
         Returns:
-            Path of the capture file written.
+            Path of the capture file written; None when writing failed (a full disk) and
+            ``on_error="warn"``: then one RecorderWarning and recording stops, as for a failed step.
         """
         if self._closed:
             raise RecorderClosedError("Recorder.capture_features() called after close()")
+        if self._disabled:   # recording stopped after an error: captures are not written either
+            return None
         from .features import capture_features
-        return capture_features(self.model, x, layer, self.run_dir, step=self._step if step is None else step,
-                                epoch=self._epoch, rank=self.rank)
+        try:
+            return capture_features(self.model, x, layer, self.run_dir,
+                                    step=self._step if step is None else step, epoch=self._epoch, rank=self.rank)
+        except OSError as e:   # a write error (full disk): on_error decides, as for the steps
+            self._fail(e)
+            return None
 
     def _graph_pre(self, module, args, kwargs):
         if self._disabled or self._closed:
@@ -454,13 +461,20 @@ class Recorder:
         Not part of the training step: call it between steps, e.g. once per epoch on a probe set.
 
         Returns:
-            Path of the capture file written.
+            Path of the capture file written; None when writing failed (a full disk) and
+            ``on_error="warn"``: then one RecorderWarning and recording stops, as for a failed step.
         """
         if self._closed:
             raise RecorderClosedError("Recorder.capture_attention() called after close()")
+        if self._disabled:   # recording stopped after an error: captures are not written either
+            return None
         from .attention import capture_attention
-        return capture_attention(self.model, loader, self.run_dir, target_layer, targets, step=self._step,
-                                 epoch=self._epoch, rank=self.rank, **kwargs)
+        try:
+            return capture_attention(self.model, loader, self.run_dir, target_layer, targets, step=self._step,
+                                     epoch=self._epoch, rank=self.rank, **kwargs)
+        except OSError as e:   # a write error (full disk): on_error decides, as for the steps
+            self._fail(e)
+            return None
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every step so far is written and visible to readers (the live shard is closed)."""

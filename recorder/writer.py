@@ -36,6 +36,20 @@ def describe_error(e: BaseException, limit: int = 1000) -> str:
     return out if len(out) <= limit else out[:limit - 3] + "..."
 
 
+def as_os_error(e: BaseException) -> BaseException:
+    """An HDF5 I/O failure that h5py raised as another type (RuntimeError from ``flush``, with the
+    OS error buried in a multi-line message) as the ``OSError`` it is, with its errno and a one-line
+    message; any other exception unchanged."""
+    if isinstance(e, OSError):
+        return e
+    msg = " ".join(str(e).split())
+    m = _HDF5_ERRNO.search(msg)
+    if not m:
+        return e
+    n = int(m.group(1))
+    return OSError(n, f"{m.group(2) or os.strerror(n)} (HDF5: {msg[:500]})")
+
+
 class WriterClosedError(RuntimeError):
     """Raised when something is written after close()."""
 

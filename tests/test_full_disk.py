@@ -282,8 +282,9 @@ def test_full_disk_while_writing_rank_json(tmp_path, monkeypatch, capsys):
     assert "status    incomplete" in out and "steps     15 (0..14)" in out and ENOSPC_TEXT in out
 
 
-FSIZE_CHILD = f"""
-import json, resource, signal, sys, warnings
+# a child process training Tiny with a file size limit (set by the rest of each script)
+CHILD_START = f"""
+import json, os, resource, signal, sys, warnings
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG instead
 sys.path[:0] = [{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r},
                 {os.path.dirname(os.path.abspath(__file__))!r}]
@@ -294,6 +295,9 @@ from recorder import Recorder, at
 torch.manual_seed(0)
 m = Tiny()
 opt = torch.optim.SGD(m.parameters(), lr=0.01)
+"""
+
+FSIZE_CHILD = CHILD_START + f"""
 resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, resource.RLIM_INFINITY))
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
@@ -333,3 +337,60 @@ def test_real_write_failure_file_size_limit(tmp_path, capsys):
     assert man["status"] == "failed" and man["error"] == rank["errors"][0] and man["steps"] == 120
     out = _info(d, capsys)
     assert "status    incomplete" in out and "steps     20 (0..19)" in out and f"error     RuntimeError: {efbig}" in out
+
+
+CAPTURE_CHILD = CHILD_START + """
+from recorder.attention import capture_attention
+from recorder.features import capture_features
+d = sys.argv[1]
+loader = [(torch.randn(64, 3, 32, 32), torch.randint(0, 5, (64,))) for _ in range(3)]
+probe = torch.randn(64, 3, 32, 32)
+resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, resource.RLIM_INFINITY))
+out = {"standalone": []}
+for what, fn in (("features", lambda: capture_features(m, probe, "conv", os.path.join(d, "f"))),
+                 ("attention", lambda: capture_attention(m, loader, os.path.join(d, "a"), "conv", {"c": 1}))):
+    try:
+        fn()
+        out["standalone"].append(what + ": written")
+    except OSError as e:
+        out["standalone"].append(what + ": OSError " + str(e.errno))
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    rec = Recorder(m, os.path.join(d, "run"), flush_steps=100, flush_secs=1000)
+    s = 0
+    for s in range(30):
+        loss = m(torch.randn(8, 3, 8, 8)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); rec.step(loss=loss); opt.step()
+        if s == 10:
+            out["capture"] = rec.capture_attention(loader, "conv", {"c": 1})
+        if s == 20:
+            out["features"] = rec.capture_features(probe, "conv")
+    rec.close()
+out["trained"] = s + 1
+out["warnings"] = [str(x.message) for x in w]
+print(json.dumps(out))
+"""
+
+
+def test_captures_on_a_full_disk_do_not_kill_the_job(tmp_path):
+    """A real failing write (RLIMIT_FSIZE, EFBIG) in an attention capture and a feature capture: the
+    stand-alone functions raise OSError and leave no file behind; on a Recorder (on_error="warn")
+    one RecorderWarning, None returned, recording stops, training goes on; and the process exits 0
+    (an h5py file closed plainly after a failed write crashed the interpreter: exit 139, SIGSEGV)."""
+    import subprocess
+    import sys
+    d = tmp_path / "x"
+    d.mkdir()
+    p = subprocess.run([sys.executable, "-c", CAPTURE_CHILD, str(d)], capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["standalone"] == [f"features: OSError {errno.EFBIG}", f"attention: OSError {errno.EFBIG}"]
+    assert res["capture"] is None and res["features"] is None and res["trained"] == 30
+    assert len(res["warnings"]) == 1 and "recording stopped, training goes on" in res["warnings"][0]
+    assert f"[Errno {errno.EFBIG}]" in res["warnings"][0] and "\n" not in res["warnings"][0]
+    left = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(fmt.LIVE_SUFFIX)]
+    assert left == []
+    assert os.listdir(d / "a" / fmt.CAPTURES_DIR) == [] and os.listdir(d / "f" / fmt.FEATURES_DIR) == []
+    rank = json.load(open(d / "run" / fmt.rank_dirname(0) / fmt.RANK_FILE))
+    assert rank["status"] == "failed" and f"[Errno {errno.EFBIG}]" in rank["errors"][0]
