@@ -413,11 +413,18 @@ class _Report:
         self.figure_processes = jobs
         if jobs > 1:
             import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
             global _RENDER
             _RENDER = (pending, self.out)
-            try:
-                with mp.get_context("fork").Pool(jobs) as pool:
-                    errors = pool.map(_render_one, range(len(pending)), chunksize=1)
+            errors = []
+            try:   # the workers are forked at the first submit, before the executor starts its threads
+                with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as ex:
+                    futures = [ex.submit(_render_one, i) for i in range(len(pending))]
+                    for fut in futures:
+                        try:
+                            errors.append(fut.result())
+                        except Exception as e:  # noqa: BLE001 - a drawing process died (killed, crashed)
+                            errors.append(f"its drawing process failed: {type(e).__name__}")
             finally:
                 _RENDER = None
         else:

@@ -21,8 +21,14 @@ import json, sys, warnings
 import analyzer
 from analyzer import plots
 from analyzer.report import build_report
-run_dir, out, jobs, broken = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-if broken:   # one figure fails to draw: it must be listed as skipped, the rest drawn
+run_dir, out, jobs, broken = sys.argv[1], sys.argv[2], int(sys.argv[3]), {"0": False, "1": True}.get(sys.argv[4], sys.argv[4])
+if broken == "crash":   # a drawing process dies: the report still finishes, without a hang
+    import os
+    def weight_magnitude(*a, **k):
+        os._exit(3)
+    weight_magnitude.requires = plots.weight_magnitude.requires
+    plots.weight_magnitude = weight_magnitude
+elif broken:   # one figure fails to draw: it must be listed as skipped, the rest drawn
     def weight_magnitude(*a, **k):
         raise RuntimeError("broken on purpose")
     weight_magnitude.requires = plots.weight_magnitude.requires
@@ -37,7 +43,8 @@ print(json.dumps({"summary": s, "warnings": [str(x.message) for x in w if "could
 def _report(run_dir, out, jobs, broken=False):
     os.makedirs(out)
     env = dict(os.environ, PYTHONPATH=ROOT, MPLBACKEND="Agg")
-    p = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), str(out), str(jobs), "1" if broken else "0"],
+    arg = broken if isinstance(broken, str) else ("1" if broken else "0")
+    p = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), str(out), str(jobs), arg],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -92,3 +99,17 @@ def test_jobs_argument_and_fork_guard(run_dir, tmp_path):
     finally:
         stop.set()
         t.join()
+
+
+def test_a_dying_drawing_process_does_not_hang_the_report(run_dir, tmp_path):
+    """A drawing process that dies (here: os._exit in one figure) breaks the pool: the report still
+    finishes, and every figure it could not get back is listed as skipped, with the reason."""
+    res = _report(run_dir, tmp_path / "crash", 2, "crash")
+    s = res["summary"]
+    assert s["figure_processes"] == 2
+    failed = [x for x in s["skipped"] if "its drawing process failed: BrokenProcessPool" in x]
+    assert "figure weight_magnitude: could not be drawn (its drawing process failed: BrokenProcessPool)" in failed
+    assert len(failed) + len(s["figures"]) >= 12
+    for f in s["figures"]:
+        assert (tmp_path / "crash" / f).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "crash" / "index.html").is_file()
