@@ -19,9 +19,8 @@ import torch
 from analyzer import format as fmt
 from analyzer.storage import abort_h5
 
-from .writer import as_os_error
-
 from .attention import _ensure_run, _first_tensor, _resolve_layer
+from .writer import as_os_error
 
 __all__ = ["capture_features"]
 
