@@ -662,6 +662,8 @@ def activation_distributions(df: pd.DataFrame, fig, order: Iterable[str] | None 
             hi = np.nanmax(d["max"].to_numpy(np.float64)) if len(d) else 1.0
             if np.isfinite(lo) and np.isfinite(hi) and max(abs(lo), abs(hi)) > 100:
                 ax.set_xscale("symlog", linthresh=1.0)
+                if lo >= 0:   # nothing negative (ReLU family): no empty negative decades
+                    ax.set_xlim(left=-0.05)
     if opts.get("title"):
         fig.suptitle(opts["title"])
     return fig
