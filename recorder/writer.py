@@ -24,14 +24,23 @@ from analyzer import format as fmt
 _HDF5_ERRNO = re.compile(r"errno = (\d+), error message = '([^']*)'")
 
 
+def _os_error_in(msg: str) -> tuple[int, str] | None:
+    """(errno, OS message) of an HDF5 I/O error message (one line), or None."""
+    m = _HDF5_ERRNO.search(msg)
+    if not m:
+        return None
+    n = int(m.group(1))
+    return n, m.group(2) or os.strerror(n)
+
+
 def describe_error(e: BaseException, limit: int = 1000) -> str:
     """``"ExceptionType: message"`` on one line, at most ``limit`` characters. An HDF5 I/O error
     (h5py raises it with the OS error buried in a multi-line message) is led by the OS error, e.g.
     ``"RuntimeError: [Errno 28] No space left on device (HDF5: Can't ... )"``."""
     msg = " ".join(str(e).split())
-    m = _HDF5_ERRNO.search(msg)
-    if m and not msg.startswith("[Errno"):
-        msg = f"[Errno {m.group(1)}] {m.group(2) or os.strerror(int(m.group(1)))} (HDF5: {msg})"
+    os_err = None if msg.startswith("[Errno") else _os_error_in(msg)
+    if os_err:
+        msg = f"[Errno {os_err[0]}] {os_err[1]} (HDF5: {msg})"
     out = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
     return out if len(out) <= limit else out[:limit - 3] + "..."
 
@@ -43,11 +52,8 @@ def as_os_error(e: BaseException) -> BaseException:
     if isinstance(e, OSError):
         return e
     msg = " ".join(str(e).split())
-    m = _HDF5_ERRNO.search(msg)
-    if not m:
-        return e
-    n = int(m.group(1))
-    return OSError(n, f"{m.group(2) or os.strerror(n)} (HDF5: {msg[:500]})")
+    os_err = _os_error_in(msg)
+    return e if os_err is None else OSError(os_err[0], f"{os_err[1]} (HDF5: {msg[:500]})")
 
 
 class WriterClosedError(RuntimeError):

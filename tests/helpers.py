@@ -87,7 +87,7 @@ def run_cli(argv, capsys):
     try:
         main(argv)
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)   # SystemExit() is success
     out, err = capsys.readouterr()
     return code, out, err
 

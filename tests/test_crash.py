@@ -29,7 +29,7 @@ import pytest
 
 import analyzer
 from analyzer import format as fmt
-from analyzer.cli import main
+from helpers import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLUSH_STEPS, FLUSH_SECS, QUEUE_ITEMS, WEIGHTS_EVERY = 10, 0.3, 4, 3
@@ -294,11 +294,6 @@ def test_sigkill_at_a_random_moment(tmp_path, zygote, capsys, mode, variant):
         assert len(run.weight_stats()) == N_PARAMS * len(range(0, n, WEIGHTS_EVERY))
 
     # and so does the CLI
-    code = 0
-    try:
-        main(["info", d])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    assert code in (0, None), err
+    code, out, err = run_cli(["info", d], capsys)
+    assert code == 0, err
     assert "status    incomplete" in out and f"steps     {n}" in out and f"in {len(shards)} shard(s)" in out

@@ -18,8 +18,7 @@ import torch
 import analyzer
 from analyzer import format as fmt
 from analyzer import storage
-from analyzer.cli import main
-from helpers import Tiny
+from helpers import Tiny, run_cli
 from recorder import Recorder, RecorderError, RecorderWarning
 
 ENOSPC_TEXT = os.strerror(errno.ENOSPC)          # "No space left on device"
@@ -94,13 +93,8 @@ def _check_readable(d, n):
 
 
 def _info(d, capsys):
-    code = 0
-    try:
-        main(["info", d])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    assert code in (0, None), err
+    code, out, err = run_cli(["info", d], capsys)
+    assert code == 0, err
     return out
 
 
