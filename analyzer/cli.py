@@ -84,7 +84,8 @@ def info(run_dir: str, as_json: bool, scan_nonfinite: bool = False) -> None:
         f"layers    {d['layers']}",
         f"ranks     {', '.join(map(str, d['ranks'])) or '-'} (world size {d['world_size']})",
         f"bytes     {d['bytes']:,} in {d['shards']} shard(s)",
-        f"grads     {rec['grads']['steps']} step(s), {rec['grads']['layers']} layer(s)",
+        f"grads     {rec['grad_stats']['steps']} step(s) of statistics, {rec['grads']['steps']} of raw tensors, "
+        f"{max(rec['grad_stats']['layers'], rec['grads']['layers'])} layer(s)",
         f"weights   {rec['weights']['steps']} snapshot(s), {rec['weights']['layers']} layer(s)",
         f"dropped   {d['dropped']}",
     ]

@@ -104,26 +104,76 @@ def _open(ctx: ShardContext, path: str, name: str):
 GRAD_STATS = ["count", "nonfinite", "mean", "abs_mean", "max_abs", "var", "l1", "l2"]
 
 
+def grad_stat_columns(vec: np.ndarray, numel: int) -> dict[str, np.ndarray]:
+    """The statistics of :data:`GRAD_STATS` from recorded gradient sufficient statistics.
+
+    Args:
+        vec: (k, len(GRAD_STAT_FIELDS)) float64 rows: count, nonfinite, sum, sumsq, sum_abs, max_abs.
+        numel: elements of the parameter. A row whose counts are not finite, negative or do not
+            add up to ``numel`` (a damaged trace) is read as numel non-finite elements.
+
+    Returns:
+        dict of (k,) arrays; NaN where a row has no finite element. var = sumsq / n - mean^2
+        (population), clipped at 0.
+    """
+    v = np.asarray(vec, np.float64).reshape(-1, len(fmt.GRAD_STAT_FIELDS))
+    n, nonfin, s, sq, sa, mx = (v[:, i] for i in range(v.shape[1]))
+    with np.errstate(invalid="ignore"):
+        valid = (n >= 0) & (nonfin >= 0) & (n + nonfin == numel)
+    n = np.where(valid, n, 0.0)
+    nonfin = np.where(valid, nonfin, float(numel))
+    ok = n > 0
+    nn = np.where(ok, n, 1.0)
+    mean = s / nn
+    with np.errstate(invalid="ignore"):
+        var = np.maximum(sq / nn - mean * mean, 0.0)
+
+    def f(x):
+        return np.where(ok, x, np.nan)
+
+    return {"count": n.astype(np.int64), "nonfinite": nonfin.astype(np.int64), "mean": f(mean),
+            "abs_mean": f(sa / nn), "max_abs": f(mx), "var": f(var), "l1": f(sa), "l2": f(np.sqrt(sq))}
+
+
 def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict]:
     """Gradient pass over one shard.
+
+    Per-step rows come from the recorded gradient statistics (``grad_stats``) where a step has them,
+    else from the raw gradient tensors of that step; the element-wise noise comes from the raw
+    tensors (the steps where they were recorded).
 
     Returns:
         (parts, noise): parts = per-block column dicts (step, epoch, layer_id, layer, param, numel,
         rank and the per-step statistics of :data:`GRAD_STATS`); noise = {(layer_key, param_key,
-        epoch): ElementwiseMoments} of the gradient elements across that shard's steps of the epoch.
+        epoch): ElementwiseMoments} of the gradient elements across that shard's raw steps of the epoch.
     """
     parts: list[dict] = []
     noise: dict[tuple, ElementwiseMoments] = {}
+
+    def add(lk, pk, steps, st):
+        lid, lname, pname, numel = ctx.meta[(lk, pk)]
+        d = {"step": steps, "epoch": ctx.epoch_of(steps), "layer_id": np.full(len(steps), lid), "layer": lname,
+             "param": pname, "numel": numel, "rank": shard.rank}
+        for c in GRAD_STATS:
+            d[c] = st[c]
+        parts.append(d)
+
     with _open(ctx, shard.path, shard.name) as r:
+        covered: dict[tuple, np.ndarray] = {}
+        for (k, lk, pk), (rows, _, _) in sorted(shard.payloads.items()):
+            if k != fmt.KIND_GRAD_STATS or (lk, pk) not in keys or not rows:
+                continue
+            steps = np.asarray(r.read_payload_steps(k, lk, pk), np.int64)
+            add(lk, pk, steps, grad_stat_columns(r.read_payload(k, lk, pk, 0, rows), ctx.meta[(lk, pk)][3]))
+            covered[(lk, pk)] = steps
         for lk, pk, steps, block in shard_blocks(r, shard, fmt.KIND_GRADS, keys, ctx.block_bytes):
-            lid, lname, pname, numel = ctx.meta[(lk, pk)]
-            st = row_moments(block).compute()
             epochs = ctx.epoch_of(steps)
-            d = {"step": steps, "epoch": epochs, "layer_id": np.full(len(steps), lid), "layer": lname,
-                 "param": pname, "numel": numel, "rank": shard.rank}
-            for c in GRAD_STATS:
-                d[c] = st[c]
-            parts.append(d)
+            have = covered.get((lk, pk))
+            new = np.ones(len(steps), bool) if have is None else ~np.isin(steps, have)
+            if new.all():
+                add(lk, pk, steps, row_moments(block).compute())
+            elif new.any():
+                add(lk, pk, steps[new], row_moments(block[new]).compute())
             flat = block.reshape(len(steps), -1)
             for e in np.unique(epochs):
                 acc = noise.get((lk, pk, int(e)))

@@ -34,11 +34,15 @@ LIVE_SUFFIX = ".part"
 #: Payload kinds stored as raw tensors, one HDF5 group each.
 KIND_GRADS = "grads"
 KIND_WEIGHTS = "weights"
+#: Per-step gradient sufficient statistics computed on the device: /grad_stats/<layer>/<param>/values,
+#: one float64 vector of GRAD_STAT_FIELDS per step.
+KIND_GRAD_STATS = "grad_stats"
+GRAD_STAT_FIELDS = ("count", "nonfinite", "sum", "sumsq", "sum_abs", "max_abs")
 #: Per-step, per-unit sufficient statistics of activation sites: /act_stats/<site key>/<stat>
 KIND_ACT_STATS = "act_stats"
 #: Raw activation samples: /activations/<site key>/values, several rows per step (one per sample)
 KIND_ACTIVATIONS = "activations"  # /activations/<site key>/samples/{values,steps}
-PAYLOAD_KINDS = (KIND_GRADS, KIND_WEIGHTS, KIND_ACT_STATS, KIND_ACTIVATIONS)
+PAYLOAD_KINDS = (KIND_GRADS, KIND_GRAD_STATS, KIND_WEIGHTS, KIND_ACT_STATS, KIND_ACTIVATIONS)
 #: Kinds whose per-step payload holds several rows (the step index repeats).
 MULTIROW_KINDS = (KIND_ACTIVATIONS,)
 

@@ -532,7 +532,8 @@ class _Report:
                     "training makes progress; a flat or rising one deserves a look.", draw, "loss")
 
     def _gradients(self, lt, gs, ge, gl) -> None:
-        no = "no gradients in the trace (grads_every=0, or no recorded layer has a gradient)"
+        no = ("no gradients in the trace (grad_stats_every=0 and grads_every=0, or no recorded layer has a "
+              "gradient)")
         names = ["gradient flow", "gradient heatmap", "gradient variance", "per-layer gradient norms"]
         if not len(gl):
             for n in names:

@@ -18,6 +18,8 @@ from .storage import HDF5Backend, ShardReader
 
 #: Bytes of stored data read per block (rows are chunk-aligned); bounds the memory of every pass.
 BLOCK_BYTES = 32 << 20
+#: Payload kinds the gradient statistics are read from: per-step statistics, or raw tensors.
+_GRAD_KINDS = (fmt.KIND_GRAD_STATS, fmt.KIND_GRADS)
 
 GRAD_STEP_COLUMNS = ["step", "epoch", "layer_id", "layer", "param", "numel", "count", "nonfinite",
                      "mean", "abs_mean", "max_abs", "var", "l1", "l2"]
@@ -128,6 +130,7 @@ class Run:
         self._expected: dict[tuple, tuple] = {}
         for (lk, pk), shp in self._param_shape.items():
             self._expected[(fmt.KIND_GRADS, lk, pk)] = shp
+            self._expected[(fmt.KIND_GRAD_STATS, lk, pk)] = (len(fmt.GRAD_STAT_FIELDS),)
             self._expected[(fmt.KIND_WEIGHTS, lk, pk)] = shp
         for S in self._sites:
             for stat, shp in S["stats"].items():
@@ -265,7 +268,7 @@ class Run:
                          "steps": int(len(np.unique(st))),
                          "first_step": float(st.min()) if len(st) else np.nan,
                          "last_step": float(st.max()) if len(st) else np.nan,
-                         "bytes": int(sum(s.nbytes for s in sh)), "grads": fmt.KIND_GRADS in kinds,
+                         "bytes": int(sum(s.nbytes for s in sh)), "grads": bool(kinds & set(_GRAD_KINDS)),
                          "weights": fmt.KIND_WEIGHTS in kinds, "activations": fmt.KIND_ACT_STATS in kinds})
         cols = ["rank", "status", "shards", "live", "steps", "first_step", "last_step", "bytes", "grads", "weights",
                 "activations"]
@@ -330,12 +333,14 @@ class Run:
                     if k == kind and n:
                         rows += n
                         layers.add(lk)
-            # distinct steps (cheap: one payload per shard)
+            # distinct steps: the union of the step indices of every payload (a parameter without a
+            # gradient at some steps has fewer); the indices are small, the values are not read
             for s in self._shards:
                 keys = [key for key in s.payloads if key[0] == kind]
                 if keys:
                     with self._open_shard(s.path, s.name) as r:
-                        steps.update(r.read_payload_steps(*keys[0]).tolist())
+                        for key in keys:
+                            steps.update(r.read_payload_steps(*key).tolist())
             out[kind] = {"steps": len(steps), "layers": len(layers), "tensors": rows}
         return out
 
@@ -525,9 +530,11 @@ class Run:
                         yield s, lk, pk, steps, block
                 bar.update(1)
 
-    def _shards_with(self, kind: str, keys: set) -> list[_Shard]:
-        """Shards holding a payload of ``kind`` for one of ``keys``, by (rank, index)."""
-        shards = [s for s in self._shards if any(k[0] == kind and (k[1], k[2]) in keys for k in s.payloads)]
+    def _shards_with(self, kind: str | tuple, keys: set) -> list[_Shard]:
+        """Shards holding a payload of ``kind`` (or of one of a tuple of kinds) for one of ``keys``,
+        by (rank, index)."""
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        shards = [s for s in self._shards if any(k[0] in kinds and (k[1], k[2]) in keys for k in s.payloads)]
         return sorted(shards, key=lambda s: (s.rank, s.index))
 
     def _shard_ctx(self) -> ShardContext:
@@ -556,8 +563,8 @@ class Run:
         parts: list[dict] = []
         noise: dict[tuple, ElementwiseMoments] = {}
         noise_out: dict[tuple, float] = {}
-        multi_rank = len({s.rank for s in self._shards if any(k[0] == fmt.KIND_GRADS for k in s.payloads)}) > 1
-        shards = self._shards_with(fmt.KIND_GRADS, keys)
+        multi_rank = len({s.rank for s in self._shards if any(k[0] in _GRAD_KINDS for k in s.payloads)}) > 1
+        shards = self._shards_with(_GRAD_KINDS, keys)
         ctx = self._shard_ctx()
         for shard, (sparts, snoise) in zip(shards, map_shards(
                 self.engine, grad_shard, [(sh, keys, ctx) for sh in shards], self.progress,
@@ -603,7 +610,7 @@ class Run:
         return _typed(out[cols], {"epoch": "int64", "layer_id": "int64", "n_steps": "int64", "nonfinite": "int64"})
 
     def _grad_rank(self) -> int:
-        rs = sorted({s.rank for s in self._shards if any(k[0] == fmt.KIND_GRADS for k in s.payloads)})
+        rs = sorted({s.rank for s in self._shards if any(k[0] in _GRAD_KINDS for k in s.payloads)})
         return rs[0] if rs else 0
 
     # ------------------------------------------------------------------ public statistics

@@ -22,6 +22,8 @@ from .format import TraceError
 CHUNK_TARGET_BYTES = 1 << 20
 #: Rows of one payload are stacked into one write up to this many bytes, else written row by row.
 STACK_MAX_BYTES = 1 << 20
+#: Rows of small payloads kept in memory by a shard writer until a chunk is full (all payloads together).
+SMALL_BUFFER_BYTES = 32 << 20
 #: Upper bound for a single chunk (HDF5 allows 4 GiB; keep reads reasonable).
 CHUNK_MAX_BYTES = 64 << 20
 #: A dataset of a shard may declare more bytes than the file stores for it (compression, unwritten
@@ -146,6 +148,10 @@ class HDF5ShardWriter(ShardWriter):
         self._f.attrs["format_version"] = fmt.FORMAT_VERSION
         self._cols: dict[str, list] = {c: [] for c in fmt.STEP_COLUMNS}
         self._entries: dict[tuple[str, str, str], list] = {}   # key -> [group, vds, n, cap, [steps]]
+        # payloads of small rows (several rows per chunk): rows kept here and written a chunk at a
+        # time; key -> [rows per chunk, [row blocks], [step arrays], n buffered, attrs, shape, dtype]
+        self._small: dict[tuple[str, str, str], list] = {}
+        self._small_bytes = 0
         self.nbytes = 0
         self.n_steps = 0
         self.step_range = [None, None]
@@ -170,8 +176,57 @@ class HDF5ShardWriter(ShardWriter):
 
     def append(self, kind, layer_key, param_key, steps, values, attrs=None):
         """``values``: an array (k, *shape), or a list of k arrays of ``shape`` written row by row
-        without first copying them into one block (large tensors)."""
+        without first copying them into one block (large tensors).
+
+        Rows small enough to share a chunk are kept in memory and written a whole chunk at a time
+        (one HDF5 write per chunk instead of one per step; a dataset that ends with fewer rows than
+        a chunk gets a chunk of just those rows, so sparse schedules do not allocate empty rows).
+        At most :data:`SMALL_BUFFER_BYTES` are kept; the file is not meant to be read before close."""
         key = (kind, layer_key, param_key)
+        b = self._small.get(key)
+        if isinstance(values, list) and b is not None:   # small rows: kept in order with the others
+            values = np.stack([np.asarray(v) for v in values])
+        if not isinstance(values, list):
+            values = np.asarray(values)
+            shape, dtype = values.shape[1:], values.dtype
+            if b is None and key not in self._entries:
+                per = chunk_shape(shape, dtype.itemsize, self.max_rows)[0]
+                if per > 1:
+                    b = self._small[key] = [per, [], [], 0, attrs, tuple(shape), dtype]
+            if b is not None:
+                if tuple(shape) != b[5]:
+                    raise ValueError(f"{kind}/{layer_key}/{param_key}: shape {tuple(shape)} != {b[5]}")
+                k = values.shape[0]
+                b[1].append(np.array(values, dtype=b[6], copy=True))   # the caller may reuse its buffer
+                b[2].append(np.asarray(steps, dtype=np.int64).reshape(-1))
+                b[3] += k
+                nb = int(values.nbytes)
+                self._small_bytes += nb
+                self.nbytes += nb
+                if b[3] >= b[0]:
+                    self._write_small(key)
+                elif self._small_bytes > SMALL_BUFFER_BYTES:
+                    for kk in list(self._small):
+                        self._write_small(kk)
+                return
+        self._append_now(key, steps, values, attrs)
+
+    def _write_small(self, key, final: bool = False) -> None:
+        """Write the rows kept for ``key``; at close (``final``) a dataset not created yet gets a
+        chunk of exactly its rows."""
+        b = self._small.get(key)
+        if b is None or not b[3]:
+            return
+        per, blocks, steplist, n, attrs, shape, dtype = b
+        vals = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        steps = np.concatenate(steplist)
+        self._small_bytes -= int(vals.nbytes)
+        b[1], b[2], b[3] = [], [], 0
+        self.nbytes -= int(vals.nbytes)       # counted again by _append_now
+        self._append_now(key, steps, vals, attrs, chunk_rows=n if final and key not in self._entries else None)
+
+    def _append_now(self, key, steps, values, attrs=None, chunk_rows: int | None = None):
+        kind, layer_key, param_key = key
         rows = values if isinstance(values, list) else None
         if rows is not None:
             first = np.asarray(rows[0])
@@ -185,9 +240,12 @@ class HDF5ShardWriter(ShardWriter):
             for a, v in (attrs or {}).items():
                 if v is not None:
                     g.attrs[a] = v
-            cap = max(self.max_rows, k)
+            cap = k if chunk_rows is not None else max(self.max_rows, k)
+            chunks = chunk_shape(shape, dtype.itemsize, self.max_rows)
+            if chunk_rows is not None:
+                chunks = (max(1, min(chunks[0], chunk_rows)), *chunks[1:])
             vds = g.create_dataset("values", shape=(cap, *shape), maxshape=(None, *shape),
-                                   chunks=chunk_shape(shape, dtype.itemsize, self.max_rows), dtype=dtype)
+                                   chunks=chunks, dtype=dtype)
             e = self._entries[key] = [g, vds, 0, cap, []]
         g, vds, n, cap, steplist = e
         if tuple(shape) != vds.shape[1:] or (rows is not None and any(np.shape(r) != shape for r in rows)):
@@ -209,6 +267,8 @@ class HDF5ShardWriter(ShardWriter):
         if self._f is None:
             return
         try:
+            for key in list(self._small):
+                self._write_small(key, final=True)
             g = self._f.create_group("steps")
             for c in fmt.STEP_COLUMNS:
                 v = self._cols[c]

@@ -59,12 +59,13 @@ class LayerInfo:
 class _Pending:
     """One step on its way to the writer: host tensors (maybe still being copied) and an event."""
 
-    __slots__ = ("step", "epoch", "time", "loss", "groups", "events", "nbytes", "dropped")
+    __slots__ = ("step", "epoch", "time", "loss", "groups", "stats", "events", "nbytes", "dropped")
 
     def __init__(self, step, epoch, t, loss):
         self.step, self.epoch, self.time, self.loss = step, epoch, t, loss
         self.dropped = 0
         self.groups: list = []    # (host flat tensor, layout [(kind, lk, pk, off, n, shape, attrs)])
+        self.stats: list = []     # (host partials (rows, 5), GradStatsPlan): gradient statistics
         self.events: list = []
         self.nbytes = 0
 
@@ -81,6 +82,8 @@ def _resolve(p: _Pending) -> StepRecord:
         arr = flat.numpy()
         for kind, lk, pk, off, n, shape, attrs in layout:
             payloads.append((kind, lk, pk, arr[off:off + n].reshape(shape), attrs))
+    for host, plan in p.stats:
+        payloads += [(fmt.KIND_GRAD_STATS, lk, pk, v, a) for lk, pk, v, a in plan.finish(host.numpy())]
     return StepRecord(step=p.step, epoch=p.epoch, loss=loss, time=p.time, dropped=p.dropped,
                       payloads=payloads)
 
@@ -101,7 +104,12 @@ class Recorder:
             ``overwrite=True`` (and then only if it is a bbdecoder run).
         layers: which layers to record: None (all), ids, dotted names, glob patterns, type names,
             module classes or modules, or a list of those.
-        grads_every: gradient schedule: every n steps (0 = off) or a callable ``step -> bool``.
+        grads_every: schedule of raw gradient tensors: every n steps (0 = off) or a callable
+            ``step -> bool``. Default every 50 steps; the per-step gradient statistics come from
+            ``grad_stats_every``.
+        grad_stats_every: schedule of the gradient statistics computed on the device (per parameter:
+            finite count, non-finite count, sum, sum of squares, sum |g|, max |g|: mean, variance,
+            L1, L2 and max |g| per step, a few floats per parameter). Default every step.
         weights_every: weight-snapshot schedule, likewise (weights as used in that step's forward).
         overwrite: replace an existing run at ``run_dir``.
         on_error: "warn" (default: one warning, the recorder stands aside, training goes on) or
@@ -135,7 +143,8 @@ class Recorder:
     """
 
     def __init__(self, model: torch.nn.Module, run_dir: str | os.PathLike, layers: Any = None,
-                 grads_every: Any = 1, weights_every: Any = 50, *, overwrite: bool = False,
+                 grads_every: Any = 50, weights_every: Any = 50, *, grad_stats_every: Any = 1,
+                 overwrite: bool = False,
                  on_error: str = "warn", on_full: str = "block", queue_items: int = 64,
                  queue_bytes: int = 512 << 20, flush_steps: int = 100, flush_secs: float = 10.0,
                  max_shard_bytes: int = 1 << 30, grad_dtype: str = "float32",
@@ -156,6 +165,8 @@ class Recorder:
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.on_error = on_error
         self._grad_sched = as_schedule(grads_every)
+        self._gstat_sched = as_schedule(grad_stats_every)
+        self._gstat_plans: dict = {}
         self._weight_sched = as_schedule(weights_every)
         self._grad_dtype, self._weight_dtype = _DTYPES[grad_dtype], _DTYPES[weight_dtype]
         self.rank, self.world_size = _dist_info()
@@ -255,6 +266,7 @@ class Recorder:
         self._prepare_dir(overwrite)
         self.config = {
             "layers": repr(layers), "selected_layers": self._selected, "grads_every": repr(self._grad_sched),
+            "grad_stats_every": repr(self._gstat_sched),
             "weights_every": repr(self._weight_sched), "on_error": on_error, "on_full": on_full,
             "queue_items": queue_items, "queue_bytes": queue_bytes, "flush_steps": flush_steps,
             "flush_secs": flush_secs, "max_shard_bytes": max_shard_bytes, "grad_dtype": grad_dtype,
@@ -334,7 +346,7 @@ class Recorder:
                  for L in self._table]
         w = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [f"Recorder({self.run_dir!r}, rank {self.rank}/{self.world_size}, "
-                 f"grads {self.config['grads_every']}, weights {self.config['weights_every']}, "
+                 f"grad stats {self.config['grad_stats_every']}, grads {self.config['grads_every']}, weights {self.config['weights_every']}, "
                  f"{'closed' if self._closed else 'open'})"]
         for r in rows:
             lines.append("  " + "  ".join([r[0].rjust(w[0]), r[1].ljust(w[1]), r[2].ljust(w[2]),
@@ -363,6 +375,8 @@ class Recorder:
         try:
             p = _Pending(s, self._epoch, time.time(), _loss_handoff(loss))
             with torch.no_grad():
+                if self._grad_targets and self._gstat_sched(s):
+                    self._pack_grad_stats(p)
                 if self._grad_targets and self._grad_sched(s):
                     self._pack(p, [(fmt.KIND_GRADS, lk, pk, q.grad, a) for lk, pk, q, a in self._grad_targets],
                                self._grad_dtype)
@@ -564,6 +578,39 @@ class Recorder:
     def _site_added(self, meta: dict) -> None:
         self._manifest["sites"].append(meta)
         self._sites_dirty = True
+
+    def _pack_grad_stats(self, p: _Pending) -> None:
+        """Gradient statistics on the device: per device a fixed handful of whole-buffer operations
+        (:class:`recorder.gradstats.GradStatsPlan`); the small result goes to the host like a payload."""
+        present: dict[Any, list] = {}
+        for i, (lk, pk, q, a) in enumerate(self._grad_targets):
+            g = q.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                g = g.to_dense()
+            present.setdefault(g.device, []).append((i, g))
+        for dev, items in present.items():
+            key = (dev, tuple(i for i, _ in items))
+            plan = self._gstat_plans.get(key)
+            if plan is None:
+                from .gradstats import GradStatsPlan
+                tg = self._grad_targets
+                plan = self._gstat_plans[key] = GradStatsPlan(
+                    [(tg[i][0], tg[i][1], g.numel(), tg[i][3]) for i, g in items])
+            part = plan.partials([g for _, g in items])
+            if dev.type == "cpu":
+                host = part
+            elif dev.type == "cuda":
+                host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+                host.copy_(part, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                p.events.append(ev)
+            else:
+                host = part.to("cpu")
+            p.stats.append((host, plan))
+            p.nbytes += host.numel() * host.element_size()
 
     def _pack(self, p: _Pending, items, dtype) -> None:
         """Copy tensors ``items`` [(kind, layer_key, param_key, tensor, attrs)] into one flat host

@@ -8,11 +8,18 @@ What it does, on a ResNet-50-sized model (torchvision's resnet50 if importable, 
 bottleneck ResNet of the same widths; about 25.6 M parameters), batch 64, 224x224, SGD:
 1. calls ``rec.step()`` under ``torch.cuda.set_sync_debug_mode("error")``: any synchronising CUDA
    call on the training thread raises, so "ok" means the hot path never synchronised;
-2. measures step time without the recorder and with it (default settings: raw gradients every
-   step, weights every 50 steps; and a sparser schedule, gradients every 10 steps), interleaved in
-   rounds; each round ends with ``torch.cuda.synchronize()`` and, for the recorder, ``rec.flush()``
-   (so queued writer work is paid for inside the timed region);
-3. reports peak pinned (page-locked) host memory from the caching host allocator and the disk's
+   (for every recorder setting below, the steps include ones where raw tensors are copied);
+2. measures step time without the recorder and with it, interleaved in rounds: default settings
+   (gradient statistics on the device every step, raw gradients and weights every 50 steps);
+   ``raw_grads_every_step`` (``grads_every=1``: ~100 MB of raw gradients per step, the disk's
+   limit); ``grad_stats_only`` (``grads_every=0, weights_every=0``); ``activations`` (default plus
+   ``activations=True``: per-unit activation statistics every step, raw samples every 50). Each
+   block ends with ``torch.cuda.synchronize()`` and, for the recorder, the writer's drain (queued
+   writer work is paid for inside the timed region); ratios are means over blocks (medians
+   beside them). Also the host time spent inside ``rec.step()`` (the training thread's cost);
+3. checks the gradient statistics computed on the GPU against float64 torch on the same gradients
+   (one step: L2 norm, max |g|, mean per parameter; max relative difference);
+4. reports peak pinned (page-locked) host memory from the caching host allocator and the disk's
    sequential write bandwidth, the physical limit when every step writes ~100 MB of gradients.
 """
 
@@ -101,8 +108,8 @@ def disk_write_bandwidth(d: str, nbytes: int = 1 << 30) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="directory for the runs (default: a temp dir)")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -120,8 +127,8 @@ def main() -> None:
         m = resnet50_like().to(dev)
         return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
 
-    settings = {"baseline": None, "default": dict(grads_every=1, weights_every=50),
-                "grads_every_10": dict(grads_every=10, weights_every=50)}
+    settings = {"baseline": None, "default": {}, "grad_stats_only": dict(grads_every=0, weights_every=0),
+                "raw_grads_every_step": dict(grads_every=1), "activations": dict(activations=True)}
     state = {}
     for name, kw in settings.items():
         m, opt = make()
@@ -129,37 +136,65 @@ def main() -> None:
         state[name] = (m, opt, rec)
     res["n_params"] = sum(p.numel() for p in state["baseline"][0].parameters())
 
-    def run_steps(name, n, sync_debug=False):
+    step_host = {k: [] for k in settings}
+    ref = {}
+
+    def run_steps(name, n, sync_debug=False, keep_ref=False):
         m, opt, rec = state[name]
         for _ in range(n):
-            loss = nn.functional.cross_entropy(m(x), y)
+            if sync_debug:   # the forward too: activation hooks run there
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                loss = nn.functional.cross_entropy(m(x), y)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if rec is not None:
+                if keep_ref:
+                    ref[rec.step_index] = {pn: (p.grad.double().norm().item(), p.grad.abs().max().item(),
+                                                p.grad.double().mean().item(), p.numel())
+                                           for pn, p in m.named_parameters() if p.grad is not None}
                 if sync_debug:
                     torch.cuda.set_sync_debug_mode("error")
+                t0 = time.perf_counter()
                 try:
                     rec.step(loss=loss)
                 finally:
+                    step_host[name].append(time.perf_counter() - t0)
                     if sync_debug:
                         torch.cuda.set_sync_debug_mode(0)
             opt.step()
 
-    # 1. warm-up, then the hot path under sync debug mode "error"
-    for name in settings:
-        run_steps(name, 3)
+    # 1. the hot path under sync debug mode "error" from the first step (step 0 copies raw
+    # gradients, weights and activation samples; later steps only statistics), then warm-up
+    sync = {}
+    for name in settings:   # cuDNN picks its algorithms (it synchronises) in unrecorded passes first
+        m, opt, _ = state[name]
+        for _ in range(2):
+            nn.functional.cross_entropy(m(x), y).backward()
+        opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    sync_ok, sync_err = True, None
-    try:
-        run_steps("default", 5, sync_debug=True)
-        torch.cuda.synchronize()
-    except Exception as e:  # any synchronising call raises here
-        sync_ok, sync_err = False, f"{type(e).__name__}: {e}"
-    res["sync_debug_error_mode_ok"] = sync_ok
-    res["sync_debug_error"] = sync_err
+    for name in settings:
+        if settings[name] is None:
+            run_steps(name, 3)
+            continue
+        try:
+            run_steps(name, 3, sync_debug=True)
+            torch.cuda.synchronize()
+            sync[name] = "ok"
+        except Exception as e:  # any synchronising call raises here
+            sync[name] = f"{type(e).__name__}: {e}"
+            torch.cuda.set_sync_debug_mode(0)
+    run_steps("default", 1, keep_ref=True)
+    torch.cuda.synchronize()
+    res["sync_debug_error_mode"] = sync
+    res["sync_debug_error_mode_ok"] = all(v == "ok" for v in sync.values())
     for name in settings:
         if state[name][2] is not None:
             state[name][2].flush()
+    for k in step_host:
+        step_host[k].clear()
 
     # 2. interleaved timing
     times = {k: [] for k in settings}
@@ -170,13 +205,18 @@ def main() -> None:
             t = time.perf_counter()
             run_steps(name, args.steps)
             torch.cuda.synchronize()
-            if state[name][2] is not None:
-                state[name][2].flush()
+            if state[name][2] is not None:   # what a running job pays: everything queued written
+                state[name][2]._writer.drain()
             times[name].append((time.perf_counter() - t) / args.steps)
+    # the mean over blocks: raw tensors every 50 steps fall into some blocks only
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    res["ms_per_step"] = {k: round(v * 1e3, 2) for k, v in med.items()}
-    res["ratio_vs_baseline"] = {k: round(v / med["baseline"], 3) for k, v in med.items()}
+    res["ms_per_step"] = {k: round(v * 1e3, 2) for k, v in mean.items()}
+    res["ratio_vs_baseline"] = {k: round(v / mean["baseline"], 3) for k, v in mean.items()}
+    res["ratio_vs_baseline_median_block"] = {k: round(v / med["baseline"], 3) for k, v in med.items()}
+    res["rec_step_host_ms"] = {k: round(statistics.median(v) * 1e3, 3) for k, v in step_host.items() if v}
     res["pinned_host_peak_bytes"] = host_pinned_peak()
+    res["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
     for name, (m, opt, rec) in state.items():
         if rec is not None:
             rec.close()
@@ -186,10 +226,25 @@ def main() -> None:
             run = analyzer.open(os.path.join(base, name))
             res.setdefault("mb_per_step", {})[name] = round(run.nbytes / max(1, len(run.steps)) / 1e6, 2)
             res.setdefault("status", {})[name] = run.status
+            if name == "default":   # statistics computed on the GPU against float64 torch
+                df = run.grad_stats()
+                worst = 0.0
+                for s, per in ref.items():
+                    sub = df[df["step"] == s]
+                    got = {(f"{lay}.{par}" if lay else par): (l2, mx, mean) for lay, par, l2, mx, mean in
+                           zip(sub["layer"], sub["param"], sub["l2"], sub["max_abs"], sub["mean"])}
+                    assert got.keys() == per.keys(), (sorted(got)[:3], sorted(per)[:3])
+                    for k, (l2, mx, mean, n) in per.items():
+                        g = got[k]   # the mean relative to the root mean square (a mean may be ~0)
+                        worst = max(worst, abs(g[0] - l2) / max(l2, 1e-30), abs(g[1] - mx) / max(mx, 1e-30),
+                                    abs(g[2] - mean) / max(l2 / np.sqrt(n), 1e-30))
+                res["grad_stats_vs_torch_max_rel_diff"] = worst
+                res["grad_stats_steps"] = int(run.recorded()["grad_stats"]["steps"])
+                res["raw_grad_steps"] = int(run.recorded()["grads"]["steps"])
     bw = disk_write_bandwidth(base)
     res["disk_write_GBps"] = round(bw / 1e9, 2)
     grad_bytes = res["n_params"] * 4
-    res["write_limit_ms_per_step_default"] = round(grad_bytes / bw * 1e3, 2)
+    res["write_limit_ms_per_step_raw_grads"] = round(grad_bytes / bw * 1e3, 2)
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:

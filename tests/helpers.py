@@ -23,7 +23,8 @@ class Tiny(nn.Module):
 
 
 def record_tiny(run_dir, epochs=2, steps_per_epoch=5, seed=0, nan_at=None, **rec_kwargs):
-    """Train Tiny with a Recorder; return captured raw tensors.
+    """Train Tiny with a Recorder (raw gradients every step unless ``grads_every`` says otherwise;
+    gradient statistics at the Recorder's default, every step); return captured raw tensors.
 
     Returns:
         dict with grads[(name, param)] -> {step: float32 array}, weights likewise, losses {step: float},
@@ -33,7 +34,8 @@ def record_tiny(run_dir, epochs=2, steps_per_epoch=5, seed=0, nan_at=None, **rec
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     cap = {"grads": {}, "weights": {}, "losses": {}, "epochs": {}}
-    gsched = rec_kwargs.get("grads_every", 1)
+    rec_kwargs.setdefault("grads_every", 1)   # raw gradients every step (the Recorder's default is every 50)
+    gsched = rec_kwargs["grads_every"]
     wsched = rec_kwargs.get("weights_every", 50)
     step = 0
     with Recorder(model, run_dir, **rec_kwargs) as rec:

@@ -34,7 +34,10 @@ def test_grad_stats_per_step(recorded):
     for row in df.itertuples():
         want = stats64(cap["grads"][(row.layer, row.param)][row.step])
         for k in ("mean", "abs_mean", "max_abs", "var", "l1", "l2"):
-            assert getattr(row, k) == pytest.approx(want[k], rel=RTOL, abs=1e-12), (row.layer, row.step, k)
+            # gradient statistics from the device: float32 partial sums, so the signed mean is
+            # compared relative to the magnitude (it may cancel to ~0)
+            assert getattr(row, k) == pytest.approx(want[k], rel=RTOL, abs=RTOL * want["abs_mean"]), \
+                (row.layer, row.step, k)
         assert row.nonfinite == want["nonfinite"]
     bad = df[df["nonfinite"] > 0]
     assert list(zip(bad["step"], bad["layer"], bad["param"])) == [(7, "head", "weight")]
@@ -49,7 +52,8 @@ def test_grad_stats_per_epoch(recorded):
         per = [stats64(cap["grads"][(row.layer, row.param)][s]) for s in steps]
         assert row.n_steps == len(steps)
         for k in ("mean", "abs_mean", "var", "l1", "l2"):
-            assert getattr(row, k) == pytest.approx(np.mean([p[k] for p in per]), rel=RTOL), k
+            assert getattr(row, k) == pytest.approx(np.mean([p[k] for p in per]), rel=RTOL,
+                                                    abs=RTOL * np.mean([p["abs_mean"] for p in per])), k
         assert row.max_abs == pytest.approx(max(p["max_abs"] for p in per), rel=RTOL)
         assert row.l2_var == pytest.approx(np.var([p["l2"] for p in per]), rel=1e-5)
         stack = np.stack([cap["grads"][(row.layer, row.param)][s] for s in steps]).astype(np.float64)
@@ -66,7 +70,7 @@ def test_grad_stats_pooled_per_layer(recorded):
         parts = [cap["grads"][(row.layer, p)][row.step] for (L, p) in cap["grads"] if L == row.layer]
         want = stats64(np.concatenate([a.ravel() for a in parts]))
         for k in ("mean", "abs_mean", "max_abs", "var", "l1", "l2"):
-            assert getattr(row, k) == pytest.approx(want[k], rel=1e-6, abs=1e-12), k
+            assert getattr(row, k) == pytest.approx(want[k], rel=1e-6, abs=1e-6 * want["abs_mean"]), k
 
 
 def test_weight_stats_and_update_ratio(recorded):

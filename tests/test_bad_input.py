@@ -508,8 +508,8 @@ def test_real_process_one_line_and_exit_2(act_run, tmp_path):
 # ------------------------------------------------------------------ not errors: NaN/Inf-filled tensors
 
 def test_nan_and_inf_filled_tensors_are_analysed_and_flagged(act_run, tmp_path, capsys):
-    """Every gradient row of head.weight and every weight snapshot of conv.bias in the first shard
-    replaced by NaN/+Inf/-Inf: every command succeeds; the counts and `info --nonfinite` say so (the
+    """Every gradient row of head.weight (and its gradient statistics) and every weight snapshot of
+    conv.bias in the first shard replaced by NaN/+Inf/-Inf: every command succeeds; the counts and `info --nonfinite` say so (the
     report's flags on a NaN run: tests/test_nonfinite.py)."""
     d = _copy(act_run, tmp_path)
     fills = {"grads/head/weight": (np.nan, np.inf, -np.inf), "weights/conv/bias": (np.nan, np.inf, -np.inf)}
@@ -523,6 +523,9 @@ def test_nan_and_inf_filled_tensors_are_analysed_and_flagged(act_run, tmp_path, 
             v[...] = data
             want[path] = (int(f[path + "/steps"][0]), int(np.isnan(data).sum() + np.isinf(data).sum()),
                           len(data))
+        # the gradient statistics recorded beside the raw rows: NaN-filled too (every element unknown)
+        v = f["grad_stats/head/weight/values"]
+        v[...] = np.full(v.shape, np.nan)
     out_dir = tmp_path / "out"
     before = tree_snapshot(tmp_path)
     for cmd in COMMANDS:

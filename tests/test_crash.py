@@ -93,7 +93,7 @@ def child(run_dir, progress, mode, arg, flush_steps, flush_secs, seed):
     torch.manual_seed(seed)
     m = Tiny()
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
-    rec = Recorder(m, run_dir, weights_every={WEIGHTS_EVERY}, flush_steps=flush_steps,
+    rec = Recorder(m, run_dir, grads_every=1, weights_every={WEIGHTS_EVERY}, flush_steps=flush_steps,
                    flush_secs=flush_secs, queue_items={QUEUE_ITEMS})
     t_end = time.time() + 20
     s = 0
@@ -240,9 +240,11 @@ def test_sigkill_at_a_random_moment(tmp_path, zygote, capsys, mode, variant):
     n = len(all_steps)
     assert all_steps.tolist() == list(range(n))
     for _, steps, payloads in shards:
-        assert len(payloads) == 2 * N_PARAMS or (len(payloads) == N_PARAMS and not (steps % WEIGHTS_EVERY == 0).any())
+        # raw gradients and gradient statistics every step, weights every WEIGHTS_EVERY steps
+        assert len(payloads) == 3 * N_PARAMS or (len(payloads) == 2 * N_PARAMS
+                                                 and not (steps % WEIGHTS_EVERY == 0).any())
         for key, (vals, psteps) in payloads.items():
-            want = steps if key.startswith("grads/") else steps[steps % WEIGHTS_EVERY == 0]
+            want = steps if key.startswith(("grads/", "grad_stats/")) else steps[steps % WEIGHTS_EVERY == 0]
             assert psteps.tolist() == want.tolist() and len(vals) == len(want), key
             assert np.isfinite(vals).all()
 

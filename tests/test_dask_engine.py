@@ -57,13 +57,14 @@ def test_dask_equals_local_and_numpy(multi, client):
     for row in gd.itertuples(index=False):
         want = stats64(cap["grads"][(row.layer, row.param)][row.step])
         for c in ("mean", "abs_mean", "max_abs", "var", "l1", "l2"):
-            np.testing.assert_allclose(getattr(row, c), want[c], rtol=1e-9, err_msg=c)
+            # from the gradient statistics computed on the device (float32 partial sums)
+            np.testing.assert_allclose(getattr(row, c), want[c], rtol=1e-6, atol=1e-6 * want["abs_mean"], err_msg=c)
     for row in ed.itertuples(index=False):
         steps = [s for s, ep in cap["epochs"].items() if ep == row.epoch]
         x = np.stack([cap["grads"][(row.layer, row.param)][s].astype(np.float64).ravel() for s in steps])
         np.testing.assert_allclose(row.grad_noise, x.var(0).mean(), rtol=1e-9)
         l2 = np.sqrt((x ** 2).sum(1))
-        np.testing.assert_allclose(row.l2_var, l2.var(), rtol=1e-7, atol=1e-15)
+        np.testing.assert_allclose(row.l2_var, l2.var(), rtol=1e-5, atol=1e-6 * l2.mean() ** 2)
         assert row.n_steps == len(steps)
     for (layer, param), snaps in cap["weights"].items():
         got = wd[(wd["layer"] == layer) & (wd["param"] == param)].sort_values("step")

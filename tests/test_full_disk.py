@@ -78,15 +78,19 @@ def _closed_shards(rank_dir):
     return out
 
 
-def _check_readable(d, n):
-    """Closed shards hold exactly steps 0..n-1, each with all its gradients; the analyzer agrees."""
+def _check_readable(d, n, grads_every=50):
+    """Closed shards hold exactly steps 0..n-1, each with all its gradient statistics (and raw
+    gradients every ``grads_every`` steps); the analyzer agrees."""
     rank_dir = os.path.join(d, fmt.rank_dirname(0))
     shards = _closed_shards(rank_dir)
     steps = np.concatenate([s for s, _ in shards.values()]) if shards else np.zeros(0, np.int64)
     assert steps.tolist() == list(range(n))
-    for s, payloads in shards.values():
-        grads = {k: v for k, v in payloads.items() if k.startswith("grads/")}
-        assert len(grads) == N_PARAMS and all(ps.tolist() == s.tolist() for _, ps in grads.values())
+    for s, payloads in shards.values():   # gradient statistics every step, raw gradients every 50 (defaults)
+        stats = {k: v for k, v in payloads.items() if k.startswith("grad_stats/")}
+        assert len(stats) == N_PARAMS and all(ps.tolist() == s.tolist() for _, ps in stats.values())
+        raw = {k: v for k, v in payloads.items() if k.startswith("grads/")}
+        want = s[s % grads_every == 0].tolist()
+        assert len(raw) == (N_PARAMS if want else 0) and all(ps.tolist() == want for _, ps in raw.values())
     left = [x for x in os.listdir(rank_dir) + os.listdir(d) if x.endswith(fmt.LIVE_SUFFIX) or x.startswith(".tmp-")]
     assert left == []          # the live shard of the failed write was deleted; no temporary JSON
     return rank_dir
@@ -149,7 +153,7 @@ def test_full_disk_raise_next_step_raises(tmp_path, monkeypatch, capsys):
     per_step = 4 * sum(p.numel() for p in m.parameters())        # float32 gradients of one step
     limit = 12 * per_step + per_step // 2                            # runs out in the middle of a step
     _fail_after_bytes(monkeypatch, limit)
-    rec = Recorder(m, d, on_error="raise", flush_steps=5, flush_secs=1000, weights_every=0)
+    rec = Recorder(m, d, on_error="raise", flush_steps=5, flush_secs=1000, grads_every=1, weights_every=0)
     done, raised = 0, None
     for s in range(200):
         try:
@@ -164,7 +168,7 @@ def test_full_disk_raise_next_step_raises(tmp_path, monkeypatch, capsys):
     assert done >= 12
     _train_step(m, opt, rec)          # raised once; after that the recorder stands aside
     rec.close()
-    rank_dir = _check_readable(d, 10)  # steps 10..12 were in the live shard when the write failed
+    rank_dir = _check_readable(d, 10, grads_every=1)  # steps 10..12 were in the live shard when the write failed
     _check_failed_json(d, rank_dir, 10, done + 1)
     out = _info(d, capsys)
     assert "status    incomplete" in out and ENOSPC_TEXT in out
@@ -292,10 +296,10 @@ opt = torch.optim.SGD(m.parameters(), lr=0.01)
 """
 
 FSIZE_CHILD = CHILD_START + f"""
-resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, resource.RLIM_INFINITY))
+resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, resource.RLIM_INFINITY))
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
-    rec = Recorder(m, sys.argv[1], flush_steps=100, flush_secs=1000, weights_every=at([50]))
+    rec = Recorder(m, sys.argv[1], grads_every=1, flush_steps=100, flush_secs=1000, weights_every=at([50]))
     for s in range(120):
         loss = m(torch.randn(8, 3, 8, 8)).pow(2).mean()
         opt.zero_grad(); loss.backward(); rec.step(loss=loss); opt.step()
@@ -308,7 +312,7 @@ print(json.dumps({{"trained": s + 1, "warnings": [str(x.message) for x in w]}}))
 
 def test_real_write_failure_file_size_limit(tmp_path, capsys):
     """A real failing write, not an injected one: RLIMIT_FSIZE (no root needed) makes the OS refuse
-    to grow any file past 500 kB with EFBIG ("File too large"), which h5py reports buried in a
+    to grow any file past 400 kB with EFBIG ("File too large"), which h5py reports buried in a
     multi-line RuntimeError. Shards 0 and 1 (10 steps each, closed by flush()) fit; shard 2 gets the
     weight snapshot of step 50 and grows past the limit. Same guarantees as for ENOSPC, the error on
     one line led by the OS error, and the process exits 0: closing an HDF5 file after a failed write
@@ -323,7 +327,7 @@ def test_real_write_failure_file_size_limit(tmp_path, capsys):
     assert res["trained"] == 120
     efbig = f"[Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}"
     assert len(res["warnings"]) == 1 and efbig in res["warnings"][0] and "\n" not in res["warnings"][0]
-    rank_dir = _check_readable(d, 20)
+    rank_dir = _check_readable(d, 20, grads_every=1)
     rank = json.load(open(os.path.join(rank_dir, fmt.RANK_FILE)))
     assert rank["status"] == "failed" and (rank["shards"], rank["steps_flushed"]) == (2, 20)
     assert rank["errors"][0].startswith(f"RuntimeError: {efbig} (HDF5: ")

@@ -68,13 +68,15 @@ def test_selection_by_module_object_and_unknown(tmp_path):
 
 def test_schedules_int_zero_callable(tmp_path):
     m = Tiny()
-    with Recorder(m, tmp_path / "r", grads_every=3, weights_every=at([1, 4])) as rec:
+    with Recorder(m, tmp_path / "r", grads_every=3, weights_every=at([1, 4]), grad_stats_every=at([1])) as rec:
         _train(rec, m, 8)
     run = analyzer.open(tmp_path / "r")
-    assert sorted(set(run.grad_stats()["step"])) == [0, 3, 6]
+    assert sorted(set(run.grad_stats()["step"])) == [0, 1, 3, 6]    # statistics at 1, raw tensors at 0, 3, 6
+    rec_ = run.recorded()
+    assert rec_["grads"]["steps"] == 3 and rec_["grad_stats"]["steps"] == 1
     assert sorted(set(run.weight_stats()["step"])) == [1, 4]
     assert len(run.steps) == 8
-    with Recorder(m, tmp_path / "z", grads_every=0, weights_every=lambda s: s == 2) as rec:
+    with Recorder(m, tmp_path / "z", grads_every=0, grad_stats_every=0, weights_every=lambda s: s == 2) as rec:
         _train(rec, m, 4)
     run = analyzer.open(tmp_path / "z")
     assert len(run.grad_stats()) == 0 and sorted(set(run.weight_stats()["step"])) == [2]

@@ -47,7 +47,8 @@ def _train(run_dir, grads_every=1, with_loss=True, odd_name=False):
     y = torch.randint(0, 3, (len(x),), generator=g)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     losses, snaps = [], {}
-    with Recorder(model, run_dir, grads_every=grads_every, weights_every=WEVERY, flush_steps=5) as rec:
+    with Recorder(model, run_dir, grads_every=grads_every, grad_stats_every=grads_every,
+                  weights_every=WEVERY, flush_steps=5) as rec:
         step = 0
         for _ in range(EPOCHS):
             for i in range(STEPS):

@@ -1,0 +1,183 @@
+"""Gradient statistics computed on the device every step (recording tier 1), against numpy on the
+raw gradients captured in the training loop."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import analyzer
+from analyzer import format as fmt
+from analyzer.engine import grad_stat_columns
+from recorder import Recorder
+from recorder.gradstats import CHUNK, GradStatsPlan
+
+from helpers import Tiny, stats64
+
+
+def _ref(g):
+    """count, nonfinite, sum, sumsq, sum_abs, max_abs of a tensor, in float64 numpy."""
+    x = g.detach().double().numpy().ravel()
+    f = x[np.isfinite(x)]
+    return np.array([f.size, x.size - f.size, f.sum(), (f * f).sum(), np.abs(f).sum(),
+                     np.abs(f).max() if f.size else np.nan])
+
+
+#: float32 partial sums over 4,096 values: relative error about 1e-7 of sum |g| (documented bound 1e-6)
+TOL = 1e-6
+
+
+def _check(vec, ref):
+    scale = max(ref[4], 1e-30)    # the signed sum is compared relative to sum |g| (it may cancel)
+    assert vec[0] == ref[0] and vec[1] == ref[1]
+    np.testing.assert_allclose(vec[2], ref[2], rtol=0, atol=TOL * scale)
+    np.testing.assert_allclose(vec[3:5], ref[3:5], rtol=TOL)
+    np.testing.assert_allclose(vec[5], ref[5], rtol=0, equal_nan=True)   # max |g| is exact
+
+
+@pytest.mark.parametrize("chunk", [CHUNK, 7])
+def test_plan_matches_numpy_on_awkward_sizes_and_non_finite_values(chunk):
+    g = torch.Generator().manual_seed(0)
+    sizes = [0, 1, 5, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 20000]
+    grads = [torch.randn(n, generator=g) * (i + 1) + 0.5 * i for i, n in enumerate(sizes)]
+    grads[3][[0, 17, 100]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    grads[2][:] = float("nan")                       # no finite element at all
+    grads[6][-1] = float("inf")                      # in the last, padded chunk
+    grads[7] = grads[7].reshape(100, 200)            # any shape: the plan flattens
+    plan = GradStatsPlan([(f"l{i}", "p", t.numel(), {}) for i, t in enumerate(grads)], chunk=chunk)
+    out = plan.finish(plan.partials(grads).numpy())
+    assert [(lk, pk) for lk, pk, _, _ in out] == [(f"l{i}", "p") for i in range(len(grads))]
+    for (_, _, vec, _), t in zip(out, grads):
+        assert vec.shape == (len(fmt.GRAD_STAT_FIELDS),)
+        _check(vec, _ref(t))
+    again = plan.finish(plan.partials(grads).numpy())   # buffers are reused: same answer
+    np.testing.assert_array_equal(np.stack([v for *_, v, _ in out]), np.stack([v for *_, v, _ in again]))
+
+
+def test_merging_chunks_equals_the_whole():
+    """The per-chunk partial statistics merged on the host (any chunk size) equal one pass over
+    the whole tensor (a random split of the elements into rows)."""
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=g) for n in (1000, 37, 5000)]
+    whole = GradStatsPlan([("a", "p", t.numel(), {}) for t in grads], chunk=1 << 16)
+    parts = GradStatsPlan([("a", "p", t.numel(), {}) for t in grads], chunk=13)
+    assert whole.rows == 3 and parts.rows == sum(-(-t.numel() // 13) for t in grads)
+    a = np.stack([v for *_, v, _ in whole.finish(whole.partials(grads).numpy())])
+    b = np.stack([v for *_, v, _ in parts.finish(parts.partials(grads).numpy())])
+    np.testing.assert_allclose(a[:, [0, 1, 5]], b[:, [0, 1, 5]], rtol=0)          # counts and max: exact
+    for j in (2, 3, 4):
+        np.testing.assert_allclose(a[:, j], b[:, j], rtol=TOL, atol=TOL * a[:, 4].max())
+
+
+def test_half_precision_gradients():
+    grads = [torch.randn(300).half(), torch.randn(50).bfloat16()]
+    plan = GradStatsPlan([(f"l{i}", "p", t.numel(), {}) for i, t in enumerate(grads)])
+    for (_, _, vec, _), t in zip(plan.finish(plan.partials(grads).numpy()), grads):
+        _check(vec, _ref(t))
+
+
+def test_columns_from_recorded_statistics():
+    x = np.random.default_rng(0).standard_normal((3, 50))
+    x[1, :4] = np.nan
+    vec = np.stack([_ref(torch.from_numpy(r)) for r in x])
+    vec = np.vstack([vec, [np.nan, 0, 0, 0, 0, 0], [10, 45, 0, 0, 0, 0]])   # damaged rows: unknown counts
+    c = grad_stat_columns(vec, 50)
+    for i in range(3):
+        want = stats64(x[i])
+        for k in ("mean", "abs_mean", "max_abs", "var", "l1", "l2"):
+            np.testing.assert_allclose(c[k][i], want[k], rtol=1e-12, atol=1e-15, err_msg=k)
+        assert c["nonfinite"][i] == want["nonfinite"] and c["count"][i] == 50 - want["nonfinite"]
+    for i in (3, 4):   # read as 50 non-finite elements
+        assert c["count"][i] == 0 and c["nonfinite"][i] == 50 and np.isnan(c["mean"][i]) and np.isnan(c["l2"][i])
+
+
+class WithUnused(nn.Module):
+    """Tiny plus a layer used only on even steps (its gradient is None on odd steps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tiny = Tiny()
+        self.extra = nn.Linear(5, 5)
+
+    def forward(self, x, use_extra):
+        y = self.tiny(x)
+        return self.extra(y) if use_extra else y
+
+
+def test_default_recorder_statistics_every_step_raw_on_schedule(tmp_path):
+    """Default Recorder: gradient statistics every step, raw gradients every 50 steps. Here raw
+    every 10: per-step statistics for every step equal numpy on the captured gradients (including
+    a NaN/Inf step and a layer without gradient on odd steps); the steps with both give one row;
+    the epoch's element-wise noise comes from the raw steps."""
+    torch.manual_seed(0)
+    model = WithUnused()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    names = {p: (mn, pn) for mn, m in model.named_modules() for pn, p in m.named_parameters(recurse=False)}
+    cap, epochs, nan_step = {}, 2, 13
+    with Recorder(model, tmp_path / "r", grads_every=10) as rec:
+        assert rec.config["grad_stats_every"] == "every(1)" and rec.config["weights_every"] == "every(50)"
+        step = 0
+        for ep in range(epochs):
+            for _ in range(15):
+                x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+                loss = nn.functional.cross_entropy(model(x, step % 2 == 0), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if step == nan_step:
+                    model.tiny.head.weight.grad[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+                for p, key in names.items():
+                    if p.grad is not None:
+                        cap.setdefault(key, {})[step] = p.grad.detach().clone()
+                rec.step(loss=loss)
+                if step == nan_step:
+                    model.tiny.head.weight.grad.nan_to_num_(0.0, 0.0, 0.0)
+                opt.step()
+                step += 1
+            rec.epoch_end()
+    run = analyzer.open(tmp_path / "r")
+    got = run.recorded()
+    assert got["grad_stats"]["steps"] == 30 and got["grads"]["steps"] == 3
+    df = run.grad_stats()
+    assert len(df) == sum(len(v) for v in cap.values())      # one row per (step, parameter) with a gradient
+    assert not df.duplicated(["step", "layer", "param"]).any()
+    for (mn, pn), per_step in cap.items():
+        sub = df[(df["layer"] == mn) & (df["param"] == pn)].set_index("step")
+        assert sorted(sub.index) == sorted(per_step)
+        for s, g in per_step.items():
+            want = stats64(g.numpy())
+            row = sub.loc[s]
+            assert row["nonfinite"] == want["nonfinite"] and row["count"] == g.numel() - want["nonfinite"]
+            for k in ("mean", "abs_mean", "max_abs", "var", "l1", "l2"):
+                assert row[k] == pytest.approx(want[k], rel=TOL, abs=TOL * want["abs_mean"]), (mn, pn, s, k)
+    assert df[df["nonfinite"] > 0]["step"].unique().tolist() == [nan_step]
+    ep = run.grad_stats(per="epoch")
+    w = cap[("tiny.head", "weight")]
+    for e in range(epochs):
+        row = ep[(ep["epoch"] == e) & (ep["layer"] == "tiny.head") & (ep["param"] == "weight")].iloc[0]
+        steps = range(15 * e, 15 * e + 15)
+        assert row["n_steps"] == 15
+        assert row["l2"] == pytest.approx(np.mean([stats64(w[s].numpy())["l2"] for s in steps]), rel=TOL)
+        raw = np.stack([w[s].double().numpy().ravel() for s in steps if s % 10 == 0])
+        assert row["grad_noise"] == pytest.approx(raw.var(0).mean(), rel=1e-9)
+
+
+def test_statistics_off_and_raw_only_still_give_per_step_statistics(tmp_path):
+    torch.manual_seed(0)
+    m = Tiny()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    grads = {}
+    with Recorder(m, tmp_path / "r", grads_every=2, grad_stats_every=0) as rec:
+        for s in range(5):
+            loss = nn.functional.cross_entropy(m(torch.randn(4, 3, 8, 8)), torch.randint(0, 5, (4,)))
+            opt.zero_grad()
+            loss.backward()
+            grads[s] = m.head.weight.grad.clone()
+            rec.step(loss=loss)
+            opt.step()
+    run = analyzer.open(tmp_path / "r")
+    assert run.recorded()["grad_stats"]["steps"] == 0
+    df = run.grad_stats()
+    sub = df[(df["layer"] == "head") & (df["param"] == "weight")].set_index("step")
+    assert sorted(sub.index) == [0, 2, 4]
+    for s in (0, 2, 4):
+        assert sub.loc[s, "l2"] == pytest.approx(stats64(grads[s].numpy())["l2"], rel=1e-9)
