@@ -348,6 +348,18 @@ def _fork_is_safe() -> bool:
     return "fork" in mp.get_all_start_methods() and threading.active_count() == 1
 
 
+def _release_free_memory() -> None:
+    """Hand the heap that the data passes freed back to the OS (glibc keeps it otherwise), before
+    forking the figure workers; a no-op where glibc's malloc_trim is not available."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _draw_and_save(item: tuple, out: str) -> str | None:
     """Draw one queued figure and save it; None, or the error as one line."""
     name, draw = item[0], item[3]
@@ -416,6 +428,7 @@ class _Report:
             from concurrent.futures import ProcessPoolExecutor
             global _RENDER
             _RENDER = (pending, self.out)
+            _release_free_memory()   # the workers inherit this process's pages: fewer of them
             errors = []
             try:   # the workers are forked at the first submit, before the executor starts its threads
                 with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as ex:

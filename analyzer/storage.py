@@ -64,6 +64,15 @@ class ShardWriter:
         """Append raw tensors ``values`` (k, *shape) recorded at ``steps`` (k,)."""
         raise NotImplementedError
 
+    def append_packed(self, kind: str, keys: tuple, steps: np.ndarray, values: np.ndarray,
+                      attrs: list) -> None:
+        """Append several payloads of one kind that arrive together: ``values`` (k, P, *shape) holds
+        at column i the rows of payload ``keys[i]`` = (layer_key, param_key), with ``attrs[i]``.
+        Stored exactly as P calls of :meth:`append` (the default does that)."""
+        values = np.asarray(values)
+        for i, (lk, pk) in enumerate(keys):
+            self.append(kind, lk, pk, steps, values[:, i], attrs[i])
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -152,6 +161,8 @@ class HDF5ShardWriter(ShardWriter):
         # time; key -> [rows per chunk, [row blocks], [step arrays], n buffered, attrs, shape, dtype]
         self._small: dict[tuple[str, str, str], list] = {}
         self._small_bytes = 0
+        # packed payloads (append_packed): (kind, keys) -> [[row blocks], [step arrays], attrs]
+        self._packed: dict[tuple, list] = {}
         self.nbytes = 0
         self.n_steps = 0
         self.step_range = [None, None]
@@ -211,6 +222,36 @@ class HDF5ShardWriter(ShardWriter):
                 return
         self._append_now(key, steps, values, attrs)
 
+    def append_packed(self, kind, keys, steps, values, attrs):
+        """Kept whole (one list append per call) and split into the payloads' datasets when the
+        shard closes or :data:`SMALL_BUFFER_BYTES` are kept: the writer's per-step cost does not
+        grow with the number of parameters."""
+        values = np.asarray(values)
+        if values.ndim < 2 or values.shape[1] != len(keys):
+            raise ValueError(f"{kind}: packed values of shape {values.shape} for {len(keys)} payloads")
+        b = self._packed.get((kind, keys))
+        if b is None:
+            b = self._packed[(kind, keys)] = [[], [], list(attrs)]
+        b[0].append(np.array(values, copy=True))
+        b[1].append(np.asarray(steps, dtype=np.int64).reshape(-1))
+        nb = int(values.nbytes)
+        self._small_bytes += nb
+        self.nbytes += nb
+        if self._small_bytes > SMALL_BUFFER_BYTES:
+            self._write_packed()
+
+    def _write_packed(self) -> None:
+        for (kind, keys), (blocks, steplist, attrs) in list(self._packed.items()):
+            if not blocks:
+                continue
+            vals = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+            steps = np.concatenate(steplist)
+            self._packed[(kind, keys)] = [[], [], attrs]
+            self._small_bytes -= int(vals.nbytes)
+            self.nbytes -= int(vals.nbytes)   # counted again by append
+            for i, (lk, pk) in enumerate(keys):
+                self.append(kind, lk, pk, steps, vals[:, i], attrs[i])
+
     def _write_small(self, key, final: bool = False) -> None:
         """Write the rows kept for ``key``; at close (``final``) a dataset not created yet gets a
         chunk of exactly its rows."""
@@ -267,6 +308,7 @@ class HDF5ShardWriter(ShardWriter):
         if self._f is None:
             return
         try:
+            self._write_packed()
             for key in list(self._small):
                 self._write_small(key, final=True)
             g = self._f.create_group("steps")
@@ -597,7 +639,8 @@ class StepRecord:
     loss: float
     time: float
     dropped: int = 0
-    #: (kind, layer_key, param_key, array (*shape), attrs)
+    #: (kind, layer_key, param_key, array (*shape), attrs); or, for several payloads of one kind
+    #: that arrive together, (kind, None, ((layer_key, param_key), ...), array (P, *shape), [attrs])
     payloads: list = field(default_factory=list)
 
 
@@ -686,6 +729,11 @@ class ShardSeriesWriter:
             for kind, lk, pk, arr, attrs in r.payloads:
                 groups.setdefault((kind, lk, pk), []).append((r.step, arr, attrs))
         for (kind, lk, pk), rows in groups.items():
+            if lk is None:   # packed: pk = ((layer_key, param_key), ...), rows (P, *shape), attrs a list
+                steps = np.array([s for s, _, _ in rows], np.int64)
+                vals = rows[0][1][None] if len(rows) == 1 else np.stack([a for _, a, _ in rows])
+                w.append_packed(kind, pk, steps, vals, rows[0][2])
+                continue
             if kind in fmt.MULTIROW_KINDS:   # each record brings (k, *shape): k rows of one step
                 steps = np.concatenate([np.full(len(a), s, np.int64) for s, a, _ in rows])
                 vals = rows[0][1] if len(rows) == 1 else np.concatenate([a for _, a, _ in rows])

@@ -7,7 +7,8 @@ viewed as (rows, CHUNK); then row reductions: the non-finite count, and over the
 sum, 2-norm, sum |g| and max |g|. The result, (rows, 5) float32, is about 5 KB per million
 parameters; it travels to the host like any payload (asynchronously on CUDA).
 :meth:`GradStatsPlan.finish` (writer thread, numpy) reduces the chunk rows of each parameter into
-one vector of :data:`analyzer.format.GRAD_STAT_FIELDS`. No ``.item()``, no synchronisation, no
+one vector of :data:`analyzer.format.GRAD_STAT_FIELDS`, handed to the writer as one packed
+payload (:meth:`analyzer.storage.ShardWriter.append_packed`). No ``.item()``, no synchronisation, no
 Python loop over elements.
 """
 
@@ -38,6 +39,8 @@ class GradStatsPlan:
         self.pads = [nc * self.chunk - int(n) for nc, (_, _, n, _) in zip(nchunks, items)]
         self.numel = np.array([int(n) for _, _, n, _ in items], np.float64)
         self.rows = int(sum(nchunks))
+        self.keys = tuple((lk, pk) for lk, pk, _, _ in items)     # payload keys, in row order
+        self.attrs = [a for *_, a in items]
         self._bufs: dict = {}
 
     def partials(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -78,15 +81,15 @@ class GradStatsPlan:
         # float32 row reductions (a float64 dtype= would first copy the buffer as float64)
         return torch.stack([nonfin, xz.sum(1), torch.linalg.vector_norm(xz, 2, dim=1), a.sum(1), a.amax(1)], 1)
 
-    def finish(self, part: np.ndarray) -> list[tuple[str, str, np.ndarray, dict]]:
+    def finish(self, part: np.ndarray) -> np.ndarray:
         """Reduce the chunk rows of each parameter (host, numpy).
 
         Args:
-            part: (rows, 5) float64 from :meth:`partials`, on the host.
+            part: (rows, 5) from :meth:`partials`, on the host.
 
         Returns:
-            [(layer_key, param_key, vector, attrs)]: vector (len(GRAD_STAT_FIELDS),) float64 =
-            count (finite elements), nonfinite, sum, sumsq, sum_abs, max_abs (NaN when count is 0).
+            (P, len(GRAD_STAT_FIELDS)) float64, row i for ``items[i]`` (see :attr:`keys`): count
+            (finite elements), nonfinite, sum, sumsq, sum_abs, max_abs (NaN when count is 0).
         """
         part = np.asarray(part, np.float64)
         st = self.starts
@@ -96,5 +99,4 @@ class GradStatsPlan:
         sq = np.add.reduceat(part[:, 2] * part[:, 2], st)
         l1 = np.add.reduceat(part[:, 3], st)
         mx = np.where(count > 0, np.maximum.reduceat(part[:, 4], st), np.nan)
-        vec = np.stack([count, nonfinite, s, sq, l1, mx], 1)
-        return [(lk, pk, vec[i], attrs) for i, (lk, pk, _, attrs) in enumerate(self.items)]
+        return np.stack([count, nonfinite, s, sq, l1, mx], 1)

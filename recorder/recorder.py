@@ -82,8 +82,8 @@ def _resolve(p: _Pending) -> StepRecord:
         arr = flat.numpy()
         for kind, lk, pk, off, n, shape, attrs in layout:
             payloads.append((kind, lk, pk, arr[off:off + n].reshape(shape), attrs))
-    for host, plan in p.stats:
-        payloads += [(fmt.KIND_GRAD_STATS, lk, pk, v, a) for lk, pk, v, a in plan.finish(host.numpy())]
+    for host, plan in p.stats:   # one packed payload: the writer's cost does not grow with the parameters
+        payloads.append((fmt.KIND_GRAD_STATS, None, plan.keys, plan.finish(host.numpy()), plan.attrs))
     return StepRecord(step=p.step, epoch=p.epoch, loss=loss, time=p.time, dropped=p.dropped,
                       payloads=payloads)
 

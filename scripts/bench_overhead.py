@@ -4,8 +4,10 @@
 Settings (one model + Adam optimizer each, all from the same initial weights, same batches):
 
 * ``baseline``: no recorder;
-* ``default``:  ``Recorder(model, dir)`` with its defaults (raw gradients of every layer every
-  step, weights every 50 steps);
+* ``default``:  ``Recorder(model, dir)`` with its defaults (gradient statistics of every parameter
+  computed on the device every step; raw gradients and weights every 50 steps);
+* ``raw-grads``: default + ``grads_every=1`` (raw gradients every step: the default before the
+  gradient statistics existed);
 * ``baseline-2``: a second setting without recorder (A/A control: how far two identical settings
   differ on this machine; ratios closer to 1 than that are noise);
 * ``heavy``: ``grads_every=1, weights_every=1``;
@@ -335,8 +337,11 @@ def main(argv=None):
     try:
         settings = [
             Setting("baseline", model0, 2e-3, tmp, None, "no recorder"),
-            Setting("default", model0, 2e-3, tmp, {}, "grads every step, weights every 50"),
+            Setting("default", model0, 2e-3, tmp, {},
+                    "grad statistics every step, raw grads + weights every 50"),
             Setting("baseline-2", model0, 2e-3, tmp, None, "no recorder: a second baseline (A/A control)"),
+            Setting("raw-grads", model0, 2e-3, tmp, {"grads_every": 1},
+                    "default + raw grads every step (the default before grad statistics)"),
             Setting("heavy", model0, 2e-3, tmp, {"grads_every": 1, "weights_every": 1},
                     "grads + weights every step"),
             Setting("activations", model0, 2e-3, tmp, {"activations": True, "activations_every": 50},

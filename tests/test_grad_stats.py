@@ -46,12 +46,12 @@ def test_plan_matches_numpy_on_awkward_sizes_and_non_finite_values(chunk):
     grads[7] = grads[7].reshape(100, 200)            # any shape: the plan flattens
     plan = GradStatsPlan([(f"l{i}", "p", t.numel(), {}) for i, t in enumerate(grads)], chunk=chunk)
     out = plan.finish(plan.partials(grads).numpy())
-    assert [(lk, pk) for lk, pk, _, _ in out] == [(f"l{i}", "p") for i in range(len(grads))]
-    for (_, _, vec, _), t in zip(out, grads):
-        assert vec.shape == (len(fmt.GRAD_STAT_FIELDS),)
+    assert plan.keys == tuple((f"l{i}", "p") for i in range(len(grads)))
+    assert out.shape == (len(grads), len(fmt.GRAD_STAT_FIELDS))
+    for vec, t in zip(out, grads):
         _check(vec, _ref(t))
     again = plan.finish(plan.partials(grads).numpy())   # buffers are reused: same answer
-    np.testing.assert_array_equal(np.stack([v for *_, v, _ in out]), np.stack([v for *_, v, _ in again]))
+    np.testing.assert_array_equal(out, again)
 
 
 def test_merging_chunks_equals_the_whole():
@@ -62,8 +62,8 @@ def test_merging_chunks_equals_the_whole():
     whole = GradStatsPlan([("a", "p", t.numel(), {}) for t in grads], chunk=1 << 16)
     parts = GradStatsPlan([("a", "p", t.numel(), {}) for t in grads], chunk=13)
     assert whole.rows == 3 and parts.rows == sum(-(-t.numel() // 13) for t in grads)
-    a = np.stack([v for *_, v, _ in whole.finish(whole.partials(grads).numpy())])
-    b = np.stack([v for *_, v, _ in parts.finish(parts.partials(grads).numpy())])
+    a = whole.finish(whole.partials(grads).numpy())
+    b = parts.finish(parts.partials(grads).numpy())
     np.testing.assert_allclose(a[:, [0, 1, 5]], b[:, [0, 1, 5]], rtol=0)          # counts and max: exact
     for j in (2, 3, 4):
         np.testing.assert_allclose(a[:, j], b[:, j], rtol=TOL, atol=TOL * a[:, 4].max())
@@ -72,7 +72,7 @@ def test_merging_chunks_equals_the_whole():
 def test_half_precision_gradients():
     grads = [torch.randn(300).half(), torch.randn(50).bfloat16()]
     plan = GradStatsPlan([(f"l{i}", "p", t.numel(), {}) for i, t in enumerate(grads)])
-    for (_, _, vec, _), t in zip(plan.finish(plan.partials(grads).numpy()), grads):
+    for vec, t in zip(plan.finish(plan.partials(grads).numpy()), grads):
         _check(vec, _ref(t))
 
 

@@ -97,6 +97,38 @@ class RoundTrip:
             seen += list(r.steps()["step"])
         assert seen == list(range(10))
 
+    def test_packed_payloads_read_back_as_separate_payloads(self, tmp_path):
+        """Packed records (several payloads of one kind per step, as the recorder hands over its
+        gradient statistics) read back exactly as if each payload had been appended on its own,
+        beside an ordinary payload, across two shards."""
+        be = self.backend()
+        d = tmp_path / "rank-00000"
+        sw = ShardSeriesWriter(str(d), 0, flush_steps=4, backend=be)
+        keys = (("L0", "weight"), ("L0", "bias"), ("L1", "weight"))
+        attrs = [{"layer_id": 0, "param": "weight"}, {"layer_id": 0, "param": "bias"}, {"layer_id": 1}]
+        rng = np.random.default_rng(1)
+        vals = {s: rng.standard_normal((3, 6)) for s in range(6)}
+        recs = [StepRecord(s, 0, 0.0, 0.0, 0, [("grad_stats", None, keys, vals[s], attrs),
+                                               ("grads", "L1", "weight", np.full(2, s, np.float32), {})])
+                for s in range(6)]
+        sw.write(recs[:3])
+        sw.write(recs[3:])
+        sw.close()
+        got = {k: ([], []) for k in keys}
+        for i in range(2):
+            r = be.open(str(d / fmt.shard_filename(i)))
+            assert sorted(r.payloads("grad_stats")) == sorted(keys)
+            for k in keys:
+                st = r.read_payload_steps("grad_stats", *k)
+                got[k][0].extend(st.tolist())
+                got[k][1].append(r.read_payload("grad_stats", *k, 0, len(st)))
+            np.testing.assert_array_equal(r.read_payload("grads", "L1", "weight", 0, 4 - 2 * i)[:, 0],
+                                          r.read_payload_steps("grads", "L1", "weight"))
+            r.close()
+        for i, k in enumerate(keys):
+            assert got[k][0] == list(range(6))
+            np.testing.assert_array_equal(np.concatenate(got[k][1]), np.stack([vals[s][i] for s in range(6)]))
+
     def test_series_rotates_by_bytes(self, tmp_path):
         be = self.backend()
         sw = ShardSeriesWriter(str(tmp_path / "r"), 0, flush_steps=100, max_shard_bytes=1000, backend=be)
