@@ -21,6 +21,51 @@ from analyzer import format as fmt
 
 #: Elements per chunk row: float32 partial sums over 4,096 values, added up in float64 on the host.
 CHUNK = 4096
+#: Parameters are taken in groups of at most this many (padded) elements, one group after the other
+#: through the same two scratch buffers: the device memory the statistics keep is bounded by
+#: 2 x 4 bytes x min(this, the model's size, or its largest parameter): 512 MiB at most, for any model
+#: with no single parameter above 64M elements.
+GROUP_ELEMS = 1 << 26
+
+
+class Scratch:
+    """Two float32 work buffers (and a chunk of zeros) per device, reused by every plan and step:
+    fresh multi-MB temporaries cost a page fault per 4 KiB on the CPU. Safe to share on a device
+    because its plans run one after the other (same thread, same stream)."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, dev: torch.device, n: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(zeros (chunk,), flat (n,), tmp (n,)) on ``dev``; the buffers grow when ``n`` does."""
+        b = self._bufs.get(dev)
+        if b is None or b[1].numel() < n or b[0].numel() < chunk:
+            b = self._bufs[dev] = (torch.zeros(chunk, dtype=torch.float32, device=dev),
+                                   torch.empty(n, dtype=torch.float32, device=dev),
+                                   torch.empty(n, dtype=torch.float32, device=dev))
+        return b[0][:chunk], b[1][:n], b[2][:n]
+
+
+def group_items(numels: list[int], limit: int | None = None, chunk: int = CHUNK) -> list[list[int]]:
+    """Consecutive groups of indices whose padded sizes add up to at most ``limit`` elements
+    (default :data:`GROUP_ELEMS`; a parameter larger than that is a group of its own).
+
+    Returns:
+        [[indices of group 0], [indices of group 1], ...] covering ``range(len(numels))`` in order.
+    """
+    limit = GROUP_ELEMS if limit is None else limit
+    groups: list[list[int]] = []
+    cur, size = [], 0
+    for i, n in enumerate(numels):
+        padded = max(1, -(-int(n) // chunk)) * chunk
+        if cur and size + padded > limit:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += padded
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 class GradStatsPlan:
@@ -41,13 +86,14 @@ class GradStatsPlan:
         self.rows = int(sum(nchunks))
         self.keys = tuple((lk, pk) for lk, pk, _, _ in items)     # payload keys, in row order
         self.attrs = [a for *_, a in items]
-        self._bufs: dict = {}
+        self._scratch = None
 
-    def partials(self, grads: list[torch.Tensor]) -> torch.Tensor:
+    def partials(self, grads: list[torch.Tensor], scratch: Scratch | None = None) -> torch.Tensor:
         """Per-chunk partial statistics on the gradients' device.
 
         Args:
             grads: one gradient per item, all on one device.
+            scratch: work buffers to use (shared by the plans of a recorder); default the plan's own.
 
         Returns:
             (rows, 5) float32 tensor on that device: non-finite
@@ -55,14 +101,9 @@ class GradStatsPlan:
             Row sums are float32 reductions over CHUNK values (cascade sums on CPU, tree
             reductions on CUDA): relative error about 1e-7 of the row's sum |g|.
         """
-        dev = grads[0].device
-        bufs = self._bufs.get(dev)
-        if bufs is None:   # reused every step: fresh multi-MB temporaries cost a page fault per 4 KiB
-            n = self.rows * self.chunk
-            bufs = self._bufs[dev] = (torch.zeros(self.chunk, dtype=torch.float32, device=dev),
-                                      torch.empty(n, dtype=torch.float32, device=dev),
-                                      torch.empty(n, dtype=torch.float32, device=dev))
-        z, flat, tmp = bufs
+        if scratch is None:
+            scratch = self._scratch = self._scratch or Scratch()
+        z, flat, tmp = scratch.get(grads[0].device, self.rows * self.chunk, self.chunk)
         pieces = []
         for g, pad in zip(grads, self.pads):
             pieces.append(g.reshape(-1))

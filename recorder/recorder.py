@@ -24,6 +24,7 @@ import torch
 from analyzer import format as fmt
 from analyzer.storage import HDF5Backend, ShardSeriesWriter, StepRecord
 
+from .gradstats import GradStatsPlan, Scratch, group_items
 from .schedules import as_schedule
 from .writer import BackgroundWriter, WriterClosedError, WriterError, describe_error
 
@@ -167,6 +168,7 @@ class Recorder:
         self._grad_sched = as_schedule(grads_every)
         self._gstat_sched = as_schedule(grad_stats_every)
         self._gstat_plans: dict = {}
+        self._gstat_scratch = None
         self._weight_sched = as_schedule(weights_every)
         self._grad_dtype, self._weight_dtype = _DTYPES[grad_dtype], _DTYPES[weight_dtype]
         self.rank, self.world_size = _dist_info()
@@ -590,27 +592,36 @@ class Recorder:
             if g.is_sparse:
                 g = g.to_dense()
             present.setdefault(g.device, []).append((i, g))
-        for dev, items in present.items():
-            key = (dev, tuple(i for i, _ in items))
-            plan = self._gstat_plans.get(key)
-            if plan is None:
-                from .gradstats import GradStatsPlan
-                tg = self._grad_targets
-                plan = self._gstat_plans[key] = GradStatsPlan(
-                    [(tg[i][0], tg[i][1], g.numel(), tg[i][3]) for i, g in items])
-            part = plan.partials([g for _, g in items])
-            if dev.type == "cpu":
-                host = part
-            elif dev.type == "cuda":
-                host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
-                host.copy_(part, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record()
-                p.events.append(ev)
-            else:
-                host = part.to("cpu")
-            p.stats.append((host, plan))
-            p.nbytes += host.numel() * host.element_size()
+        if self._gstat_scratch is None:
+            self._gstat_scratch = Scratch()
+        tg = self._grad_targets
+        for dev, all_items in present.items():
+            key = (dev, tuple(i for i, _ in all_items))
+            plans = self._gstat_plans.get(key)
+            if plans is None:   # groups of bounded size, one after the other through one scratch
+                plans = []
+                for grp in group_items([g.numel() for _, g in all_items]):
+                    items = [(tg[i][0], tg[i][1], g.numel(), tg[i][3]) for i, g in (all_items[j] for j in grp)]
+                    plans.append((GradStatsPlan(items), grp))
+                self._gstat_plans[key] = plans
+            for plan, grp in plans:
+                self._pack_stats_group(p, dev, plan, [all_items[j][1] for j in grp])
+
+    def _pack_stats_group(self, p: _Pending, dev: torch.device, plan, grads: list) -> None:
+        """One group's partial statistics, copied to the host (asynchronously on CUDA) into ``p``."""
+        part = plan.partials(grads, self._gstat_scratch)
+        if dev.type == "cpu":
+            host = part
+        elif dev.type == "cuda":
+            host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+            host.copy_(part, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            p.events.append(ev)
+        else:
+            host = part.to("cpu")
+        p.stats.append((host, plan))
+        p.nbytes += host.numel() * host.element_size()
 
     def _pack(self, p: _Pending, items, dtype) -> None:
         """Copy tensors ``items`` [(kind, layer_key, param_key, tensor, attrs)] into one flat host

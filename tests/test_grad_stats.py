@@ -181,3 +181,38 @@ def test_statistics_off_and_raw_only_still_give_per_step_statistics(tmp_path):
     assert sorted(sub.index) == [0, 2, 4]
     for s in (0, 2, 4):
         assert sub.loc[s, "l2"] == pytest.approx(stats64(grads[s].numpy())["l2"], rel=1e-9)
+
+
+def test_group_items():
+    from recorder.gradstats import group_items
+    assert group_items([1, 1, 1], limit=2 * CHUNK) == [[0, 1], [2]]
+    assert group_items([5 * CHUNK, 1, CHUNK + 1, 1], limit=3 * CHUNK) == [[0], [1, 2], [3]]
+    assert group_items([]) == []
+
+
+def test_parameters_in_groups_through_one_bounded_scratch(tmp_path, monkeypatch):
+    """With groups of at most 3 chunks, a model's gradient statistics are computed group by group
+    through one pair of scratch buffers of 3 chunks (the memory bound), with the same numbers."""
+    import recorder.gradstats as gst
+    monkeypatch.setattr(gst, "GROUP_ELEMS", 3 * CHUNK)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 200), nn.ReLU(), nn.Linear(200, 30))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    grads = {}
+    with Recorder(m, tmp_path / "r", grads_every=0, weights_every=0) as rec:
+        for s in range(3):
+            loss = m(torch.randn(16, 100)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            grads[s] = {n: p.grad.clone() for n, p in m.named_parameters()}
+            rec.step(loss=loss)
+            opt.step()
+        plans = next(iter(rec._gstat_plans.values()))
+        assert len(plans) > 1 and all(pl.rows <= 3 for pl, _ in plans)
+        assert max(b[1].numel() for b in rec._gstat_scratch._bufs.values()) <= 3 * CHUNK
+    df = analyzer.open(tmp_path / "r").grad_stats()
+    assert len(df) == 3 * len(grads[0])
+    for row in df.itertuples():
+        want = stats64(grads[row.step][f"{row.layer}.{row.param}"].numpy())
+        for k in ("mean", "abs_mean", "max_abs", "var", "l1", "l2"):
+            assert getattr(row, k) == pytest.approx(want[k], rel=TOL, abs=TOL * want["abs_mean"]), k
