@@ -605,56 +605,37 @@ class Recorder:
                     plans.append((GradStatsPlan(items), grp))
                 self._gstat_plans[key] = plans
             for plan, grp in plans:
-                self._pack_stats_group(p, dev, plan, [all_items[j][1] for j in grp])
-
-    def _pack_stats_group(self, p: _Pending, dev: torch.device, plan, grads: list) -> None:
-        """One group's partial statistics, copied to the host (asynchronously on CUDA) into ``p``."""
-        part = plan.partials(grads, self._gstat_scratch)
-        if dev.type == "cpu":
-            host = part
-        elif dev.type == "cuda":
-            host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
-            host.copy_(part, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            p.events.append(ev)
-        else:
-            host = part.to("cpu")
-        p.stats.append((host, plan))
-        p.nbytes += host.numel() * host.element_size()
+                part = plan.partials([all_items[j][1] for j in grp], self._gstat_scratch)
+                p.stats.append((_to_host(p, dev, part), plan))
 
     def _pack(self, p: _Pending, items, dtype) -> None:
-        """Copy tensors ``items`` [(kind, layer_key, param_key, tensor, attrs)] into one flat host
-        buffer per device (one cat, one async copy), recorded in ``p``."""
-        groups: dict[Any, list] = {}
+        """Copy tensors ``items`` [(kind, layer_key, param_key, tensor, attrs)] into flat host
+        buffers per device (one cat and one async copy per group of at most
+        :data:`recorder.gradstats.GROUP_ELEMS` elements, so that a large model's snapshot never
+        needs a device temporary of the model's size), recorded in ``p``."""
+        per_dev: dict[Any, list] = {}
         for kind, lk, pk, t, attrs in items:
             if t is None:
                 continue
             if t.is_sparse:
                 t = t.to_dense()
-            groups.setdefault(t.device, []).append((kind, lk, pk, t, attrs))
-        for dev, items in groups.items():
-            flat = torch.cat([t.reshape(-1) for *_, t, _ in items]) if len(items) > 1 \
-                else items[0][3].reshape(-1).clone()
-            if flat.dtype != dtype:
-                flat = flat.to(dtype)
-            layout, off = [], 0
-            for kind, lk, pk, t, attrs in items:
-                n = t.numel()
-                layout.append((kind, lk, pk, off, n, tuple(t.shape), attrs))
-                off += n
-            if dev.type == "cpu":
-                host = flat
-            elif dev.type == "cuda":
-                host = torch.empty(flat.shape, dtype=dtype, pin_memory=True)
-                host.copy_(flat, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record()
-                p.events.append(ev)
-            else:  # other accelerators: a plain copy (may synchronise on that backend)
-                host = flat.to("cpu")
-            p.groups.append((host, layout))
-            p.nbytes += host.numel() * host.element_size()
+            per_dev.setdefault(t.device, []).append((kind, lk, pk, t, attrs))
+        for dev, dev_items in per_dev.items():
+            for grp in group_items([t.numel() for *_, t, _ in dev_items], chunk=1):
+                self._pack_group(p, dev, [dev_items[j] for j in grp], dtype)
+
+    def _pack_group(self, p: _Pending, dev: torch.device, items: list, dtype) -> None:
+        """One group of tensors on ``dev``: one cat, one copy to the host, its layout, into ``p``."""
+        flat = torch.cat([t.reshape(-1) for *_, t, _ in items]) if len(items) > 1 \
+            else items[0][3].reshape(-1).clone()
+        if flat.dtype != dtype:
+            flat = flat.to(dtype)
+        layout, off = [], 0
+        for kind, lk, pk, t, attrs in items:
+            n = t.numel()
+            layout.append((kind, lk, pk, off, n, tuple(t.shape), attrs))
+            off += n
+        p.groups.append((_to_host(p, dev, flat), layout))
 
     def _surface_error(self) -> None:
         err = self._writer.take_error()
@@ -686,6 +667,24 @@ class Recorder:
             self.close()
         except Exception:
             pass
+
+
+def _to_host(p: _Pending, dev: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a tensor of ours, on ``dev``) on the host: itself on the CPU; on CUDA a non_blocking
+    copy into pinned memory with an event in ``p`` for the writer to wait on (no synchronisation);
+    elsewhere a plain copy (which may synchronise on that backend). Counts its bytes in ``p``."""
+    if dev.type == "cpu":
+        host = t
+    elif dev.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        p.events.append(ev)
+    else:
+        host = t.to("cpu")
+    p.nbytes += host.numel() * host.element_size()
+    return host
 
 
 class _AsyncScalar:

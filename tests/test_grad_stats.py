@@ -11,6 +11,7 @@ from analyzer import format as fmt
 from analyzer.engine import grad_stat_columns
 from recorder import Recorder
 from recorder.gradstats import CHUNK, GradStatsPlan
+from recorder.recorder import _Pending
 
 from helpers import Tiny, stats64
 
@@ -216,3 +217,34 @@ def test_parameters_in_groups_through_one_bounded_scratch(tmp_path, monkeypatch)
         want = stats64(grads[row.step][f"{row.layer}.{row.param}"].numpy())
         for k in ("mean", "abs_mean", "max_abs", "var", "l1", "l2"):
             assert getattr(row, k) == pytest.approx(want[k], rel=TOL, abs=TOL * want["abs_mean"]), k
+
+
+def test_raw_snapshots_in_groups_round_trip(tmp_path, monkeypatch):
+    """Raw gradients and weights are copied in groups of at most GROUP_ELEMS elements (one device
+    temporary per group, not one of the model's size); what is stored is exactly the tensors."""
+    import recorder.gradstats as gst
+    monkeypatch.setattr(gst, "GROUP_ELEMS", 6000)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 200), nn.ReLU(), nn.Linear(200, 30))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    grads, weights = {}, {}
+    with Recorder(m, tmp_path / "r", grads_every=1, weights_every=1, grad_stats_every=0) as rec:
+        for s in range(2):
+            loss = m(torch.randn(16, 100)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            grads[s] = {n: p.grad.clone() for n, p in m.named_parameters()}
+            weights[s] = {n: p.detach().clone() for n, p in m.named_parameters()}
+            probe = _Pending(s, 0, 0.0, 0.0)
+            rec._pack(probe, [("grads", lk, pk, q.grad, a) for lk, pk, q, a in rec._grad_targets], torch.float32)
+            assert len(probe.groups) > 1 and all(h.numel() <= 6000 or len(lay) == 1 for h, lay in probe.groups)
+            rec.step(loss=loss)
+            opt.step()
+    import h5py
+    shard = tmp_path / "r" / fmt.rank_dirname(0) / fmt.shard_filename(0)
+    with h5py.File(shard, "r") as f:
+        for s in range(2):
+            for name, g in grads[s].items():
+                lk, pk = name.rsplit(".", 1)
+                np.testing.assert_array_equal(f[f"grads/{lk}/{pk}/values"][s], g.numpy())
+                np.testing.assert_array_equal(f[f"weights/{lk}/{pk}/values"][s], weights[s][name].numpy())
