@@ -615,7 +615,8 @@ class Run:
 
     # ------------------------------------------------------------------ public statistics
     def grad_stats(self, per: str = "step", layers: Any = None, by: str = "param") -> pd.DataFrame:
-        """Gradient statistics.
+        """Gradient statistics. Per-step rows come from the statistics the recorder computed on the
+        device (``grad_stats_every``) where a step has them, else from that step's raw gradients.
 
         Args:
             per: "step": one row per (step, layer, param) with mean (signed), abs_mean = mean|g|,
@@ -624,7 +625,8 @@ class Run:
                 the finite elements). "epoch": one row per (epoch, layer, param): the mean over the
                 epoch's recorded iterations of mean, abs_mean, var, l1, l2; max of max_abs; l2_var =
                 variance across iterations of l2 (ddof 0); grad_noise = element-wise variance of the
-                gradient across the epoch's iterations (ddof 0), averaged over elements; n_steps.
+                gradient across the epoch's iterations with raw gradients (ddof 0), averaged over
+                elements; n_steps.
             layers: layer specification (None = every layer).
             by: "param" (default) or "layer" (parameters of a layer pooled; per="step" only).
 
