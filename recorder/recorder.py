@@ -90,8 +90,11 @@ def _resolve(p: _Pending) -> StepRecord:
 
 
 def _drop_payload(p: _Pending) -> _Pending:
+    """The step without its tensors (queue full, ``on_full="drop"``): the gradient statistics, a few
+    bytes per parameter, are kept, so that the per-step series has no holes."""
     q = _Pending(p.step, p.epoch, p.time, p.loss)
     q.events = p.events
+    q.stats = p.stats
     q.dropped = 1
     return q
 
@@ -116,7 +119,8 @@ class Recorder:
         on_error: "warn" (default: one warning, the recorder stands aside, training goes on) or
             "raise" (the next call raises :class:`RecorderError`).
         on_full: what ``step()`` does when the writer's queue is full: "block" (default: wait) or
-            "drop" (drop that step's tensors and count the drop in the trace).
+            "drop" (drop that step's raw tensors and activation statistics, keep its gradient
+            statistics, and count the drop in the trace).
         queue_items / queue_bytes: bounds of the writer queue (payload-carrying steps / bytes).
         flush_steps / flush_secs: a shard is closed and published at least every ``flush_steps``
             steps and every ``flush_secs`` seconds; a crash loses at most that window plus the queue.
