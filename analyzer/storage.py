@@ -163,6 +163,7 @@ class HDF5ShardWriter(ShardWriter):
         self._small_bytes = 0
         # packed payloads (append_packed): (kind, keys) -> [[row blocks], [step arrays], attrs]
         self._packed: dict[tuple, list] = {}
+        self._parents: dict[tuple[str, str], object] = {}   # (kind, layer key) -> h5py group
         self.nbytes = 0
         self.n_steps = 0
         self.step_range = [None, None]
@@ -277,7 +278,10 @@ class HDF5ShardWriter(ShardWriter):
             shape, dtype, k = values.shape[1:], values.dtype, values.shape[0]
         e = self._entries.get(key)
         if e is None:
-            g = self._f.require_group(kind).require_group(layer_key).create_group(param_key)
+            parent = self._parents.get((kind, layer_key))
+            if parent is None:   # cached: a lookup per payload and shard costs more than the cache
+                parent = self._parents[(kind, layer_key)] = self._f.require_group(kind).require_group(layer_key)
+            g = parent.create_group(param_key)
             for a, v in (attrs or {}).items():
                 if v is not None:
                     g.attrs[a] = v
