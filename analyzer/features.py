@@ -7,7 +7,7 @@ animated GIF (matplotlib.animation with PillowWriter). Never imports torch.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd

@@ -268,7 +268,7 @@ class _Structured:
 
     def __init__(self, run, criterion: str, layers: Any, steps, max_active_fraction: float):
         self.run, self.criterion, self.steps, self.maf = run, criterion, steps, float(max_active_fraction)
-        self.topo = topo = _Topology(run)
+        self.topo = _Topology(run)
         self.notes: list[str] = []
         self.selected = set(run.select(layers))
         self.named_final = layers is not None

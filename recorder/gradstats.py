@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analyzer import format as fmt
 
 #: Elements per chunk row: float32 partial sums over 4,096 values, added up in float64 on the host.
 CHUNK = 4096

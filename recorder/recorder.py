@@ -16,9 +16,8 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
-import numpy as np
 import torch
 
 from analyzer import format as fmt
