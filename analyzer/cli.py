@@ -171,8 +171,8 @@ def layers(run_dir: str, as_json: bool) -> None:
               help="How gradient and weight passes map over the shards: in this process, or with dask (extra "
                    "'dask'; a local cluster, or the scheduler at $BBDECODER_DASK_SCHEDULER). Same numbers.")
 @click.option("--jobs", default=None, type=click.IntRange(1, 256),
-              help="Processes drawing the figures (default: the CPUs available, at most 4; each adds some 80-100 MB; "
-                   "1: no extra process).")
+              help="Processes drawing the figures (default: the CPUs available, at most 4; each adds some memory "
+                   "of its own, about 20 MB in the out-of-core benchmark; 1: no extra process).")
 def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_criterion: str, dead_threshold: float,
            max_active_fraction: float, layer_share: float, delta: float, unit_fraction: float, sim_dim: int,
            sim_method: str, raster_site: str | None, engine: str = "local", jobs: int | None = None) -> None:

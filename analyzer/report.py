@@ -332,7 +332,7 @@ _RENDER: tuple | None = None   # (pending figures, out dir) while a fork pool dr
 
 def default_jobs() -> int:
     """Processes that draw the report's figures: the CPUs this process may use, at most 4 (each
-    drawing process adds some 80-100 MB of memory of its own)."""
+    drawing process adds memory of its own: about 20 MB in the out-of-core benchmark)."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -241,7 +241,9 @@ class HDF5ShardWriter(ShardWriter):
         if self._small_bytes > SMALL_BUFFER_BYTES:
             self._write_packed()
 
-    def _write_packed(self) -> None:
+    def _write_packed(self, final: bool = False) -> None:
+        """Write the packed rows kept so far, one dataset per payload (at close, ``final``, a
+        dataset not created yet gets a chunk of exactly its rows)."""
         for (kind, keys), (blocks, steplist, attrs) in list(self._packed.items()):
             if not blocks:
                 continue
@@ -249,9 +251,11 @@ class HDF5ShardWriter(ShardWriter):
             steps = np.concatenate(steplist)
             self._packed[(kind, keys)] = [[], [], attrs]
             self._small_bytes -= int(vals.nbytes)
-            self.nbytes -= int(vals.nbytes)   # counted again by append
+            self.nbytes -= int(vals.nbytes)   # counted again by _append_now
             for i, (lk, pk) in enumerate(keys):
-                self.append(kind, lk, pk, steps, vals[:, i], attrs[i])
+                key = (kind, lk, pk)
+                self._append_now(key, steps, vals[:, i], attrs[i],
+                                 chunk_rows=len(steps) if final and key not in self._entries else None)
 
     def _write_small(self, key, final: bool = False) -> None:
         """Write the rows kept for ``key``; at close (``final``) a dataset not created yet gets a
@@ -312,7 +316,7 @@ class HDF5ShardWriter(ShardWriter):
         if self._f is None:
             return
         try:
-            self._write_packed()
+            self._write_packed(final=True)
             for key in list(self._small):
                 self._write_small(key, final=True)
             g = self._f.create_group("steps")

@@ -23,7 +23,7 @@ import torch
 from analyzer import format as fmt
 from analyzer.storage import abort_h5
 
-from .writer import as_os_error
+from .writer import raise_as_os_error
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -326,10 +326,7 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
         ok = True
         return final
     except Exception as e:   # an HDF5 write failure raised as RuntimeError: the OSError it is
-        err = as_os_error(e)
-        if err is e:
-            raise
-        raise err from e
+        raise_as_os_error(e)
     finally:
         handle.remove()
         for m, tr in modes.items():

@@ -20,7 +20,7 @@ from analyzer import format as fmt
 from analyzer.storage import abort_h5
 
 from .attention import _ensure_run, _first_tensor, _resolve_layer
-from .writer import as_os_error
+from .writer import raise_as_os_error
 
 __all__ = ["capture_features"]
 
@@ -111,10 +111,7 @@ def capture_features(model: torch.nn.Module, x: Any, layer: Any, run_dir: str | 
             f.close()
         except BaseException as e:   # an error while writing (a full disk): close without a crash at exit
             abort_h5(f)
-            err = as_os_error(e)      # an HDF5 write failure raised as RuntimeError: the OSError it is
-            if err is e:
-                raise
-            raise err from e
+            raise_as_os_error(e)      # an HDF5 write failure raised as RuntimeError: the OSError it is
         fmt.fsync_file(part)
         os.replace(part, final)
         fmt.fsync_dir(os.path.dirname(final))

@@ -171,7 +171,7 @@ class Recorder:
         self._grad_sched = as_schedule(grads_every)
         self._gstat_sched = as_schedule(grad_stats_every)
         self._gstat_plans: dict = {}
-        self._gstat_scratch = None
+        self._gstat_scratch = Scratch()   # work buffers shared by the plans (allocated at the first step)
         self._weight_sched = as_schedule(weights_every)
         self._grad_dtype, self._weight_dtype = _DTYPES[grad_dtype], _DTYPES[weight_dtype]
         self.rank, self.world_size = _dist_info()
@@ -351,7 +351,8 @@ class Recorder:
                  for L in self._table]
         w = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [f"Recorder({self.run_dir!r}, rank {self.rank}/{self.world_size}, "
-                 f"grad stats {self.config['grad_stats_every']}, grads {self.config['grads_every']}, weights {self.config['weights_every']}, "
+                 f"grad stats {self.config['grad_stats_every']}, grads {self.config['grads_every']}, "
+                 f"weights {self.config['weights_every']}, "
                  f"{'closed' if self._closed else 'open'})"]
         for r in rows:
             lines.append("  " + "  ".join([r[0].rjust(w[0]), r[1].ljust(w[1]), r[2].ljust(w[2]),
@@ -595,8 +596,6 @@ class Recorder:
             if g.is_sparse:
                 g = g.to_dense()
             present.setdefault(g.device, []).append((i, g))
-        if self._gstat_scratch is None:
-            self._gstat_scratch = Scratch()
         tg = self._grad_targets
         for dev, all_items in present.items():
             key = (dev, tuple(i for i, _ in all_items))

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from analyzer import format as fmt
 
@@ -54,6 +54,15 @@ def as_os_error(e: BaseException) -> BaseException:
     msg = " ".join(str(e).split())
     os_err = _os_error_in(msg)
     return e if os_err is None else OSError(os_err[0], f"{os_err[1]} (HDF5: {msg[:500]})")
+
+
+def raise_as_os_error(e: BaseException) -> NoReturn:
+    """Raise ``e`` (being handled), or the ``OSError`` it is when h5py raised an I/O failure as
+    another type (see :func:`as_os_error`), chained to it."""
+    err = as_os_error(e)
+    if err is e:
+        raise e
+    raise err from e
 
 
 class WriterClosedError(RuntimeError):

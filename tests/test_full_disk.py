@@ -31,14 +31,15 @@ def _enospc():
 
 
 def _fail_at_step(monkeypatch, step):
-    """Every tensor write of a step >= ``step`` into a shard raises ENOSPC (before writing)."""
-    real = storage.HDF5ShardWriter.append
+    """Every tensor write of a step >= ``step`` into a shard raises ENOSPC (before writing; every
+    payload reaches the file through ``_append_now``, buffered or not)."""
+    real = storage.HDF5ShardWriter._append_now
 
-    def append(self, kind, layer_key, param_key, steps, values, attrs=None):
+    def _append_now(self, key, steps, values, attrs=None, chunk_rows=None):
         if int(np.max(steps)) >= step:
             raise _enospc()
-        return real(self, kind, layer_key, param_key, steps, values, attrs)
-    monkeypatch.setattr(storage.HDF5ShardWriter, "append", append)
+        return real(self, key, steps, values, attrs, chunk_rows)
+    monkeypatch.setattr(storage.HDF5ShardWriter, "_append_now", _append_now)
 
 
 def _fail_after_bytes(monkeypatch, limit):
