@@ -317,6 +317,9 @@ def main(argv=None):
                     help="torch.set_num_threads (default: leave torch's default)")
     ap.add_argument("--json", metavar="PATH", help="also save the results as JSON")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", metavar="NAMES", default=None,
+                    help="comma-separated settings to run (baseline always runs; the write reference runs "
+                         "with heavy), e.g. default,baseline-2,activations: fewer settings, more rounds")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--rounds and --steps must be >= 1, --warmup >= 0")
@@ -357,9 +360,24 @@ def main(argv=None):
             print(f"tensorboard setting skipped: {e} (pip install tensorboard)", flush=True)
         settings.append(Setting("bbdecoder-1.x", model0, 2e-3, tmp, None,
                                 "1.x statistics (.item() per parameter per step)", hook=OneX()))
+        if args.only:
+            want = {n.strip() for n in args.only.split(",") if n.strip()} | {"baseline"}
+            unknown = want - {s.name for s in settings}
+            if unknown:
+                print(f"bench_overhead: unknown setting(s) {', '.join(sorted(unknown))}; known: "
+                      f"{', '.join(s.name for s in settings)}", file=sys.stderr)
+                return 2
+            for s in settings:
+                if s.name in want:
+                    continue
+                if s.rec is not None:
+                    s.rec.close()
+                elif s.hook is not None:
+                    s.hook.close()
+            settings = [s for s in settings if s.name in want]
         heavy_bytes = 2 * n_params * 4   # float32 gradients + weights of every parameter
-        ref = WriteRef(heavy_bytes, tmp)
-        items = settings + [ref]
+        ref = WriteRef(heavy_bytes, tmp) if any(s.name == "heavy" for s in settings) else None
+        items = settings + ([ref] if ref is not None else [])
 
         print(f"reference CNN: {n_params:,} parameters, batch {BATCH}, 3x32x32, Adam, CPU; "
               f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
@@ -370,10 +388,11 @@ def main(argv=None):
         for s in settings:
             if args.warmup:
                 s.steps(batches, args.warmup, loss_fn)
-        ref.block(max(1, min(args.warmup, args.steps)))
-        ref.block_ms.clear()
-        ref.block_ms_copy.clear()
-        ref.block_sys.clear()
+        if ref is not None:
+            ref.block(max(1, min(args.warmup, args.steps)))
+            ref.block_ms.clear()
+            ref.block_ms_copy.clear()
+            ref.block_sys.clear()
 
         for r in range(args.rounds):
             k = r % len(items)
@@ -389,7 +408,7 @@ def main(argv=None):
                 it.block_ms_recstep.append(t_rec / args.steps * 1e3)
             print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{s.name} {s.block_ms[-1]:.1f}" for s in settings) +
-                f", write-ref {ref.block_ms[-1]:.2f} ms/step; other load "
+                ("" if ref is None else f", write-ref {ref.block_ms[-1]:.2f}") + " ms/step; other load "
                 f"{max(s.block_cpu[-1][2] / s.block_ms[-1] for s in settings):.2f} cores", flush=True)
 
         for s in settings:
@@ -439,17 +458,18 @@ def main(argv=None):
                            "blocks_ms": s.block_ms, "blocks_ms_noflush": s.block_ms_noflush,
                            "blocks_ms_in_rec_step": s.block_ms_recstep if s.rec is not None else None,
                            "blocks_cpu_ms_per_step": [list(c) for c in cpu]}
-        w_ms, c_ms = med(ref.block_ms), med(ref.block_ms_copy)
+        w_ms, c_ms = (med(ref.block_ms), med(ref.block_ms_copy)) if ref is not None else (float("nan"),) * 2
         limit = base + w_ms
-        heavy = res["heavy"]["ms_per_step"]
-        rows.append(("write-ref", f"{w_ms:.2f}", f"{limit / base:.3f}", f"{heavy_bytes / 1e6:.2f}",
-                     f"numpy tofile of heavy's bytes/step ({med(ref.block_sys):.1f} ms of it in the kernel; "
-                     f"memcpy {c_ms:.2f} ms); "
-                     f"ratio = (baseline + write) / baseline"))
-        res["write_ref"] = {"ms_per_step_tofile": w_ms, "ms_per_step_memcpy": c_ms,
-                            "sys_ms_per_step_tofile": med(ref.block_sys),
-                            "bytes_per_step": heavy_bytes, "limit_ratio": limit / base,
-                            "blocks_ms_tofile": ref.block_ms, "blocks_ms_memcpy": ref.block_ms_copy}
+        heavy = res["heavy"]["ms_per_step"] if "heavy" in res else float("nan")
+        if ref is not None:
+            rows.append(("write-ref", f"{w_ms:.2f}", f"{limit / base:.3f}", f"{heavy_bytes / 1e6:.2f}",
+                         f"numpy tofile of heavy's bytes/step ({med(ref.block_sys):.1f} ms of it in the kernel; "
+                         f"memcpy {c_ms:.2f} ms); "
+                         f"ratio = (baseline + write) / baseline"))
+            res["write_ref"] = {"ms_per_step_tofile": w_ms, "ms_per_step_memcpy": c_ms,
+                                "sys_ms_per_step_tofile": med(ref.block_sys),
+                                "bytes_per_step": heavy_bytes, "limit_ratio": limit / base,
+                                "blocks_ms_tofile": ref.block_ms, "blocks_ms_memcpy": ref.block_ms_copy}
 
         def table(hdr, rows):
             wid = [max(len(str(r[i])) for r in rows + [hdr]) for i in range(len(hdr) - 1)]
@@ -480,26 +500,28 @@ def main(argv=None):
                   + "; medians over rounds absorb a minority of such blocks")
             clean = [r for r in range(args.rounds)
                      if not any(rr == r + 1 and n in ("baseline", "default") for n, rr, _ in noisy)]
-            if len(clean) >= 2:
+            if len(clean) >= 2 and "default" in res:
                 cr = med([settings[1].block_ms[r] for r in clean]) / med([base_s.block_ms[r] for r in clean])
                 print(f"default ratio over the {len(clean)} rounds where baseline and default ran on a "
                       f"quiet machine: {cr:.3f}")
                 res["default"]["ratio_quiet_rounds"] = cr
         h_over = heavy - base
-        print(f"heavy vs physical limit: {heavy / limit:.3f}x of (baseline + plain write) = "
-              f"{heavy:.1f} / {limit:.1f} ms; heavy's extra {h_over:.1f} ms/step is "
-              f"{h_over / w_ms if w_ms > 0 else float('nan'):.1f}x the plain write time "
-              f"({heavy_bytes / 1e6:.2f} MB in {w_ms:.2f} ms = {heavy_bytes / 1e6 / (w_ms / 1e3):.0f} MB/s)")
-        d_ratio = res["default"]["ratio"]
+        if ref is not None:
+            print(f"heavy vs physical limit: {heavy / limit:.3f}x of (baseline + plain write) = "
+                  f"{heavy:.1f} / {limit:.1f} ms; heavy's extra {h_over:.1f} ms/step is "
+                  f"{h_over / w_ms if w_ms > 0 else float('nan'):.1f}x the plain write time "
+                  f"({heavy_bytes / 1e6:.2f} MB in {w_ms:.2f} ms = {heavy_bytes / 1e6 / (w_ms / 1e3):.0f} MB/s)")
+        d_ratio = res["default"]["ratio"] if "default" in res else float("nan")
         n_noisy = len({r for n, r, _ in noisy if n in ("baseline", "default")})
         verdict = "OK" if d_ratio <= TARGET else "ABOVE TARGET"
         if 2 * n_noisy > args.rounds:
             verdict += f" (UNRELIABLE: other load in {n_noisy} of {args.rounds} rounds; rerun on a quiet machine)"
-        res["default"]["noisy_rounds"] = n_noisy
-        print(f"default overhead: {d_ratio:.3f} (target <= {TARGET:.2f}) {verdict}; "
-              f"paired per-round median {res['default']['ratio_paired']:.3f}, "
-              f"with a flush (shard close + fsync) per block {res['default']['ratio_flushed']:.3f}, "
-              f"without the drain {res['default']['ratio_noflush']:.3f}")
+        if "default" in res:
+            res["default"]["noisy_rounds"] = n_noisy
+            print(f"default overhead: {d_ratio:.3f} (target <= {TARGET:.2f}) {verdict}; "
+                  f"paired per-round median {res['default']['ratio_paired']:.3f}, "
+                  f"with a flush (shard close + fsync) per block {res['default']['ratio_flushed']:.3f}, "
+                  f"without the drain {res['default']['ratio_noflush']:.3f}")
         if "baseline-2" in res:
             aa = res["baseline-2"]
             print(f"A/A control (a second baseline, no recorder): {aa['ratio']:.3f}, paired {aa['ratio_paired']:.3f}; "
@@ -508,22 +530,24 @@ def main(argv=None):
             a_ratio = res["activations"]["ms_per_step"] / base
             print(f"activations overhead (with default grads/weights): {a_ratio:.3f} (target <= 1.10) "
                   f"{'OK' if a_ratio <= 1.10 else 'ABOVE TARGET'}; "
-                  f"paired per-round median {res['activations'].get('ratio_paired', float('nan')):.3f}; "
-                  f"activations=\"all\": {res['activations-all']['ratio']:.3f} (no target)")
+                  f"paired per-round median {res['activations'].get('ratio_paired', float('nan')):.3f}"
+                  + (f"; activations=\"all\": {res['activations-all']['ratio']:.3f} (no target)"
+                     if "activations-all" in res else ""))
             ra = res["activations"]
-            d_call = res["default"]["ms_in_rec_step"]
+            d_call = res["default"]["ms_in_rec_step"] if "default" in res else 0.0
             extra = ra["ms_in_activation_stats"] + ra["ms_in_rec_step"] - d_call
             print(f"activations, caller-side cost over default: {ra['ms_in_activation_stats']:.2f} ms/step in the "
                   f"statistics hooks + {ra['ms_in_rec_step'] - d_call:.2f} ms more in rec.step = "
                   f"{extra / base:.3f} of the baseline step; default ratio + that = "
                   f"{d_ratio + extra / base:.3f} (caller-side only: the writer thread's extra CPU is not in it)")
-        if "tensorboard" in res:
+        if "tensorboard" in res and "heavy" in res:
             tb = res["tensorboard"]["ms_per_step"]
             print(f"raw gradients + weights every step (heavy) {heavy:.1f} ms/step vs TensorBoard histograms of "
                   f"the same tensors {tb:.1f} ms/step: heavy costs {(heavy - base) / max(tb - base, 1e-9):.2f}x "
                   f"TensorBoard's overhead ({'OK' if heavy < tb else 'ABOVE TARGET'}: target heavy < tensorboard)")
-        print(f"heavy within 1.5x of the bandwidth limit: {heavy / limit:.3f} "
-              f"{'OK' if heavy / limit <= 1.5 else 'ABOVE TARGET'}")
+        if ref is not None:
+            print(f"heavy within 1.5x of the bandwidth limit: {heavy / limit:.3f} "
+                  f"{'OK' if heavy / limit <= 1.5 else 'ABOVE TARGET'}")
         print(f"total runtime: {t_total:.1f} s")
 
         if args.json:
