@@ -269,10 +269,10 @@ def grad_flow(df: pd.DataFrame, ax, **opts):
 def grad_norm_series(df: pd.DataFrame, ax, stat: str = "l2", **opts):
     """One norm of one layer's gradient per iteration (thin line) with each epoch's mean overlaid
     (thick segment across the epoch's steps, dot at its centre)."""
-    _, sns = _mpl()
     d = df.sort_values("step")
-    sns.lineplot(data=d, x="step", y=stat, ax=ax, lw=0.8, alpha=0.8, color="#4c72b0", label="per iteration",
-                 estimator=None, errorbar=None)
+    # one line, no aggregation: matplotlib directly (a seaborn lineplot costs ~30 ms more per panel)
+    ax.plot(d["step"].to_numpy(), d[stat].to_numpy(np.float64), lw=0.8, alpha=0.8, color="#4c72b0",
+            label="per iteration")
     _overlay_epoch_means(ax, d, stat, color="#c44e52")
     _auto_log(ax, d[stat])
     if ax.get_yscale() == "linear":
@@ -394,15 +394,20 @@ def grad_heatmap(df: pd.DataFrame, ax, max_columns: int = MAX_HEATMAP_COLUMNS, *
 def weight_distribution(df: pd.DataFrame, ax, **opts):
     """Distribution of one parameter's weights over time: snapshot step on x, weight value on y
     (largest at the top), colour = log(1 + count) of elements in each bin."""
-    _, sns = _mpl()
     m = df.pivot_table(index="bin_left", columns="step", values="count", aggfunc="sum").sort_index(ascending=False)
     edges_left = m.index.to_numpy(np.float64)
     width = float(np.median(df["bin_right"] - df["bin_left"])) if len(df) else 0.0
     steps = m.columns.to_numpy()
     z = np.log1p(m.to_numpy(np.float64))
-    sns.heatmap(z, ax=ax, cmap="viridis", cbar_kws={"label": "log(1 + count)"}, xticklabels=False,
-                yticklabels=False)
     nb, ns = z.shape
+    # cell (i, j) covers [j, j+1] x [i, i+1] with row 0 at the top, as in a seaborn heatmap (whose
+    # extra full draw of the figure cost a third of this figure's time)
+    im = ax.imshow(np.ma.masked_invalid(z), cmap="viridis", aspect="auto", interpolation="nearest",
+                   extent=(0, ns, nb, 0))
+    ax.figure.colorbar(im, ax=ax, label="log(1 + count)")
+    ax.grid(False)
+    for sp in ax.spines.values():
+        sp.set_visible(False)
     _value_ticks(ax, steps, 10)
     # y: rows are bins, the top row the highest; ticks at round weight values
     if nb:

@@ -298,3 +298,37 @@ def test_heatmap_bins_columns():
     cols = plots.bin_columns(np.arange(1000), 400)
     assert cols.max() == 399 and np.all(np.diff(cols) >= 0) and np.bincount(cols).min() >= 2
     assert np.array_equal(plots.bin_columns(np.arange(5), 400), np.arange(5))
+
+
+def test_weight_distribution_image_is_the_histogram_highest_bin_on_top():
+    """The drawn image holds log(1 + count) per (bin, snapshot), the highest bin in the top row, and
+    the y ticks sit where their weight values fall on the bin edges."""
+    rng = np.random.default_rng(3)
+    edges = np.linspace(-0.5, 0.5, 9)
+    steps = [0, 10, 20]
+    counts = rng.integers(0, 50, (len(steps), 8))
+    df = pd.DataFrame([{"step": s, "bin_left": edges[b], "bin_right": edges[b + 1], "count": int(counts[i, b])}
+                       for i, s in enumerate(steps) for b in range(8)])
+    fig, ax = plots.new_figure(6, 4)
+    plots.weight_distribution(df, ax[0, 0])
+    img = ax[0, 0].get_images()[0]
+    want = np.log1p(counts.T[::-1].astype(np.float64))       # rows: bins from the highest down
+    assert np.allclose(np.asarray(img.get_array()), want)
+    assert tuple(img.get_extent()) == (0, 3, 8, 0)             # row 0 drawn at y = 0, the top
+    for t, lab in zip(ax[0, 0].get_yticks(), ax[0, 0].get_yticklabels()):
+        v = float(lab.get_text().replace("−", "-"))
+        assert np.isclose(t, (0.5 - v) / 1.0 * 8)              # y = (hi - value) / (hi - lo) * bins
+    plots.close(fig)
+
+
+def test_grad_norm_series_draws_the_values_in_step_order():
+    d = pd.DataFrame({"step": [4, 0, 2, 6], "epoch": [1, 0, 0, 1], "l1": [4.0, 1.0, 3.0, 2.0],
+                      "l2": [0.4, 0.1, 0.3, 0.2]})
+    fig, ax = plots.new_figure(6, 4)
+    plots.grad_norm_series(d, ax[0, 0], stat="l2")
+    line = ax[0, 0].get_lines()[0]
+    assert line.get_label() == "per iteration"
+    assert np.array_equal(line.get_xdata(), [0, 2, 4, 6]) and np.allclose(line.get_ydata(), [0.1, 0.3, 0.4, 0.2])
+    seg = ax[0, 0].get_lines()[1]                              # epoch means: 0.2 over epoch 0, 0.3 over 1
+    assert np.allclose(seg.get_ydata(), [0.2, 0.2, 0.3, 0.3])
+    plots.close(fig)
