@@ -428,6 +428,9 @@ class _Report:
             from concurrent.futures import ProcessPoolExecutor
             global _RENDER
             _RENDER = (pending, self.out)
+            close = getattr(self.run, "close", None)
+            if close is not None:
+                close()              # no open HDF5 file is inherited by the forked workers
             _release_free_memory()   # the workers inherit this process's pages: fewer of them
             errors = []
             try:   # the workers are forked at the first submit, before the executor starts its threads
@@ -457,6 +460,13 @@ class _Report:
 
     # ------------------------------------------------------------------ build
     def build(self) -> dict:
+        keep_open = getattr(self.run, "keep_open", None)
+        if keep_open is None:
+            return self._build()
+        with keep_open():      # shard files stay open across the per-layer passes
+            return self._build()
+
+    def _build(self) -> dict:
         t0 = time.perf_counter()
         run = self.run
         os.makedirs(os.path.join(self.out, FIG_DIR), exist_ok=True)

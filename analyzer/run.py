@@ -13,10 +13,12 @@ from . import format as fmt
 from .engine import ShardContext, check_engine, grad_shard, map_shards, previous_rows, shard_blocks, weight_shard
 from .format import TraceError
 from .stats import ElementwiseMoments
-from .storage import HDF5Backend, ShardReader
+from .storage import HDF5Backend, ReaderPool, ShardReader
 
 #: Bytes of stored data read per block (rows are chunk-aligned); bounds the memory of every pass.
 BLOCK_BYTES = 32 << 20
+#: shard readers a Run keeps open between analyses (each holds one open file and its metadata)
+READERS_KEPT = 8
 #: Payload kinds the gradient statistics are read from: per-step statistics, or raw tensors.
 _GRAD_KINDS = (fmt.KIND_GRAD_STATS, fmt.KIND_GRADS)
 
@@ -105,6 +107,10 @@ class Run:
         self.path = os.path.abspath(os.fspath(path))
         self.progress = progress or null_progress
         self._backend = backend or HDF5Backend()
+        #: shard readers, kept open between analyses only inside :meth:`keep_open` (closed shards
+        #: never change); outside it every analysis closes the files it opened before it returns
+        self._readers = ReaderPool(self._backend.open, keep=0)
+        self._keep_depth = 0
         p = self.path
         if not os.path.exists(p):
             raise TraceError(f"no such run directory: {p}")
@@ -209,7 +215,37 @@ class Run:
                                      f"{old['name']!r} in the manifest; that rank's values of it are ignored")
 
     def _open_shard(self, path: str, name: str) -> ShardReader:
-        return self._backend.open(path, name)
+        """A reader of one closed shard, from the pool of open readers (use it in a ``with`` block)."""
+        return self._readers.borrow(path, name)
+
+    def close(self) -> None:
+        """Close the shard files this run keeps open (idempotent; the run can still be used: files
+        are reopened on demand)."""
+        self._readers.close()
+
+    def keep_open(self) -> "Run":
+        """Keep up to ``READERS_KEPT`` shard files open between analyses until the ``with`` block
+        ends (then they are closed). For many calls in a row that visit every shard once per layer
+        or site (``weight_histograms`` of each layer, the report); nested blocks are allowed.
+
+        Example::
+
+            with run.keep_open():
+                hists = [run.weight_histograms(i) for i in run.layers["id"]]
+        """
+        return self
+
+    def __enter__(self) -> "Run":
+        self._keep_depth += 1
+        self._readers.keep = READERS_KEPT
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._keep_depth -= 1
+        if self._keep_depth <= 0:
+            self._keep_depth = 0
+            self._readers.keep = 0
+            self._readers.close()
 
     # ------------------------------------------------------------------ descriptive properties
     @property

@@ -376,8 +376,11 @@ class HDF5ShardReader(ShardReader):
         self.path = path
         self._disp = display or path
         self._checked: set = set()
+        self._pairs: dict = {}
         try:
-            self._f = h5py.File(path, "r", locking=False)
+            # no chunk cache: reads are whole chunk-aligned blocks, and a reader kept open in a
+            # ReaderPool must not hold up to 1 MB of cached chunks per dataset it has touched
+            self._f = h5py.File(path, "r", locking=False, rdcc_nbytes=0)
         except Exception as e:  # OSError for truncated / random files
             raise TraceError(f"corrupt or truncated shard {self._disp}: {_short(e)}") from None
         try:
@@ -465,11 +468,16 @@ class HDF5ShardReader(ShardReader):
         return v, s
 
     def _checked_pair(self, kind, lk, pk):
+        key = (kind, lk, pk)
+        got = self._pairs.get(key)
+        if got is not None:     # the file is closed and read-only: a validated pair stays valid
+            return got
         v, s = self._pair(kind, lk, pk)
-        if (kind, lk, pk) not in self._checked:
+        if key not in self._checked:
             self._check_dataset(v, f"{kind}/{lk}/{pk}/values")
             self._check_dataset(s, f"{kind}/{lk}/{pk}/steps")
-            self._checked.add((kind, lk, pk))
+            self._checked.add(key)
+        self._pairs[key] = (v, s)
         return v, s
 
     def payload_info(self, kind, lk, pk):
@@ -492,6 +500,7 @@ class HDF5ShardReader(ShardReader):
             raise TraceError(f"corrupt or truncated shard {self._disp}: {_short(e)}") from None
 
     def close(self):
+        self._pairs = {}
         f = getattr(self, "_f", None)
         if f is not None:
             try:
@@ -512,6 +521,86 @@ def _py(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+class ReaderPool:
+    """Keeps up to ``keep`` shard readers open between uses (least recently used closed first), so
+    that analyses which visit every shard once per layer or activation site do not reopen each file
+    every time (opening a shard and finding its datasets cost more than reading small payloads).
+
+    :meth:`borrow` returns a reader to use in a ``with`` block (or ``close()`` it): a reader still
+    borrowed is never closed by eviction; one given back becomes idle. Only for closed shards, which
+    never change. Not for use across fork(): :meth:`close` before forking (see analyzer.report)."""
+
+    def __init__(self, opener: Callable[[str, str], ShardReader], keep: int = 8):
+        from collections import OrderedDict
+        self._opener = opener
+        self.keep = max(0, int(keep))
+        self._idle: "OrderedDict[tuple, ShardReader]" = OrderedDict()
+        self._busy: dict[tuple, list] = {}     # key -> [reader, borrow count]
+
+    def borrow(self, path: str, name: str) -> "_Borrowed":
+        key = (path, name)
+        e = self._busy.get(key)
+        if e is None:
+            r = self._idle.pop(key, None)
+            if r is None:
+                r = self._opener(path, name)     # a TraceError here leaves the pool as it was
+            e = self._busy[key] = [r, 0]
+        e[1] += 1
+        return _Borrowed(self, key, e[0])
+
+    def _give_back(self, key: tuple) -> None:
+        e = self._busy[key]
+        e[1] -= 1
+        if e[1]:
+            return
+        del self._busy[key]
+        self._idle[key] = e[0]
+        while len(self._idle) > self.keep:
+            _, old = self._idle.popitem(last=False)
+            old.close()
+
+    def close(self) -> None:
+        """Close every idle reader (borrowed ones close when given back)."""
+        keep, self.keep = self.keep, 0
+        while self._idle:
+            _, old = self._idle.popitem(last=False)
+            old.close()
+        self.keep = keep
+
+    @property
+    def open_count(self) -> int:
+        return len(self._idle) + len(self._busy)
+
+
+class _Borrowed(ShardReader):
+    """A reader lent by a :class:`ReaderPool`: reads go to it, ``close()`` gives it back (once)."""
+
+    def __init__(self, pool: ReaderPool, key: tuple, reader: ShardReader):
+        self._pool, self._key, self._r = pool, key, reader
+        self.path = reader.path
+        self.attrs = reader.attrs
+
+    def steps(self):
+        return self._r.steps()
+
+    def payloads(self, kind):
+        return self._r.payloads(kind)
+
+    def payload_info(self, kind, layer_key, param_key):
+        return self._r.payload_info(kind, layer_key, param_key)
+
+    def read_payload_steps(self, kind, layer_key, param_key):
+        return self._r.read_payload_steps(kind, layer_key, param_key)
+
+    def read_payload(self, kind, layer_key, param_key, start, stop):
+        return self._r.read_payload(kind, layer_key, param_key, start, stop)
+
+    def close(self):
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool._give_back(self._key)
 
 
 # --------------------------------------------------------------------------- in memory

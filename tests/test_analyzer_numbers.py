@@ -108,6 +108,34 @@ def test_weight_histograms_on_common_edges(recorded):
     assert hb.param == "bias" and hb.counts.shape == (len(cap["weights"][("conv", "bias")]), 4)
 
 
+def test_shard_files_are_open_only_inside_keep_open(recorded):
+    """Outside ``keep_open`` an analysis closes every shard it opened (the files can then be opened
+    with other HDF5 flags in this process); inside, readers are reused and the numbers are the same."""
+    import h5py
+    d, _ = recorded
+    run = analyzer.open(d)
+    want = run.weight_histograms("head", bins=8).counts
+    assert run._readers.open_count == 0
+    opens = []
+    real = run._readers._opener
+    run._readers._opener = lambda p, n: (opens.append(p), real(p, n))[1]
+    with run.keep_open():
+        a = run.weight_histograms("head", bins=8).counts
+        n_first = len(opens)
+        b = run.weight_histograms("head", bins=8).counts
+        assert len(opens) == n_first > 0                  # the second pass reopened nothing
+        assert 0 < run._readers.open_count <= arun.READERS_KEPT
+        with run:                                         # nested: still kept after the inner block
+            pass
+        assert run._readers.open_count > 0
+    assert run._readers.open_count == 0
+    np.testing.assert_array_equal(a, want)
+    np.testing.assert_array_equal(b, want)
+    for p in set(opens):                                  # default locking flags: nothing holds them
+        with h5py.File(p, "r") as f:
+            assert "steps" in f
+
+
 def test_streaming_in_tiny_blocks_gives_identical_numbers(recorded, monkeypatch):
     d, _ = recorded
     big = analyzer.open(d)

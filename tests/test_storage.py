@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from analyzer import format as fmt
-from analyzer.storage import HDF5Backend, MemoryBackend, ShardSeriesWriter, StepRecord
+from analyzer.storage import HDF5Backend, MemoryBackend, ReaderPool, ShardSeriesWriter, StepRecord
 
 
 def _steps(a, b, epoch=0):
@@ -136,6 +136,54 @@ class RoundTrip:
         sw.write([StepRecord(i, 0, 0.0, 0.0, 0, [("grads", "L", "w", big, {})]) for i in range(5)])
         sw.close()
         assert sw.shard_index >= 2
+
+
+    def test_reader_pool_keeps_idle_readers_and_never_closes_a_borrowed_one(self, tmp_path):
+        be = self.backend()
+        paths = []
+        for i in range(4):
+            p = str(tmp_path / f"s{i}.h5")
+            w = be.create(p, {})
+            w.append("grads", "L", "w", np.array([i]), np.full((1, 3), float(i), np.float32))
+            w.append_steps(_steps(i, i + 1))
+            w.close()
+            paths.append(p)
+        opened, closed = [], []
+
+        def opener(path, name):
+            r = be.open(path, name)
+            opened.append(path)
+            c = r.close
+            r.close = lambda: (closed.append(path), c())
+            return r
+
+        pool = ReaderPool(opener, keep=2)
+        held = pool.borrow(paths[0], "s0")            # borrowed across everything below
+        for rep in range(3):
+            for i, p in enumerate(paths):
+                with pool.borrow(p, f"s{i}") as r:
+                    np.testing.assert_array_equal(r.read_payload("grads", "L", "w", 0, 1), [[i, i, i]])
+        # s0 stayed borrowed (one open for all its uses); the other three cycle through 2 idle slots
+        assert opened.count(paths[0]) == 1 and paths[0] not in closed
+        assert np.array_equal(held.read_payload_steps("grads", "L", "w"), [0])
+        assert pool.open_count == 3                   # s0 borrowed + 2 idle
+        held.close()
+        held.close()                                  # giving back twice is harmless
+        # s0 is idle now and the most recently used: the least recently used idle reader (s2) goes
+        n2 = closed.count(paths[2])
+        assert pool.open_count == 2 and paths[0] not in closed
+        assert n2 == 3 and closed[-1] == paths[2]     # (s2 was also evicted once in each round)
+        with pool.borrow(paths[3], "s3"):             # an idle reader is reused, not reopened
+            pass
+        n = len(opened)
+        with pool.borrow(paths[3], "s3"):
+            pass
+        assert len(opened) == n
+        pool.close()
+        pool.close()
+        assert pool.open_count == 0 and len(closed) == len(opened)   # every opened reader closed once
+        with pool.borrow(paths[1], "s1") as r:        # usable after close: reopens
+            assert r.steps()["step"].tolist() == [1]
 
 
 class TestHDF5(RoundTrip):
