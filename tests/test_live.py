@@ -140,10 +140,14 @@ def test_info_and_report_on_a_run_being_written(tmp_path, capsys):
         k = done - 3
         _wait(lambda: json.load(open(os.path.join(rank_dir, fmt.RANK_FILE)))["steps_flushed"] == k,
               "the writer to drain")
+        # the writer thread opens the next shard when it takes that shard's first step, which may
+        # come after the previous shard's close was noted in rank.json
+        live_name = fmt.shard_filename(k // FLUSH_STEPS, live=True)
+        _wait(lambda: os.path.exists(os.path.join(rank_dir, live_name)), "the live shard")
         steps, loss = _closed(rank_dir)
         assert steps.tolist() == list(range(k))
         live = [n for n in os.listdir(rank_dir) if n.endswith(fmt.LIVE_SUFFIX)]
-        assert live == [fmt.shard_filename(k // FLUSH_STEPS, live=True)]
+        assert live == [live_name]
 
         code, out, err = _cli(["info", d], capsys)
         assert code == 0, err
