@@ -44,7 +44,14 @@ class RowMoments:
         """Moments of each row of ``block`` (k, n), computed in float64 (two-pass variance)."""
         x = np.asarray(block)
         k = x.shape[0]
-        x = x.reshape(k, -1).astype(np.float64, copy=False)
+        x = x.reshape(k, -1)
+        if x.shape[1] and x.dtype.kind == "f":
+            # extrema in the stored dtype (exact); NaN and +-inf reach them, so they also tell
+            # whether every value is finite (the common case: no isfinite pass)
+            mn, mx = x.min(1), x.max(1)
+            if np.isfinite(mn).all() and np.isfinite(mx).all():
+                return cls._of_finite(x, mn.astype(np.float64), mx.astype(np.float64))
+        x = x.astype(np.float64, copy=False)
         fin = np.isfinite(x)
         allfin = bool(fin.all())
         if allfin:
@@ -73,6 +80,20 @@ class RowMoments:
                 mx = np.where(fin, x, -np.inf).max(1)
         return cls(n=n, mean=mean, m2=m2, sum_abs=sum_abs, sumsq=sumsq, max_abs=mx_abs, min=mn, max=mx,
                    nonfinite=(~fin).sum(1).astype(np.int64))
+
+    @classmethod
+    def _of_finite(cls, x: np.ndarray, mn: np.ndarray, mx: np.ndarray) -> "RowMoments":
+        """:meth:`of` for rows (k, n > 0) of finite values with known extrema: one float64 copy,
+        centred in place; the square sum follows as m2 + sum * mean (no second square pass)."""
+        k, n = x.shape
+        x = x.astype(np.float64)                 # a copy (centred in place below)
+        s = x.sum(1)
+        mean = s / n
+        sum_abs = np.abs(x).sum(1)
+        x -= mean[:, None]
+        m2 = np.einsum("ij,ij->i", x, x)
+        return cls(n=np.full(k, n, np.int64), mean=mean, m2=m2, sum_abs=sum_abs, sumsq=m2 + s * mean,
+                   max_abs=np.maximum(-mn, mx), min=mn, max=mx, nonfinite=np.zeros(k, np.int64))
 
     def merge(self, o: "RowMoments") -> "RowMoments":
         """Combine with the moments of other elements of the same rows (Chan et al. for m2)."""
@@ -156,13 +177,16 @@ class ElementwiseMoments:
 
     def _update_piece(self, xb: np.ndarray, sl: slice) -> None:
         x = xb.astype(np.float64)
-        fin = np.isfinite(x)
-        if fin.all():
-            nb = np.full(x.shape[1], x.shape[0], np.int64)
+        with np.errstate(invalid="ignore", over="ignore"):   # inf - inf: NaN, handled below
             mb = x.mean(0)
+        # a NaN or +-inf makes its column's mean non-finite (finite float64 sums of stored values
+        # do not overflow), so the mean tells whether the slow path is needed
+        if np.isfinite(mb).all():
+            nb = np.full(x.shape[1], x.shape[0], np.int64)
             x -= mb
             m2b = np.einsum("ij,ij->j", x, x)
         else:
+            fin = np.isfinite(x)
             nb = fin.sum(0)
             xs = np.where(fin, x, 0.0)
             with np.errstate(invalid="ignore", divide="ignore"):

@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (a.gb > 0 and a.steps >= a.epochs >= 1 and a.weights_every >= 1):
         ap.error("need --gb > 0, --steps >= --epochs >= 1 and --weights-every >= 1")
     base = a.dir or tempfile.gettempdir()
+    if not os.path.isdir(base):
+        print(f"bench_outofcore: --dir {base} is not an existing directory", file=sys.stderr)
+        return 2
     free = shutil.disk_usage(base).free
     if free < 1.3 * a.gb * 1e9 + (200 << 20):
         print(f"bench_outofcore: only {free / 1e9:.1f} GB free in {base}, need about {1.3 * a.gb:.1f} GB",

@@ -91,3 +91,29 @@ def test_elementwise_moments_column_pieces_equal_one_pass():
     np.testing.assert_allclose(pieces.m2 / pieces.n, np.nanvar(x.astype(np.float64), axis=0), rtol=1e-9)
     np.testing.assert_allclose(pieces.mean, whole.mean, rtol=1e-12)
     np.testing.assert_array_equal(pieces.n, whole.n)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_all_finite_fast_path_equals_general_path_and_numpy(dtype):
+    """Blocks of finite values skip the isfinite pass (extrema / column means tell): same numbers
+    as the general path (forced by a non-finite row) and numpy, and the input is left as it was."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((6, 2001)) * rng.uniform(1e-3, 10, size=(6, 1)) + 300.0).astype(dtype)
+    x[2] = 0.0                                     # a constant row: variance exactly 0
+    keep = x.copy()
+    fast = RowMoments.of(x).compute()
+    general = RowMoments.of(np.vstack([x, np.full((1, x.shape[1]), np.nan, dtype)])).compute()
+    _check(fast, _numpy_rows(x))
+    _check(fast, {k: v[:6] for k, v in general.items()})
+    assert fast["var"][2] == 0.0 and (fast["nonfinite"] == 0).all()
+    acc = ElementwiseMoments(x.shape[1]).update(x, max_elems=500)
+    np.testing.assert_allclose(acc.m2 / acc.n, x.astype(np.float64).var(axis=0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(x, keep)
+
+
+def test_elementwise_moments_opposite_infinities_in_one_column():
+    """+inf and -inf in one column give a NaN column mean: the general path skips both."""
+    x = np.array([[1.0, np.inf, 3.0], [2.0, -np.inf, 5.0], [4.0, 7.0, 6.0]])
+    acc = ElementwiseMoments(3).update(x)
+    np.testing.assert_array_equal(acc.n, [3, 1, 3])
+    np.testing.assert_allclose(acc.m2 / acc.n, [np.var([1, 2, 4]), 0.0, np.var([3, 5, 6])], rtol=1e-12)
