@@ -235,14 +235,15 @@ PASSES = r"""
 import sys
 from analyzer import activations as A, open as open_run
 run = open_run(sys.argv[1], engine=sys.argv[2])
-ids = run.select(None)
-run.grad_stats(layers=ids); run.grad_stats(per="epoch", layers=ids); run.grad_stats(by="layer", layers=ids)
-run.weight_stats(layers=ids)
-for L in run.layers.itertuples(index=False):
-    run.weight_histograms(int(L.id), bins=64)
-A.dead_units(run, "strict", 0.0, 0.0, layer_share=0.5); A.dead_per_step(run, "strict", 0.0, 0.0)
-A.saturation(run, 0.03); A.saturation_layers(run, 0.03, unit_fraction=0.5, layer_share=0.5)
-A.activation_stats(run, per="epoch")
+with run.keep_open():      # as the report does
+    ids = run.select(None)
+    run.grad_stats(layers=ids); run.grad_stats(per="epoch", layers=ids); run.grad_stats(by="layer", layers=ids)
+    run.weight_stats(layers=ids)
+    for L in run.layers.itertuples(index=False):
+        run.weight_histograms(int(L.id), bins=64)
+    A.dead_units(run, "strict", 0.0, 0.0, layer_share=0.5); A.dead_per_step(run, "strict", 0.0, 0.0)
+    A.saturation(run, 0.03); A.saturation_layers(run, 0.03, unit_fraction=0.5, layer_share=0.5)
+    A.activation_stats(run, per="epoch")
 """
 
 
