@@ -134,7 +134,7 @@ class _Site:
     """Per-step accumulators of one site, kept on the device (the count is a host int: it follows
     from the shapes alone)."""
 
-    __slots__ = ("meta", "acc", "samples", "count", "nonneg")
+    __slots__ = ("meta", "acc", "samples", "count", "nonneg", "plan")
 
     def __init__(self, meta: dict, nonneg: bool = False):
         self.meta = meta
@@ -142,6 +142,9 @@ class _Site:
         self.samples: list[torch.Tensor] = []
         self.count = 0
         self.nonneg = nonneg
+        #: CPU: the partials' buffers and their per-slab views for the last (shape, dtype) seen
+        #: (reused by the next call of that shape; the returned statistics never alias them)
+        self.plan: tuple | None = None
 
 
 class _Wrapper(TorchFunctionMode):
@@ -507,24 +510,41 @@ class ActivationTracker:
         if inner and cpu:
             k = Q if Q <= 256 else next((c for c in (256, 192, 160, 128, 112, 100, 96, 64, 49, 32) if Q % c == 0), 0)
         names = ["sum", "csum", "shift", "n_pos", "fin"] + ([] if nonneg else ["sum_abs"]) + ([] if k else ["csq"])
-        part = torch.empty((len(names),) + pshape, dtype=v.dtype, device=v.device)
-        cnt = None if exact else torch.empty((2,) + pshape, dtype=torch.float64, device=v.device)
-        ext = torch.empty((2,) + pshape, dtype=v.dtype, device=v.device)
-        nrm = torch.empty((A, U, Q // k), dtype=v.dtype, device=v.device) if k else None
+        key = (v.shape, v.dtype, rows, k, nonneg)
+        plan = site.plan if cpu and site.plan is not None and site.plan[0] == key else None
+        if plan is None:
+            part = torch.empty((len(names),) + pshape, dtype=v.dtype, device=v.device)
+            cnt = None if exact else torch.empty((2,) + pshape, dtype=torch.float64, device=v.device)
+            ext = torch.empty((2,) + pshape, dtype=v.dtype, device=v.device)
+            nrm = torch.empty((A, U, Q // k), dtype=v.dtype, device=v.device) if k else None
+            views = [None] * nch
+            if cpu:   # kept for the next call of this shape (one forward after another)
+                site.plan = (key, part, cnt, ext, nrm, views)
+        else:
+            _, part, cnt, ext, nrm, views = plan
         scratch = self._buffer(v[:rows])
         fmax = torch.finfo(v.dtype).max
         # ReLU / ReLU6: values >= 0, so a unit's minimum is 0 unless every one of its values is
         # positive: the fast path skips the min pass and computes it afterwards for those units only
         floor0 = cpu and site.meta.get("kind") in self.floor0_kinds
 
-        def slab(c, fast):
+        def slab_views(c):
+            """The outputs of slab ``c``: (row range, {partial name: view}, min view, max view)."""
             i, j = c * rows, min(A, (c + 1) * rows)
-            w, b = v[i:j], scratch[: j - i]
             sel = (slice(None), slice(i, j)) if inner else (slice(None), c)
             o = dict(zip(names, part[sel].unbind(0)))
             if cnt is not None:
                 o["n_pos"], o["fin"] = cnt[sel].unbind(0)
             lo, hi = ext[sel].unbind(0)
+            o["nrm"] = nrm[i:j] if k else None
+            return i, j, o, lo, hi
+
+        def slab(c, fast):
+            sv = views[c]
+            if sv is None:
+                sv = views[c] = slab_views(c)
+            i, j, o, lo, hi = sv
+            w, b = v[i:j], scratch[: j - i]
             torch.sum(w, d, out=o["sum"])
             if not (fast and floor0):   # fast ReLU: minima 0 (set below), checked afterwards
                 torch.amin(w, d, out=lo)
@@ -537,7 +557,7 @@ class ActivationTracker:
                 c_in = torch.sub(w, o["shift"].unsqueeze(d), out=b)
                 torch.sum(c_in, d, out=o["csum"])
             if k:
-                torch.linalg.vector_norm(c_in.view(j - i, U, -1, k), 2, dim=-1, out=nrm[i:j])
+                torch.linalg.vector_norm(c_in.view(j - i, U, -1, k), 2, dim=-1, out=o["nrm"])
             elif fast:
                 torch.sum(torch.mul(w, w, out=b), d, out=o["csq"])
             else:

@@ -1007,3 +1007,38 @@ def test_fast_cpu_path_on_clean_data_matches_numpy(shape, kind):
         np.testing.assert_allclose(st["sum"].numpy(), m64.sum(0), rtol=1e-6, atol=1e-6 * np.abs(m64).sum(0).max())
         np.testing.assert_allclose(st["sumsq"].numpy(), (m64 ** 2).sum(0), rtol=1e-6)
         np.testing.assert_allclose(st["sum_abs"].numpy(), np.abs(m64).sum(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["relu", "tanh"])
+def test_site_buffers_reused_across_calls_give_fresh_results(kind):
+    """A site keeps its partials' buffers for the next call of the same shape (CPU). Calls that
+    alternate shapes, clean data and data that sends slabs through the exact path give exactly what
+    a fresh site gives, and a later call never changes the statistics an earlier call returned."""
+    from recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
+    g = torch.Generator().manual_seed(9)
+
+    def batch(n, bad=False):
+        x = torch.randn(n, 5, 9, 7, generator=g)
+        x = x.clamp(min=0) if kind == "relu" else x.tanh()
+        if bad:
+            x.view(-1)[7] = float("nan")
+            x.select(1, 2).mul_(1e-3).add_(0.5)    # tiny spread against the mean: the exact path
+        return x
+
+    def site():
+        return _Site({"hist_edges": None, "kind": kind}, nonneg=kind in NONNEG_KINDS)
+    tr = ActivationTracker(nn.Linear(1, 1), [])
+    tr.chunk_bytes = 300 * 4                       # several slabs per call
+    kept = site()
+    got = []
+    for x in (batch(8), batch(8, bad=True), batch(8), batch(5), batch(8, bad=True), batch(8)):
+        st = tr._stats(x, 1, 5, kept)
+        want = tr._stats(x, 1, 5, site())
+        for key in want:
+            assert torch.equal(st[key], want[key]) or (st[key].isnan() == want[key].isnan()).all() and \
+                torch.equal(st[key].nan_to_num(), want[key].nan_to_num()), key
+        got.append(({k: v.clone() for k, v in st.items()}, st))
+    assert kept.plan is not None
+    for copy_, st in got:                           # nothing returned earlier was overwritten
+        for key in copy_:
+            assert torch.equal(copy_[key].nan_to_num(), st[key].nan_to_num()), key
