@@ -80,19 +80,73 @@ def check(df: pd.DataFrame | None, requires: Iterable[str] | Callable) -> str | 
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def new_figure(width: float = 8.0, height: float = 4.5, nrows: int = 1, ncols: int = 1, **kw):
-    """A new figure (and axes) in the report's style."""
+def new_figure(width: float = 8.0, height: float = 4.5, nrows: int = 1, ncols: int = 1,
+               layout: str | None = "constrained", **kw):
+    """A new figure (and axes) in the report's style. ``layout=None``: no layout engine; call
+    :func:`fixed_margins` once the figure is drawn."""
     plt, sns = _mpl()
     sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, layout="constrained", **kw)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, layout=layout, **kw)
     return fig, axes
 
 
-def figure(width: float = 8.0, height: float = 4.5):
-    """A new empty figure (for the ``(df, fig)`` plots)."""
+def figure(width: float = 8.0, height: float = 4.5, layout: str | None = "constrained"):
+    """A new empty figure (for the ``(df, fig)`` plots); ``layout`` as in :func:`new_figure`."""
     plt, sns = _mpl()
     sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
-    return plt.figure(figsize=(width, height), layout="constrained")
+    return plt.figure(figsize=(width, height), layout=layout)
+
+
+def fixed_margins(fig, left: float | None = None, right: float = 0.25, top: float = 0.45, bottom: float = 0.55,
+                  gap: float = 0.6):
+    """Place the subplots of a figure made with ``layout=None`` with margins in inches, instead of a
+    layout engine (which lays a figure out in an extra full draw: a third of the time of a simple
+    figure). For the per-layer figures, drawn once per layer with the same structure.
+
+    Args:
+        fig: the drawn figure (ticks, labels and titles set).
+        left: left margin; None = room for the widest y tick label (estimated from the formatted
+            tick strings and the font size, see :func:`_ytick_room`) and the y axis label.
+        right, top, bottom, gap: margins and the gap between rows of subplots (inches); ``top``
+            holds an axes title (add about 0.3 for a suptitle).
+
+    Returns:
+        fig.
+    """
+    w, h = fig.get_size_inches()
+    grid = [a for a in fig.axes if a.get_subplotspec() is not None]
+    if left is None:
+        left = max([_ytick_room(a) for a in grid if a.get_label() != "<colorbar>"] or [0.8])
+    rows = {a.get_subplotspec().rowspan.start for a in grid}
+    n = max(1, len(rows))
+    axh = max(0.1, (h - top - bottom - gap * (n - 1)) / n)
+    fig.subplots_adjust(left=left / w, right=1 - right / w, top=1 - top / h, bottom=bottom / h,
+                        hspace=gap / axh)
+    return fig
+
+
+def _ytick_room(ax) -> float:
+    """Inches left of an axes taken by its y tick labels and y label (an estimate without drawing:
+    characters of the formatted tick labels times 0.62 em, superscripts of log-scale labels at 0.7,
+    plus the tick, the paddings and one line of label text; 0.1 inch to spare)."""
+    import re
+
+    from matplotlib import rcParams
+    from matplotlib.font_manager import FontProperties
+    axis = ax.yaxis
+    lo, hi = sorted(ax.get_ylim())
+    locs = [v for v in axis.get_majorticklocs() if lo <= v <= hi]
+    chars = 0.0
+    for t in axis.get_major_formatter().format_ticks(locs) if locs else []:
+        sup = re.search(r"\^\{?([^}$]*)\}?", t)
+        base = re.sub(r"\\mathdefault|\$|\{|\}|\^.*", "", t)
+        chars = max(chars, len(base) + (0.7 * len(sup.group(1)) if sup else 0.0))
+    tick_pt = FontProperties(size=rcParams["ytick.labelsize"]).get_size_in_points()
+    label_pt = FontProperties(size=rcParams["axes.labelsize"]).get_size_in_points()
+    pts = chars * 0.62 * tick_pt + rcParams["ytick.major.size"] + rcParams["ytick.major.pad"]
+    if axis.get_label_text():
+        pts += 1.25 * label_pt + rcParams["axes.labelpad"]
+    return pts / 72 + 0.1
 
 
 def save(fig, path: str | os.PathLike, dpi: int = 100) -> str:

@@ -634,10 +634,10 @@ class _Report:
                               ("no gradients for this layer" if not len(d) else why))
                 else:
                     def draw(d=d, L=L):
-                        fig = plots.figure(9, 5.5)
+                        fig = plots.figure(9, 5.5, layout=None)      # one of many alike: fixed margins
                         plots.grad_norms(d, fig, title=f"Gradient norms — layer {plots.layer_label(L.id, L.name)} "
                                                        f"({plots.text(L.type)})")
-                        return fig
+                        return plots.fixed_margins(fig, top=0.75)
                     self.figure(f"grad_norms_{_file_key(L)}", f"Gradient norms: {L.id} {L.name}",
                                 f"Layer {L.id} <code>{html.escape(L.name)}</code> ({html.escape(L.type)}), all "
                                 "parameters together. Top: L1 norm Σ|g|; bottom: L2 norm √Σg² of the gradient at "
@@ -695,11 +695,11 @@ class _Report:
                         self.skip(f"figure {name}", why)
                     else:
                         def draw(df=df, L=L, h=h):
-                            fig, ax = plots.new_figure(9, 4.8)
+                            fig, ax = plots.new_figure(9, 4.8, layout=None)   # one of many alike
                             plots.weight_distribution(df, ax[0, 0], title=(
                                 f"Distribution of {plots.text(h.param)} — layer "
                                 f"{plots.layer_label(L.id, L.name)} ({plots.text(L.type)})"))
-                            return fig
+                            return plots.fixed_margins(fig, right=0.1)
                         self.figure(name, f"Weight distribution: {L.id} {L.name}",
                                     f"Histogram of <code>{html.escape(L.name)}.{html.escape(h.param)}</code> "
                                     f"({html.escape(L.type)}) at every weight snapshot (x: snapshot step; y: "

@@ -332,3 +332,44 @@ def test_grad_norm_series_draws_the_values_in_step_order():
     seg = ax[0, 0].get_lines()[1]                              # epoch means: 0.2 over epoch 0, 0.3 over 1
     assert np.allclose(seg.get_ydata(), [0.2, 0.2, 0.3, 0.3])
     plots.close(fig)
+
+
+@pytest.mark.parametrize("case", ["large linear", "log span", "tiny linear", "negative weights"])
+def test_fixed_margins_keep_every_label_inside_the_figure(case):
+    """The per-layer figures are laid out with margins estimated from their tick strings (no layout
+    engine): after a real draw, tick labels, axis labels and titles lie inside the figure, and the
+    y label does not run into the tick labels."""
+    rng = np.random.default_rng(1)
+    n = 120
+    if case == "negative weights":
+        edges = np.linspace(-1.234e-5, 3.1e-5, 33)
+        df = pd.DataFrame([{"step": s, "bin_left": edges[b], "bin_right": edges[b + 1], "count": int(c)}
+                           for s in range(0, 60, 10)
+                           for b, c in enumerate(np.histogram(rng.normal(0, 1e-5, 300), bins=edges)[0])])
+        fig, ax = plots.new_figure(9, 4.8, layout=None)
+        plots.weight_distribution(df, ax[0, 0], title="Distribution of weight — layer 3: a.b.c (Conv2d)")
+        plots.fixed_margins(fig, right=0.1)
+    else:
+        vals = {"large linear": 123456.0 + rng.random(n) * 5000, "log span": np.exp(rng.normal(size=n) * 4) * 1e-5,
+                "tiny linear": -1.2e-5 + rng.random(n) * 3e-6}[case]
+        d = pd.DataFrame({"step": np.arange(n), "epoch": np.arange(n) // 40, "l1": np.abs(vals) * 3, "l2": np.abs(vals)})
+        fig = plots.figure(9, 5.5, layout=None)
+        plots.grad_norms(d, fig, title="Gradient norms — layer 12: layer3.0.downsample.0 (Conv2d)")
+        plots.fixed_margins(fig, top=0.75)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    W, H = fig.bbox.width, fig.bbox.height
+    def drawn(axis):      # the tick labels drawn: those of ticks inside the view interval
+        lo, hi = sorted(axis.get_view_interval())
+        eps = 1e-9 * (hi - lo)
+        return [t.label1 for t in axis.get_major_ticks() if lo - eps <= t.get_loc() <= hi + eps
+                and t.label1.get_visible() and t.label1.get_text()]
+    for a in fig.axes:
+        for t in drawn(a.yaxis) + drawn(a.xaxis) + [a.yaxis.label, a.xaxis.label, a.title]:
+            if t.get_visible() and t.get_text():
+                b = t.get_window_extent(r)
+                assert b.x0 >= 0 and b.x1 <= W and b.y0 >= 0 and b.y1 <= H, (case, t.get_text(), b)
+        ticks = [t.get_window_extent(r) for t in drawn(a.yaxis)]
+        if a.yaxis.label.get_text() and ticks:
+            assert a.yaxis.label.get_window_extent(r).x1 <= min(b.x0 for b in ticks) + 1, case
+    plots.close(fig)
