@@ -157,3 +157,27 @@ def test_layer_selection_in_analyzer(recorded):
     assert set(run.grad_stats(layers="head")["layer"]) == {"head"}
     with pytest.raises(analyzer.TraceError, match="unknown layer"):
         run.select("nope")
+
+
+def test_noise_beside_the_moments_leaves_no_thread_and_reraises():
+    """The gradient pass computes the element-wise noise in a helper thread beside the per-step
+    moments: the helper's error reaches the caller, and no thread outlives the pass."""
+    import threading
+    from analyzer.engine import _Beside
+    before = threading.active_count()
+    with _Beside() as b:
+        done = b.run(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            done()
+        out = []
+        b.run(out.append, 5)()
+        assert out == [5]
+    assert threading.active_count() == before
+
+
+def test_grad_pass_threads_end_with_the_pass(recorded):
+    import threading
+    d, _ = recorded
+    before = threading.active_count()
+    analyzer.open(d).grad_stats(per="epoch")
+    assert threading.active_count() == before
