@@ -190,7 +190,8 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict]:
     return parts, noise
 
 
-def _cpus() -> int:
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform tells)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -205,7 +206,7 @@ class _Beside:
 
     def __enter__(self) -> "_Beside":
         self._ex = None
-        if _cpus() > 1:
+        if available_cpus() > 1:
             from concurrent.futures import ThreadPoolExecutor
             self._ex = ThreadPoolExecutor(1, thread_name_prefix="bbdecoder-pass")
         return self

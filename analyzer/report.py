@@ -30,6 +30,7 @@ import pandas as pd
 
 from . import format as fmt
 from . import plots
+from .engine import available_cpus
 
 FIG_DIR = "figures"
 TAB_DIR = "tables"
@@ -333,11 +334,7 @@ _RENDER: tuple | None = None   # (pending figures, out dir) while a fork pool dr
 def default_jobs() -> int:
     """Processes that draw the report's figures: the CPUs this process may use, at most 4 (each
     drawing process adds memory of its own: about 20 MB in the out-of-core benchmark)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return max(1, min(4, n))
+    return max(1, min(4, available_cpus()))
 
 
 def _fork_is_safe() -> bool:
@@ -428,9 +425,7 @@ class _Report:
             from concurrent.futures import ProcessPoolExecutor
             global _RENDER
             _RENDER = (pending, self.out)
-            close = getattr(self.run, "close", None)
-            if close is not None:
-                close()              # no open HDF5 file is inherited by the forked workers
+            self.run.close()         # no open HDF5 file is inherited by the forked workers
             _release_free_memory()   # the workers inherit this process's pages: fewer of them
             errors = []
             try:   # the workers are forked at the first submit, before the executor starts its threads
@@ -460,10 +455,7 @@ class _Report:
 
     # ------------------------------------------------------------------ build
     def build(self) -> dict:
-        keep_open = getattr(self.run, "keep_open", None)
-        if keep_open is None:
-            return self._build()
-        with keep_open():      # shard files stay open across the per-layer passes
+        with self.run.keep_open():      # shard files stay open across the per-layer passes
             return self._build()
 
     def _build(self) -> dict:

@@ -562,12 +562,10 @@ class ReaderPool:
             old.close()
 
     def close(self) -> None:
-        """Close every idle reader (borrowed ones close when given back)."""
-        keep, self.keep = self.keep, 0
+        """Close every idle reader (borrowed ones close when given back, beyond ``keep``)."""
         while self._idle:
             _, old = self._idle.popitem(last=False)
             old.close()
-        self.keep = keep
 
     @property
     def open_count(self) -> int:
