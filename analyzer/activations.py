@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import format as fmt
-from .format import TraceError
+from .trace import format as fmt
+from .trace.format import TraceError
 
 PER_UNIT = ("sum", "sum_abs", "sumsq", "min", "max", "n_pos")
 CRITERIA = ("strict", "apoz", "dormant")
@@ -37,13 +37,13 @@ CRITERIA = ("strict", "apoz", "dormant")
 def site_table(run) -> pd.DataFrame:
     """One row per activation site: name, key, kind, family, source, module, units, unit_axis."""
     cols = ["name", "key", "kind", "family", "source", "module", "units", "unit_axis"]
-    return pd.DataFrame([{c: S.get(c) for c in cols} for S in run._sites], columns=cols)
+    return pd.DataFrame([{c: S.get(c) for c in cols} for S in run.catalog.sites], columns=cols)
 
 
 def select_sites(run, spec: Any = None) -> list[dict]:
     """Sites for a specification: None (all), exact names, globs over names, kinds ("relu",
     "sigmoid", ...), families ("relu", "bounded"), or a comma-separated string of those."""
-    sites = run._sites
+    sites = run.catalog.sites
     if spec is None:
         return list(sites)
     items = []
@@ -88,11 +88,11 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
     :func:`iter_merged_site_stats` for statistics summed over ranks."""
     keep = _steps_filter(steps)
     want = [s for s in stats if s in site["stats"]]
-    shards = [sh for sh in run._shards if (fmt.KIND_ACT_STATS, site["key"], want[0]) in sh.payloads
+    shards = [sh for sh in run.catalog.shards if (fmt.KIND_ACT_STATS, site["key"], want[0]) in sh.payloads
               and (rank is None or sh.rank == rank)]
     shards.sort(key=lambda sh: (sh.rank, sh.index))
     for sh in shards:
-        with run._open_shard(sh.path, sh.name) as r:
+        with run.catalog.open_shard(sh) as r:
             st = r.read_payload_steps(fmt.KIND_ACT_STATS, site["key"], want[0])
             m = keep(st)
             if not m.any():
@@ -110,7 +110,7 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
 
 
 def _site_ranks(run, site: dict, stat: str) -> list[int]:
-    return sorted({sh.rank for sh in run._shards if (fmt.KIND_ACT_STATS, site["key"], stat) in sh.payloads})
+    return sorted({sh.rank for sh in run.catalog.shards if (fmt.KIND_ACT_STATS, site["key"], stat) in sh.payloads})
 
 
 def _combine(out: dict, idx: np.ndarray, d: dict) -> None:
@@ -178,15 +178,15 @@ def iter_merged_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinit
 def samples(run, site: Any, steps=None) -> tuple[np.ndarray, np.ndarray]:
     """Raw activation samples of one site: ``(steps (n,), values (n, *sample_shape))``, one row per
     sample (several rows per recorded step). Loads the selected steps into memory. ``site``: a
-    specification or a site record (a dict of ``run._sites``)."""
+    specification or a site record (a dict of ``run.catalog.sites``)."""
     S = site if isinstance(site, dict) and "key" in site else select_site(run, site)
     keep = _steps_filter(steps)
     st_all, vals = [], []
-    for sh in sorted(run._shards, key=lambda sh: (sh.rank, sh.index)):
+    for sh in sorted(run.catalog.shards, key=lambda sh: (sh.rank, sh.index)):
         key = (fmt.KIND_ACTIVATIONS, S["key"], "samples")
         if key not in sh.payloads:
             continue
-        with run._open_shard(sh.path, sh.name) as r:
+        with run.catalog.open_shard(sh) as r:
             st = r.read_payload_steps(*key)
             m = keep(st)
             if m.any():
@@ -282,7 +282,7 @@ def activation_stats(run, per: str = "step", sites: Any = None, steps=None, by_r
         pooled: dict = {}
         for st, d, rank in _site_blocks(run, S, steps=steps, by_rank=by_rank and per == "step"):
             ranks.add(rank)
-            ep = run._epoch_of(st)
+            ep = run.catalog.epoch_of(st)
             if per == "step":
                 f = _stats_frame(S, st, ep, d)
                 f["rank"] = rank
@@ -515,7 +515,7 @@ def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit
         need = ("count", "n_pos") if fam == "relu" else ("count", "hist")
         for st, d, rank in _site_blocks(run, S, stats=need, steps=steps, by_rank=by_rank):
             ranks.add(rank)
-            ep = run._epoch_of(st)
+            ep = run.catalog.epoch_of(st)
             if fam == "relu":
                 tot = np.broadcast_to(d["count"][:, None], d["n_pos"].shape)
                 sat = tot - d["n_pos"]

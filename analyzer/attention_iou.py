@@ -21,7 +21,7 @@ import pandas as pd
 
 from .cam import get_cam, resize_bilinear
 from .captures import Capture
-from .format import TraceError
+from .trace.format import TraceError
 
 SCORES = ("iou", "l1", "pointing", "topk")
 RESOLUTIONS = ("image", "map")

@@ -13,8 +13,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from . import format as fmt
-from .format import TraceError
+from .trace import format as fmt
+from .trace.format import TraceError
 
 #: Bytes of activations + gradients read per block of images.
 BLOCK_BYTES = 32 << 20

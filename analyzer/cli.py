@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .format import TraceError
+from .trace.format import TraceError
 
 
 class UsageProblem(Exception):
@@ -206,7 +206,7 @@ def _records_json(df) -> str:
 
 
 def _no_sites(run) -> None:
-    if not run._sites:
+    if not run.catalog.sites:
         raise TraceError(f"no activation sites in {run.path} (record with Recorder(..., activations=True) "
                          "or a selection of modules and functional activations)")
 
@@ -289,7 +289,7 @@ def saturation(run_dir: str, delta: float, unit_fraction: float, layer_share: fl
 def demo(out: str, force: bool, epochs: int, samples: int) -> None:
     """Train a small CNN on a synthetic image task while recording, then write a report."""
     try:
-        from recorder import demo as _demo
+        from bbdecoder.recorder import demo as _demo
     except ImportError as e:
         raise UsageProblem(f"the demo needs torch (pip install 'bbdecoder[torch]'): {e}") from None
     out = check_out_dir(out)
@@ -340,5 +340,5 @@ def _one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from analyzer.cli import main as _main  # the package's module, so exception classes match
+    from bbdecoder.analyzer.cli import main as _main  # the package's module, so exception classes match
     _main()

@@ -46,7 +46,7 @@ def features_cmd(run_dir: str, layer: str, channels: str | None, sample: int, fp
                  force: bool) -> None:
     """Feature evolution of --layer in RUN_DIR: a grid PNG (captures x channels) and an animated GIF."""
     from .features import parse_channels, render_gif, render_grid
-    from .format import sanitize
+    from .trace.format import sanitize
     from .graph import check_out
     run = _open_run(run_dir)
     maps, steps = run.feature_maps(layer, sample=sample)

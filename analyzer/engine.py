@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import format as fmt
-from .format import TraceError
+from .trace import format as fmt
+from .trace.format import TraceError
 from .stats import PIECE_ELEMS, ElementwiseMoments, row_moments
 
 ENGINES = ("local", "dask")
@@ -97,7 +97,7 @@ def shard_blocks(reader, shard, kind: str, keys: set, block_bytes: int
 def _open(ctx: ShardContext, path: str, name: str):
     if ctx.backend is not None:
         return ctx.backend.open(path, name)
-    from .storage import HDF5Backend
+    from .trace.hdf5 import HDF5Backend
     return HDF5Backend().open(path, name)
 
 

@@ -12,9 +12,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from . import format as fmt
+from .trace import format as fmt
 from . import plots
-from .format import TraceError
+from .trace.format import TraceError
 
 
 def feature_captures(run_dir: str | os.PathLike) -> pd.DataFrame:

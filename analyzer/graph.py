@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import format as fmt
+from .trace import files
+from .trace import format as fmt
 from . import plots
-from .format import TraceError
+from .trace.format import TraceError
 
 NODE_COLUMNS = ["id", "op", "func", "module", "module_type", "kind", "inputs", "outputs", "input_dtypes",
                 "output_dtypes", "params", "flops"]
@@ -36,7 +37,7 @@ def read_graph(run_dir: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise TraceError(f"{os.fspath(run_dir)} has no function graph ({fmt.GRAPH_FILE}); record one with "
                          "Recorder(..., graph=True) or rec.record_graph(example_input)")
-    return fmt.validate_graph(fmt.read_json(path, "function graph"), path)
+    return fmt.validate_graph(files.read_json(path, "function graph"), path)
 
 
 def _shape(s) -> str:

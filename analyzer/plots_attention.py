@@ -102,7 +102,7 @@ def section_data(run, n_boot: int = REPORT_BOOTSTRAP, seed: int = 0) -> dict:
         avg_maps {split: (H, W) float32}, overlays (k, H, W) float32, overlay_masks (k, H, W) or None.
     """
     from .attention_iou import attention_iou, capture_maps, splits
-    caps = run._captures()
+    caps = run.catalog.captures()
     if not caps:
         return {}
     cap = caps[-1]

@@ -50,8 +50,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import format as fmt
-from .format import TraceError
+from .trace import files
+from .trace import format as fmt
+from .trace.format import TraceError
 
 PLAN_FORMAT = "bbdecoder-pruning-plan"
 PLAN_VERSION = 1
@@ -84,7 +85,7 @@ class PlanError(ValueError):
 def param_list(run) -> list[list]:
     """``[[full parameter name, shape], ...]`` of a recorded model, in the recorder's layer order."""
     out = []
-    for L in run._table:
+    for L in run.catalog.layers:
         for q in L["params"]:
             out.append([f"{L['name']}.{q['name']}" if L["name"] else q["name"], [int(s) for s in q["shape"]]])
     return out
@@ -134,7 +135,7 @@ class _Topology:
 
     def __init__(self, run):
         self.run = run
-        self.table = {L["id"]: L for L in run._table}
+        self.table = {L["id"]: L for L in run.catalog.layers}
         self.weight = {i: _shape(L, "weight") for i, L in self.table.items()}
         self.bias = {i: _shape(L, "bias") for i, L in self.table.items()}
         ev = run.manifest.get("forward_order")
@@ -287,13 +288,13 @@ class _Structured:
 
     def _site_groups(self) -> None:
         run, topo = self.run, self.topo
-        if not run._sites:
+        if not run.catalog.sites:
             raise TraceError("the run has no activation statistics; record with Recorder(..., activations=\"all\") "
                              "or use --criterion magnitude|l1-channel")
         if not topo.events:
             self.notes.append("the manifest has no forward_order: only plain module outputs map to layers, "
                               "and no consumers are known")
-        for S in run._sites:
+        for S in run.catalog.sites:
             U = int(S["units"])
             positions = topo.site_pos.get(S["key"]) or [None]
             found: set[int] = set()
@@ -442,21 +443,21 @@ def _last_snapshots(run, ids, steps) -> dict[int, tuple[int, np.ndarray]]:
     from .activations import _steps_filter
     keep = _steps_filter(steps)
     rank = None
-    ranks = sorted({s.rank for s in run._shards if any(k[0] == fmt.KIND_WEIGHTS for k in s.payloads)})
+    ranks = sorted({s.rank for s in run.catalog.shards if any(k[0] == fmt.KIND_WEIGHTS for k in s.payloads)})
     if ranks:
         rank = ranks[0]
     out = {}
     for lid in ids:
-        L = next(L for L in run._table if L["id"] == lid)
+        L = next(L for L in run.catalog.layers if L["id"] == lid)
         pk = next((q["key"] for q in L["params"] if q["name"] == "weight"), None)
         if pk is None:
             continue
         key = (fmt.KIND_WEIGHTS, L["key"], pk)
         best = None
-        for sh in run._shards:
+        for sh in run.catalog.shards:
             if sh.rank != rank or key not in sh.payloads or not sh.payloads[key][0]:
                 continue
-            with run._open_shard(sh.path, sh.name) as r:
+            with run.catalog.open_shard(sh) as r:
                 st = r.read_payload_steps(*key)
             ok = np.flatnonzero(keep(st))
             if len(ok):
@@ -466,14 +467,14 @@ def _last_snapshots(run, ids, steps) -> dict[int, tuple[int, np.ndarray]]:
         if best is None:
             continue
         step, sh, i = best
-        with run._open_shard(sh.path, sh.name) as r:
+        with run.catalog.open_shard(sh) as r:
             w = np.asarray(r.read_payload(*key, i, i + 1))[0]
         out[lid] = (step, w)
     return out
 
 
 def _weight_layers(run) -> dict[int, tuple]:
-    return {L["id"]: _shape(L, "weight") for L in run._table if _shape(L, "weight") is not None}
+    return {L["id"]: _shape(L, "weight") for L in run.catalog.layers if _shape(L, "weight") is not None}
 
 
 def _masked_count(shape: tuple, rows: int, cols: int) -> int:
@@ -519,7 +520,7 @@ class _Evaluator:
                  thresholds: list[float]):
         self.run, self.criterion = run, criterion
         self.wshape = _weight_layers(run)
-        self.names = {L["id"]: L["name"] for L in run._table}
+        self.names = {L["id"]: L["name"] for L in run.catalog.layers}
         if criterion == "magnitude":
             self.notes: list[str] = []
             ids = [i for i in run.select(layers) if self.wshape.get(i) is not None and len(self.wshape[i]) >= 2]
@@ -769,7 +770,7 @@ def load_plan(path: str | os.PathLike) -> dict:
         pruning plan, an unsupported version, or a missing or malformed field.
     """
     where = f"pruning plan {os.fspath(path)}"
-    return validate_plan(fmt.read_json(path, "pruning plan"), where)
+    return validate_plan(files.read_json(path, "pruning plan"), where)
 
 
 def _num(x) -> bool:

@@ -1,6 +1,6 @@
 """The HTML report of a run: figures, CSV tables and summary.json, laid out from the Run API.
 
-    from analyzer.report import build_report
+    from bbdecoder.analyzer.report import build_report
     summary = build_report(analyzer.open("runs/exp1"), "report/")
 
 Whatever the trace does not hold (no gradients, no weight snapshots, no loss) is skipped with a
@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from . import format as fmt
+from .trace import format as fmt
 from . import plots
 from .engine import available_cpus
 
@@ -899,7 +899,7 @@ class _Report:
         a, run = self.act, self.run
         dim, method = a["sim_dim"], a["sim_method"]
         parts, too_few = [], []
-        for S in run._sites:
+        for S in run.catalog.sites:
             nd = len(S.get("sample_shape") or ()) + 1
             if dim >= nd:
                 too_few.append(S["name"])
@@ -922,7 +922,7 @@ class _Report:
         if not len(df):
             why = ("no raw activation samples in the trace (activation_samples=0, or the activations_every "
                    "schedule never fired)")
-            if too_few and len(too_few) == len(run._sites):
+            if too_few and len(too_few) == len(run.catalog.sites):
                 why = f"--sim-dim {dim} is beyond the dimensions of every site's samples"
             self.skip("figure dimension variance and similarity", why)
             return
@@ -987,7 +987,7 @@ class _Report:
             self.attention = {"captures": 0, "note": "no attention captures (recorder.capture_attention)"}
             return
         cap, target = data["capture"], data["target"]
-        self.attention = {"captures": len(self.run._captures()), "capture": cap.index, "step": cap.step,
+        self.attention = {"captures": len(self.run.catalog.captures()), "capture": cap.index, "step": cap.step,
                           "target": target, "method": "gradcam", "bootstrap": pa.REPORT_BOOTSTRAP,
                           "scores": [] if data["scores"] is None else data["scores"][
                               ["reference", "split", "n", "mean", "boot_mean", "boot_std"]].to_dict(orient="records")}
@@ -1299,7 +1299,7 @@ def nonfinite_findings(run, gs: pd.DataFrame, ws: pd.DataFrame) -> dict:
                             "first_step": int(g["step"].min()), "steps": int(g["step"].nunique()),
                             "count": int(g["nonfinite"].sum())})
     from .activations import iter_site_stats
-    for S in run._sites:
+    for S in run.catalog.sites:
         if "nonfinite" not in S["stats"]:
             continue
         first, steps, count = None, set(), 0

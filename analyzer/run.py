@@ -9,18 +9,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from . import format as fmt
+from .trace import format as fmt
+from .catalog import GRAD_KINDS as _GRAD_KINDS
+from .catalog import Catalog, Shard
 from .engine import ShardContext, check_engine, grad_shard, map_shards, previous_rows, shard_blocks, weight_shard
-from .format import TraceError
+from .trace.format import TraceError
 from .stats import ElementwiseMoments
-from .storage import HDF5Backend, ReaderPool, ShardReader
+from .trace.hdf5 import HDF5Backend
 
 #: Bytes of stored data read per block (rows are chunk-aligned); bounds the memory of every pass.
 BLOCK_BYTES = 32 << 20
-#: shard readers a Run keeps open between analyses (each holds one open file and its metadata)
-READERS_KEPT = 8
-#: Payload kinds the gradient statistics are read from: per-step statistics, or raw tensors.
-_GRAD_KINDS = (fmt.KIND_GRAD_STATS, fmt.KIND_GRADS)
 
 GRAD_STEP_COLUMNS = ["step", "epoch", "layer_id", "layer", "param", "numel", "count", "nonfinite",
                      "mean", "abs_mean", "max_abs", "var", "l1", "l2"]
@@ -44,17 +42,6 @@ class _NullProgress:
 def null_progress(label: str, total: int):
     """Progress factory that shows nothing (the CLI passes click.progressbar instead)."""
     return _NullProgress()
-
-
-@dataclass
-class _Shard:
-    rank: int
-    index: int
-    path: str
-    name: str                      # relative, for messages
-    steps: dict                    # step table columns
-    payloads: dict                 # (kind, lk, pk) -> (rows, shape, chunk_rows)
-    nbytes: int
 
 
 @dataclass
@@ -104,124 +91,19 @@ class Run:
         self.engine = check_engine(engine)
         #: dask client for engine="dask" (None: the default client or a new local cluster).
         self.dask_client = None
-        self.path = os.path.abspath(os.fspath(path))
+        #: the run's public index (ranks, shards, steps, layers, sites, captures); see analyzer.catalog
+        self.catalog = Catalog(path, backend=backend)
+        self.path = self.catalog.path
+        self.manifest = self.catalog.manifest
+        self.problems = self.catalog.problems
+        self.rank_states = self.catalog.rank_states
         self.progress = progress or null_progress
-        self._backend = backend or HDF5Backend()
-        #: shard readers, kept open between analyses only inside :meth:`keep_open` (closed shards
-        #: never change); outside it every analysis closes the files it opened before it returns
-        self._readers = ReaderPool(self._backend.open, keep=0)
-        self._keep_depth = 0
-        p = self.path
-        if not os.path.exists(p):
-            raise TraceError(f"no such run directory: {p}")
-        if not os.path.isdir(p):
-            raise TraceError(f"not a directory: {p}")
-        try:
-            entries = os.listdir(p)
-        except OSError as e:
-            raise TraceError(f"cannot list {p}: {e.strerror}") from None
-        if not entries:
-            raise TraceError(f"empty directory, not a bbdecoder run: {p}")
-        if fmt.MANIFEST not in entries:
-            raise TraceError(f"not a bbdecoder run (no {fmt.MANIFEST}): {p}")
-        self.manifest = fmt.validate_manifest(fmt.read_json(os.path.join(p, fmt.MANIFEST), "manifest"),
-                                              fmt.MANIFEST)
-        self._table = [dict(L) for L in self.manifest["layers"]]
-        self._by_key = {L["key"]: L for L in self._table}
-        self._param_shape = {(L["key"], q["key"]): tuple(q["shape"]) for L in self._table for q in L["params"]}
-        self._param_name = {(L["key"], q["key"]): q["name"] for L in self._table for q in L["params"]}
-        self._sites = [dict(S) for S in self.manifest.get("sites", [])]
-        self._site_by_key = {S["key"]: S for S in self._sites}
-        self._expected: dict[tuple, tuple] = {}
-        for (lk, pk), shp in self._param_shape.items():
-            self._expected[(fmt.KIND_GRADS, lk, pk)] = shp
-            self._expected[(fmt.KIND_GRAD_STATS, lk, pk)] = (len(fmt.GRAD_STAT_FIELDS),)
-            self._expected[(fmt.KIND_WEIGHTS, lk, pk)] = shp
-        for S in self._sites:
-            for stat, shp in S["stats"].items():
-                self._expected[(fmt.KIND_ACT_STATS, S["key"], stat)] = tuple(shp)
-            self._expected[(fmt.KIND_ACTIVATIONS, S["key"], "samples")] = tuple(S["sample_shape"])
-        self.problems: list[str] = []
-        self.rank_states: dict[int, dict] = {}
-        self._site_conflicts: set[tuple[int, str]] = set()   # (rank, site key) named differently there
-        self._shards: list[_Shard] = []
-        self._live: list[str] = []
-        self._scan()
         self._cache: dict = {}
-
-    # ------------------------------------------------------------------ index
-    def _scan(self) -> None:
-        ranks = list(fmt.iter_rank_dirs(self.path))
-        for rank, rdir in ranks:
-            rfile = os.path.join(rdir, fmt.RANK_FILE)
-            if os.path.exists(rfile):
-                st = fmt.read_json(rfile, f"rank file {fmt.rank_dirname(rank)}/{fmt.RANK_FILE}")
-                fmt.validate_rank_state(st, f"{fmt.rank_dirname(rank)}/{fmt.RANK_FILE}")
-                self.rank_states[rank] = st
-                self._add_rank_sites(rank, st)
-            else:
-                self.rank_states[rank] = {"status": fmt.STATUS_RECORDING}
-                self.problems.append(f"{fmt.rank_dirname(rank)} has no {fmt.RANK_FILE}")
-            closed, live = fmt.list_shards(rdir)
-            self._live += [f"{fmt.rank_dirname(rank)}/{n}" for n in live]
-            for idx, spath in closed:
-                name = f"{fmt.rank_dirname(rank)}/{os.path.basename(spath)}"
-                with self._open_shard(spath, name) as r:
-                    steps = r.steps()
-                    payloads = {}
-                    for kind in fmt.PAYLOAD_KINDS:
-                        for lk, pk in r.payloads(kind):
-                            rows, shape, chunk = r.payload_info(kind, lk, pk)
-                            want = self._expected.get((kind, lk, pk))
-                            if (rank, lk) in self._site_conflicts and kind in (fmt.KIND_ACT_STATS,
-                                                                               fmt.KIND_ACTIVATIONS):
-                                continue
-                            if want is None:
-                                self.problems.append(f"{name}: {kind} for unknown parameter {lk}/{pk} ignored")
-                                continue
-                            if tuple(shape) != want:
-                                raise TraceError(f"corrupt shard {name}: {kind}/{lk}/{pk} has shape "
-                                                 f"{tuple(shape)} but the manifest says {want}")
-                            payloads[(kind, lk, pk)] = (rows, shape, chunk)
-                try:
-                    nbytes = os.path.getsize(spath)
-                except OSError:
-                    nbytes = 0
-                self._shards.append(_Shard(rank, idx, spath, name, steps, payloads, nbytes))
-        if not ranks:
-            self.problems.append("no rank directory: nothing was recorded")
-
-    def _add_rank_sites(self, rank: int, st: dict) -> None:
-        """Activation sites that a rank other than 0 found and rank 0 did not (rank.json "sites";
-        torch.distributed with activation_ranks without 0, or data-dependent control flow)."""
-        sites = st.get("sites") if isinstance(st, dict) else None
-        if not sites:
-            return
-        where = f"{fmt.rank_dirname(rank)}/{fmt.RANK_FILE}"
-        fmt.validate_manifest({"format": fmt.FORMAT_NAME, "format_version": st.get("format_version"),
-                               "layers": [], "sites": sites}, where)   # the manifest's checks of sites
-        for S in sites:
-            old = self._site_by_key.get(S["key"])
-            if old is None:
-                S = dict(S)
-                self._sites.append(S)
-                self._site_by_key[S["key"]] = S
-                for stat, shp in S["stats"].items():
-                    self._expected[(fmt.KIND_ACT_STATS, S["key"], stat)] = tuple(shp)
-                self._expected[(fmt.KIND_ACTIVATIONS, S["key"], "samples")] = tuple(S["sample_shape"])
-            elif old["name"] != S["name"]:
-                self._site_conflicts.add((rank, S["key"]))
-                self.problems.append(f"{where}: site key {S['key']!r} is {S['name']!r} there but "
-                                     f"{old['name']!r} in the manifest; that rank's values of it are ignored")
-
-    def _open_shard(self, path: str, name: str) -> ShardReader:
-        """A reader of one closed shard, from the pool of open readers (use it in a ``with`` block)."""
-        return self._readers.borrow(path, name)
 
     def close(self) -> None:
         """Close the shard files this run keeps open (idempotent; the run can still be used: files
         are reopened on demand)."""
-        self._readers.close()
+        self.catalog.close()
 
     def keep_open(self) -> "Run":
         """Keep up to ``READERS_KEPT`` shard files open between analyses until the ``with`` block
@@ -236,54 +118,22 @@ class Run:
         return self
 
     def __enter__(self) -> "Run":
-        self._keep_depth += 1
-        self._readers.keep = READERS_KEPT
+        self.catalog.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._keep_depth -= 1
-        if self._keep_depth <= 0:
-            self._keep_depth = 0
-            self._readers.keep = 0
-            self._readers.close()
+        self.catalog.__exit__(*exc)
 
     # ------------------------------------------------------------------ descriptive properties
     @property
     def status(self) -> str:
         """"complete" if the recorder closed cleanly on every rank, else "incomplete"."""
-        ok = (self.manifest.get("status") == fmt.STATUS_COMPLETE and self.rank_states
-              and all(s.get("status") == fmt.STATUS_COMPLETE for s in self.rank_states.values())
-              and not self._live and not self._missing_ranks())
-        return "complete" if ok else "incomplete"
+        return self.catalog.status
 
     @property
     def status_reason(self) -> str:
         """Why a run is incomplete (empty for a complete run)."""
-        if self.status == "complete":
-            return ""
-        why = []
-        m = self.manifest.get("status")
-        if m == fmt.STATUS_RECORDING:
-            why.append("the recorder did not close (still recording, or the process was killed)")
-        elif m == fmt.STATUS_ABORTED:
-            why.append("the training code raised an exception inside the recorder")
-        elif m == fmt.STATUS_FAILED:
-            why.append(f"the recorder failed: {self.manifest.get('error', 'see errors')}")
-        for r, s in sorted(self.rank_states.items()):
-            if s.get("status") == fmt.STATUS_FAILED:
-                errs = s.get("errors") or ["unknown error"]
-                why.append(f"rank {r} failed: {errs[-1]}")
-        missing = self._missing_ranks()
-        if missing:
-            why.append(f"rank(s) {', '.join(map(str, missing[:8]))} of {self.manifest.get('world_size', 1)} "
-                       "wrote nothing")
-        if self._live:
-            why.append(f"{len(self._live)} unfinished shard(s) ignored ({', '.join(self._live[:3])})")
-        return "; ".join(dict.fromkeys(why)) or "incomplete"
-
-    def _missing_ranks(self) -> list[int]:
-        ws = int(self.manifest.get("world_size", 1))
-        return [r for r in range(ws) if r not in self.rank_states]
+        return self.catalog.status_reason
 
     @property
     def ranks(self) -> list[int]:
@@ -295,11 +145,11 @@ class Run:
         bytes (closed shards, bytes), grads, weights, activations (whether its shards hold any)."""
         rows = []
         for r in self.ranks:
-            sh = [s for s in self._shards if s.rank == r]
+            sh = [s for s in self.catalog.shards if s.rank == r]
             st = np.concatenate([np.asarray(s.steps["step"], np.int64) for s in sh]) if sh else np.zeros(0, np.int64)
             kinds = {k[0] for s in sh for k, v in s.payloads.items() if v[0]}
             rows.append({"rank": r, "status": str(self.rank_states[r].get("status", "unknown")), "shards": len(sh),
-                         "live": sum(n.startswith(fmt.rank_dirname(r) + "/") for n in self._live),
+                         "live": sum(n.startswith(fmt.rank_dirname(r) + "/") for n in self.catalog.live),
                          "steps": int(len(np.unique(st))),
                          "first_step": float(st.min()) if len(st) else np.nan,
                          "last_step": float(st.max()) if len(st) else np.nan,
@@ -312,18 +162,18 @@ class Run:
     @property
     def nbytes(self) -> int:
         """Bytes of closed shards on disk."""
-        return int(sum(s.nbytes for s in self._shards))
+        return self.catalog.nbytes
 
     @property
     def layers(self) -> pd.DataFrame:
         """Layer table: id, name, type, n_params (plus key and whether it was selected for recording)."""
         return pd.DataFrame({
-            "id": [L["id"] for L in self._table], "name": [L["name"] for L in self._table],
-            "type": [L["type"] for L in self._table],
+            "id": [L["id"] for L in self.catalog.layers], "name": [L["name"] for L in self.catalog.layers],
+            "type": [L["type"] for L in self.catalog.layers],
             "n_params": [int(L.get("n_params", sum(int(np.prod(q["shape"])) for q in L["params"])))
-                         for L in self._table],
-            "key": [L["key"] for L in self._table],
-            "selected": [bool(L.get("selected", True)) for L in self._table],
+                         for L in self.catalog.layers],
+            "key": [L["key"] for L in self.catalog.layers],
+            "selected": [bool(L.get("selected", True)) for L in self.catalog.layers],
         })
 
     @property
@@ -331,13 +181,7 @@ class Run:
         """One row per recorded step: step, epoch, loss, time (s since the first step), wall (unix s),
         dropped (payloads dropped at that step because the writer queue was full)."""
         if "steps" not in self._cache:
-            rank = self._step_rank()
-            cols = {c: [] for c in fmt.STEP_COLUMNS}
-            for s in self._shards:
-                if s.rank == rank:
-                    for c in fmt.STEP_COLUMNS:
-                        cols[c].append(s.steps[c])
-            data = {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in cols.items()}
+            data = self.catalog.step_columns()
             df = pd.DataFrame({"step": data["step"].astype(np.int64), "epoch": data["epoch"].astype(np.int64),
                                "loss": data["loss"].astype(np.float64), "wall": data["time"].astype(np.float64),
                                "dropped": data["dropped"].astype(np.int64)})
@@ -346,10 +190,6 @@ class Run:
             df.insert(3, "time", df["wall"] - t0)
             self._cache["steps"] = df
         return self._cache["steps"].copy()
-
-    def _step_rank(self) -> int:
-        rs = sorted({s.rank for s in self._shards})
-        return rs[0] if rs else 0
 
     @property
     def epochs(self) -> int:
@@ -363,17 +203,17 @@ class Run:
             steps: set = set()
             layers: set = set()
             rows = 0
-            for s in self._shards:
+            for s in self.catalog.shards:
                 for (k, lk, pk), (n, _, _) in s.payloads.items():
                     if k == kind and n:
                         rows += n
                         layers.add(lk)
             # distinct steps: the union of the step indices of every payload (a parameter without a
             # gradient at some steps has fewer); the indices are small, the values are not read
-            for s in self._shards:
+            for s in self.catalog.shards:
                 keys = [key for key in s.payloads if key[0] == kind]
                 if keys:
-                    with self._open_shard(s.path, s.name) as r:
+                    with self.catalog.open_shard(s) as r:
                         for key in keys:
                             steps.update(r.read_payload_steps(*key).tolist())
             out[kind] = {"steps": len(steps), "layers": len(layers), "tensors": rows}
@@ -388,8 +228,8 @@ class Run:
             "format_version": m["format_version"], "steps": int(len(st)), "epochs": self.epochs,
             "first_step": int(st["step"].iloc[0]) if len(st) else None,
             "last_step": int(st["step"].iloc[-1]) if len(st) else None,
-            "layers": len(self._table), "ranks": self.ranks, "world_size": m.get("world_size", 1),
-            "shards": len(self._shards), "bytes": self.nbytes, "recorded": self.recorded(),
+            "layers": len(self.catalog.layers), "ranks": self.ranks, "world_size": m.get("world_size", 1),
+            "shards": len(self.catalog.shards), "bytes": self.nbytes, "recorded": self.recorded(),
             "dropped": int(st["dropped"].sum()) if len(st) else 0,
             "errors": [e for s in self.rank_states.values() for e in s.get("errors", [])],
             "rank_table": [{k: (None if isinstance(v, float) and np.isnan(v) else
@@ -450,16 +290,10 @@ class Run:
                      max_active_fraction=max_active_fraction)
 
     # ------------------------------------------------------------------ attention captures (see analyzer.attention_iou)
-    def _captures(self) -> list:
-        from .captures import open_captures
-        if "captures" not in self._cache:
-            self._cache["captures"] = open_captures(self.path)
-        return self._cache["captures"]
-
     @property
     def captures(self) -> pd.DataFrame:
         """Attention captures: position, index, step, epoch, n_images, target_layer, targets, masks, groups."""
-        caps = self._captures()
+        caps = self.catalog.captures()
         return pd.DataFrame({"position": range(len(caps)), "index": [c.index for c in caps],
                              "step": [c.step for c in caps], "epoch": [c.epoch for c in caps],
                              "n_images": [c.n for c in caps], "target_layer": [c.target_layer for c in caps],
@@ -481,7 +315,7 @@ class Run:
         """
         from .attention_iou import attention_maps
         from .captures import pick
-        return attention_maps(pick(self._captures(), capture, self.path), target, method, size)
+        return attention_maps(pick(self.catalog.captures(), capture, self.path), target, method, size)
 
     def attention_iou(self, target: str, mask_group: str | None = None, protected: str | None = None,
                       method: str = "gradcam", bootstrap: int = 10000, seed: int = 0, resolution: str = "image",
@@ -491,7 +325,7 @@ class Run:
         See :func:`analyzer.attention_iou.attention_iou` for the columns."""
         from .attention_iou import attention_iou
         from .captures import pick
-        caps = self._captures() if capture == "all" else [pick(self._captures(), capture, self.path)]
+        caps = self.catalog.captures() if capture == "all" else [pick(self.catalog.captures(), capture, self.path)]
         if not caps:
             pick(caps, -1, self.path)
         return pd.concat([attention_iou(c, target, mask_group, protected, method, resolution, scores, bootstrap,
@@ -534,72 +368,42 @@ class Run:
     # ------------------------------------------------------------------ selection
     def select(self, layers: Any = None) -> list[int]:
         """Layer ids for a specification (ids, names, globs, type names; see format.select_layers)."""
-        return fmt.select_layers(layers, self._table)
+        return self.catalog.select(layers)
 
     def layer(self, spec: Any) -> dict:
         """The layer record for one id or name."""
-        ids = self.select(spec)
-        if len(ids) != 1:
-            raise TraceError(f"{spec!r} selects {len(ids)} layers; name exactly one")
-        return next(L for L in self._table if L["id"] == ids[0])
+        return self.catalog.layer(spec)
 
     # ------------------------------------------------------------------ streaming core
-    def _epoch_of(self, steps: np.ndarray) -> np.ndarray:
-        st = self.steps
-        s, e = st["step"].to_numpy(), st["epoch"].to_numpy()
-        if not len(s):
-            return np.full(len(steps), -1, np.int64)
-        i = np.clip(np.searchsorted(s, steps), 0, len(s) - 1)
-        return np.where(s[i] == steps, e[i], -1)
-
-    def _iter_blocks(self, kind: str, keys: set) -> Iterator[tuple[_Shard, str, str, np.ndarray, np.ndarray]]:
+    def _iter_blocks(self, kind: str, keys: set) -> Iterator[tuple[Shard, str, str, np.ndarray, np.ndarray]]:
         """Yield (shard, layer_key, param_key, steps (k,), values (k, *shape)) for every payload of
         ``kind`` whose (layer_key, param_key) is in ``keys``, shard by shard in step order, in
         chunk-aligned blocks of at most about BLOCK_BYTES."""
-        shards = [s for s in self._shards if any(k[0] == kind and (k[1], k[2]) in keys for k in s.payloads)]
-        shards.sort(key=lambda s: (s.rank, s.index))
+        shards = self.catalog.shards_with(kind, keys)
         with self.progress(f"reading {kind}", len(shards)) as bar:
             for s in shards:
-                with self._open_shard(s.path, s.name) as r:
+                with self.catalog.open_shard(s) as r:
                     for lk, pk, steps, block in shard_blocks(r, s, kind, keys, BLOCK_BYTES):
                         yield s, lk, pk, steps, block
                 bar.update(1)
 
-    def _shards_with(self, kind: str | tuple, keys: set) -> list[_Shard]:
-        """Shards holding a payload of ``kind`` (or of one of a tuple of kinds) for one of ``keys``,
-        by (rank, index)."""
-        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
-        shards = [s for s in self._shards if any(k[0] in kinds and (k[1], k[2]) in keys for k in s.payloads)]
-        return sorted(shards, key=lambda s: (s.rank, s.index))
-
     def _shard_ctx(self) -> ShardContext:
         """What a per-shard task needs (see analyzer.engine): parameter metadata and the step table."""
         st = self.steps
-        meta = {(lk, pk): self._meta(lk, pk) for (lk, pk) in self._param_shape}
-        backend = None if isinstance(self._backend, HDF5Backend) else self._backend
+        meta = {(lk, pk): self.catalog.param_meta(lk, pk) for (lk, pk) in self.catalog.all_param_keys()}
+        backend = None if isinstance(self.catalog.backend, HDF5Backend) else self.catalog.backend
         return ShardContext(meta, st["step"].to_numpy(), st["epoch"].to_numpy(), BLOCK_BYTES, backend)
 
-    def _keys_for(self, layers: Any) -> tuple[list[int], set]:
-        ids = self.select(layers)
-        idset = set(ids)
-        keys = {(L["key"], q["key"]) for L in self._table if L["id"] in idset for q in L["params"]}
-        return ids, keys
-
-    def _meta(self, lk: str, pk: str) -> tuple[int, str, str, int]:
-        L = self._by_key[lk]
-        shape = self._param_shape[(lk, pk)]
-        return L["id"], L["name"], self._param_name[(lk, pk)], int(np.prod(shape, dtype=np.int64))
-
     def _grad_pass(self, layers: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
-        ids, keys = self._keys_for(layers)
+        ids, keys = self.catalog.param_keys(layers)
         ck = ("grads", tuple(ids))
         if ck in self._cache:
             return self._cache[ck]
         parts: list[dict] = []
         noise: dict[tuple, ElementwiseMoments] = {}
         noise_out: dict[tuple, float] = {}
-        multi_rank = len({s.rank for s in self._shards if any(k[0] in _GRAD_KINDS for k in s.payloads)}) > 1
-        shards = self._shards_with(_GRAD_KINDS, keys)
+        multi_rank = len(self.catalog.ranks_with(_GRAD_KINDS)) > 1
+        shards = self.catalog.shards_with(_GRAD_KINDS, keys)
         ctx = self._shard_ctx()
         for shard, (sparts, snoise) in zip(shards, map_shards(
                 self.engine, grad_shard, [(sh, keys, ctx) for sh in shards], self.progress,
@@ -632,21 +436,17 @@ class Run:
                     nonfinite=("nonfinite", "sum")).reset_index()
         out["l2_var"] = g["l2"].agg(lambda v: float(np.nanvar(v.to_numpy())) if v.notna().any()
                                     else np.nan).to_numpy()
-        lk_of = {L["id"]: L["key"] for L in self._table}
-        pk_of = {(L["id"], self._param_name[(L["key"], q["key"])]): q["key"] for L in self._table
+        lk_of = {L["id"]: L["key"] for L in self.catalog.layers}
+        pk_of = {(L["id"], self.catalog.param_name(L["key"], q["key"])): q["key"] for L in self.catalog.layers
                  for q in L["params"]}
         gn = []
         for row in out.itertuples(index=False):
-            rank = row.rank if multi_rank else self._grad_rank()
+            rank = row.rank if multi_rank else self.catalog.lowest_rank(_GRAD_KINDS)
             gn.append(noise.get((rank, lk_of[row.layer_id], pk_of[(row.layer_id, row.param)], int(row.epoch)),
                                 np.nan))
         out["grad_noise"] = gn
         cols = (["rank"] if multi_rank else []) + GRAD_EPOCH_COLUMNS
         return _typed(out[cols], {"epoch": "int64", "layer_id": "int64", "n_steps": "int64", "nonfinite": "int64"})
-
-    def _grad_rank(self) -> int:
-        rs = sorted({s.rank for s in self._shards if any(k[0] in _GRAD_KINDS for k in s.payloads)})
-        return rs[0] if rs else 0
 
     # ------------------------------------------------------------------ public statistics
     def grad_stats(self, per: str = "step", layers: Any = None, by: str = "param") -> pd.DataFrame:
@@ -683,13 +483,13 @@ class Run:
         """Weight statistics per snapshot: one row per (snapshot step, layer, param) with mean, std
         (population), abs_mean, max_abs, min, max, l2 and update_ratio = ||w_t - w_prev|| / ||w_prev||
         between consecutive snapshots (NaN for the first). Weight units; update_ratio unitless."""
-        ids, keys = self._keys_for(layers)
+        ids, keys = self.catalog.param_keys(layers)
         ck = ("weights", tuple(ids))
         if ck in self._cache:
             return self._cache[ck].copy()
         parts = []
-        multi_rank = len({s.rank for s in self._shards if any(k[0] == fmt.KIND_WEIGHTS for k in s.payloads)}) > 1
-        shards = self._shards_with(fmt.KIND_WEIGHTS, keys)
+        multi_rank = len(self.catalog.ranks_with(fmt.KIND_WEIGHTS)) > 1
+        shards = self.catalog.shards_with(fmt.KIND_WEIGHTS, keys)
         ctx = self._shard_ctx()
         args = [(sh, keys, ctx, pv) for sh, pv in zip(shards, previous_rows(shards, fmt.KIND_WEIGHTS, keys))]
         for sparts in map_shards(self.engine, weight_shard, args, self.progress, f"reading {fmt.KIND_WEIGHTS}",
@@ -721,7 +521,7 @@ class Run:
         ws = cached if cached is not None else self.weight_stats(L["id"])
         ws = ws[ws["layer_id"] == L["id"]]
         ws = ws[ws["param"] == param]
-        rank = self._step_rank()
+        rank = self.catalog.lowest_rank()
         if not len(ws):
             return WeightHistograms(L["name"], param, np.zeros(0, np.int64), np.linspace(0, 1, bins + 1),
                                     np.zeros((0, bins), np.int64))

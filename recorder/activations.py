@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-import analyzer.format as fmt
+from bbdecoder.analyzer.trace import format as fmt
 
 F = nn.functional
 

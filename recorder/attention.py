@@ -1,7 +1,7 @@
 """Attention captures: an evaluation pass that stores target-layer activations and the gradients of
 chosen target scalars, so that Grad-CAM-family maps and Attention-IoU scores can be computed offline.
 
-    from recorder import capture_attention
+    from bbdecoder.recorder import capture_attention
     capture_attention(model, loader, "runs/probe", target_layer="layer4.1", targets={"bird": 1})
 
 One HDF5 file per pass, ``RUN/captures/capture-NNNNNN.h5`` (layout in docs/trace-format.md §12 and
@@ -20,9 +20,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from analyzer import format as fmt
-from analyzer.storage import abort_h5
-
+from bbdecoder.analyzer.trace import files
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.trace.hdf5 import abort_h5
 from .writer import raise_as_os_error
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -167,7 +167,7 @@ def _ensure_run(model: torch.nn.Module, run_dir: str) -> None:
     os.makedirs(run_dir, exist_ok=True)
     from .recorder import VERSION
     now = time.time()
-    fmt.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), {
+    files.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), {
         "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "bbdecoder_version": VERSION,
         "created": now, "ended": now, "status": fmt.STATUS_COMPLETE, "world_size": 1,
         "host": socket.gethostname(), "torch_version": torch.__version__,
@@ -320,9 +320,9 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
         f.flush()   # a write error (ENOSPC, EFBIG) shows here, while the file can still be aborted
         f.close()
         f = None
-        fmt.fsync_file(part)
+        files.fsync_file(part)
         os.replace(part, final)
-        fmt.fsync_dir(os.path.dirname(final))
+        files.fsync_dir(os.path.dirname(final))
         ok = True
         return final
     except Exception as e:   # an HDF5 write failure raised as RuntimeError: the OSError it is

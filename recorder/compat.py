@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyzer import format as fmt
+from bbdecoder.analyzer.trace import format as fmt
 
 from .features import capture_features, layer_output
 from .recorder import Recorder
@@ -96,7 +96,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
         return d
 
     def _run(self):
-        import analyzer
+        from bbdecoder import analyzer
         self.rec.flush()
         return analyzer.open(self.run_dir)
 
@@ -139,7 +139,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
             DataFrame with columns iteration, epoch, layer_id (1.x id), layer, mean_abs, max_abs, l1, l2,
             var (population, ddof 0) and count, in gradient units (var squared).
         """
-        from analyzer.run import pool_params
+        from bbdecoder.analyzer.run import pool_params
         run = self._run()
         df = run.grad_stats(per="step", by="param")
         to_x = {rid: i for i, rids in self.layer_map.items() for rid in rids}
@@ -164,7 +164,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
         Returns:
             :meth:`grad_stats` rows of the epoch just ended.
         """
-        from analyzer import plots
+        from bbdecoder.analyzer import plots
         folder = self._folder(save_folder)
         self.rec.epoch_end()
         all_rows = self.grad_stats()
@@ -198,7 +198,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
     def visualize_weight_hist(self, layer_inds: Any = None, save_folder: Any = None, bins: int = 64) -> list[str]:
         """Weight histograms per 1.x layer from the trace's weight snapshots: for each parameter the
         last snapshot's histogram and the distribution over time. Returns the PNG paths written."""
-        from analyzer import plots
+        from bbdecoder.analyzer import plots
         folder = self._folder(save_folder)
         run = self._run()
         paths = []
@@ -231,7 +231,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
         Returns:
             {1.x layer id: similarity (float)}.
         """
-        from analyzer.features import slice_similarity
+        from bbdecoder.analyzer.features import slice_similarity
         if sim_method not in ("cosine", "kl_divergence", "kl"):
             raise ValueError(f"sim_method must be 'cosine' or 'kl_divergence', not {sim_method!r}")
         out = {}
@@ -256,7 +256,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
                                   channels: Any = None, sample: int = 0) -> str:
         """The evolution of one layer's features (captured by :meth:`get_inter_features`) as an animated
         GIF plus a grid PNG in ``save_folder``. Returns the GIF's path."""
-        from analyzer.features import feature_maps, parse_channels, render_gif, render_grid
+        from bbdecoder.analyzer.features import feature_maps, parse_channels, render_gif, render_grid
         (i,) = self._ids([layer_ind])
         name = self._name(i)
         maps, steps, _ = feature_maps(self.run_dir, name, sample)
@@ -276,7 +276,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
         Returns:
             (B, H, W) float32 maps in [0, 1] at the input's resolution.
         """
-        from analyzer import plots
+        from bbdecoder.analyzer import plots
         (i,) = self._ids([layer_ind])
         if not isinstance(input, torch.Tensor) or input.ndim != 4:
             raise ValueError("input must be a (B, C, H, W) tensor")
@@ -313,7 +313,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
             apply_plan's summary (masked counts and fractions per layer, overall, expected) plus
             ``plan`` (path of the plan file) and ``snapshot_step``.
         """
-        from analyzer.pruning import write_plan
+        from bbdecoder.analyzer.pruning import write_plan
         from .prune import apply_plan
         rids = sorted(r for i in self._ids(layer_inds) for r in self.layer_map[i])
         if not rids:
@@ -346,7 +346,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
             except StopIteration:
                 dev = torch.device("cpu")
             self.rec.record_graph(torch.zeros((1, *self.input_size), device=dev))
-        from analyzer.graph import module_frame, read_graph
+        from bbdecoder.analyzer.graph import module_frame, read_graph
         m = module_frame(read_graph(self.run_dir)).set_index("name")
         rows = []
         for i, n, mod in self.layers:

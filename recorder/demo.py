@@ -184,8 +184,8 @@ def run_demo(out: str, force: bool = False, epochs: int = 3, samples: int = 2048
     import os
     import time
 
-    import analyzer
-    from analyzer.report import build_report
+    from bbdecoder import analyzer
+    from bbdecoder.analyzer.report import build_report
 
     from .recorder import Recorder
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from analyzer import format as fmt
-from analyzer.storage import abort_h5
-
+from bbdecoder.analyzer.trace import files
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.trace.hdf5 import abort_h5
 from .attention import _ensure_run, _first_tensor, _resolve_layer
 from .writer import raise_as_os_error
 
@@ -112,9 +112,9 @@ def capture_features(model: torch.nn.Module, x: Any, layer: Any, run_dir: str | 
         except BaseException as e:   # an error while writing (a full disk): close without a crash at exit
             abort_h5(f)
             raise_as_os_error(e)      # an HDF5 write failure raised as RuntimeError: the OSError it is
-        fmt.fsync_file(part)
+        files.fsync_file(part)
         os.replace(part, final)
-        fmt.fsync_dir(os.path.dirname(final))
+        files.fsync_dir(os.path.dirname(final))
         ok = True
         return final
     finally:

@@ -28,7 +28,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from analyzer import format as fmt
+from bbdecoder.analyzer.trace import files
+from bbdecoder.analyzer.trace import format as fmt
 
 from .activations import FUNCS, module_kind
 
@@ -281,5 +282,5 @@ def write_graph(run_dir: str | os.PathLike, graph: dict) -> str:
     """Write ``graph`` (from :func:`record_graph`) atomically to ``RUN/graph.json``; returns the path."""
     fmt.validate_graph(graph, "graph")
     path = os.path.join(os.fspath(run_dir), fmt.GRAPH_FILE)
-    fmt.write_json_atomic(path, graph)
+    files.write_json_atomic(path, graph)
     return path

@@ -1,6 +1,6 @@
 """Applying a pruning plan (see :mod:`analyzer.pruning`) to a torch model with torch.nn.utils.prune masks.
 
-    from recorder.prune import apply_plan
+    from bbdecoder.recorder.prune import apply_plan
     summary = apply_plan(model, "plan.json")     # or the plan dict from run.pruning_plan(...)
 
 Structured entries mask the producer's weight rows (and bias entries) of the removed units, the rows
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from analyzer.pruning import fingerprint_difference, load_plan, validate_plan
+from bbdecoder.analyzer.pruning import fingerprint_difference, load_plan, validate_plan
 
 __all__ = ["apply_plan", "model_params", "model_sparsity"]
 

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from analyzer import format as fmt
-from analyzer.storage import HDF5Backend, ShardSeriesWriter, StepRecord
-
+from bbdecoder.analyzer.trace import files
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.trace.hdf5 import HDF5Backend
+from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord
 from .gradstats import GradStatsPlan, Scratch, group_items
 from .schedules import as_schedule
 from .writer import BackgroundWriter, WriterClosedError, WriterError, describe_error
@@ -289,7 +290,7 @@ class Recorder:
             "config": self.config, "layers": table, "sites": [],
         }
         if self.rank == 0:
-            fmt.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
+            files.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
         self._series = ShardSeriesWriter(os.path.join(self.run_dir, fmt.rank_dirname(self.rank)), self.rank,
                                          flush_steps=flush_steps, flush_secs=flush_secs,
                                          max_shard_bytes=max_shard_bytes, backend=HDF5Backend())
@@ -532,7 +533,7 @@ class Recorder:
             if self._writer.error is not None:
                 self._manifest["error"] = describe_error(self._writer.error)
             try:
-                fmt.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
+                files.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
             except OSError as e:
                 if err is None:
                     err = e
@@ -574,7 +575,7 @@ class Recorder:
             self._sites_dirty = True
         if self._sites_dirty and self.rank == 0:
             self._sites_dirty = False
-            fmt.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
+            files.write_json_atomic(os.path.join(self.run_dir, fmt.MANIFEST), self._manifest)
         elif self._sites_dirty:   # other ranks: their site table in rank.json (the analyzer adds new sites)
             self._sites_dirty = False
             with self._series._lock:

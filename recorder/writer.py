@@ -18,7 +18,7 @@ import threading
 import traceback
 from typing import Any, Callable, NoReturn
 
-from analyzer import format as fmt
+from bbdecoder.analyzer.trace import format as fmt
 
 
 _HDF5_ERRNO = re.compile(r"errno = (\d+), error message = '([^']*)'")

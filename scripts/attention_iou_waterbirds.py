@@ -98,8 +98,8 @@ def train(x, y, epochs: int, seed: int, batch: int = 64):
 def run_level(level: float, args, out: str, test, seed: int) -> list[dict]:
     import torch
 
-    import analyzer
-    from recorder import capture_attention
+    from bbdecoder import analyzer
+    from bbdecoder.recorder import capture_attention
     rng = np.random.default_rng(seed * 7919 + int(level * 1000))
     x, y, _, _ = make_images(args.train, level, args.size, rng)
     model = train(x, y, args.epochs, seed)
@@ -120,7 +120,7 @@ def run_level(level: float, args, out: str, test, seed: int) -> list[dict]:
         al = df[df["split"] == "all"].iloc[0]
         rows.append({"bias": level, "seed": seed, "mask": mask, "mean": al["mean"], "boot_mean": al["boot_mean"],
                      "boot_std": al["boot_std"], "n": int(al["n"])})
-    cap = run._captures()[-1]
+    cap = run.catalog.captures()[-1]
     ok = cap.correct("bird")
     acc = float(ok.mean())
     worst = min(float(ok[(yt == a) & (bgt == b)].mean()) for a in (0, 1) for b in (0, 1))
@@ -130,7 +130,7 @@ def run_level(level: float, args, out: str, test, seed: int) -> list[dict]:
 
 
 def figure(df, path: str) -> str:
-    from analyzer import plots
+    from bbdecoder.analyzer import plots
     fig, ax = plots.new_figure(6.5, 4.2)
     ax = ax[0, 0]
     for mask, color in (("background", "tab:blue"), ("object", "tab:orange")):

@@ -52,9 +52,9 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
 
-    import analyzer
-    from analyzer.attention_iou import bootstrap, iou_score
-    from recorder import capture_attention
+    from bbdecoder import analyzer
+    from bbdecoder.analyzer.attention_iou import bootstrap, iou_score
+    from bbdecoder.recorder import capture_attention
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--size", type=int, default=64)
@@ -119,7 +119,7 @@ def main(argv=None):
     rer = bootstrap(per, args.bootstrap, 0)
     t_rerun = time.perf_counter() - t
     d = off.set_index("split").loc["all"]
-    print(f"{N} images of {S}x{S}, target layer layer4 {tuple(run._captures()[-1].__dict__[k] for k in ('K', 'h', 'w'))}, "
+    print(f"{N} images of {S}x{S}, target layer layer4 {tuple(run.catalog.captures()[-1].__dict__[k] for k in ('K', 'h', 'w'))}, "
           f"{args.threads} threads, capture file {mb:.1f} MiB (written once in {t_capture:.2f} s)")
     print(f"{'':30} {'seconds':>8}  {'mean S':>8}  {'boot std':>8}")
     print(f"{'offline rescoring (trace)':30} {t_off:8.2f}  {d['mean']:8.4f}  {d['boot_std']:8.4f}")

@@ -48,9 +48,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from analyzer import format as fmt  # noqa: E402
-from analyzer.run import BLOCK_BYTES  # noqa: E402
-from analyzer.storage import HDF5Backend, ShardSeriesWriter, StepRecord  # noqa: E402
+from bbdecoder.analyzer.trace import files  # noqa: E402
+from bbdecoder.analyzer.trace import format as fmt  # noqa: E402
+from bbdecoder.analyzer.run import BLOCK_BYTES  # noqa: E402
+from bbdecoder.analyzer.trace.hdf5 import HDF5Backend  # noqa: E402
+from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord  # noqa: E402
 
 RSS_TARGET_MB = 600
 RATIO_TARGET = 0.5
@@ -128,7 +130,7 @@ def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: in
     specs = layer_specs(width)
     manifest, sites = make_manifest(specs)
     os.makedirs(run_dir)
-    fmt.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), manifest)
+    files.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), manifest)
     rng = np.random.default_rng(seed)
     P = n_params(specs)
     pool = rng.standard_normal(P + (1 << 20), dtype=np.float32)   # slices at random offsets, scaled
@@ -172,7 +174,7 @@ def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: in
                                  time=t_wall + 0.1 * step, payloads=payloads)])
     series.close()
     manifest.update(status=fmt.STATUS_COMPLETE, ended=time.time(), steps=steps, epochs=epochs)
-    fmt.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), manifest)
+    files.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), manifest)
     files = shard_files(run_dir)
     return {"layers": len(specs), "params": P, "sites": len(sites), "steps": steps, "epochs": epochs,
             "weights_every": weights_every, "shards": len(files), "bytes": sum(os.path.getsize(f) for f in files),
@@ -233,7 +235,7 @@ def raw_read(files: list[str]) -> tuple[float, int]:
 #: The report's streaming passes without its figures and HTML: what `bbdecoder report` reads and computes.
 PASSES = r"""
 import sys
-from analyzer import activations as A, open as open_run
+from bbdecoder.analyzer import activations as A, open as open_run
 run = open_run(sys.argv[1], engine=sys.argv[2])
 with run.keep_open():      # as the report does
     ids = run.select(None)

@@ -88,9 +88,9 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import analyzer  # noqa: E402
-from recorder import Recorder  # noqa: E402
-from recorder.demo import make_reference_cnn, synthetic_images  # noqa: E402
+from bbdecoder import analyzer  # noqa: E402
+from bbdecoder.recorder import Recorder  # noqa: E402
+from bbdecoder.recorder.demo import make_reference_cnn, synthetic_images  # noqa: E402
 
 BATCH = 64
 N_BATCHES = 16      # distinct batches cycled through (same sequence for every setting)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from recorder import Recorder  # noqa: E402
+from bbdecoder.recorder import Recorder  # noqa: E402
 
 
 def resnet50_like() -> nn.Module:
@@ -220,7 +220,7 @@ def main() -> None:
     for name, (m, opt, rec) in state.items():
         if rec is not None:
             rec.close()
-    import analyzer
+    from bbdecoder import analyzer
     for name in settings:
         if settings[name] is not None:
             run = analyzer.open(os.path.join(base, name))

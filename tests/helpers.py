@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recorder import Recorder
+from bbdecoder.recorder import Recorder
 
 
 class Tiny(nn.Module):
@@ -84,7 +84,7 @@ def stats64(a):
 
 def run_cli(argv, capsys):
     """Run ``bbdecoder argv`` in-process; returns (exit code, stdout, stderr)."""
-    from analyzer.cli import main
+    from bbdecoder.analyzer.cli import main
     code = 0
     try:
         main(argv)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import analyzer
-from recorder import Recorder, RecorderWarning
+from bbdecoder import analyzer
+from bbdecoder.recorder import Recorder, RecorderWarning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-6
@@ -390,7 +390,7 @@ def test_std_of_values_far_from_zero(tmp_path):
 
 
 def test_histogram_counts_without_bincount():
-    from recorder.activations import _bin_counts
+    from bbdecoder.recorder.activations import _bin_counts
     idx = torch.tensor([0, 3, 3, 9, 3, 0])
     a = _bin_counts(idx, 11, bincount=True)
     b = _bin_counts(idx, 11, bincount=False)   # the path used off the CPU (no host synchronisation)
@@ -829,7 +829,7 @@ CHILD = r"""
 import sys, json
 sys.modules["torch"] = None
 sys.path.insert(0, ROOT)
-import analyzer
+from bbdecoder import analyzer
 run = analyzer.open(RUN)
 a = run.activation_stats()
 e = run.activation_stats(per="epoch")
@@ -914,7 +914,7 @@ def test_forward_recomputed_by_checkpointing_is_not_counted_twice(tmp_path):
 
 def test_counts_stay_exact_past_float32_integers():
     """2**24 + 3 values in one row of one unit: float32 cannot count them; the float64 path must."""
-    from recorder.activations import ActivationTracker, _Site
+    from bbdecoder.recorder.activations import ActivationTracker, _Site
     tr = ActivationTracker(nn.Linear(1, 1), [])
     Q = (1 << 24) + 3
     x = torch.ones(1, 1, Q)
@@ -935,7 +935,7 @@ def test_fast_cpu_path_matches_numpy_with_nan_tiny_spread_and_positive_units(sha
     """The CPU fast path (no centring, no finite count, no min pass for ReLU) against numpy, with the
     cases that send a slab through the exact path: NaN / inf values, a unit whose spread is tiny
     against its mean, and a ReLU unit whose every value is positive (its minimum must be exact)."""
-    from recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
+    from bbdecoder.recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
     g = torch.Generator().manual_seed(3)
     x = torch.randn(*shape, generator=g, dtype=torch.float64).float()
     axis = 1
@@ -975,7 +975,7 @@ def test_fast_cpu_path_on_clean_data_matches_numpy(shape, kind):
     """Finite values with a spread comparable to their size: every slab stays on the fast path and
     the statistics come from its shortcut (plain float64 sums of the partials, no Chan combination).
     Checked against numpy, with one slab and with many, and the slab redo never runs."""
-    from recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
+    from bbdecoder.recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
     g = torch.Generator().manual_seed(5)
     x = torch.randn(*shape, generator=g, dtype=torch.float64).float()
     if kind in ("relu", "relu6"):
@@ -1014,7 +1014,7 @@ def test_site_buffers_reused_across_calls_give_fresh_results(kind):
     """A site keeps its partials' buffers for the next call of the same shape (CPU). Calls that
     alternate shapes, clean data and data that sends slabs through the exact path give exactly what
     a fresh site gives, and a later call never changes the statistics an earlier call returned."""
-    from recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
+    from bbdecoder.recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
     g = torch.Generator().manual_seed(9)
 
     def batch(n, bad=False):

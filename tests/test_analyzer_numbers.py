@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import analyzer
-import analyzer.run as arun
+from bbdecoder import analyzer
+import bbdecoder.analyzer.run as arun  # noqa: F401
+from bbdecoder.analyzer.catalog import READERS_KEPT
 from helpers import record_tiny, stats64
 
 RTOL = 1e-6
@@ -115,20 +116,20 @@ def test_shard_files_are_open_only_inside_keep_open(recorded):
     d, _ = recorded
     run = analyzer.open(d)
     want = run.weight_histograms("head", bins=8).counts
-    assert run._readers.open_count == 0
+    assert run.catalog.open_count == 0
     opens = []
-    real = run._readers._opener
-    run._readers._opener = lambda p, n: (opens.append(p), real(p, n))[1]
+    real = run.catalog._readers._opener
+    run.catalog._readers._opener = lambda p, n: (opens.append(p), real(p, n))[1]
     with run.keep_open():
         a = run.weight_histograms("head", bins=8).counts
         n_first = len(opens)
         b = run.weight_histograms("head", bins=8).counts
         assert len(opens) == n_first > 0                  # the second pass reopened nothing
-        assert 0 < run._readers.open_count <= arun.READERS_KEPT
+        assert 0 < run.catalog.open_count <= READERS_KEPT
         with run:                                         # nested: still kept after the inner block
             pass
-        assert run._readers.open_count > 0
-    assert run._readers.open_count == 0
+        assert run.catalog.open_count > 0
+    assert run.catalog.open_count == 0
     np.testing.assert_array_equal(a, want)
     np.testing.assert_array_equal(b, want)
     for p in set(opens):                                  # default locking flags: nothing holds them
@@ -163,7 +164,7 @@ def test_noise_beside_the_moments_leaves_no_thread_and_reraises():
     """The gradient pass computes the element-wise noise in a helper thread beside the per-step
     moments: the helper's error reaches the caller, and no thread outlives the pass."""
     import threading
-    from analyzer.engine import _Beside
+    from bbdecoder.analyzer.engine import _Beside
     before = threading.active_count()
     with _Beside() as b:
         done = b.run(lambda: 1 / 0)

@@ -7,10 +7,11 @@ import h5py
 import numpy as np
 import pytest
 
-from analyzer import attention_iou as AI
-from analyzer import format as fmt
-from analyzer.captures import Capture
-from analyzer.cli import main
+from bbdecoder.analyzer import attention_iou as AI
+from bbdecoder.analyzer.trace import files
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.captures import Capture
+from bbdecoder.analyzer.cli import main
 
 
 def test_iou_identity_uniform_fraction_and_empty_mask():
@@ -110,14 +111,14 @@ def write_capture(path, n=6, K=3, h=4, w=4, H=16, W=16, seed=0, **over):
 def _run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    fmt.write_json_atomic(run / fmt.MANIFEST, {"format": fmt.FORMAT_NAME, "format_version": 1, "layers": [],
+    files.write_json_atomic(run / fmt.MANIFEST, {"format": fmt.FORMAT_NAME, "format_version": 1, "layers": [],
                                                "status": "complete"})
     return run
 
 
 def test_attention_iou_table_against_direct(tmp_path):
-    import analyzer
-    from analyzer.cam import get_cam
+    from bbdecoder import analyzer
+    from bbdecoder.analyzer.cam import get_cam
     run = _run(tmp_path)
     A, G, M, logits, labels, groups = write_capture(str(run / "captures" / "capture-000000.h5"))
     df = analyzer.open(run).attention_iou("bird", mask_group="object", bootstrap=50, seed=1,
@@ -181,7 +182,7 @@ def test_cli_output_and_bad_input(tmp_path, capsys):
     assert code == 2
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    fmt.write_json_atomic(empty / fmt.MANIFEST, {"format": fmt.FORMAT_NAME, "format_version": 1, "layers": []})
+    files.write_json_atomic(empty / fmt.MANIFEST, {"format": fmt.FORMAT_NAME, "format_version": 1, "layers": []})
     code, out = _cli(["attention-iou", str(empty), "--target", "bird", "--mask-group", "object"], capsys)
     assert code == 2 and "no attention captures" in out.err
 
@@ -221,7 +222,7 @@ def test_attention_iou_without_torch(tmp_path):
             " '--bootstrap', '30', '--by', 'none', '--method', 'eigengradcam'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    import analyzer
+    from bbdecoder import analyzer
     want = analyzer.open(run).attention_iou("bird", mask_group="object", bootstrap=30, by=None, method="eigengradcam")
     got = json.loads(r.stdout)
     np.testing.assert_allclose([g["boot_mean"] for g in got], want["boot_mean"].to_numpy(), rtol=1e-12)

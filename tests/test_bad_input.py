@@ -15,8 +15,8 @@ import h5py
 import numpy as np
 import pytest
 
-from analyzer import pruning
-from analyzer.format import TraceError
+from bbdecoder.analyzer import pruning
+from bbdecoder.analyzer.trace.format import TraceError
 from helpers import record_tiny, run_cli, tree_snapshot
 from test_cli import BAD as CLI_BAD
 
@@ -497,7 +497,7 @@ def test_real_process_one_line_and_exit_2(act_run, tmp_path):
         out_dir = t / "out"
         before = tree_snapshot(t)
         argv = cmd + [str(target)] + (["--out", str(out_dir)] if cmd == ["report"] else [])
-        r = subprocess.run([sys.executable, "-m", "analyzer.cli", *argv], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "bbdecoder.analyzer.cli", *argv], capture_output=True, text=True,
                            cwd=root, timeout=120)
         assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
@@ -540,7 +540,7 @@ def test_nan_and_inf_filled_tensors_are_analysed_and_flagged(act_run, tmp_path, 
     got = {f"{'grads' if e['kind'] == 'gradients' else 'weights'}/{e['layer']}/{e['param']}":
            (e["first_step"], e["count"], e["steps"]) for e in nf["entries"] if e["kind"] != "activations"}
     assert got == want
-    import analyzer
+    from bbdecoder import analyzer
     run = analyzer.open(d)
     gs = run.grad_stats()
     bad = gs[(gs["layer"] == "head") & (gs["param"] == "weight")].set_index("step")

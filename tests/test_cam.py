@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analyzer import cam as C
+from bbdecoder.analyzer import cam as C
 
 
 def _data(seed=0, N=3, K=5, h=4, w=6):

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import analyzer
-from analyzer import format as fmt
-from recorder import Recorder, capture_attention
+from bbdecoder import analyzer
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.recorder import Recorder, capture_attention
 
 
 class Net(nn.Module):
@@ -199,7 +199,7 @@ def test_recorder_captures_over_training(tmp_path):
     df = r.attention_iou("c0", mask_group="obj", bootstrap=10, capture="all", by=None)
     assert list(df["step"].unique()) == [2, 4, 6] and len(df) == 9
     # each capture's score equals the direct score of that capture's maps
-    from analyzer.attention_iou import iou_score
+    from bbdecoder.analyzer.attention_iou import iou_score
     for pos in range(3):
         maps = r.attention_maps("c0", size="image", capture=pos)
         mask = (torch.cat([b["masks"] for b in probe]) == 1).numpy().astype(float)
@@ -208,8 +208,8 @@ def test_recorder_captures_over_training(tmp_path):
         assert got == pytest.approx(want, rel=1e-6)
     # the report's attention section: scores per split (same numbers as the API), maps, overlays, over time
     import pandas as pd
-    from analyzer.plots_attention import REPORT_BOOTSTRAP
-    from analyzer.report import build_report
+    from bbdecoder.analyzer.plots_attention import REPORT_BOOTSTRAP
+    from bbdecoder.analyzer.report import build_report
     out = tmp_path / "rep"
     out.mkdir()
     summ = build_report(r, str(out))

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-import analyzer
-from analyzer.cli import main
+from bbdecoder import analyzer
+from bbdecoder.analyzer.cli import main
 from helpers import record_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -252,7 +252,7 @@ def test_unwritable_out(good_run, tmp_path, capsys, kind):
 
 def test_console_script_shows_no_traceback(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "bbdecoder")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "analyzer.cli"]
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "bbdecoder.analyzer.cli"]
     r = subprocess.run(cmd + ["info", str(tmp_path / "missing")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().startswith("bbdecoder: error: no such run directory")

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import analyzer
-from recorder.compat import Master_analyzer
+from bbdecoder import analyzer
+from bbdecoder.recorder.compat import Master_analyzer
 
 
 class Net1x(nn.Module):

@@ -27,8 +27,8 @@ import h5py
 import numpy as np
 import pytest
 
-import analyzer
-from analyzer import format as fmt
+from bbdecoder import analyzer
+from bbdecoder.analyzer.trace import format as fmt
 from helpers import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,8 +42,8 @@ import torch, h5py
 torch.set_num_threads(1)
 sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
 from helpers import Tiny
-from recorder import Recorder
-from analyzer import storage
+from bbdecoder.recorder import Recorder
+from bbdecoder.analyzer.trace import hdf5, series
 
 _m = Tiny()   # warm up in the zygote (the first optimizer step imports a lot), not in every child
 _o = torch.optim.SGD(_m.parameters(), lr=0.01)
@@ -61,35 +61,35 @@ def child(run_dir, progress, mode, arg, flush_steps, flush_secs, seed):
         return calls[0] == arg
 
     if mode == "closing":      # stuck inside the close of the arg-th shard (no step table yet)
-        real_close = storage.HDF5ShardWriter.close
+        real_close = hdf5.HDF5ShardWriter.close
         def close(self):
             if nth():
                 say("@closing")
                 time.sleep(30)
             return real_close(self)
-        storage.HDF5ShardWriter.close = close
+        hdf5.HDF5ShardWriter.close = close
     elif mode == "rename":     # the arg-th shard renamed, rank.json not yet rewritten
-        real_commit = storage.HDF5Backend.commit
+        real_commit = hdf5.HDF5Backend.commit
         def commit(self, live, final):
             real_commit(self, live, final)
             if nth():
                 say("@renamed")
                 time.sleep(30)
-        storage.HDF5Backend.commit = commit
+        hdf5.HDF5Backend.commit = commit
     elif mode == "fsync":      # the background fsync of the arg-th published shard is under way
-        real_sync = storage.HDF5Backend.sync
+        real_sync = hdf5.HDF5Backend.sync
         def sync(self, path):
             if nth():
                 say("@fsync")
                 time.sleep(30)
             return real_sync(self, path)
-        storage.HDF5Backend.sync = sync
+        hdf5.HDF5Backend.sync = sync
     elif mode == "full":       # a slow disk: the writer falls behind and the queue fills up
-        real_write = storage.ShardSeriesWriter.write
+        real_write = series.ShardSeriesWriter.write
         def write(self, records):
             time.sleep(0.05)
             return real_write(self, records)
-        storage.ShardSeriesWriter.write = write
+        series.ShardSeriesWriter.write = write
     torch.manual_seed(seed)
     m = Tiny()
     opt = torch.optim.SGD(m.parameters(), lr=0.01)

@@ -13,7 +13,7 @@ from helpers import record_tiny, run_cli, stats64
 
 import distributed  # the 'dask' extra, part of the dev extra
 
-import analyzer
+from bbdecoder import analyzer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def _dask_run(path, client):
 def test_dask_equals_local_and_numpy(multi, client):
     path, cap = multi
     local, dk = analyzer.open(path), _dask_run(path, client)
-    assert len(local._shards) >= 4     # several shards, several tasks
+    assert len(local.catalog.shards) >= 4     # several shards, several tasks
     g, gd = local.grad_stats(), dk.grad_stats()
     pd.testing.assert_frame_equal(g, gd, rtol=1e-12)
     e, ed = local.grad_stats(per="epoch"), dk.grad_stats(per="epoch")
@@ -100,14 +100,15 @@ import sys
 sys.modules["dask"] = None
 sys.modules["distributed"] = None
 sys.path.insert(0, ROOT)
-from analyzer.cli import main
+from bbdecoder.analyzer.cli import main
 main(["report", RUN, "--out", OUT, "--engine", "dask"])
 """
 
 IMPORTS = r"""
 import sys
 sys.path.insert(0, ROOT)
-import analyzer, analyzer.cli, analyzer.report, analyzer.engine
+import bbdecoder.analyzer.cli, bbdecoder.analyzer.report, bbdecoder.analyzer.engine
+from bbdecoder import analyzer
 run = analyzer.open(RUN)
 run.grad_stats(); run.weight_stats()
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("dask", "distributed")))

@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 
-import analyzer
-from analyzer.cli import main
+from bbdecoder import analyzer
+from bbdecoder.analyzer.cli import main
 
 
 def _cli(argv, capsys):

@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-import analyzer
-from analyzer.cli import cli
+from bbdecoder import analyzer
+from bbdecoder.analyzer.cli import cli
 
 pytest.importorskip("torch")
 import torch.distributed  # noqa: E402
@@ -41,7 +41,7 @@ WORKER = textwrap.dedent(r"""
     import torch.distributed as dist
     import torch.nn as nn
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from recorder import Recorder
+    from bbdecoder.recorder import Recorder
 
     rank, out = int(os.environ["RANK"]), sys.argv[1]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -287,13 +287,13 @@ def test_activation_ranks_and_record_rank_none(ddp_runs):
 
 def test_activation_ranks_validation():
     import torch.nn as nn
-    from recorder.recorder import _check_ranks
+    from bbdecoder.recorder.recorder import _check_ranks
     assert _check_ranks(None, 4) is None and _check_ranks(0, 4) == [0] and _check_ranks((2, 0), 4) == [0, 2]
     assert _check_ranks([1], 2) == [1] and _check_ranks([], 2) == []
     for bad in ([0, 4], [0, -1], [7], "0", [0.0], [True], 1.5):
         with pytest.raises(ValueError, match="activation_ranks"):
             _check_ranks(bad, 4)
-    from recorder.recorder import unwrap_model
+    from bbdecoder.recorder.recorder import unwrap_model
     m = nn.Linear(2, 2)
     assert unwrap_model(nn.DataParallel(m)) is m and unwrap_model(m) is m
 
@@ -301,7 +301,7 @@ def test_activation_ranks_validation():
 def test_merge_streams_misaligned_blocks(monkeypatch):
     """Ranks whose shards split the steps differently (and a step one rank lacks) merge per step exactly
     as a direct numpy merge of all rows."""
-    import analyzer.activations as A
+    import bbdecoder.analyzer.activations as A
     rng = np.random.default_rng(3)
     U = 4
     cuts = {0: [0, 3, 4, 9, 12], 1: [0, 1, 6, 7, 12], 2: [2, 5, 12]}
@@ -375,7 +375,7 @@ def test_prune_names_through_wrappers():
     """Pruning plans name parameters as the recorder does: a DataParallel/DDP wrapper is looked through."""
     import torch
     import torch.nn as nn
-    from recorder.prune import model_params
+    from bbdecoder.recorder.prune import model_params
     m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     want = [["0.weight", [4, 3]], ["0.bias", [4]], ["2.weight", [2, 4]], ["2.bias", [2]]]
     assert model_params(m) == want and model_params(nn.DataParallel(m)) == want

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import analyzer
-from analyzer.cli import main
-from analyzer.features import feature_maps, parse_channels, slice_similarity
+from bbdecoder import analyzer
+from bbdecoder.analyzer.cli import main
+from bbdecoder.analyzer.features import feature_maps, parse_channels, slice_similarity
 from helpers import Tiny
-from recorder import Recorder
-from recorder.schedules import every
+from bbdecoder.recorder import Recorder
+from bbdecoder.recorder.schedules import every
 
 
 def _layer_out(model, x, name):

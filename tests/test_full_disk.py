@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-import analyzer
-from analyzer import format as fmt
-from analyzer import storage
+from bbdecoder import analyzer
+from bbdecoder.analyzer.trace import files
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.trace import hdf5, series
 from helpers import Tiny, run_cli
-from recorder import Recorder, RecorderError, RecorderWarning
+from bbdecoder.recorder import Recorder, RecorderError, RecorderWarning
 
 ENOSPC_TEXT = os.strerror(errno.ENOSPC)          # "No space left on device"
 ERROR_LINE = f"OSError: [Errno {errno.ENOSPC}] {ENOSPC_TEXT}"
@@ -33,18 +34,18 @@ def _enospc():
 def _fail_at_step(monkeypatch, step):
     """Every tensor write of a step >= ``step`` into a shard raises ENOSPC (before writing; every
     payload reaches the file through ``_append_now``, buffered or not)."""
-    real = storage.HDF5ShardWriter._append_now
+    real = hdf5.HDF5ShardWriter._append_now
 
     def _append_now(self, key, steps, values, attrs=None, chunk_rows=None):
         if int(np.max(steps)) >= step:
             raise _enospc()
         return real(self, key, steps, values, attrs, chunk_rows)
-    monkeypatch.setattr(storage.HDF5ShardWriter, "_append_now", _append_now)
+    monkeypatch.setattr(hdf5.HDF5ShardWriter, "_append_now", _append_now)
 
 
 def _fail_after_bytes(monkeypatch, limit):
     """The disk holds ``limit`` bytes of tensor data; the write that goes past it raises ENOSPC."""
-    real = storage.HDF5ShardWriter._write
+    real = hdf5.HDF5ShardWriter._write
     used = [0]
 
     def _write(self, vds, start, block):
@@ -52,7 +53,7 @@ def _fail_after_bytes(monkeypatch, limit):
         if used[0] > limit:
             raise _enospc()
         return real(self, vds, start, block)
-    monkeypatch.setattr(storage.HDF5ShardWriter, "_write", _write)
+    monkeypatch.setattr(hdf5.HDF5ShardWriter, "_write", _write)
 
 
 def _train_step(m, opt, rec):
@@ -180,10 +181,10 @@ def test_live_shard_after_an_error(tmp_path, monkeypatch, consistent):
     """A live shard that a write failed in the middle of is deleted; one that is consistent (the
     error came from elsewhere) is published, so that what it holds is kept."""
     d = str(tmp_path / "rank-00000")
-    sw = storage.ShardSeriesWriter(d, 0, flush_steps=5)
+    sw = series.ShardSeriesWriter(d, 0, flush_steps=5)
 
     def rec(s):
-        return storage.StepRecord(step=s, epoch=0, loss=float(s), time=0.0, payloads=[
+        return series.StepRecord(step=s, epoch=0, loss=float(s), time=0.0, payloads=[
             ("grads", "l0", "p0", np.full(3, s, np.float32), None),
             ("grads", "l0", "p1", np.full(2, -s, np.float32), None)])
     sw.write([rec(0), rec(1), rec(2)])
@@ -207,7 +208,7 @@ def test_live_shard_after_an_error(tmp_path, monkeypatch, consistent):
 
 
 class _JsonOnAFullDisk:
-    """Stands in for the json module inside analyzer.format: dump writes half, then ENOSPC."""
+    """Stands in for the json module inside analyzer.trace.files: dump writes half, then ENOSPC."""
 
     def __init__(self):
         self.armed = False
@@ -227,18 +228,18 @@ class _JsonOnAFullDisk:
 @pytest.mark.parametrize("where", ["write", "fsync"])
 def test_json_write_on_a_full_disk_keeps_the_previous_version(tmp_path, monkeypatch, where):
     path = tmp_path / "manifest.json"
-    fmt.write_json_atomic(path, {"status": "recording", "n": 1})
+    files.write_json_atomic(path, {"status": "recording", "n": 1})
     before = path.read_bytes()
     if where == "write":
         fake = _JsonOnAFullDisk()
         fake.armed = True
-        monkeypatch.setattr(fmt, "json", fake)
+        monkeypatch.setattr(files, "json", fake)
     else:                                  # delayed allocation: the error shows at fsync
         def fsync(fd):
             raise _enospc()
-        monkeypatch.setattr(fmt.os, "fsync", fsync)
+        monkeypatch.setattr(files.os, "fsync", fsync)
     with pytest.raises(OSError) as ei:
-        fmt.write_json_atomic(path, {"status": "complete", "n": 2, "pad": "x" * 10000})
+        files.write_json_atomic(path, {"status": "complete", "n": 2, "pad": "x" * 10000})
     assert ei.value.errno == errno.ENOSPC
     assert path.read_bytes() == before and json.loads(before)["n"] == 1
     assert sorted(os.listdir(tmp_path)) == ["manifest.json"]      # the temporary file was removed
@@ -250,7 +251,7 @@ def test_full_disk_while_writing_rank_json(tmp_path, monkeypatch, capsys):
     warning; once space is back, close() records the failure in both JSON files."""
     d = str(tmp_path / "run")
     fake = _JsonOnAFullDisk()
-    monkeypatch.setattr(fmt, "json", fake)
+    monkeypatch.setattr(files, "json", fake)
     torch.manual_seed(0)
     m = Tiny()
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
@@ -290,7 +291,7 @@ sys.path[:0] = [{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r},
 import torch
 torch.set_num_threads(1)
 from helpers import Tiny
-from recorder import Recorder, at
+from bbdecoder.recorder import Recorder, at
 torch.manual_seed(0)
 m = Tiny()
 opt = torch.optim.SGD(m.parameters(), lr=0.01)
@@ -339,8 +340,8 @@ def test_real_write_failure_file_size_limit(tmp_path, capsys):
 
 
 CAPTURE_CHILD = CHILD_START + """
-from recorder.attention import capture_attention
-from recorder.features import capture_features
+from bbdecoder.recorder.attention import capture_attention
+from bbdecoder.recorder.features import capture_features
 d = sys.argv[1]
 loader = [(torch.randn(64, 3, 32, 32), torch.randint(0, 5, (64,))) for _ in range(3)]
 probe = torch.randn(64, 3, 32, 32)

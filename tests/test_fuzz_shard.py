@@ -13,10 +13,9 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from analyzer import format as fmt
-from analyzer.format import TraceError
-from analyzer.storage import HDF5ShardReader, HDF5ShardWriter
-
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.trace.format import TraceError
+from bbdecoder.analyzer.trace.hdf5 import HDF5ShardReader, HDF5ShardWriter
 SETTINGS = dict(deadline=2000, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 ALARM_S = 10
@@ -221,7 +220,7 @@ def recorded_run(tmp_path_factory):
 
 def analyse_everything(path):
     """What `bbdecoder report` computes, minus the figures."""
-    import analyzer
+    from bbdecoder import analyzer
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(ALARM_S * 3)
     try:
@@ -284,7 +283,7 @@ def _paths(obj, prefix=()):
 def test_manifest_and_rank_json_mutations_through_the_run(recorded_run, data):
     import json
 
-    import analyzer
+    from bbdecoder import analyzer
     src, _ = recorded_run
     which = data.draw(st.sampled_from(["manifest.json", os.path.join("rank-00000", "rank.json")]))
     m = json.loads((src / which).read_text())

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-import analyzer
-from analyzer import format as fmt
-from analyzer.engine import grad_stat_columns
-from recorder import Recorder
-from recorder.gradstats import CHUNK, GradStatsPlan
-from recorder.recorder import _Pending
+from bbdecoder import analyzer
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.engine import grad_stat_columns
+from bbdecoder.recorder import Recorder
+from bbdecoder.recorder.gradstats import CHUNK, GradStatsPlan
+from bbdecoder.recorder.recorder import _Pending
 
 from helpers import Tiny, stats64
 
@@ -185,7 +185,7 @@ def test_statistics_off_and_raw_only_still_give_per_step_statistics(tmp_path):
 
 
 def test_group_items():
-    from recorder.gradstats import group_items
+    from bbdecoder.recorder.gradstats import group_items
     assert group_items([1, 1, 1], limit=2 * CHUNK) == [[0, 1], [2]]
     assert group_items([5 * CHUNK, 1, CHUNK + 1, 1], limit=3 * CHUNK) == [[0], [1, 2], [3]]
     assert group_items([]) == []
@@ -194,7 +194,7 @@ def test_group_items():
 def test_parameters_in_groups_through_one_bounded_scratch(tmp_path, monkeypatch):
     """With groups of at most 3 chunks, a model's gradient statistics are computed group by group
     through one pair of scratch buffers of 3 chunks (the memory bound), with the same numbers."""
-    import recorder.gradstats as gst
+    import bbdecoder.recorder.gradstats as gst
     monkeypatch.setattr(gst, "GROUP_ELEMS", 3 * CHUNK)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 200), nn.ReLU(), nn.Linear(200, 30))
@@ -222,7 +222,7 @@ def test_parameters_in_groups_through_one_bounded_scratch(tmp_path, monkeypatch)
 def test_raw_snapshots_in_groups_round_trip(tmp_path, monkeypatch):
     """Raw gradients and weights are copied in groups of at most GROUP_ELEMS elements (one device
     temporary per group, not one of the model's size); what is stored is exactly the tensors."""
-    import recorder.gradstats as gst
+    import bbdecoder.recorder.gradstats as gst
     monkeypatch.setattr(gst, "GROUP_ELEMS", 6000)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 200), nn.ReLU(), nn.Linear(200, 30))

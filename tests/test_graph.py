@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import analyzer
-from analyzer.cli import main
-from analyzer.graph import layered_layout, read_graph
-from recorder import Recorder
-from recorder.graph import record_graph
+from bbdecoder import analyzer
+from bbdecoder.analyzer.cli import main
+from bbdecoder.analyzer.graph import layered_layout, read_graph
+from bbdecoder.recorder import Recorder
+from bbdecoder.recorder.graph import record_graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -242,12 +242,12 @@ def test_graph_analyzer_without_torch(graph_run, tmp_path):
 import sys
 sys.modules["torch"] = None
 sys.path.insert(0, {ROOT!r})
-import analyzer
-from analyzer.graph import render
+from bbdecoder import analyzer
+from bbdecoder.analyzer.graph import render
 r = analyzer.open({graph_run!r})
 n, e = r.graph()
 files = render({graph_run!r}, {str(tmp_path / 'nt')!r}, engine="matplotlib")
-import analyzer.features, analyzer.cli_graph
+import bbdecoder.analyzer.features, bbdecoder.analyzer.cli_graph
 leaked = [m for m in sys.modules if (m == "torch" or m.startswith("torch.")) and sys.modules[m] is not None]
 print("RESULT", len(n), len(e), files["engine"], leaked)
 """

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import analyzer
-from analyzer import format as fmt
-from analyzer.cli import main
+from bbdecoder import analyzer
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLUSH_STEPS, WEIGHTS_EVERY = 5, 3
@@ -31,7 +31,7 @@ import sys, threading, time, torch
 torch.set_num_threads(1)
 sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
 from helpers import Tiny
-from recorder import Recorder
+from bbdecoder.recorder import Recorder
 cmds, cv = [], threading.Condition()
 
 def reader():

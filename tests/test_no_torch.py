@@ -16,8 +16,8 @@ CHILD = r"""
 import sys, json
 sys.modules["torch"] = None          # any 'import torch' now raises ImportError
 sys.path.insert(0, ROOT)
-import analyzer
-from analyzer.cli import main
+from bbdecoder import analyzer
+from bbdecoder.analyzer.cli import main
 run = analyzer.open(RUN)
 out = {
     "status": run.status,
@@ -41,7 +41,7 @@ print("RESULT", json.dumps(out))
 def test_analyzer_and_report_without_torch(tmp_path):
     run = str(tmp_path / "run")
     record_tiny(run, epochs=2, steps_per_epoch=3, weights_every=2)
-    import analyzer
+    from bbdecoder import analyzer
     want = analyzer.open(run)
     code = CHILD.replace("ROOT", repr(ROOT)).replace("RUN", repr(run)).replace("OUT", repr(str(tmp_path / "rep")))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-import analyzer
+from bbdecoder import analyzer
 from helpers import run_cli
-from recorder import Recorder
+from bbdecoder.recorder import Recorder
 
 NAN_STEP = 3
 STEPS = 7
@@ -123,7 +123,7 @@ def test_report_flags_exactly_those_layers_and_the_first_step(nan_run, tmp_path,
 
 
 def test_a_finite_run_has_no_finding(tmp_path):
-    from analyzer.report import nonfinite_findings, nonfinite_html
+    from bbdecoder.analyzer.report import nonfinite_findings, nonfinite_html
     from helpers import record_tiny
     d = str(tmp_path / "run")
     record_tiny(d, epochs=1, steps_per_epoch=3, weights_every=1)

@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-import analyzer
-from analyzer.cli import main
-from analyzer.format import TraceError
-from analyzer.pruning import PlanError, load_plan, pruning_plan, sweep, write_plan
-from recorder import Recorder
-from recorder.prune import apply_plan, model_params, model_sparsity
+from bbdecoder import analyzer
+from bbdecoder.analyzer.cli import main
+from bbdecoder.analyzer.trace.format import TraceError
+from bbdecoder.analyzer.pruning import PlanError, load_plan, pruning_plan, sweep, write_plan
+from bbdecoder.recorder import Recorder
+from bbdecoder.recorder.prune import apply_plan, model_params, model_sparsity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEAD = [2, 5, 11]          # fc1 units made dead with a large negative bias
@@ -342,9 +342,9 @@ def test_plans_and_sweeps_without_torch(lin, tmp_path):
 import sys, json
 sys.modules["torch"] = None
 sys.path.insert(0, {ROOT!r})
-import analyzer
-from analyzer.pruning import pruning_plan, sweep
-from analyzer.cli import main
+from bbdecoder import analyzer
+from bbdecoder.analyzer.pruning import pruning_plan, sweep
+from bbdecoder.analyzer.cli import main
 run = analyzer.open({lin['run']!r})
 p = pruning_plan(run, "dead", 0.0)
 n = len(sweep(run, "magnitude", [0.0, 0.1]))

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import analyzer
-from analyzer import format as fmt
+from bbdecoder import analyzer
+from bbdecoder.analyzer.trace import format as fmt
 from helpers import Tiny, record_tiny
-from recorder import Recorder, RecorderClosedError, RecorderError, RecorderWarning, at, every, log_spaced
+from bbdecoder.recorder import Recorder, RecorderClosedError, RecorderError, RecorderWarning, at, every, log_spaced
 
 
 def _train(rec, model, steps, opt=None, accumulate=1, epoch_every=None):

@@ -19,10 +19,10 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-import analyzer  # noqa: E402
-from analyzer import plots  # noqa: E402
-from analyzer.report import build_report  # noqa: E402
-from recorder import Recorder  # noqa: E402
+from bbdecoder import analyzer  # noqa: E402
+from bbdecoder.analyzer import plots  # noqa: E402
+from bbdecoder.analyzer.report import build_report  # noqa: E402
+from bbdecoder.recorder import Recorder  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EPOCHS, STEPS, WEVERY = 2, 8, 4

@@ -19,11 +19,11 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-import analyzer  # noqa: E402
-from analyzer import activations as A  # noqa: E402
-from analyzer.cli import main  # noqa: E402
-from analyzer.report import build_report, dead_layer_table  # noqa: E402
-from recorder import Recorder  # noqa: E402
+from bbdecoder import analyzer  # noqa: E402
+from bbdecoder.analyzer import activations as A  # noqa: E402
+from bbdecoder.analyzer.cli import main  # noqa: E402
+from bbdecoder.analyzer.report import build_report, dead_layer_table  # noqa: E402
+from bbdecoder.recorder import Recorder  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

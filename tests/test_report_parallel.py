@@ -11,16 +11,16 @@ import sys
 
 import pytest
 
-from analyzer.report import _fork_is_safe, build_report, default_jobs
+from bbdecoder.analyzer.report import _fork_is_safe, build_report, default_jobs
 from tests.helpers import record_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = r"""
 import json, sys, warnings
-import analyzer
-from analyzer import plots
-from analyzer.report import build_report
+from bbdecoder import analyzer
+from bbdecoder.analyzer import plots
+from bbdecoder.analyzer.report import build_report
 run_dir, out, jobs, broken = sys.argv[1], sys.argv[2], int(sys.argv[3]), {"0": False, "1": True}.get(sys.argv[4], sys.argv[4])
 if broken == "crash":   # a drawing process dies: the report still finishes, without a hang
     import os

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from analyzer.stats import ElementwiseMoments, RowMoments, row_moments
+from bbdecoder.analyzer.stats import ElementwiseMoments, RowMoments, row_moments
 
 
 def _numpy_rows(x):

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from analyzer import format as fmt
-from analyzer.storage import HDF5Backend, MemoryBackend, ReaderPool, ShardSeriesWriter, StepRecord
-
-
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.trace.hdf5 import HDF5Backend
+from bbdecoder.analyzer.trace.shards import MemoryBackend, ReaderPool
+from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord
 def _steps(a, b, epoch=0):
     n = b - a
     return {"step": np.arange(a, b), "epoch": np.full(n, epoch), "loss": np.linspace(1, 0, n),

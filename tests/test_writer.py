@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from analyzer import format as fmt
-from recorder.writer import BackgroundWriter, WriterClosedError, WriterError
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.recorder.writer import BackgroundWriter, WriterClosedError, WriterError
 
 
 class FakeSink:

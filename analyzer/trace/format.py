@@ -19,7 +19,6 @@ import fnmatch
 import json
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Sequence
 
 FORMAT_NAME = "bbdecoder-trace"
@@ -193,73 +192,6 @@ def select_layers(spec: Any, table: Sequence[dict], type_match=None) -> list[int
             raise TraceError(f"unknown layer {it!r} (known layers: {known}{more})")
         chosen.update(hit)
     return sorted(chosen)
-
-
-# --------------------------------------------------------------------------- JSON files
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically: temporary file, fsync, rename."""
-    path = os.fspath(path)
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run is shared like its shards
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(d)
-
-
-def fsync_file(path: str, drop_cache: bool = False) -> None:
-    """Flush a closed file's data to stable storage; with ``drop_cache``, then tell the kernel the
-    (now clean) pages are not needed, so a recorder writing gigabytes does not push the training
-    job's data out of the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        if drop_cache and hasattr(os, "posix_fadvise"):
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(d: str) -> None:
-    """Make renames in directory ``d`` durable (best effort)."""
-    try:
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def read_json(path: str | os.PathLike, what: str) -> dict:
-    """Read a JSON object, raising :class:`TraceError` with a one-line reason on any problem."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise TraceError(f"{what} not found: {os.fspath(path)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TraceError(f"cannot read {what} {os.fspath(path)}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise TraceError(f"malformed {what} {os.fspath(path)}: {e.msg} at line {e.lineno}") from None
-    if not isinstance(obj, dict):
-        raise TraceError(f"malformed {what} {os.fspath(path)}: expected a JSON object")
-    return obj
 
 
 def check_version(version: Any, where: str) -> int:
