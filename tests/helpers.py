@@ -1,4 +1,11 @@
-"""Small recorded runs for tests, with the raw tensors captured directly for comparison."""
+"""Shared test helpers: small recorded runs with the raw tensors captured directly for comparison,
+reference statistics, the in-process CLI runner, directory snapshots."""
+
+import os as _os
+
+#: the tests folder and the repository root
+TESTS = _os.path.dirname(_os.path.abspath(__file__))
+ROOT = _os.path.dirname(TESTS)
 
 import numpy as np
 import torch

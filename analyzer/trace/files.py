@@ -53,6 +53,18 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None], durable
     return path
 
 
+def publish(src: str | os.PathLike, dst: str | os.PathLike, durable: bool = True) -> str:
+    """Rename a finished file into its final name (a shard, a capture); with ``durable``, fsync the
+    file first and the directory after. Returns ``dst``."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if durable:
+        fsync_file(src)
+    os.replace(src, dst)
+    if durable:
+        fsync_dir(os.path.dirname(dst) or ".")
+    return dst
+
+
 def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False) -> str:
     """:func:`atomic_write` of a UTF-8 text."""
     def w(p: str) -> None:

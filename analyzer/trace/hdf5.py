@@ -443,7 +443,7 @@ class HDF5Backend:
 
     def commit(self, live_path: str, final_path: str) -> None:
         """Publish a closed shard (a rename: from now on it survives a killed process)."""
-        os.replace(live_path, final_path)
+        files.publish(live_path, final_path, durable=False)
 
     def sync(self, final_path: str) -> None:
         """Make a published shard durable against power loss, then drop its clean pages from the

@@ -4,6 +4,8 @@ another threshold, one clear line for bad thresholds, and a run without activati
 
 from __future__ import annotations
 
+import helpers
+
 import json
 import math
 import os
@@ -26,7 +28,7 @@ from bbdecoder.analyzer.report import build_report, dead_layer_table  # noqa: E4
 from bbdecoder.recorder import Recorder  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 ACT_FIGURES = ["act_dead_heatmap", "act_dead_raster", "act_saturation", "act_distributions",
                "act_variance_similarity", "act_pruning_sweep"]
 ACT_TABLES = ["activation_stats_epoch", "dead_units", "dead_layers", "saturation", "saturation_layers"]

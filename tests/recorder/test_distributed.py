@@ -8,6 +8,8 @@ rank-merged statistics against numpy on the concatenation of both ranks' activat
 
 from __future__ import annotations
 
+import helpers
+
 import json
 import os
 import socket
@@ -31,7 +33,7 @@ import torch.distributed  # noqa: E402
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
     pytest.skip("this torch build has no torch.distributed gloo backend", allow_module_level=True)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 STEPS, BATCH, HIDDEN = 5, 8, 16
 
 WORKER = textwrap.dedent(r"""

@@ -1,5 +1,6 @@
 """Function graph (recorder/graph.py, analyzer/graph.py, `bbdecoder graph`) against hand counts and torch."""
 
+import helpers
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from bbdecoder.analyzer.graph import layered_layout, read_graph
 from bbdecoder.recorder import Recorder
 from bbdecoder.recorder.graph import record_graph
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 
 
 class Block(nn.Module):

@@ -15,6 +15,7 @@ in the writer queue; with a time-based flush, every step finished more than ``fl
 writer's 0.5 s batch wait, plus 1 s of slack for a loaded machine, before the kill survived).
 """
 
+import helpers
 import json
 import os
 import random
@@ -31,7 +32,7 @@ from bbdecoder import analyzer
 from bbdecoder.analyzer.trace import format as fmt
 from helpers import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 FLUSH_STEPS, FLUSH_SECS, QUEUE_ITEMS, WEIGHTS_EVERY = 10, 0.3, 4, 3
 BATCH_WAIT = 0.5        # BackgroundWriter's batch_wait (docs section 9: "after 0.5 s")
 N_PARAMS = 5            # Tiny: conv.weight, conv.bias, body.1.weight, head.weight, head.bias
@@ -40,7 +41,7 @@ ZYGOTE = f"""
 import json, os, sys, time
 import torch, h5py
 torch.set_num_threads(1)
-sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
+sys.path[:0] = [{ROOT!r}, {helpers.TESTS!r}]
 from helpers import Tiny
 from bbdecoder.recorder import Recorder
 from bbdecoder.analyzer.trace import hdf5, series

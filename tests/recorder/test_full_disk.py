@@ -4,6 +4,7 @@ No real small filesystem: mounting a tmpfs needs root, so the error is injected 
 report it (the HDF5 dataset write, the JSON file's write or fsync), as ``OSError(errno.ENOSPC)``.
 """
 
+import helpers
 import errno
 import json
 import os
@@ -286,8 +287,8 @@ def test_full_disk_while_writing_rank_json(tmp_path, monkeypatch, capsys):
 CHILD_START = f"""
 import json, os, resource, signal, sys, warnings
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG instead
-sys.path[:0] = [{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r},
-                {os.path.dirname(os.path.abspath(__file__))!r}]
+sys.path[:0] = [{helpers.ROOT!r},
+                {helpers.TESTS!r}]
 import torch
 torch.set_num_threads(1)
 from helpers import Tiny

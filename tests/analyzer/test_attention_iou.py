@@ -1,5 +1,6 @@
 """Attention-IoU scores, bootstrap and the bbdecoder attention-iou command against direct computations."""
 
+import helpers
 import json
 import os
 
@@ -215,7 +216,7 @@ def test_attention_iou_without_torch(tmp_path):
     import sys
     run = _run(tmp_path)
     write_capture(str(run / "captures" / "capture-000000.h5"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = helpers.ROOT
     code = (f"import sys; sys.modules['torch'] = None; sys.path.insert(0, {root!r})\n"
             "from analyzer.cli import main\n"
             f"main(['attention-iou', {str(run)!r}, '--target', 'bird', '--mask-group', 'object', '--json',"

@@ -8,6 +8,7 @@ directly), say the run is incomplete, and ignore the live ``.part`` shard. After
 the recorder, the same run reads as complete with every step.
 """
 
+import helpers
 import json
 import os
 import subprocess
@@ -23,13 +24,13 @@ from bbdecoder import analyzer
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 FLUSH_STEPS, WEIGHTS_EVERY = 5, 3
 
 CHILD = f"""
 import sys, threading, time, torch
 torch.set_num_threads(1)
-sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
+sys.path[:0] = [{ROOT!r}, {helpers.TESTS!r}]
 from helpers import Tiny
 from bbdecoder.recorder import Recorder
 cmds, cv = [], threading.Condition()

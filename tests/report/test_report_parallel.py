@@ -4,6 +4,7 @@ The report runs in a child process here: pytest's own process may hold other thr
 earlier tests), and then the report rightly refuses to fork and draws in-process.
 """
 
+import helpers
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from bbdecoder.analyzer.report import _fork_is_safe, build_report, default_jobs
 from tests.helpers import record_tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 
 CHILD = r"""
 import json, sys, warnings

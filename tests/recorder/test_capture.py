@@ -1,6 +1,7 @@
 """Attention captures (recorder.capture_attention, Recorder.capture_attention) and maps at image size
 against a direct torch computation (hooks + autograd + the same pipeline) on a small CNN."""
 
+import helpers
 import os
 
 import h5py
@@ -227,7 +228,7 @@ def test_recorder_captures_over_training(tmp_path):
 
 def test_waterbirds_smoke(tmp_path):
     import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = helpers.ROOT
     spec = importlib.util.spec_from_file_location("wb", os.path.join(root, "scripts", "attention_iou_waterbirds.py"))
     wb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wb)

@@ -1,6 +1,7 @@
 """The dask engine (issue 5, section 4): the same per-shard accumulators mapped over the shards on a
 local dask cluster give the local engine's numbers, which match numpy on the recorded tensors."""
 
+import helpers
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import distributed  # the 'dask' extra, part of the dev extra
 
 from bbdecoder import analyzer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 
 
 @pytest.fixture(scope="module")

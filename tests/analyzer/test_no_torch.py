@@ -1,5 +1,6 @@
 """The analyzer and `bbdecoder report` work with torch blocked (sys.modules['torch'] = None)."""
 
+import helpers
 import ast
 import json
 import os
@@ -10,7 +11,7 @@ import pytest
 
 from helpers import record_tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 
 CHILD = r"""
 import sys, json

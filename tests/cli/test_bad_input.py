@@ -7,6 +7,7 @@ NaN/Inf-filled tensors and layer names containing '/' or '..' are not errors: th
 the non-finite values are counted and flagged, and names never become paths.
 """
 
+import helpers
 import json
 import os
 import shutil
@@ -486,7 +487,7 @@ def test_real_process_one_line_and_exit_2(act_run, tmp_path):
     """Three cases through the console entry point in a child process (no pytest capture involved)."""
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = helpers.ROOT
     cases = [(CASES["parameter of 10**12 elements"][0], ["report"], "absurd"),
              (CASES["values of strings"][0], ["info"], "not numeric"),
              (CASES["rank.json of unknown version"][0], ["dead"], "version 7")]

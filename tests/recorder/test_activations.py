@@ -8,6 +8,7 @@ deltas, dimension variance and similarity of the raw samples, NaN/Inf, dtypes an
 analyzer with torch blocked.
 """
 
+import helpers
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 from bbdecoder import analyzer
 from bbdecoder.recorder import Recorder, RecorderWarning
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 RTOL = 1e-6
 
 

@@ -1,5 +1,6 @@
 """The bbdecoder CLI: info, layers, report, and one clear line for every kind of bad input."""
 
+import helpers
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from bbdecoder import analyzer
 from bbdecoder.analyzer.cli import main
 from helpers import record_tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ re-running into the same directory, escaping, and running without torch."""
 
 from __future__ import annotations
 
+import helpers
+
 import json
 import os
 import re
@@ -26,7 +28,7 @@ from bbdecoder.recorder import Recorder  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EPOCHS, STEPS, WEVERY = 2, 8, 4
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 
 
 def _model(odd_name: bool = False) -> nn.Module:

@@ -2,6 +2,7 @@
 keeps the outputs on the recorded inputs, magnitude and l1-channel plans against numpy, sweeps, plan
 validation, and `bbdecoder prune`."""
 
+import helpers
 import copy
 import json
 import os
@@ -21,7 +22,7 @@ from bbdecoder.analyzer.pruning import PlanError, load_plan, pruning_plan, sweep
 from bbdecoder.recorder import Recorder
 from bbdecoder.recorder.prune import apply_plan, model_params, model_sparsity
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 DEAD = [2, 5, 11]          # fc1 units made dead with a large negative bias
 DEAD_CH = [1]              # conv channels made dead through the BatchNorm bias
 STEPS = 6
