@@ -21,7 +21,7 @@ __version__ = "2.0.0.dev0"
 _LAZY = {
     "open": ("run", "open"),
     "Run": ("run", "Run"),
-    "WeightHistograms": ("run", "WeightHistograms"),
+    "WeightHistograms": ("weights", "WeightHistograms"),
     "TraceError": ("trace.format", "TraceError"),
     "FORMAT_VERSION": ("trace.format", "FORMAT_VERSION"),
 }

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .cam import get_cam, resize_bilinear
-from .captures import Capture
+from .trace.captures import Capture, pick
 from .trace.format import TraceError
 
 SCORES = ("iou", "l1", "pointing", "topk")
@@ -29,6 +29,28 @@ RESULT_COLUMNS = ["capture", "step", "epoch", "target", "reference", "kind", "me
                   "split", "n", "mean", "boot_mean", "boot_std", "ci_low", "ci_high"]
 #: Most resampled indices drawn at once by the bootstrap (bounds its memory to ~32 MiB).
 BOOT_CHUNK = 1 << 22
+
+
+def capture_table(caps: list) -> pd.DataFrame:
+    """One row per capture (``Run.captures``): position, index, step, epoch, n_images, target_layer,
+    targets, masks, groups (names joined by commas)."""
+    return pd.DataFrame({"position": range(len(caps)), "index": [c.index for c in caps],
+                         "step": [c.step for c in caps], "epoch": [c.epoch for c in caps],
+                         "n_images": [c.n for c in caps], "target_layer": [c.target_layer for c in caps],
+                         "targets": [",".join(t["name"] for t in c.targets) for c in caps],
+                         "masks": [",".join(c.mask_names.values()) for c in caps],
+                         "groups": [",".join(c.group_names) for c in caps]})
+
+
+def chosen_captures(caps: list, capture: Any, run_dir: str) -> list:
+    """The captures that ``capture`` names: "all" (every one) or a position (-1: the latest).
+
+    Raises:
+        TraceError: no capture, or a position out of range."""
+    chosen = caps if capture == "all" else [pick(caps, capture, run_dir)]
+    if not chosen:
+        pick(chosen, -1, run_dir)
+    return list(chosen)
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -224,12 +246,20 @@ def per_image_scores(cap: Capture, target: str, mask_group: str | None = None, p
     return {s: np.concatenate(v) for s, v in out.items()}
 
 
+def _group_frame(cap: Capture) -> pd.DataFrame:
+    """Group labels, one column per group name (empty frame when none were captured)."""
+    g = cap.group_labels()
+    if g is None:
+        return pd.DataFrame(index=range(cap.n))
+    return pd.DataFrame(g, columns=cap.group_names)
+
+
 def splits(cap: Capture, target: str, by: Any = "all") -> list[tuple[str, np.ndarray]]:
     """``(split name, (N,) bool)``: all, correct, incorrect, then one per joint value of the group
     columns in ``by`` ("all": every captured group column; None or []: no group splits)."""
     ok = cap.correct(target)
     out = [("all", np.ones(cap.n, bool)), ("correct", ok), ("incorrect", ~ok)]
-    g = cap.groups()
+    g = _group_frame(cap)
     cols = list(g.columns) if by == "all" else ([by] if isinstance(by, str) else list(by or []))
     missing = [c for c in cols if c not in g.columns]
     if missing:

@@ -357,6 +357,55 @@ class Catalog:
     def captures(self) -> list:
         """Attention captures of the run (``captures/``), opened once and kept."""
         if self._captures is None:
-            from .captures import open_captures
+            from .trace.captures import open_captures
             self._captures = open_captures(self.path)
         return self._captures
+
+
+#: the columns of :func:`rank_rows`
+RANK_COLUMNS = ["rank", "status", "shards", "live", "steps", "first_step", "last_step", "bytes", "grads",
+                "weights", "activations"]
+
+
+def rank_rows(catalog: Catalog) -> list[dict]:
+    """One dict per rank directory of ``catalog`` (keys :data:`RANK_COLUMNS`): rank, status (from its rank.json),
+    shards (closed), live (unfinished shards), steps (distinct steps of its step tables),
+    first_step, last_step (float; NaN if none), bytes (closed shards), grads, weights,
+    activations (whether its shards hold any)."""
+    rows = []
+    for r in catalog.ranks:
+        sh = [s for s in catalog.shards if s.rank == r]
+        st = np.concatenate([np.asarray(s.steps["step"], np.int64) for s in sh]) if sh else np.zeros(0, np.int64)
+        kinds = {k[0] for s in sh for k, v in s.payloads.items() if v[0]}
+        rows.append({"rank": r, "status": str(catalog.rank_states[r].get("status", "unknown")), "shards": len(sh),
+                     "live": sum(n.startswith(fmt.rank_dirname(r) + "/") for n in catalog.live),
+                     "steps": int(len(np.unique(st))),
+                     "first_step": float(st.min()) if len(st) else np.nan,
+                     "last_step": float(st.max()) if len(st) else np.nan,
+                     "bytes": int(sum(s.nbytes for s in sh)), "grads": bool(kinds & set(GRAD_KINDS)),
+                     "weights": fmt.KIND_WEIGHTS in kinds, "activations": fmt.KIND_ACT_STATS in kinds})
+    return rows
+
+def recorded_summary(catalog: Catalog) -> dict:
+    """What ``catalog``'s trace holds: per payload kind, {"steps": distinct steps, "layers": layers (or
+    sites) covered, "tensors": stored rows}. Reads the step indices of every payload, no values."""
+    out = {}
+    for kind in fmt.PAYLOAD_KINDS:
+        steps: set = set()
+        layers: set = set()
+        rows = 0
+        for s in catalog.shards:
+            for (k, lk, pk), (n, _, _) in s.payloads.items():
+                if k == kind and n:
+                    rows += n
+                    layers.add(lk)
+        # distinct steps: the union of the step indices of every payload (a parameter without a
+        # gradient at some steps has fewer); the indices are small, the values are not read
+        for s in catalog.shards:
+            keys = [key for key in s.payloads if key[0] == kind]
+            if keys:
+                with catalog.open_shard(s) as r:
+                    for key in keys:
+                        steps.update(r.read_payload_steps(*key).tolist())
+        out[kind] = {"steps": len(steps), "layers": len(layers), "tensors": rows}
+    return out

@@ -18,12 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pandas as pd
 
 from .trace import format as fmt
 from .trace.format import TraceError
-from .stats import PIECE_ELEMS, ElementwiseMoments, row_moments
+from .trace.hdf5 import HDF5Backend
+from .stats import PIECE_ELEMS, ElementwiseMoments, row_moments, stats_from_sums
 
 ENGINES = ("local", "dask")
+
+#: Bytes of stored data read per block (rows are chunk-aligned); bounds the memory of every pass.
+BLOCK_BYTES = 32 << 20
 
 #: Environment variable: address of a running dask scheduler for ``engine="dask"`` (else a local cluster).
 SCHEDULER_ENV = "BBDECODER_DASK_SCHEDULER"
@@ -69,6 +74,15 @@ class ShardContext:
         return epoch_lookup(self.step, self.epoch, steps)
 
 
+def shard_context(catalog) -> ShardContext:
+    """What a per-shard task of ``catalog``'s run needs: parameter metadata, the step table (its
+    sorted distinct steps and their epochs) and :data:`BLOCK_BYTES`."""
+    step, epoch = catalog.step_epochs()
+    meta = {(lk, pk): catalog.param_meta(lk, pk) for (lk, pk) in catalog.all_param_keys()}
+    backend = None if isinstance(catalog.backend, HDF5Backend) else catalog.backend
+    return ShardContext(meta, step, epoch, BLOCK_BYTES, backend)
+
+
 def epoch_lookup(step: np.ndarray, epoch: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """Epochs (int64, like ``steps``) of ``steps`` in a sorted step table; -1 where absent."""
     if not len(step):
@@ -94,10 +108,45 @@ def shard_blocks(reader, shard, kind: str, keys: set, block_bytes: int
             yield lk, pk, steps[a:b], reader.read_payload(kind, lk, pk, a, b)
 
 
+def iter_blocks(catalog, kind: str, keys: set, progress) -> Iterator[tuple[Any, str, str, np.ndarray, np.ndarray]]:
+    """Yield (shard, layer_key, param_key, steps (k,), values (k, *shape)) for every payload of
+    ``kind`` whose (layer_key, param_key) is in ``keys``, shard by shard in step order, in
+    chunk-aligned blocks of at most about :data:`BLOCK_BYTES` (readers from ``catalog``'s pool)."""
+    shards = catalog.shards_with(kind, keys)
+    with progress(f"reading {kind}", len(shards)) as bar:
+        for s in shards:
+            with catalog.open_shard(s) as r:
+                for lk, pk, steps, block in shard_blocks(r, s, kind, keys, BLOCK_BYTES):
+                    yield s, lk, pk, steps, block
+            bar.update(1)
+
+
+def part_frame(parts: list[dict], columns: list[str], multi_rank: bool) -> pd.DataFrame:
+    """One DataFrame from per-block column dicts of a pass (scalars broadcast), typed and sorted by
+    (rank,) step, layer_id, param."""
+    cols = columns + (["rank"] if multi_rank else [])
+    if parts:
+        df = pd.DataFrame({c: np.concatenate([np.broadcast_to(np.asarray(p[c]), len(p["step"]))
+                                              for p in parts]) for c in cols})
+    else:
+        df = pd.DataFrame({c: [] for c in cols})
+    df = typed(df, {"step": "int64", "epoch": "int64", "layer_id": "int64", "numel": "int64",
+                    "count": "int64", "nonfinite": "int64", "rank": "int64"})
+    order = (["rank"] if multi_rank else []) + ["step", "layer_id", "param"]
+    return df.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def typed(df: pd.DataFrame, types: dict) -> pd.DataFrame:
+    """``df`` with the listed columns (those present) cast to their dtypes, in place; returns it."""
+    for c, t in types.items():
+        if c in df.columns:
+            df[c] = df[c].astype(t)
+    return df
+
+
 def _open(ctx: ShardContext, path: str, name: str):
     if ctx.backend is not None:
         return ctx.backend.open(path, name)
-    from .trace.hdf5 import HDF5Backend
     return HDF5Backend().open(path, name)
 
 
@@ -113,8 +162,8 @@ def grad_stat_columns(vec: np.ndarray, numel: int) -> dict[str, np.ndarray]:
             add up to ``numel`` (a damaged trace) is read as numel non-finite elements.
 
     Returns:
-        dict of (k,) arrays; NaN where a row has no finite element. var = sumsq / n - mean^2
-        (population), clipped at 0.
+        dict of (k,) arrays; NaN where a row has no finite element. The formulas are
+        :func:`analyzer.stats.stats_from_sums` (var = sumsq / n - mean^2, population, clipped at 0).
     """
     v = np.asarray(vec, np.float64).reshape(-1, len(fmt.GRAD_STAT_FIELDS))
     n, nonfin, s, sq, sa, mx = (v[:, i] for i in range(v.shape[1]))
@@ -123,16 +172,14 @@ def grad_stat_columns(vec: np.ndarray, numel: int) -> dict[str, np.ndarray]:
     n = np.where(valid, n, 0.0)
     nonfin = np.where(valid, nonfin, float(numel))
     ok = n > 0
-    nn = np.where(ok, n, 1.0)
-    mean = s / nn
-    with np.errstate(invalid="ignore"):
-        var = np.maximum(sq / nn - mean * mean, 0.0)
+    st = stats_from_sums(n, s, sq, sa, mx)
 
     def f(x):
         return np.where(ok, x, np.nan)
 
-    return {"count": n.astype(np.int64), "nonfinite": nonfin.astype(np.int64), "mean": f(mean),
-            "abs_mean": f(sa / nn), "max_abs": f(mx), "var": f(var), "l1": f(sa), "l2": f(np.sqrt(sq))}
+    return {"count": n.astype(np.int64), "nonfinite": nonfin.astype(np.int64), "mean": st["mean"],
+            "abs_mean": st["abs_mean"], "max_abs": f(st["max_abs"]), "var": st["var"], "l1": f(st["l1"]),
+            "l2": f(st["l2"])}
 
 
 def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict]:

@@ -1,7 +1,7 @@
 """Feature evolution: one layer's output for a fixed probe input over training (``RUN/features/``).
 
-Reads the captures written by recorder/features.py, renders a grid (captures x channels) and an
-animated GIF (matplotlib.animation with PillowWriter). Never imports torch.
+Reads the captures written by recorder/features.py (the figures, a grid and an animated GIF, are
+:mod:`analyzer.report.plots.features`). Never imports torch.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .trace import format as fmt
-from . import plots
+from .trace.captures import list_features, read_feature_info, read_feature_sample
 from .trace.format import TraceError
 
 
@@ -23,19 +22,9 @@ def feature_captures(run_dir: str | os.PathLike) -> pd.DataFrame:
     Raises:
         TraceError: a malformed capture file (one line).
     """
-    import h5py
     rows = []
-    for idx, path in fmt.list_features(run_dir):
-        try:
-            with h5py.File(path, "r") as f:
-                attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-                attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
-                ds = f.get("values")
-                shape = ds.shape if isinstance(ds, h5py.Dataset) else None
-        except OSError as e:
-            raise TraceError(f"cannot read feature capture {path}: {e}") from None
-        d = fmt.validate_feature_capture(attrs, shape, os.path.basename(path))
-        rows.append({"index": idx, "path": path, **d})
+    for idx, path in list_features(run_dir):
+        rows.append({"index": idx, "path": path, **read_feature_info(path)})
     return pd.DataFrame(rows, columns=["index", "path", "layer", "step", "epoch", "shape"])
 
 
@@ -53,7 +42,6 @@ def feature_maps(run_dir: str | os.PathLike, layer: str, sample: int = 0) -> tup
         TraceError: no capture of ``layer`` (the captured layers are named), or inconsistent shapes.
         ValueError: ``sample`` out of range.
     """
-    import h5py
     caps = feature_captures(run_dir)
     sel = caps[caps["layer"] == layer]
     if not len(sel):
@@ -69,8 +57,7 @@ def feature_maps(run_dir: str | os.PathLike, layer: str, sample: int = 0) -> tup
         raise ValueError(f"sample must be an int in [0, {shape[0]}), not {sample!r}")
     out = []
     for path in sel["path"]:
-        with h5py.File(path, "r") as f:
-            out.append(np.asarray(f["values"][int(sample)], dtype=np.float32))
+        out.append(read_feature_sample(path, sample))
     maps = np.stack(out)
     if maps.ndim == 2:
         maps = maps[:, :, None, None]
@@ -106,80 +93,6 @@ def parse_channels(text: str | Sequence[int] | None, n_channels: int, default: i
     if bad:
         raise ValueError(f"channel {bad[0]} out of range: the layer has {n_channels} channels (0..{n_channels - 1})")
     return ch
-
-
-def _limits(maps: np.ndarray, channels: list[int]) -> list[tuple[float, float]]:
-    """Colour limits per channel, shared across captures (so the evolution is comparable)."""
-    out = []
-    for c in channels:
-        v = maps[:, c]
-        fin = v[np.isfinite(v)]
-        lo, hi = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 1.0)
-        out.append((lo, hi if hi > lo else lo + 1e-12))
-    return out
-
-
-def render_grid(maps: np.ndarray, steps: np.ndarray, channels: list[int], path: str, layer: str = "",
-                max_rows: int = 24) -> str:
-    """PNG grid: one row per capture (at most ``max_rows``, evenly spaced), one column per channel,
-    colour limits per channel shared over time. Returns ``path``."""
-    plt, _ = plots._mpl()
-    T = maps.shape[0]
-    rows = np.unique(np.linspace(0, T - 1, min(T, max_rows)).round().astype(int))
-    lims = _limits(maps, channels)
-    fig, axes = plt.subplots(len(rows), len(channels), figsize=(1.6 * len(channels) + 1, 1.6 * len(rows) + 0.6),
-                             squeeze=False, layout="constrained")
-    for i, t in enumerate(rows):
-        for j, c in enumerate(channels):
-            ax = axes[i, j]
-            ax.imshow(maps[t, c], cmap="viridis", vmin=lims[j][0], vmax=lims[j][1], aspect="auto",
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"ch {c}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(f"step {int(steps[t])}", fontsize=8)
-    fig.suptitle(plots.text(f"Feature evolution of {layer}" if layer else "Feature evolution"))
-    return plots.save(fig, path)
-
-
-def render_gif(maps: np.ndarray, steps: np.ndarray, channels: list[int], path: str, fps: float = 2.0,
-               layer: str = "") -> str:
-    """Animated GIF (PillowWriter), one frame per capture, one panel per channel, colour limits per
-    channel shared over time. Written to a temporary name, then renamed. Returns ``path``."""
-    plt, _ = plots._mpl()
-    from matplotlib.animation import FuncAnimation, PillowWriter
-    if not (fps > 0):
-        raise ValueError(f"fps must be > 0, not {fps}")
-    lims = _limits(maps, channels)
-    fig, axes = plt.subplots(1, len(channels), figsize=(1.8 * len(channels) + 0.4, 2.4), squeeze=False)
-    ims = []
-    for j, c in enumerate(channels):
-        ax = axes[0, j]
-        ims.append(ax.imshow(maps[0, c], cmap="viridis", vmin=lims[j][0], vmax=lims[j][1], aspect="auto",
-                             interpolation="nearest"))
-        ax.set_title(f"ch {c}", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    title = fig.suptitle("")
-
-    def frame(t):
-        for j, c in enumerate(channels):
-            ims[j].set_data(maps[t, c])
-        title.set_text(plots.text(f"{layer}  step {int(steps[t])}"))
-        return ims
-
-    anim = FuncAnimation(fig, frame, frames=maps.shape[0], blit=False)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        anim.save(tmp, writer=PillowWriter(fps=fps))
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def slice_similarity(x: np.ndarray, dim: int = 1, method: str = "cosine") -> float:

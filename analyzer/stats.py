@@ -1,43 +1,134 @@
-"""Mergeable statistics (torchmetrics style): declare state with a merge rule, update, merge, compute.
+"""Mergeable statistics (torchmetrics style): state declared once with its merge rule, then
+``update(chunk)``, ``merge(other)`` (in place, returns self) and ``compute()``.
 
 Every accumulator here is vectorised over a leading "rows" axis: ``update(block)`` with a block
 (k, n) updates k independent accumulators with n new elements each (one row per recorded step),
 and the same object accepts the elements of one row in several column pieces. State is sums,
 counts, extrema and Chan-merged second moments, never means of means.
+
+Merge rules (:data:`RULES`): "sum" (counts, sums, histograms add), "min", "max" (extrema), and
+"chan" (the pair ``mean``, ``m2`` weighted by the count ``n``: Chan et al.'s parallel variance).
+The formula of each statistic from sufficient statistics lives in :func:`stats_from_sums`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+#: merge rule -> the identity element a fresh state starts from
+RULES = {"sum": 0, "min": np.inf, "max": -np.inf, "chan": 0.0}
+#: element-wise merge rule -> its numpy ufunc (NaN propagates through min and max, as on the device)
+UFUNCS = {"sum": np.add, "min": np.minimum, "max": np.maximum}
 
-@dataclass
-class RowMoments:
-    """Per-row moments over the finite elements, with non-finite elements counted apart.
 
-    State (each an array of shape (k,)) and merge rule:
-        n (sum), mean / m2 (Chan), sum_abs (sum), sumsq (sum), max_abs (max), min (min), max (max),
-        nonfinite (sum).
+def combine(rule: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two partial states of one statistic combined by its merge rule ("sum", "min" or "max")."""
+    return UFUNCS[rule](a, b)
+
+
+def reduce(rule: str, a: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Partial states stacked along ``axis`` combined into one by their merge rule."""
+    return UFUNCS[rule].reduce(a, axis=axis)
+
+
+def chan_merge(n_a: np.ndarray, mean_a: np.ndarray, m2_a: np.ndarray, n_b: np.ndarray, mean_b: np.ndarray,
+               m2_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, m2) of the union of two sets from their counts, means and sums of squared deviations
+    (Chan, Golub & LeVeque); the mean is 0 where both counts are 0."""
+    n = n_a + n_b
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delta = mean_b - mean_a
+        nn = np.maximum(n, 1)
+        mean = np.where(n > 0, mean_a + delta * (n_b / nn), 0.0)
+        m2 = m2_a + m2_b + delta * delta * (n_a * n_b / nn)
+    return mean, m2
+
+
+def stats_from_sums(count=None, total=None, sumsq=None, sum_abs=None, max_abs=None) -> dict[str, np.ndarray]:
+    """THE formulas of the moment statistics from sufficient statistics (sums add across pieces,
+    steps, parameters, shards and ranks; means and variances do not). Each statistic is returned
+    when what it needs is given.
+
+    Args:
+        count: (k,) number of (finite) elements. total: (k,) sum x. sumsq: (k,) sum x^2.
+        sum_abs: (k,) sum |x|. max_abs: (k,) max |x| (passed through).
+
+    Returns:
+        dict of (k,) float64 arrays: mean = sum / n (count, total), var = sum x^2 / n - mean^2
+        (count, total, sumsq; population, ddof 0, clipped at 0), abs_mean = sum |x| / n (count,
+        sum_abs; these three NaN where n is 0), l1 = sum |x| (sum_abs), l2 = sqrt(sum x^2) (sumsq),
+        max_abs (max_abs). l1 and l2 are the sums as given (0 for an empty set).
+    """
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if count is not None:
+            n = np.asarray(count)
+            nn = np.where(n > 0, n, np.nan)
+            if total is not None:
+                mean = total / nn
+                out["mean"] = mean
+                if sumsq is not None:
+                    out["var"] = np.maximum(sumsq / nn - mean * mean, 0.0)
+            if sum_abs is not None:
+                out["abs_mean"] = sum_abs / nn
+        if max_abs is not None:
+            out["max_abs"] = max_abs
+        if sum_abs is not None:
+            out["l1"] = sum_abs
+        if sumsq is not None:
+            out["l2"] = np.sqrt(sumsq)
+    return out
+
+
+class Accumulator:
+    """Base of the mergeable accumulators.
+
+    A subclass declares its state once, in ``STATE``: ``(name, merge rule, dtype)`` per array. A
+    fresh accumulator of shape ``shape`` holds each rule's identity (0, +inf, -inf); :meth:`merge`
+    combines two states by the declared rules, in place, and returns self.
     """
 
-    n: np.ndarray
-    mean: np.ndarray
-    m2: np.ndarray
-    sum_abs: np.ndarray
-    sumsq: np.ndarray
-    max_abs: np.ndarray
-    min: np.ndarray
-    max: np.ndarray
-    nonfinite: np.ndarray
+    STATE: tuple[tuple[str, str, type], ...] = ()
+
+    def __init__(self, shape=(), **state):
+        for name, rule, dtype in self.STATE:
+            v = state.pop(name, None)
+            setattr(self, name, np.full(shape, RULES[rule], dtype) if v is None else v)
+        if state:
+            raise TypeError(f"{type(self).__name__} has no state {', '.join(state)}")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The declared state arrays by name."""
+        return {name: getattr(self, name) for name, _, _ in self.STATE}
+
+    def merge(self, other: "Accumulator") -> "Accumulator":
+        """Combine with the state of other elements of the same rows (in place); returns self."""
+        chan = any(rule == "chan" for _, rule, _ in self.STATE)
+        if chan:   # weighted by the counts before they add
+            mean, m2 = chan_merge(self.n, self.mean, self.m2, other.n, other.mean, other.m2)
+        for name, rule, _ in self.STATE:
+            if rule != "chan":
+                setattr(self, name, combine(rule, getattr(self, name), getattr(other, name)))
+        if chan:
+            self.mean, self.m2 = mean, m2
+        return self
+
+
+class RowMoments(Accumulator):
+    """Per-row moments over the finite elements, with non-finite elements counted apart.
+
+    State (each an array of shape (k,)) with its merge rule in ``STATE``; ``RowMoments(k)`` is the
+    empty state of k rows.
+    """
+
+    STATE = (("n", "sum", np.int64), ("mean", "chan", np.float64), ("m2", "chan", np.float64),
+             ("sum_abs", "sum", np.float64), ("sumsq", "sum", np.float64), ("max_abs", "max", np.float64),
+             ("min", "min", np.float64), ("max", "max", np.float64), ("nonfinite", "sum", np.int64))
 
     @classmethod
     def empty(cls, k: int) -> "RowMoments":
-        z = np.zeros(k)
-        return cls(n=np.zeros(k, np.int64), mean=z.copy(), m2=z.copy(), sum_abs=z.copy(),
-                   sumsq=z.copy(), max_abs=np.full(k, -np.inf), min=np.full(k, np.inf),
-                   max=np.full(k, -np.inf), nonfinite=np.zeros(k, np.int64))
+        """The state of k rows without elements."""
+        return cls(k)
 
     @classmethod
     def of(cls, block: np.ndarray) -> "RowMoments":
@@ -95,17 +186,9 @@ class RowMoments:
         return cls(n=np.full(k, n, np.int64), mean=mean, m2=m2, sum_abs=sum_abs, sumsq=m2 + s * mean,
                    max_abs=np.maximum(-mn, mx), min=mn, max=mx, nonfinite=np.zeros(k, np.int64))
 
-    def merge(self, o: "RowMoments") -> "RowMoments":
-        """Combine with the moments of other elements of the same rows (Chan et al. for m2)."""
-        n = self.n + o.n
-        with np.errstate(invalid="ignore", divide="ignore"):
-            delta = o.mean - self.mean
-            nn = np.maximum(n, 1)
-            mean = np.where(n > 0, self.mean + delta * (o.n / nn), 0.0)
-            m2 = self.m2 + o.m2 + delta * delta * (self.n * o.n / nn)
-        return RowMoments(n=n, mean=mean, m2=m2, sum_abs=self.sum_abs + o.sum_abs, sumsq=self.sumsq + o.sumsq,
-                          max_abs=np.maximum(self.max_abs, o.max_abs), min=np.minimum(self.min, o.min),
-                          max=np.maximum(self.max, o.max), nonfinite=self.nonfinite + o.nonfinite)
+    def update(self, block: np.ndarray) -> "RowMoments":
+        """Add more elements of the same rows: ``block`` (k, m); returns self."""
+        return self.merge(RowMoments.of(block))
 
     def compute(self) -> dict[str, np.ndarray]:
         """Statistics per row; NaN where a row has no finite element.
@@ -122,11 +205,12 @@ class RowMoments:
         def f(v):
             return np.where(ok, v, nan)
 
-        var = f(np.maximum(self.m2, 0.0) / nn)
+        var = f(np.maximum(self.m2, 0.0) / nn)     # from the Chan state (two-pass), not from sumsq
+        s = stats_from_sums(n, sumsq=self.sumsq, sum_abs=self.sum_abs, max_abs=self.max_abs)
         return {"count": n.copy(), "nonfinite": self.nonfinite.copy(), "mean": f(self.mean),
-                "abs_mean": f(self.sum_abs / nn), "max_abs": f(self.max_abs), "min": f(self.min),
-                "max": f(self.max), "var": var, "std": np.sqrt(var), "l1": f(self.sum_abs),
-                "l2": f(np.sqrt(self.sumsq))}
+                "abs_mean": s["abs_mean"], "max_abs": f(s["max_abs"]), "min": f(self.min),
+                "max": f(self.max), "var": var, "std": np.sqrt(var), "l1": f(s["l1"]),
+                "l2": f(s["l2"])}
 
 
 #: Elements per column piece of the streaming statistics: float64 temporaries of 2 MB stay in cache
@@ -145,22 +229,23 @@ def row_moments(block: np.ndarray, max_elems: int = PIECE_ELEMS) -> RowMoments:
         return RowMoments.of(flat)
     acc = None
     for j in range(0, n, step):
-        part = RowMoments.of(flat[:, j:j + step])
-        acc = part if acc is None else acc.merge(part)
+        piece = flat[:, j:j + step]
+        acc = RowMoments.of(piece) if acc is None else acc.update(piece)
     return acc
 
 
-class ElementwiseMoments:
+class ElementwiseMoments(Accumulator):
     """Element-wise mean and variance across rows (steps), for one tensor shape.
 
-    State: n (per element, sum), mean / m2 (per element, Chan). Non-finite values are skipped
-    element by element. Memory: three arrays of the tensor's size, independent of the number of rows.
+    State (per element, shape (size,)) with its merge rule in ``STATE``. Non-finite values are
+    skipped element by element. Memory: three arrays of the tensor's size, independent of the
+    number of rows.
     """
 
+    STATE = (("n", "sum", np.int64), ("mean", "chan", np.float64), ("m2", "chan", np.float64))
+
     def __init__(self, size: int):
-        self.n = np.zeros(size, np.int64)
-        self.mean = np.zeros(size)
-        self.m2 = np.zeros(size)
+        super().__init__(size)
 
     def update(self, block: np.ndarray, max_elems: int = PIECE_ELEMS) -> "ElementwiseMoments":
         """Add rows ``block`` (k, size), in column pieces of about ``max_elems`` elements (bounded
@@ -192,6 +277,7 @@ class ElementwiseMoments:
             with np.errstate(invalid="ignore", divide="ignore"):
                 mb = np.where(nb > 0, xs.sum(0) / np.maximum(nb, 1), 0.0)
             m2b = (np.where(fin, x - mb, 0.0) ** 2).sum(0)
+        # Chan's update in place on the slice (m2 += m2b + ...: the association of the numbers)
         n0, mean0 = self.n[sl], self.mean[sl]
         n = n0 + nb
         nn = np.maximum(n, 1)
@@ -200,18 +286,41 @@ class ElementwiseMoments:
         self.m2[sl] += m2b + delta * delta * (n0 * nb / nn)
         self.n[sl] = n
 
-    def merge(self, o: "ElementwiseMoments") -> "ElementwiseMoments":
-        n = self.n + o.n
-        nn = np.maximum(n, 1)
-        delta = o.mean - self.mean
-        self.mean = np.where(n > 0, self.mean + delta * (o.n / nn), 0.0)
-        self.m2 = self.m2 + o.m2 + delta * delta * (self.n * o.n / nn)
-        self.n = n
-        return self
-
-    def compute_mean_variance(self) -> float:
+    def compute(self) -> float:
         """Population variance across rows, averaged over elements that have at least one value."""
         ok = self.n > 0
         if not ok.any():
             return float("nan")
         return float(np.mean(self.m2[ok] / self.n[ok]))
+
+
+class UnitSums(Accumulator):
+    """Per-unit activation statistics pooled over rows (steps, ranks): the sufficient statistics the
+    recorder stores per step and unit. State (``STATE``): count (values per unit), nonfinite, sum,
+    sum_abs, sumsq, n_pos (values > 0) add; min and max are extrema (NaN propagates). Histograms
+    (``hist``) add too: see :meth:`rule`.
+    """
+
+    STATE = (("count", "sum", np.float64), ("nonfinite", "sum", np.float64), ("sum", "sum", np.float64),
+             ("sum_abs", "sum", np.float64), ("sumsq", "sum", np.float64), ("n_pos", "sum", np.float64),
+             ("min", "min", np.float64), ("max", "max", np.float64))
+
+    @classmethod
+    def rule(cls, stat: str) -> str:
+        """The merge rule of a recorded per-unit statistic (anything not declared, e.g. a histogram, adds)."""
+        return next((r for name, r, _ in cls.STATE if name == stat), "sum")
+
+    @classmethod
+    def of(cls, rows: dict, mask: np.ndarray | None = None) -> "UnitSums":
+        """The statistics of rows (``stat -> (k, ...)`` arrays; only ``mask``'s rows if given) pooled
+        into one."""
+        return cls(**{name: reduce(rule, rows[name] if mask is None else rows[name][mask])
+                      for name, rule, _ in cls.STATE})
+
+    def update(self, rows: dict, mask: np.ndarray | None = None) -> "UnitSums":
+        """Pool more rows in; returns self."""
+        return self.merge(UnitSums.of(rows, mask))
+
+    def compute(self) -> dict[str, np.ndarray]:
+        """The pooled state by statistic name (the tables' formulas are the activation module's)."""
+        return self.state()

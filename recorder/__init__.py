@@ -1,6 +1,6 @@
 """BBDecoder recorder: attach to a PyTorch model in an ordinary training loop and write a trace.
 
-Needs torch. The trace format it writes is defined torch-free in :mod:`analyzer.format`.
+Needs torch. The trace format it writes is defined torch-free in :mod:`analyzer.trace`.
 """
 
 from .recorder import (LayerInfo, Recorder, RecorderClosedError, RecorderError,  # noqa: F401

@@ -5,42 +5,25 @@ chosen target scalars, so that Grad-CAM-family maps and Attention-IoU scores can
     capture_attention(model, loader, "runs/probe", target_layer="layer4.1", targets={"bird": 1})
 
 One HDF5 file per pass, ``RUN/captures/capture-NNNNNN.h5`` (layout in docs/trace-format.md §12 and
-:func:`analyzer.format.validate_capture`). The pass is not on the training hot path: tensors are copied
+:mod:`analyzer.trace.captures`, which writes it). The pass is not on the training hot path: tensors are copied
 to the host once per batch.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import time
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from bbdecoder.analyzer.trace import files
 from bbdecoder.analyzer.trace import format as fmt
-from bbdecoder.analyzer.trace.hdf5 import abort_h5
+from bbdecoder.analyzer.trace.captures import CaptureWriter
+from .modules import first_tensor, resolve_layer
+from .rundir import ensure_run
 from .writer import raise_as_os_error
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def _resolve_layer(model: torch.nn.Module, target_layer: Any) -> tuple[str, torch.nn.Module]:
-    if isinstance(target_layer, torch.nn.Module):
-        for name, m in model.named_modules():
-            if m is target_layer:
-                return name, m
-        raise ValueError("target_layer is a module that is not part of the model")
-    if not isinstance(target_layer, str):
-        raise TypeError("target_layer must be a dotted module name or a module")
-    mods = dict(model.named_modules())
-    if target_layer not in mods:
-        known = [n for n in mods if n][-6:]
-        raise ValueError(f"unknown target_layer {target_layer!r} (last modules: {', '.join(known)})")
-    return target_layer, mods[target_layer]
 
 
 def _parse_targets(targets: Any, multilabel: bool) -> list[dict]:
@@ -77,16 +60,6 @@ def _target_scalar(t: dict, logits: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"target {t['name']!r}: class {t['index']} but the model has {logits.shape[1]} logits")
     z = logits[:, t["index"]]
     return z.abs() if t["kind"] == "multilabel" else z
-
-
-def _first_tensor(x: Any) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-        return x[0]
-    if isinstance(x, dict) and isinstance(x.get("logits"), torch.Tensor):
-        return x["logits"]
-    raise TypeError(f"cannot find a tensor in a {type(x).__name__}")
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, Any, Any, Any]:
@@ -141,42 +114,6 @@ def _groups(g: Any, names: list[str] | None, B: int) -> tuple[np.ndarray, list[s
     return a.astype(np.int64), nm
 
 
-def _next_capture(run_dir: str) -> tuple[int, str]:
-    d = os.path.join(run_dir, fmt.CAPTURES_DIR)
-    os.makedirs(d, exist_ok=True)
-    i = max([k for k, _ in fmt.list_captures(run_dir)], default=-1) + 1
-    while True:
-        part = os.path.join(d, fmt.capture_filename(i, live=True))
-        if not os.path.exists(os.path.join(d, fmt.capture_filename(i))):
-            try:
-                os.close(os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-                return i, part
-            except FileExistsError:
-                pass
-        i += 1
-
-
-def _ensure_run(model: torch.nn.Module, run_dir: str) -> None:
-    """Make ``run_dir`` a (minimal) run if it is not one; refuse a non-run directory with files."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise FileExistsError(f"{run_dir} exists and is not a directory")
-    if os.path.isfile(os.path.join(run_dir, fmt.MANIFEST)):
-        return
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise FileExistsError(f"{run_dir} holds files but is not a bbdecoder run; refusing to write into it")
-    os.makedirs(run_dir, exist_ok=True)
-    from .recorder import VERSION
-    now = time.time()
-    files.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), {
-        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "bbdecoder_version": VERSION,
-        "created": now, "ended": now, "status": fmt.STATUS_COMPLETE, "world_size": 1,
-        "host": socket.gethostname(), "torch_version": torch.__version__,
-        "model": {"class": f"{type(model).__module__}.{type(model).__qualname__}",
-                  "n_params": int(sum(p.numel() for p in model.parameters()))},
-        "config": {"attention_capture_only": True}, "layers": [], "sites": [], "steps": 0, "epochs": 0,
-    })
-
-
 def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike, target_layer: Any,
                       targets: dict, *, multilabel: bool = False, reshape: Callable | None = None,
                       batch_limit: int | None = None, dtype: str = "float32", mask_names: list[str] | None = None,
@@ -205,15 +142,13 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
     Returns:
         Path of the finished capture file ``RUN/captures/capture-NNNNNN.h5``.
     """
-    import h5py
     if dtype not in _NP_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_NP_DTYPES)}")
     tlist = _parse_targets(targets, multilabel)
-    lname, layer = _resolve_layer(model, target_layer)
+    lname, layer = resolve_layer(model, target_layer)
     run_dir = os.path.abspath(os.fspath(run_dir))
-    _ensure_run(model, run_dir)
-    idx, part = _next_capture(run_dir)
-    final = part[: -len(fmt.LIVE_SUFFIX)]
+    ensure_run(model, run_dir)
+    writer = CaptureWriter(run_dir)   # reserves RUN/captures/capture-NNNNNN.h5.part
     npdt = _NP_DTYPES[dtype]
     try:
         device = next(model.parameters()).device
@@ -223,7 +158,7 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
     box: dict = {}
 
     def hook(mod, inp, out):
-        a = _first_tensor(out)
+        a = first_tensor(out)
         if not a.requires_grad:  # frozen model: make the output a leaf that requires grad
             a = a.detach().requires_grad_(True)
             box["a"] = a
@@ -232,14 +167,10 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
         return None
 
     handle = layer.register_forward_hook(hook)
-    f = None
-    ok = False
     try:
         if eval_mode:
             model.eval()
-        f = h5py.File(part, "w")
-        ds: dict = {}
-        n = 0
+        writer.open()
         mnames: dict[str, str] = {}
         gnames: list[str] | None = None
         image_size = None
@@ -250,8 +181,9 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
                 x, labels, masks, groups = _split_batch(batch)
                 x = x.to(device)
                 B = x.shape[0]
+                n = writer.n
                 box.clear()
-                logits = _first_tensor(model(x))
+                logits = first_tensor(model(x))
                 if "a" not in box:
                     raise RuntimeError(f"target layer {lname!r} was not called in the forward pass")
                 a = box.pop("a")
@@ -292,49 +224,16 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
                     rows["groups"] = ga
                 if image_size is None:
                     image_size = [int(x.shape[-2]), int(x.shape[-1])]
-                for key, v in rows.items():
-                    d = ds.get(key)
-                    if d is None:
-                        if n:
-                            raise ValueError(f"{key} appears after the first batch")
-                        d = ds[key] = f.create_dataset(key, shape=(0, *v.shape[1:]), maxshape=(None, *v.shape[1:]),
-                                                       chunks=(max(1, min(B, (1 << 20) // max(1, v[0].nbytes))),
-                                                               *v.shape[1:]), dtype=v.dtype,
-                                                       **({"compression": "lzf"} if key.startswith("masks/") else {}))
-                    if d.shape[1:] != v.shape[1:]:
-                        raise ValueError(f"{key}: batch of shape {v.shape[1:]} after {d.shape[1:]}")
-                    d.resize((n + B, *v.shape[1:]))
-                    d[n:n + B] = v
-                missing = set(ds) - set(rows)
-                if missing:
-                    raise ValueError(f"batch {b} lacks {', '.join(sorted(missing))}")
-                n += B
-        if not n:
+                writer.append(rows, B, b)
+        if not writer.n:
             raise ValueError("the loader yielded no images")
-        f.attrs.update({"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
-                        "kind": fmt.CAPTURE_KIND, "step": int(step), "epoch": int(epoch), "rank": int(rank),
-                        "target_layer": lname, "image_size": np.asarray(image_size, np.int64), "n_images": n,
-                        "dtype": dtype, "created": time.time(),
-                        "targets": json.dumps([{k: t[k] for k in ("name", "key", "kind", "index")} for t in tlist]),
-                        "mask_names": json.dumps(mnames), "group_names": json.dumps(gnames or [])})
-        f.flush()   # a write error (ENOSPC, EFBIG) shows here, while the file can still be aborted
-        f.close()
-        f = None
-        files.fsync_file(part)
-        os.replace(part, final)
-        files.fsync_dir(os.path.dirname(final))
-        ok = True
-        return final
+        return writer.finish(step=step, epoch=epoch, rank=rank, target_layer=lname, image_size=image_size,
+                          dtype=dtype, targets=[{k: t[k] for k in ("name", "key", "kind", "index")} for t in tlist],
+                          mask_names=mnames, group_names=gnames or [])
     except Exception as e:   # an HDF5 write failure raised as RuntimeError: the OSError it is
         raise_as_os_error(e)
     finally:
         handle.remove()
         for m, tr in modes.items():
             m.training = tr
-        if f is not None:   # an error while writing (a full disk): close without a crash at exit
-            abort_h5(f)
-        if not ok:
-            try:
-                os.unlink(part)
-            except OSError:
-                pass
+        writer.abort()   # an error while writing (a full disk): closed without a crash at exit, deleted

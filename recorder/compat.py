@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-import pandas as pd
 import torch
 
 from bbdecoder.analyzer.trace import format as fmt
@@ -30,6 +29,9 @@ from bbdecoder.analyzer.trace import format as fmt
 from .features import capture_features, layer_output
 from .recorder import Recorder
 from .schedules import as_schedule
+
+if TYPE_CHECKING:   # the analysis stack is imported inside the methods that use it
+    import pandas as pd
 
 __all__ = ["Master_analyzer"]
 
@@ -139,7 +141,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
             DataFrame with columns iteration, epoch, layer_id (1.x id), layer, mean_abs, max_abs, l1, l2,
             var (population, ddof 0) and count, in gradient units (var squared).
         """
-        from bbdecoder.analyzer.run import pool_params
+        from bbdecoder.analyzer.gradients import pool_params
         run = self._run()
         df = run.grad_stats(per="step", by="param")
         to_x = {rid: i for i, rids in self.layer_map.items() for rid in rids}
@@ -164,7 +166,6 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
         Returns:
             :meth:`grad_stats` rows of the epoch just ended.
         """
-        from bbdecoder.analyzer import plots
         folder = self._folder(save_folder)
         self.rec.epoch_end()
         all_rows = self.grad_stats()
@@ -174,31 +175,12 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
         if not len(rows):
             warnings.warn(f"save_collected_grads({ep}): no gradients were collected in this epoch", stacklevel=2)
             return rows
-        flow = rows.rename(columns={"iteration": "step"})
-        fig, axes = plots.new_figure(width=max(6.0, 0.5 * flow["layer_id"].nunique() + 3))
-        plots.grad_flow(flow, axes[0, 0], title=f"Gradient flow, epoch {ep}: mean |g| and max |g| per layer")
-        plots.save(fig, os.path.join(folder, f"gradient_flow_ep{ep}.png"))
-        hist = all_rows.rename(columns={"iteration": "step"})
-        for lid, d in hist.groupby("layer_id"):
-            fig = plots.figure(8, 6)
-            plots.grad_norms(d, fig, title=f"Layer {lid}: {self._name(lid) or '(model)'}")
-            plots.save(fig, os.path.join(folder, f"grad_norms_{fmt.sanitize(self._name(lid))}_ep{ep}.png"))
-        fig, axes = plots.new_figure()
-        ax = axes[0, 0]
-        for lid, d in hist.groupby("layer_id"):
-            ax.plot(d["step"], d["var"], lw=0.8, label=plots.layer_label(lid, self._name(lid)))
-        ax.set_yscale("log") if (hist["var"] > 0).all() else None
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("gradient variance (squared gradient units)")
-        ax.set_title("Gradient variance per iteration")
-        ax.legend(fontsize="small")
-        plots.save(fig, os.path.join(folder, f"grad_variance_ep{ep}.png"))
+        _grad_figures(rows, all_rows, ep, folder, self._name)
         return rows.reset_index(drop=True)
 
     def visualize_weight_hist(self, layer_inds: Any = None, save_folder: Any = None, bins: int = 64) -> list[str]:
         """Weight histograms per 1.x layer from the trace's weight snapshots: for each parameter the
         last snapshot's histogram and the distribution over time. Returns the PNG paths written."""
-        from bbdecoder.analyzer import plots
         folder = self._folder(save_folder)
         run = self._run()
         paths = []
@@ -209,15 +191,8 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
                     h = run.weight_histograms(rid, bins=bins, param=q["name"])
                     if not len(h.steps):
                         continue
-                    fig, axes = plots.new_figure(width=11, height=4, ncols=2)
-                    c = h.counts[-1]
-                    axes[0, 0].bar(h.edges[:-1], c, width=np.diff(h.edges), align="edge", color="#4c72b0")
-                    axes[0, 0].set_xlabel("weight value")
-                    axes[0, 0].set_ylabel("count")
-                    axes[0, 0].set_title(plots.text(f"{L['name']}.{q['name']} at iteration {int(h.steps[-1])}"))
-                    plots.weight_distribution(h.to_frame(), axes[0, 1])
                     p = os.path.join(folder, f"weights_{i}_{fmt.sanitize(L['name'] + '.' + q['name'])}.png")
-                    paths.append(plots.save(fig, p))
+                    paths.append(_weight_figure(h, f"{L['name']}.{q['name']}", p))
         if not paths:
             raise ValueError("no weight snapshots recorded yet (run at least one backward_propagation)")
         return paths
@@ -256,7 +231,8 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
                                   channels: Any = None, sample: int = 0) -> str:
         """The evolution of one layer's features (captured by :meth:`get_inter_features`) as an animated
         GIF plus a grid PNG in ``save_folder``. Returns the GIF's path."""
-        from bbdecoder.analyzer.features import feature_maps, parse_channels, render_gif, render_grid
+        from bbdecoder.analyzer.features import feature_maps, parse_channels
+        from bbdecoder.analyzer.report.plots.features import render_gif, render_grid
         (i,) = self._ids([layer_ind])
         name = self._name(i)
         maps, steps, _ = feature_maps(self.run_dir, name, sample)
@@ -276,7 +252,6 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
         Returns:
             (B, H, W) float32 maps in [0, 1] at the input's resolution.
         """
-        from bbdecoder.analyzer import plots
         (i,) = self._ids([layer_ind])
         if not isinstance(input, torch.Tensor) or input.ndim != 4:
             raise ValueError("input must be a (B, C, H, W) tensor")
@@ -284,21 +259,9 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
         self.rec.capture_attention([(input, labels)], self.layers[i][2], {"target": int(target_class)})
         maps = self._run().attention_maps("target", method=method, size="image", capture=-1)
         folder = self._folder(save_folder)
-        img = input.detach().float().cpu().numpy()
-        B = img.shape[0]
-        fig, axes = plots.new_figure(width=7.5, height=2.5 * B, nrows=B, ncols=3)
-        for b in range(B):
-            im = img[b].transpose(1, 2, 0)
-            im = (im - im.min()) / (np.ptp(im) or 1.0)
-            im = im[..., 0] if im.shape[-1] == 1 else im[..., :3]
-            axes[b, 0].imshow(im, cmap="gray" if im.ndim == 2 else None)
-            axes[b, 1].imshow(maps[b], cmap="jet", vmin=0, vmax=1)
-            axes[b, 2].imshow(im, cmap="gray" if im.ndim == 2 else None)
-            axes[b, 2].imshow(maps[b], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            for a in axes[b]:
-                a.axis("off")
-        axes[0, 1].set_title(plots.text(f"{method} at {self._name(i)}, class {target_class}"))
-        plots.save(fig, os.path.join(folder, f"gradcam_{fmt.sanitize(self._name(i))}_{int(target_class)}.png"))
+        _gradcam_figure(input.detach().float().cpu().numpy(), maps,
+                        f"{method} at {self._name(i)}, class {target_class}",
+                        os.path.join(folder, f"gradcam_{fmt.sanitize(self._name(i))}_{int(target_class)}.png"))
         return maps
 
     def threshold_pruning(self, threshold: float, layer_inds: Any = None, permanent: bool = False) -> dict:
@@ -313,7 +276,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
             apply_plan's summary (masked counts and fractions per layer, overall, expected) plus
             ``plan`` (path of the plan file) and ``snapshot_step``.
         """
-        from bbdecoder.analyzer.pruning import write_plan
+        from bbdecoder.analyzer.trace.plans import write_plan
         from .prune import apply_plan
         rids = sorted(r for i in self._ids(layer_inds) for r in self.layer_map[i])
         if not rids:
@@ -346,6 +309,7 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
             except StopIteration:
                 dev = torch.device("cpu")
             self.rec.record_graph(torch.zeros((1, *self.input_size), device=dev))
+        import pandas as pd
         from bbdecoder.analyzer.graph import module_frame, read_graph
         m = module_frame(read_graph(self.run_dir)).set_index("name")
         rows = []
@@ -366,3 +330,61 @@ class Master_analyzer:  # noqa: N801 - the 1.x name
     def __exit__(self, *exc) -> bool:
         self.rec.__exit__(*exc)
         return False
+
+
+# ---------------------------------------------------------------------- the 1.x figures
+def _grad_figures(rows, all_rows, ep: int, folder: str, name_of) -> None:
+    """save_collected_grads' figures: gradient flow of the epoch's ``rows``, and per layer the L1/L2
+    norms and the variance per iteration over ``all_rows``; ``name_of(1.x id)`` names a layer."""
+    from bbdecoder.analyzer.report import plots
+    flow = rows.rename(columns={"iteration": "step"})
+    fig, axes = plots.new_figure(width=max(6.0, 0.5 * flow["layer_id"].nunique() + 3))
+    plots.grad_flow(flow, axes[0, 0], title=f"Gradient flow, epoch {ep}: mean |g| and max |g| per layer")
+    plots.save(fig, os.path.join(folder, f"gradient_flow_ep{ep}.png"))
+    hist = all_rows.rename(columns={"iteration": "step"})
+    for lid, d in hist.groupby("layer_id"):
+        fig = plots.figure(8, 6)
+        plots.grad_norms(d, fig, title=f"Layer {lid}: {name_of(lid) or '(model)'}")
+        plots.save(fig, os.path.join(folder, f"grad_norms_{fmt.sanitize(name_of(lid))}_ep{ep}.png"))
+    fig, axes = plots.new_figure()
+    ax = axes[0, 0]
+    for lid, d in hist.groupby("layer_id"):
+        ax.plot(d["step"], d["var"], lw=0.8, label=plots.layer_label(lid, name_of(lid)))
+    ax.set_yscale("log") if (hist["var"] > 0).all() else None
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("gradient variance (squared gradient units)")
+    ax.set_title("Gradient variance per iteration")
+    ax.legend(fontsize="small")
+    plots.save(fig, os.path.join(folder, f"grad_variance_ep{ep}.png"))
+
+
+def _weight_figure(h, name: str, path: str) -> str:
+    """One parameter's last weight histogram beside its distribution over time; returns ``path``."""
+    from bbdecoder.analyzer.report import plots
+    fig, axes = plots.new_figure(width=11, height=4, ncols=2)
+    c = h.counts[-1]
+    axes[0, 0].bar(h.edges[:-1], c, width=np.diff(h.edges), align="edge", color="#4c72b0")
+    axes[0, 0].set_xlabel("weight value")
+    axes[0, 0].set_ylabel("count")
+    axes[0, 0].set_title(plots.text(f"{name} at iteration {int(h.steps[-1])}"))
+    plots.weight_distribution(h.to_frame(), axes[0, 1])
+    return plots.save(fig, path)
+
+
+def _gradcam_figure(img: np.ndarray, maps: np.ndarray, title: str, path: str) -> None:
+    """Input, map and overlay per image: ``img`` (B, C, H, W), ``maps`` (B, H, W) in [0, 1]."""
+    from bbdecoder.analyzer.report import plots
+    B = img.shape[0]
+    fig, axes = plots.new_figure(width=7.5, height=2.5 * B, nrows=B, ncols=3)
+    for b in range(B):
+        im = img[b].transpose(1, 2, 0)
+        im = (im - im.min()) / (np.ptp(im) or 1.0)
+        im = im[..., 0] if im.shape[-1] == 1 else im[..., :3]
+        axes[b, 0].imshow(im, cmap="gray" if im.ndim == 2 else None)
+        axes[b, 1].imshow(maps[b], cmap="jet", vmin=0, vmax=1)
+        axes[b, 2].imshow(im, cmap="gray" if im.ndim == 2 else None)
+        axes[b, 2].imshow(maps[b], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        for a in axes[b]:
+            a.axis("off")
+    axes[0, 1].set_title(plots.text(title))
+    plots.save(fig, path)

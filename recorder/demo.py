@@ -192,7 +192,7 @@ def run_demo(out: str, force: bool = False, epochs: int = 3, samples: int = 2048
     run_dir = os.path.join(out, "run")
     report_dir = os.path.join(out, "report")
     if os.path.exists(run_dir) and not force:
-        raise FileExistsError(f"{run_dir} already exists; pass --force to replace the earlier demo")
+        raise FileExistsError(f"{run_dir} already exists; pass force=True to replace the earlier demo")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     images, labels = synthetic_images(samples, seed=seed)

@@ -1,7 +1,7 @@
 """Feature evolution: one layer's output for a fixed probe input, captured at chosen steps.
 
 Each capture is one small HDF5 file ``RUN/features/features-NNNNNN.h5`` (written as ``.part``, then
-renamed; see analyzer/format.py and docs/trace-format.md). A capture runs an extra forward pass of
+renamed; see analyzer/trace/captures.py and docs/trace-format.md). A capture runs an extra forward pass of
 the probe in eval mode without gradients (BatchNorm running statistics and the training flags are
 left as they were); it copies the layer output to the host, so call it between steps, not in the
 training step (a Recorder does it on its ``probe_every`` schedule, after the step is handed off).
@@ -10,34 +10,16 @@ training step (a Recorder does it on its ``probe_every`` schedule, after the ste
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
-import numpy as np
 import torch
 
-from bbdecoder.analyzer.trace import files
-from bbdecoder.analyzer.trace import format as fmt
-from bbdecoder.analyzer.trace.hdf5 import abort_h5
-from .attention import _ensure_run, _first_tensor, _resolve_layer
+from bbdecoder.analyzer.trace.captures import write_feature_capture
+from .modules import first_tensor, resolve_layer
+from .rundir import ensure_run
 from .writer import raise_as_os_error
 
 __all__ = ["capture_features"]
-
-
-def _next_index(run_dir: str) -> str:
-    d = os.path.join(run_dir, fmt.FEATURES_DIR)
-    os.makedirs(d, exist_ok=True)
-    i = max([k for k, _ in fmt.list_features(run_dir)], default=-1) + 1
-    while True:
-        part = os.path.join(d, fmt.feature_filename(i, live=True))
-        if not os.path.exists(os.path.join(d, fmt.feature_filename(i))):
-            try:
-                os.close(os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-                return part
-            except FileExistsError:
-                pass
-        i += 1
 
 
 @torch.no_grad()
@@ -48,12 +30,12 @@ def layer_output(model: torch.nn.Module, x: Any, layer: Any, eval_mode: bool = T
     Returns:
         (dotted layer name, detached output tensor of the first call of the layer, on its device).
     """
-    name, mod = _resolve_layer(model, layer)
+    name, mod = resolve_layer(model, layer)
     box: dict = {}
 
     def hook(m, a, out):
         if "out" not in box:
-            box["out"] = _first_tensor(out).detach().clone()
+            box["out"] = first_tensor(out).detach().clone()
 
     modes = {m: m.training for m in model.modules()}
     saved = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -90,36 +72,13 @@ def capture_features(model: torch.nn.Module, x: Any, layer: Any, run_dir: str | 
     Returns:
         Path of the finished file ``RUN/features/features-NNNNNN.h5`` holding ``values`` (N, C, ...) float32.
     """
-    import h5py
     name, out = layer_output(model, x, layer, eval_mode)
     if out.ndim < 2:
         raise ValueError(f"layer {name!r} output has shape {tuple(out.shape)}; expected (N, C, ...)")
     arr = out.float().cpu().numpy()
     run_dir = os.path.abspath(os.fspath(run_dir))
-    _ensure_run(model, run_dir)
-    part = _next_index(run_dir)
-    final = part[: -len(fmt.LIVE_SUFFIX)]
-    ok = False
+    ensure_run(model, run_dir)
     try:
-        f = h5py.File(part, "w")
-        try:
-            f.create_dataset("values", data=np.ascontiguousarray(arr, dtype=np.float32))
-            f.attrs.update({"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
-                            "kind": fmt.FEATURE_KIND, "layer": name, "step": int(step), "epoch": int(epoch),
-                            "rank": int(rank), "created": time.time()})
-            f.flush()   # a write error (ENOSPC, EFBIG) shows here, while the file can still be aborted
-            f.close()
-        except BaseException as e:   # an error while writing (a full disk): close without a crash at exit
-            abort_h5(f)
-            raise_as_os_error(e)      # an HDF5 write failure raised as RuntimeError: the OSError it is
-        files.fsync_file(part)
-        os.replace(part, final)
-        files.fsync_dir(os.path.dirname(final))
-        ok = True
-        return final
-    finally:
-        if not ok:
-            try:
-                os.unlink(part)
-            except OSError:
-                pass
+        return write_feature_capture(run_dir, arr, layer=name, step=step, epoch=epoch, rank=rank)
+    except BaseException as e:   # an HDF5 write failure raised as RuntimeError: the OSError it is
+        raise_as_os_error(e)

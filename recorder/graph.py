@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bbdecoder.analyzer.trace import files
 from bbdecoder.analyzer.trace import format as fmt
 
-from .activations import FUNCS, module_kind
+from .activation_kinds import FUNCS, module_kind
 
 __all__ = ["record_graph", "write_graph"]
 

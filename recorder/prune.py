@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from bbdecoder.analyzer.pruning import fingerprint_difference, load_plan, validate_plan
+from bbdecoder.analyzer.trace.plans import fingerprint_difference, load_plan, validate_plan
 
 __all__ = ["apply_plan", "model_params", "model_sparsity"]
 
@@ -29,7 +29,7 @@ def model_params(model: nn.Module) -> list[list]:
     each module's own parameters). A parameter already pruned (``weight_orig`` with a ``weight_mask``)
     counts under its original name, so plans can be applied one after another. A DDP/DataParallel
     wrapper is looked through (names without ``module.``, as the recorder writes them)."""
-    from .recorder import unwrap_model
+    from .distributed import unwrap_model
     model = unwrap_model(model)
     out = []
     for mname, m in model.named_modules():
@@ -78,7 +78,7 @@ def apply_plan(model: nn.Module, plan: Any, permanent: bool = False) -> dict:
         ValueError: the plan is malformed, or its model fingerprint (parameter names and shapes) does
             not match ``model``. TraceError: the file cannot be read.
     """
-    from .recorder import unwrap_model
+    from .distributed import unwrap_model
     model = unwrap_model(model)   # plans name layers as the recorder does: without DDP's "module."
     if isinstance(plan, (str, os.PathLike)):
         plan = load_plan(plan)

@@ -201,7 +201,7 @@ class BackgroundWriter:
             try:
                 self.sink.close(status)
             except BaseException as e:  # noqa: BLE001 - surfaced below
-                self._set_error(e)
+                self.set_error(e)
         else:
             try:
                 self.sink.close(fmt.STATUS_FAILED)
@@ -260,7 +260,7 @@ class BackgroundWriter:
                     self.sink.abandon_live()
                 except BaseException:
                     pass
-                self._set_error(e)  # ... then rank.json says "failed" with the final counts
+                self.set_error(e)  # ... then rank.json says "failed" with the final counts
             finally:
                 with self._cv:
                     for _, nb in batch:
@@ -295,7 +295,9 @@ class BackgroundWriter:
         except BaseException:
             return None
 
-    def _set_error(self, e: BaseException) -> None:
+    def set_error(self, e: BaseException) -> None:
+        """Fail the writer with ``e`` (kept for the caller, noted in rank.json): the writer thread's
+        own errors, or one from the training side that tells the writer to stop."""
         # rank.json first, then the error becomes visible: a caller woken by it (flush) finds the
         # failure note written and no temporary file of that write still on disk.
         try:

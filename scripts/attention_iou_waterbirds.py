@@ -130,7 +130,7 @@ def run_level(level: float, args, out: str, test, seed: int) -> list[dict]:
 
 
 def figure(df, path: str) -> str:
-    from bbdecoder.analyzer import plots
+    from bbdecoder.analyzer.report import plots
     fig, ax = plots.new_figure(6.5, 4.2)
     ax = ax[0, 0]
     for mask, color in (("background", "tab:blue"), ("object", "tab:orange")):

@@ -8,7 +8,7 @@
    steps, and per-unit activation statistics (ReLU sites after every convolution) every step,
    computed with numpy from small random activation batches.
 2. Measures raw sequential h5py read throughput of the same files: every ``values`` dataset read in
-   chunk-aligned blocks of about analyzer.run.BLOCK_BYTES, in file order (bytes of shards / seconds).
+   chunk-aligned blocks of about analyzer.engine.BLOCK_BYTES, in file order (bytes of shards / seconds).
 3. Runs ``bbdecoder report RUN --out OUT`` in a child process (the code path users run) and measures
    its wall time and its peak resident set size (ru_maxrss of that child, from os.wait4: measured
    by the kernel, not estimated).
@@ -50,7 +50,7 @@ sys.path.insert(0, ROOT)
 
 from bbdecoder.analyzer.trace import files  # noqa: E402
 from bbdecoder.analyzer.trace import format as fmt  # noqa: E402
-from bbdecoder.analyzer.run import BLOCK_BYTES  # noqa: E402
+from bbdecoder.analyzer.engine import BLOCK_BYTES  # noqa: E402
 from bbdecoder.analyzer.trace.hdf5 import HDF5Backend  # noqa: E402
 from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord  # noqa: E402
 
@@ -175,9 +175,9 @@ def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: in
     series.close()
     manifest.update(status=fmt.STATUS_COMPLETE, ended=time.time(), steps=steps, epochs=epochs)
     files.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), manifest)
-    files = shard_files(run_dir)
+    shards = shard_files(run_dir)
     return {"layers": len(specs), "params": P, "sites": len(sites), "steps": steps, "epochs": epochs,
-            "weights_every": weights_every, "shards": len(files), "bytes": sum(os.path.getsize(f) for f in files),
+            "weights_every": weights_every, "shards": len(shards), "bytes": sum(os.path.getsize(f) for f in shards),
             "seconds": time.perf_counter() - t0}
 
 
@@ -320,7 +320,7 @@ def run_child(args: list[str]) -> tuple[float, float, int, str]:
 
 def run_report(run_dir: str, out_dir: str, engine: str) -> tuple[float, float, int, str]:
     """``bbdecoder report RUN --out OUT --engine ENGINE`` in a child process (see :func:`run_child`)."""
-    code = "import sys; from analyzer.cli import main; main(sys.argv[1:])"
+    code = "import sys; from bbdecoder.analyzer.cli import main; main(sys.argv[1:])"
     return run_child(["-c", code, "report", run_dir, "--out", out_dir, "--engine", engine])
 
 

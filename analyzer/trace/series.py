@@ -71,6 +71,12 @@ class ShardSeriesWriter:
             st = dict(self.state, updated=time.time())
             files.write_json_atomic(os.path.join(self.rank_dir, fmt.RANK_FILE), st)
 
+    def update_state(self, **fields) -> None:
+        """Set fields of this rank's state (e.g. ``sites``) and write ``rank.json``."""
+        with self._lock:
+            self.state.update(fields)
+        self.write_state()
+
     def _open(self):
         self._live = os.path.join(self.rank_dir, fmt.shard_filename(self.shard_index, live=True))
         self._final = os.path.join(self.rank_dir, fmt.shard_filename(self.shard_index))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from bbdecoder import analyzer
-import bbdecoder.analyzer.run as arun  # noqa: F401
+import bbdecoder.analyzer.engine as aengine
 from bbdecoder.analyzer.catalog import READERS_KEPT
 from helpers import record_tiny, stats64
 
@@ -141,7 +141,7 @@ def test_streaming_in_tiny_blocks_gives_identical_numbers(recorded, monkeypatch)
     d, _ = recorded
     big = analyzer.open(d)
     a, ea, w = big.grad_stats(), big.grad_stats(per="epoch"), big.weight_stats()
-    monkeypatch.setattr(arun, "BLOCK_BYTES", 64)  # one row per read
+    monkeypatch.setattr(aengine, "BLOCK_BYTES", 64)  # one row per read
     small = analyzer.open(d)
     pd.testing.assert_frame_equal(a, small.grad_stats(), rtol=1e-12)
     pd.testing.assert_frame_equal(ea, small.grad_stats(per="epoch"), rtol=1e-9)

@@ -11,7 +11,7 @@ import pytest
 from bbdecoder.analyzer import attention_iou as AI
 from bbdecoder.analyzer.trace import files
 from bbdecoder.analyzer.trace import format as fmt
-from bbdecoder.analyzer.captures import Capture
+from bbdecoder.analyzer.trace.captures import CAPTURE_KIND, Capture
 from bbdecoder.analyzer.cli import main
 
 
@@ -97,7 +97,7 @@ def write_capture(path, n=6, K=3, h=4, w=4, H=16, W=16, seed=0, **over):
     groups = np.stack([labels, (np.arange(n) // 2) % 2], 1)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with h5py.File(path, "w") as f:
-        attrs = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "kind": fmt.CAPTURE_KIND,
+        attrs = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "kind": CAPTURE_KIND,
                  "step": 3, "epoch": 1, "target_layer": "conv", "image_size": np.array([H, W]),
                  "targets": json.dumps([{"name": "bird", "key": "bird", "kind": "class", "index": 1}]),
                  "mask_names": json.dumps({"object": "object"}), "group_names": json.dumps(["y", "place"])}
@@ -147,12 +147,6 @@ def test_attention_iou_table_against_direct(tmp_path):
     np.testing.assert_allclose(mp, get_cam("layercam")(A, G, size=(8, 8)))
 
 
-def _cli(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    return e.value.code, capsys.readouterr()
-
-
 def test_cli_output_and_bad_input(tmp_path, capsys):
     run = _run(tmp_path)
     write_capture(str(run / "captures" / "capture-000000.h5"))
@@ -175,17 +169,18 @@ def test_cli_output_and_bad_input(tmp_path, capsys):
         ["--target", "bird", "--mask-group", "object", "--method", "scorecam"],
     ]
     for extra in cases:
-        code, out = _cli(["attention-iou", str(run)] + extra, capsys)
-        assert code == 2, (extra, out)
-        assert out.err.startswith("bbdecoder: error:") and out.err.count("\n") == 1, (extra, out.err)
-        assert "Traceback" not in out.err
-    code, out = _cli(["attention-iou", str(tmp_path / "none"), "--target", "bird", "--mask-group", "object"], capsys)
+        code, _, err = helpers.run_cli(["attention-iou", str(run)] + extra, capsys)
+        assert code == 2, (extra, err)
+        assert err.startswith("bbdecoder: error:") and err.count("\n") == 1, (extra, err)
+        assert "Traceback" not in err
+    code, _, err = helpers.run_cli(["attention-iou", str(tmp_path / "none"), "--target", "bird", "--mask-group",
+                                    "object"], capsys)
     assert code == 2
     empty = tmp_path / "empty_run"
     empty.mkdir()
     files.write_json_atomic(empty / fmt.MANIFEST, {"format": fmt.FORMAT_NAME, "format_version": 1, "layers": []})
-    code, out = _cli(["attention-iou", str(empty), "--target", "bird", "--mask-group", "object"], capsys)
-    assert code == 2 and "no attention captures" in out.err
+    code, _, err = helpers.run_cli(["attention-iou", str(empty), "--target", "bird", "--mask-group", "object"], capsys)
+    assert code == 2 and "no attention captures" in err
 
 
 @pytest.mark.parametrize("what", ["garbage", "shape", "version", "targets"])
@@ -206,8 +201,8 @@ def test_corrupt_capture_is_one_line_error(tmp_path, capsys, what):
         write_capture(p, targets=json.dumps([{"name": "x", "key": "../x", "kind": "class"}]))
     with pytest.raises(fmt.TraceError):
         Capture(p)
-    code, out = _cli(["attention-iou", str(run), "--target", "bird", "--mask-group", "object"], capsys)
-    assert code == 2 and out.err.count("\n") == 1
+    code, _, err = helpers.run_cli(["attention-iou", str(run), "--target", "bird", "--mask-group", "object"], capsys)
+    assert code == 2 and err.count("\n") == 1
 
 
 def test_attention_iou_without_torch(tmp_path):
@@ -218,7 +213,7 @@ def test_attention_iou_without_torch(tmp_path):
     write_capture(str(run / "captures" / "capture-000000.h5"))
     root = helpers.ROOT
     code = (f"import sys; sys.modules['torch'] = None; sys.path.insert(0, {root!r})\n"
-            "from analyzer.cli import main\n"
+            "from bbdecoder.analyzer.cli import main\n"
             f"main(['attention-iou', {str(run)!r}, '--target', 'bird', '--mask-group', 'object', '--json',"
             " '--bootstrap', '30', '--by', 'none', '--method', 'eigengradcam'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -2,7 +2,6 @@
 local dask cluster give the local engine's numbers, which match numpy on the recorded tensors."""
 
 import helpers
-import os
 import subprocess
 import sys
 

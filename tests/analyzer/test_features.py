@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from bbdecoder import analyzer
-from bbdecoder.analyzer.cli import main
 from bbdecoder.analyzer.features import feature_maps, parse_channels, slice_similarity
-from helpers import Tiny
+from helpers import Tiny, run_cli
 from bbdecoder.recorder import Recorder
 from bbdecoder.recorder.schedules import every
 
@@ -117,21 +116,11 @@ def test_parse_channels():
         parse_channels("a", 6)
 
 
-def _cli(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_features_grid_gif_and_bad_input(tmp_path, capsys):
     run = str(tmp_path / "run")
     _train(run, 2)
     out = str(tmp_path / "out")
-    code, o, err = _cli(["features", run, "--layer", "body.1", "--channels", "0,2,5", "--out", out], capsys)
+    code, o, err = run_cli(["features", run, "--layer", "body.1", "--channels", "0,2,5", "--out", out], capsys)
     assert code == 0, err
     from PIL import Image
     gif = Image.open(os.path.join(out, "features-body.1.gif"))
@@ -142,16 +131,16 @@ def test_cli_features_grid_gif_and_bad_input(tmp_path, capsys):
                                                                      "out of range"),
                       (["--layer", "body.1", "--channels", "x"], "like 0,1,2")]:
         o2 = str(tmp_path / f"o{len(msg)}")
-        code, _, err = _cli(["features", run, *argv, "--out", o2], capsys)
+        code, _, err = run_cli(["features", run, *argv, "--out", o2], capsys)
         assert code == 2 and msg in err and err.count("\n") == 1, err
         assert not os.path.exists(o2)
-    code, _, err = _cli(["features", run, "--layer", "body.1", "--out", out], capsys)
+    code, _, err = run_cli(["features", run, "--layer", "body.1", "--out", out], capsys)
     assert code == 2 and "--force" in err
     # a corrupt capture: one line, exit 2
     path = analyzer.open(run).feature_captures["path"].iloc[0]
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 42
-    code, _, err = _cli(["features", run, "--layer", "body.1", "--out", str(tmp_path / "o9")], capsys)
+    code, _, err = run_cli(["features", run, "--layer", "body.1", "--out", str(tmp_path / "o9")], capsys)
     assert code == 2 and "not supported" in err and err.count("\n") == 1
 
 

@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bbdecoder import analyzer
-from bbdecoder.analyzer.cli import main
-from bbdecoder.analyzer.graph import layered_layout, read_graph
+from helpers import run_cli
+from bbdecoder.analyzer.graph import read_graph
+from bbdecoder.analyzer.report.plots.graph import layered_layout
 from bbdecoder.recorder import Recorder
 from bbdecoder.recorder.graph import record_graph
 
@@ -173,16 +174,6 @@ def test_layered_layout_levels(net_graph):
     assert level[9] == level[8] + 1 and level[0] == 0
 
 
-def _cli(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def graph_run(tmp_path_factory):
     torch.manual_seed(0)
@@ -195,7 +186,7 @@ def graph_run(tmp_path_factory):
 
 def test_cli_graph_outputs(graph_run, tmp_path, capsys):
     out = str(tmp_path / "out")
-    code, o, err = _cli(["graph", graph_run, "--out", out, "--engine", "matplotlib"], capsys)
+    code, o, err = run_cli(["graph", graph_run, "--out", out, "--engine", "matplotlib"], capsys)
     assert code == 0, err
     names = set(os.listdir(out))
     assert {"graph.dot", "graph.png", "ops.csv", "edges.csv", "modules.csv", "module_flops.png",
@@ -208,14 +199,14 @@ def test_cli_graph_outputs(graph_run, tmp_path, capsys):
     assert dot.count("->") == len(g["edges"]) and "gelu" in dot
     assert f"{g['total_flops']:,} FLOPs" in o
     # a non-empty --out is refused without --force, accepted with it
-    code, o, err = _cli(["graph", graph_run, "--out", out], capsys)
+    code, o, err = run_cli(["graph", graph_run, "--out", out], capsys)
     assert code == 2 and err.count("\n") == 1 and "--force" in err
-    code, o, err = _cli(["graph", graph_run, "--out", out, "--force", "--engine", "matplotlib"], capsys)
+    code, o, err = run_cli(["graph", graph_run, "--out", out, "--force", "--engine", "matplotlib"], capsys)
     assert code == 0, err
 
 
 def test_cli_graph_bad_input(graph_run, tmp_path, capsys):
-    code, _, err = _cli(["graph", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], capsys)
+    code, _, err = run_cli(["graph", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert not os.path.exists(tmp_path / "o1")
     bad = tmp_path / "bad"
@@ -224,17 +215,17 @@ def test_cli_graph_bad_input(graph_run, tmp_path, capsys):
         if n in ("manifest.json",):
             with open(os.path.join(graph_run, n)) as f, open(bad / n, "w") as g:
                 g.write(f.read())
-    code, _, err = _cli(["graph", str(bad), "--out", str(tmp_path / "o2")], capsys)
+    code, _, err = run_cli(["graph", str(bad), "--out", str(tmp_path / "o2")], capsys)
     assert code == 2 and "no function graph" in err and err.count("\n") == 1
     g = json.load(open(os.path.join(graph_run, "graph.json")))
     g["edges"].append({"src": 5, "dst": 2, "arg": 0, "shape": []})
     json.dump(g, open(bad / "graph.json", "w"))
-    code, _, err = _cli(["graph", str(bad), "--out", str(tmp_path / "o3")], capsys)
+    code, _, err = run_cli(["graph", str(bad), "--out", str(tmp_path / "o3")], capsys)
     assert code == 2 and "malformed edge" in err and err.count("\n") == 1
     g["edges"].pop()
     g["format_version"] = 99
     json.dump(g, open(bad / "graph.json", "w"))
-    code, _, err = _cli(["graph", str(bad), "--out", str(tmp_path / "o4")], capsys)
+    code, _, err = run_cli(["graph", str(bad), "--out", str(tmp_path / "o4")], capsys)
     assert code == 2 and "not supported" in err
 
 
@@ -244,11 +235,11 @@ import sys
 sys.modules["torch"] = None
 sys.path.insert(0, {ROOT!r})
 from bbdecoder import analyzer
-from bbdecoder.analyzer.graph import render
+from bbdecoder.analyzer.report.graph_files import render
 r = analyzer.open({graph_run!r})
 n, e = r.graph()
 files = render({graph_run!r}, {str(tmp_path / 'nt')!r}, engine="matplotlib")
-import bbdecoder.analyzer.features, bbdecoder.analyzer.cli_graph
+import bbdecoder.analyzer.features, bbdecoder.analyzer.cli.graph
 leaked = [m for m in sys.modules if (m == "torch" or m.startswith("torch.")) and sys.modules[m] is not None]
 print("RESULT", len(n), len(e), files["engine"], leaked)
 """

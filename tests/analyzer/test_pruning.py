@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from bbdecoder import analyzer
-from bbdecoder.analyzer.cli import main
+from helpers import run_cli
 from bbdecoder.analyzer.trace.format import TraceError
-from bbdecoder.analyzer.pruning import PlanError, load_plan, pruning_plan, sweep, write_plan
+from bbdecoder.analyzer.pruning import pruning_plan, sweep
+from bbdecoder.analyzer.trace.plans import PlanError, load_plan, write_plan
 from bbdecoder.recorder import Recorder
 from bbdecoder.recorder.prune import apply_plan, model_params, model_sparsity
 
@@ -288,30 +289,20 @@ def test_plan_needs_what_the_criterion_reads(tmp_path, lin):
 
 # ------------------------------------------------------------------ CLI
 
-def _cli(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_prune_plan_and_sweep(lin, tmp_path, capsys):
     out = str(tmp_path / "plans" / "plan.json")
-    code, o, e = _cli(["prune", lin["run"], "--criterion", "dead", "--threshold", "0", "--out", out], capsys)
+    code, o, e = run_cli(["prune", lin["run"], "--criterion", "dead", "--threshold", "0", "--out", out], capsys)
     assert code == 0, e
     assert load_plan(out)["layers"][0]["units"] == DEAD
     assert "fc1" in o and "3/16 units" in o and "(overall)" in o and "18.75%" in o
-    code, o, e = _cli(["prune", lin["run"], "--criterion", "dead", "--threshold", "0", "--out", out], capsys)
+    code, o, e = run_cli(["prune", lin["run"], "--criterion", "dead", "--threshold", "0", "--out", out], capsys)
     assert code == 2 and "exists; pass --force" in e and len(e.strip().splitlines()) == 1
-    code, o, e = _cli(["prune", lin["run"], "--criterion", "magnitude", "--threshold", "0.1", "--out", out,
+    code, o, e = run_cli(["prune", lin["run"], "--criterion", "magnitude", "--threshold", "0.1", "--out", out,
                        "--force", "--json"], capsys)
     assert code == 0 and load_plan(out)["criterion"]["name"] == "magnitude"
     assert json.loads(o)["expected_sparsity"]["overall"] > 0
     sw = tmp_path / "sweep"
-    code, o, e = _cli(["prune", lin["run"], "--criterion", "dead", "--sweep", "--thresholds", "0,0.5,1",
+    code, o, e = run_cli(["prune", lin["run"], "--criterion", "dead", "--sweep", "--thresholds", "0,0.5,1",
                        "--out", str(sw)], capsys)
     assert code == 0, e
     df = pd.read_csv(sw / "sweep.csv")
@@ -332,7 +323,7 @@ def test_cli_prune_plan_and_sweep(lin, tmp_path, capsys):
 ])
 def test_cli_prune_bad_input_is_one_line(lin, tmp_path, capsys, argv, msg):
     out = str(tmp_path / "p.json")
-    code, o, e = _cli(["prune", lin["run"], *argv, "--out", out], capsys)
+    code, o, e = run_cli(["prune", lin["run"], *argv, "--out", out], capsys)
     assert code != 0 and msg in e
     assert len(e.strip().splitlines()) == 1 and "Traceback" not in e
     assert not os.path.exists(out)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from bbdecoder.analyzer.stats import ElementwiseMoments, RowMoments, row_moments
+from bbdecoder.analyzer.stats import (RULES, Accumulator, ElementwiseMoments, RowMoments, UnitSums, row_moments,
+                                      stats_from_sums)
 
 
 def _numpy_rows(x):
@@ -79,7 +80,7 @@ def test_elementwise_moments_split_merge_and_numpy(seed):
     want = np.nanvar(x, axis=0)  # population variance across rows, per element
     np.testing.assert_allclose(acc.m2 / acc.n, want, rtol=1e-9)
     np.testing.assert_allclose(merged.m2 / merged.n, want, rtol=1e-9)
-    assert acc.compute_mean_variance() == pytest.approx(float(np.mean(want)), rel=1e-12)
+    assert acc.compute() == pytest.approx(float(np.mean(want)), rel=1e-12)
 
 
 def test_elementwise_moments_column_pieces_equal_one_pass():
@@ -117,3 +118,108 @@ def test_elementwise_moments_opposite_infinities_in_one_column():
     acc = ElementwiseMoments(3).update(x)
     np.testing.assert_array_equal(acc.n, [3, 1, 3])
     np.testing.assert_allclose(acc.m2 / acc.n, [np.var([1, 2, 4]), 0.0, np.var([3, 5, 6])], rtol=1e-12)
+
+
+# ------------------------------------------------------------------ declared state, merge convention
+
+@pytest.mark.parametrize("cls", [RowMoments, ElementwiseMoments, UnitSums])
+def test_every_accumulator_declares_its_state_and_merge_rules_once(cls):
+    assert issubclass(cls, Accumulator) and cls.STATE
+    names = [n for n, _, _ in cls.STATE]
+    assert len(names) == len(set(names))
+    assert {r for _, r, _ in cls.STATE} <= set(RULES)
+    if any(r == "chan" for _, r, _ in cls.STATE):   # Chan's merge weights mean and m2 by the count n
+        assert {"n", "mean", "m2"} <= set(names)
+
+
+def _split(rng, n, most=6):
+    cuts = np.sort(rng.choice(np.arange(1, n), size=rng.integers(1, most), replace=False))
+    return np.split(np.arange(n), cuts)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_row_moments_random_split_merged_in_place_equals_whole_and_numpy(seed):
+    rng = np.random.default_rng(200 + seed)
+    x = rng.standard_normal((5, 400)) * rng.uniform(0.1, 100) + rng.uniform(-1e3, 1e3)
+    x[rng.random(x.shape) < 0.03] = np.nan
+    x[rng.random(x.shape) < 0.01] = -np.inf
+    x[1] = np.inf                                    # a row without a finite element
+    acc = RowMoments.empty(5)
+    for idx in _split(rng, x.shape[1]):
+        part = RowMoments.of(x[:, idx])
+        before = id(acc)
+        assert acc.merge(part) is acc and id(acc) == before
+    _check(acc.compute(), _numpy_rows(x))
+    _check(acc.compute(), RowMoments.of(x).compute())
+    upd = RowMoments.of(x[:, :7])
+    assert upd.update(x[:, 7:]) is upd
+    _check(upd.compute(), _numpy_rows(x))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_elementwise_moments_random_split_merged_in_place_equals_whole_and_numpy(seed):
+    rng = np.random.default_rng(300 + seed)
+    x = rng.standard_normal((31, 40)) * rng.uniform(0.01, 10, size=40) - 500.0
+    x[rng.random(x.shape) < 0.04] = np.nan
+    x[:, 3] = np.nan                                 # an element never finite
+    acc = ElementwiseMoments(40)
+    for idx in _split(rng, x.shape[0]):
+        part = ElementwiseMoments(40).update(x[idx])
+        assert acc.merge(part) is acc
+    whole = ElementwiseMoments(40).update(x)
+    ok = acc.n > 0
+    np.testing.assert_array_equal(acc.n, np.isfinite(x).sum(0))
+    with np.errstate(invalid="ignore"):
+        want = np.nanvar(np.where(np.isfinite(x), x, np.nan)[:, ok], axis=0)
+    np.testing.assert_allclose(acc.m2[ok] / acc.n[ok], want, rtol=1e-9)
+    np.testing.assert_allclose(acc.mean[ok], whole.mean[ok], rtol=1e-12)
+    assert acc.compute() == pytest.approx(float(np.mean(want)), rel=1e-12)
+    assert ElementwiseMoments(4).compute() != ElementwiseMoments(4).compute()   # NaN without values
+
+
+def _unit_rows(rng, k, U):
+    h = rng.standard_normal((k, 9, U))              # k steps, 9 values per unit
+    h[rng.random(h.shape) < 0.02] = np.nan
+    fin = np.isfinite(h)
+    return h, {"count": np.full(k, 9.0 * U), "nonfinite": (~fin).sum((1, 2)).astype(np.float64),
+               "sum": h.sum(1), "sum_abs": np.abs(h).sum(1), "sumsq": (h ** 2).sum(1),
+               "n_pos": (h > 0).sum(1).astype(np.float64), "min": h.min(1), "max": h.max(1)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unit_sums_random_split_merged_in_place_equals_whole_and_numpy(seed):
+    rng = np.random.default_rng(400 + seed)
+    h, rows = _unit_rows(rng, 12, 5)
+    acc = None
+    for idx in _split(rng, 12):
+        part = UnitSums.of({k: v[idx] for k, v in rows.items()})
+        acc = part if acc is None else acc.merge(part)
+        assert acc.merge(UnitSums(5)) is acc         # the identity state changes nothing
+    got = acc.compute()
+    flat = h.reshape(-1, 5)
+    want = {"count": 12 * 9 * 5, "nonfinite": int((~np.isfinite(h)).sum()), "sum": flat.sum(0),
+            "sum_abs": np.abs(flat).sum(0), "sumsq": (flat ** 2).sum(0), "n_pos": (flat > 0).sum(0),
+            "min": flat.min(0), "max": flat.max(0)}       # NaN propagates to sums and extrema
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-12, equal_nan=True, err_msg=k)
+    mask = rng.random(12) < 0.5
+    masked = UnitSums.of(rows, mask)
+    np.testing.assert_allclose(masked.compute()["sum"], h[mask].reshape(-1, 5).sum(0), rtol=1e-12)
+    assert UnitSums.rule("min") == "min" and UnitSums.rule("max") == "max" and UnitSums.rule("hist") == "sum"
+
+
+def test_stats_from_sums_is_the_formula_and_nan_without_elements():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 50)) + 2.0
+    n = np.array([50, 50, 0])
+    s, q, a = x.sum(1), (x * x).sum(1), np.abs(x).sum(1)
+    s[2] = q[2] = a[2] = 0.0
+    st = stats_from_sums(n, s, q, a, np.abs(x).max(1))
+    np.testing.assert_allclose(st["mean"][:2], x[:2].mean(1), rtol=1e-12)
+    np.testing.assert_allclose(st["var"][:2], x[:2].var(1), rtol=1e-9)
+    np.testing.assert_allclose(st["abs_mean"][:2], np.abs(x[:2]).mean(1), rtol=1e-12)
+    np.testing.assert_allclose(st["l2"][:2], np.linalg.norm(x[:2], axis=1), rtol=1e-12)
+    assert np.isnan(st["mean"][2]) and np.isnan(st["var"][2]) and np.isnan(st["abs_mean"][2])
+    assert st["l1"][2] == 0.0 and st["l2"][2] == 0.0
+    assert set(stats_from_sums(n, sumsq=q, sum_abs=a)) == {"abs_mean", "l1", "l2"}
+    assert set(stats_from_sums(sumsq=q)) == {"l2"}

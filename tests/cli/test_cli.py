@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from bbdecoder import analyzer
-from bbdecoder.analyzer.cli import main
-from helpers import record_tiny
+from helpers import record_tiny, run_cli
 
 ROOT = helpers.ROOT
 
@@ -23,16 +22,6 @@ def good_run(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("cli") / "run")
     record_tiny(d, epochs=2, steps_per_epoch=4, weights_every=2, flush_steps=3)
     return d
-
-
-def _cli(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _tree(root):
@@ -45,9 +34,9 @@ def _tree(root):
 
 
 def test_info_text_and_json(good_run, capsys):
-    code, out, err = _cli(["info", good_run], capsys)
+    code, out, err = run_cli(["info", good_run], capsys)
     assert code == 0 and "complete" in out and "steps     8" in out
-    code, out, _ = _cli(["info", good_run, "--json"], capsys)
+    code, out, _ = run_cli(["info", good_run, "--json"], capsys)
     d = json.loads(out)
     run = analyzer.open(good_run)
     for k in ("status", "steps", "epochs", "layers", "ranks", "bytes"):
@@ -60,15 +49,15 @@ def test_info_text_and_json(good_run, capsys):
 
 
 def test_layers(good_run, capsys):
-    code, out, _ = _cli(["layers", good_run], capsys)
+    code, out, _ = run_cli(["layers", good_run], capsys)
     assert code == 0 and "body.1" in out and "Linear" in out
-    code, out, _ = _cli(["layers", good_run, "--json"], capsys)
+    code, out, _ = run_cli(["layers", good_run, "--json"], capsys)
     assert [r["name"] for r in json.loads(out)] == ["conv", "body.1", "head"]
 
 
 def test_help_for_every_command(capsys):
     for cmd in ([], ["info"], ["layers"], ["report"], ["demo"]):
-        code, out, _ = _cli(cmd + ["--help"], capsys)
+        code, out, _ = run_cli(cmd + ["--help"], capsys)
         assert code == 0 and "Usage" in out
 
 
@@ -225,7 +214,7 @@ def test_bad_run_gives_one_line_and_nonzero_exit(good_run, tmp_path, capsys, cas
     out_dir = tmp_path / "out"
     before = _tree(tmp_path)
     argv = [cmd, str(target)] + (["--out", str(out_dir)] if cmd == "report" else [])
-    code, out, err = _cli(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code != 0, out
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bbdecoder: error:"), err
@@ -236,7 +225,7 @@ def test_bad_run_gives_one_line_and_nonzero_exit(good_run, tmp_path, capsys, cas
 
 
 def test_unknown_layer_in_report(good_run, tmp_path, capsys):
-    code, _, err = _cli(["report", good_run, "--out", str(tmp_path / "o"), "--layers", "head,nope"], capsys)
+    code, _, err = run_cli(["report", good_run, "--out", str(tmp_path / "o"), "--layers", "head,nope"], capsys)
     assert code == 2 and "unknown layer 'nope'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
@@ -246,7 +235,7 @@ def test_unwritable_out(good_run, tmp_path, capsys, kind):
     f = tmp_path / "afile"
     f.write_text("keep me")
     out = f if kind == "file" else f / "sub"
-    code, _, err = _cli(["report", good_run, "--out", str(out)], capsys)
+    code, _, err = run_cli(["report", good_run, "--out", str(out)], capsys)
     assert code == 2 and err.startswith("bbdecoder: error:") and len(err.strip().splitlines()) == 1
     assert f.read_text() == "keep me"
 

@@ -391,10 +391,10 @@ def test_std_of_values_far_from_zero(tmp_path):
 
 
 def test_histogram_counts_without_bincount():
-    from bbdecoder.recorder.activations import _bin_counts
+    from bbdecoder.recorder.activation_stats import bin_counts
     idx = torch.tensor([0, 3, 3, 9, 3, 0])
-    a = _bin_counts(idx, 11, bincount=True)
-    b = _bin_counts(idx, 11, bincount=False)   # the path used off the CPU (no host synchronisation)
+    a = bin_counts(idx, 11, bincount=True)
+    b = bin_counts(idx, 11, bincount=False)   # the path used off the CPU (no host synchronisation)
     assert a.dtype == b.dtype == torch.float64 and torch.equal(a, b) and a.tolist()[3] == 3
 
 
@@ -915,18 +915,19 @@ def test_forward_recomputed_by_checkpointing_is_not_counted_twice(tmp_path):
 
 def test_counts_stay_exact_past_float32_integers():
     """2**24 + 3 values in one row of one unit: float32 cannot count them; the float64 path must."""
-    from bbdecoder.recorder.activations import ActivationTracker, _Site
+    from bbdecoder.recorder.activation_stats import Site
+    from bbdecoder.recorder.activations import ActivationTracker
     tr = ActivationTracker(nn.Linear(1, 1), [])
     Q = (1 << 24) + 3
     x = torch.ones(1, 1, Q)
     x[0, 0, :5] = 0.0
     x[0, 0, 7] = float("nan")
     for nonneg in (False, True):
-        site = _Site({"hist_edges": None}, nonneg=nonneg)
-        st = tr._stats(x, 1, 1, site)                 # one long row
+        site = Site({"hist_edges": None}, nonneg=nonneg)
+        st = tr.kernel.stats(x, 1, 1, site)                 # one long row
         assert st["n_pos"].item() == Q - 6 and st["nonfinite"].item() == 1
     tr.chunk_bytes = 1 << 40                           # one slab of 2**24 + 3 rows (as on a GPU)
-    st = tr._stats(x.view(Q, 1), 1, 1, _Site({"hist_edges": None}))
+    st = tr.kernel.stats(x.view(Q, 1), 1, 1, Site({"hist_edges": None}))
     assert st["n_pos"].item() == Q - 6 and st["nonfinite"].item() == 1
 
 
@@ -936,7 +937,9 @@ def test_fast_cpu_path_matches_numpy_with_nan_tiny_spread_and_positive_units(sha
     """The CPU fast path (no centring, no finite count, no min pass for ReLU) against numpy, with the
     cases that send a slab through the exact path: NaN / inf values, a unit whose spread is tiny
     against its mean, and a ReLU unit whose every value is positive (its minimum must be exact)."""
-    from bbdecoder.recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
+    from bbdecoder.recorder.activation_kinds import NONNEG_KINDS
+    from bbdecoder.recorder.activation_stats import Site
+    from bbdecoder.recorder.activations import ActivationTracker
     g = torch.Generator().manual_seed(3)
     x = torch.randn(*shape, generator=g, dtype=torch.float64).float()
     axis = 1
@@ -950,7 +953,7 @@ def test_fast_cpu_path_matches_numpy_with_nan_tiny_spread_and_positive_units(sha
     tr = ActivationTracker(nn.Linear(1, 1), [])
     for cb in (1 << 30, 200):                                     # one slab, and many slabs of a few rows
         tr.chunk_bytes = cb
-        st = tr._stats(x, axis, U, _Site({"hist_edges": None, "kind": kind}, nonneg=kind in NONNEG_KINDS))
+        st = tr.kernel.stats(x, axis, U, Site({"hist_edges": None, "kind": kind}, nonneg=kind in NONNEG_KINDS))
         m = unit_rows(x.numpy(), axis)
         fin = np.isfinite(m)
         assert st["nonfinite"].item() == (~fin).sum()
@@ -976,7 +979,9 @@ def test_fast_cpu_path_on_clean_data_matches_numpy(shape, kind):
     """Finite values with a spread comparable to their size: every slab stays on the fast path and
     the statistics come from its shortcut (plain float64 sums of the partials, no Chan combination).
     Checked against numpy, with one slab and with many, and the slab redo never runs."""
-    from bbdecoder.recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
+    from bbdecoder.recorder.activation_kinds import NONNEG_KINDS
+    from bbdecoder.recorder.activation_stats import Site
+    from bbdecoder.recorder.activations import ActivationTracker
     g = torch.Generator().manual_seed(5)
     x = torch.randn(*shape, generator=g, dtype=torch.float64).float()
     if kind in ("relu", "relu6"):
@@ -996,7 +1001,7 @@ def test_fast_cpu_path_on_clean_data_matches_numpy(shape, kind):
         tr.chunk_bytes = cb
         torch.sub = spy
         try:
-            st = tr._stats(x, 1, x.shape[1], _Site({"hist_edges": None, "kind": kind}, nonneg=kind in NONNEG_KINDS))
+            st = tr.kernel.stats(x, 1, x.shape[1], Site({"hist_edges": None, "kind": kind}, nonneg=kind in NONNEG_KINDS))
         finally:
             torch.sub = sub
         assert not calls                                         # no slab went through the exact path
@@ -1015,7 +1020,9 @@ def test_site_buffers_reused_across_calls_give_fresh_results(kind):
     """A site keeps its partials' buffers for the next call of the same shape (CPU). Calls that
     alternate shapes, clean data and data that sends slabs through the exact path give exactly what
     a fresh site gives, and a later call never changes the statistics an earlier call returned."""
-    from bbdecoder.recorder.activations import NONNEG_KINDS, ActivationTracker, _Site
+    from bbdecoder.recorder.activation_kinds import NONNEG_KINDS
+    from bbdecoder.recorder.activation_stats import Site
+    from bbdecoder.recorder.activations import ActivationTracker
     g = torch.Generator().manual_seed(9)
 
     def batch(n, bad=False):
@@ -1027,14 +1034,14 @@ def test_site_buffers_reused_across_calls_give_fresh_results(kind):
         return x
 
     def site():
-        return _Site({"hist_edges": None, "kind": kind}, nonneg=kind in NONNEG_KINDS)
+        return Site({"hist_edges": None, "kind": kind}, nonneg=kind in NONNEG_KINDS)
     tr = ActivationTracker(nn.Linear(1, 1), [])
     tr.chunk_bytes = 300 * 4                       # several slabs per call
     kept = site()
     got = []
     for x in (batch(8), batch(8, bad=True), batch(8), batch(5), batch(8, bad=True), batch(8)):
-        st = tr._stats(x, 1, 5, kept)
-        want = tr._stats(x, 1, 5, site())
+        st = tr.kernel.stats(x, 1, 5, kept)
+        want = tr.kernel.stats(x, 1, 5, site())
         for key in want:
             assert torch.equal(st[key], want[key]) or (st[key].isnan() == want[key].isnan()).all() and \
                 torch.equal(st[key].nan_to_num(), want[key].nan_to_num()), key

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bbdecoder import analyzer
+from bbdecoder.analyzer.trace import captures as tc
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.recorder import Recorder, capture_attention
 
@@ -111,7 +112,7 @@ def test_capture_contents_multilabel_callable_and_file_layout(tmp_path):
         assert f["masks/obj"].dtype == np.uint8 and f["masks/obj"][0, 5, 3] == 1 and f["masks/bg"][0, 5, 3] == 0
         np.testing.assert_array_equal(f["groups"][:, 0], torch.cat([b["labels"] for b in batches]).numpy())
         np.testing.assert_array_equal(f["index"][()], np.arange(8))
-        assert f.attrs["format_version"] == fmt.FORMAT_VERSION and f.attrs["kind"] == fmt.CAPTURE_KIND
+        assert f.attrs["format_version"] == fmt.FORMAT_VERSION and f.attrs["kind"] == tc.CAPTURE_KIND
     # a callable target: y = z_0 - z_1 (its gradient is the difference of the two class gradients)
     p2 = capture_attention(model, batches, run, "features.4", {"d": lambda z: z[:, 0] - z[:, 1],
                                                                "a": 0, "b": 1, "top": None},
@@ -141,7 +142,7 @@ def test_refusals_and_no_leftovers(tmp_path):
         capture_attention(model, _batches(1), run, "features.4", {"a": "x"})
     with pytest.raises(ValueError, match="3 logits"):
         capture_attention(model, _batches(1), run, "features.4", {"a": 7})
-    assert fmt.list_captures(run) == [] and os.listdir(os.path.join(run, fmt.CAPTURES_DIR)) == []
+    assert tc.list_captures(run) == [] and os.listdir(os.path.join(run, tc.CAPTURES_DIR)) == []
     assert [m.training for m in model.modules()] == [True] * len(list(model.modules()))
 
 
@@ -209,7 +210,7 @@ def test_recorder_captures_over_training(tmp_path):
         assert got == pytest.approx(want, rel=1e-6)
     # the report's attention section: scores per split (same numbers as the API), maps, overlays, over time
     import pandas as pd
-    from bbdecoder.analyzer.plots_attention import REPORT_BOOTSTRAP
+    from bbdecoder.analyzer.report.sections.attention import REPORT_BOOTSTRAP
     from bbdecoder.analyzer.report import build_report
     out = tmp_path / "rep"
     out.mkdir()
@@ -223,7 +224,7 @@ def test_recorder_captures_over_training(tmp_path):
     assert summ["attention"]["captures"] == 3 and summ["attention"]["target"] == "c0"
     # overwrite removes the old captures with the run
     Recorder(model, run, overwrite=True).close()
-    assert fmt.list_captures(run) == []
+    assert tc.list_captures(run) == []
 
 
 def test_waterbirds_smoke(tmp_path):

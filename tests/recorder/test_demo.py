@@ -6,21 +6,12 @@ import os
 import numpy as np
 
 from bbdecoder import analyzer
-from bbdecoder.analyzer.cli import main
-
-
-def _cli(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, *capsys.readouterr()
+from helpers import run_cli
 
 
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    code, stdout, err = _cli(["demo", "--out", str(out)], capsys)
+    code, stdout, err = run_cli(["demo", "--out", str(out)], capsys)
     assert code == 0, err
     index = out / "report" / "index.html"
     assert f"report: {index}" in stdout
@@ -38,6 +29,6 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "grad_flow.png" in figs and "grad_heatmap.png" in figs
     # a second demo into the same place is refused without --force, and the first is kept
     mtime = os.path.getmtime(out / "run" / "manifest.json")
-    code, _, err = _cli(["demo", "--out", str(out)], capsys)
+    code, _, err = run_cli(["demo", "--out", str(out)], capsys)
     assert code == 2 and "--force" in err and len(err.strip().splitlines()) == 1
     assert os.path.getmtime(out / "run" / "manifest.json") == mtime

@@ -289,13 +289,13 @@ def test_activation_ranks_and_record_rank_none(ddp_runs):
 
 def test_activation_ranks_validation():
     import torch.nn as nn
-    from bbdecoder.recorder.recorder import _check_ranks
-    assert _check_ranks(None, 4) is None and _check_ranks(0, 4) == [0] and _check_ranks((2, 0), 4) == [0, 2]
-    assert _check_ranks([1], 2) == [1] and _check_ranks([], 2) == []
+    from bbdecoder.recorder.distributed import check_ranks
+    assert check_ranks(None, 4) is None and check_ranks(0, 4) == [0] and check_ranks((2, 0), 4) == [0, 2]
+    assert check_ranks([1], 2) == [1] and check_ranks([], 2) == []
     for bad in ([0, 4], [0, -1], [7], "0", [0.0], [True], 1.5):
         with pytest.raises(ValueError, match="activation_ranks"):
-            _check_ranks(bad, 4)
-    from bbdecoder.recorder.recorder import unwrap_model
+            check_ranks(bad, 4)
+    from bbdecoder.recorder.distributed import unwrap_model
     m = nn.Linear(2, 2)
     assert unwrap_model(nn.DataParallel(m)) is m and unwrap_model(m) is m
 
@@ -303,7 +303,7 @@ def test_activation_ranks_validation():
 def test_merge_streams_misaligned_blocks(monkeypatch):
     """Ranks whose shards split the steps differently (and a step one rank lacks) merge per step exactly
     as a direct numpy merge of all rows."""
-    import bbdecoder.analyzer.activations as A
+    import bbdecoder.analyzer.activations.sites as A
     rng = np.random.default_rng(3)
     U = 4
     cuts = {0: [0, 3, 4, 9, 12], 1: [0, 1, 6, 7, 12], 2: [2, 5, 12]}

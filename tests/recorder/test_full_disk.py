@@ -18,6 +18,7 @@ import torch
 
 from bbdecoder import analyzer
 from bbdecoder.analyzer.trace import files
+from bbdecoder.analyzer.trace import captures as tc
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace import hdf5, series
 from helpers import Tiny, run_cli
@@ -392,6 +393,6 @@ def test_captures_on_a_full_disk_do_not_kill_the_job(tmp_path):
     assert f"[Errno {errno.EFBIG}]" in res["warnings"][0] and "\n" not in res["warnings"][0]
     left = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(fmt.LIVE_SUFFIX)]
     assert left == []
-    assert os.listdir(d / "a" / fmt.CAPTURES_DIR) == [] and os.listdir(d / "f" / fmt.FEATURES_DIR) == []
+    assert os.listdir(d / "a" / tc.CAPTURES_DIR) == [] and os.listdir(d / "f" / tc.FEATURES_DIR) == []
     rank = json.load(open(d / "run" / fmt.rank_dirname(0) / fmt.RANK_FILE))
     assert rank["status"] == "failed" and f"[Errno {errno.EFBIG}]" in rank["errors"][0]

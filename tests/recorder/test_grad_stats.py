@@ -11,7 +11,7 @@ from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.engine import grad_stat_columns
 from bbdecoder.recorder import Recorder
 from bbdecoder.recorder.gradstats import CHUNK, GradStatsPlan
-from bbdecoder.recorder.recorder import _Pending
+from bbdecoder.recorder.packing import Pending, pack
 
 from helpers import Tiny, stats64
 
@@ -235,8 +235,8 @@ def test_raw_snapshots_in_groups_round_trip(tmp_path, monkeypatch):
             loss.backward()
             grads[s] = {n: p.grad.clone() for n, p in m.named_parameters()}
             weights[s] = {n: p.detach().clone() for n, p in m.named_parameters()}
-            probe = _Pending(s, 0, 0.0, 0.0)
-            rec._pack(probe, [("grads", lk, pk, q.grad, a) for lk, pk, q, a in rec._grad_targets], torch.float32)
+            probe = Pending(s, 0, 0.0, 0.0)
+            pack(probe, [("grads", lk, pk, q.grad, a) for lk, pk, q, a in rec._grad_targets], torch.float32)
             assert len(probe.groups) > 1 and all(h.numel() <= 6000 or len(lay) == 1 for h, lay in probe.groups)
             rec.step(loss=loss)
             opt.step()

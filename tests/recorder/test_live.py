@@ -22,7 +22,7 @@ import pytest
 
 from bbdecoder import analyzer
 from bbdecoder.analyzer.trace import format as fmt
-from bbdecoder.analyzer.cli import main
+from helpers import run_cli
 
 ROOT = helpers.ROOT
 FLUSH_STEPS, WEIGHTS_EVERY = 5, 3
@@ -82,16 +82,6 @@ def _closed(rank_dir):
     return np.concatenate(steps), np.concatenate(loss)
 
 
-def _cli(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _wait(pred, what, timeout=30.0):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -119,7 +109,7 @@ def test_info_and_report_on_a_run_being_written(tmp_path, capsys):
 
         # 1. training goes on during the calls: between what was closed before and after
         before = len(_closed(rank_dir)[0])
-        code, out, err = _cli(["info", d, "--json"], capsys)
+        code, out, err = run_cli(["info", d, "--json"], capsys)
         after = len(_closed(rank_dir)[0])
         assert code == 0, err
         info = json.loads(out)
@@ -127,7 +117,7 @@ def test_info_and_report_on_a_run_being_written(tmp_path, capsys):
         assert before <= info["steps"] <= after and info["steps"] % FLUSH_STEPS == 0
         assert (info["first_step"], info["last_step"]) == (0, info["steps"] - 1)
         before = len(_closed(rank_dir)[0])
-        code, out, err = _cli(["report", d, "--out", str(tmp_path / "rep-live"), "--layers", "head"], capsys)
+        code, out, err = run_cli(["report", d, "--out", str(tmp_path / "rep-live"), "--layers", "head"], capsys)
         after = len(_closed(rank_dir)[0])
         assert code == 0, err
         s = json.load(open(tmp_path / "rep-live" / "summary.json"))
@@ -150,14 +140,14 @@ def test_info_and_report_on_a_run_being_written(tmp_path, capsys):
         live = [n for n in os.listdir(rank_dir) if n.endswith(fmt.LIVE_SUFFIX)]
         assert live == [live_name]
 
-        code, out, err = _cli(["info", d], capsys)
+        code, out, err = run_cli(["info", d], capsys)
         assert code == 0, err
         assert "status    incomplete" in out and "unfinished shard" in out
         assert f"steps     {k} (0..{k - 1})" in out and f"in {k // FLUSH_STEPS} shard(s)" in out
         assert f"grads     {k} step(s)" in out
         assert f"weights   {len(range(0, k, WEIGHTS_EVERY))} snapshot(s)" in out
         out_dir = tmp_path / "rep-paused"
-        code, out, err = _cli(["report", d, "--out", str(out_dir)], capsys)
+        code, out, err = run_cli(["report", d, "--out", str(out_dir)], capsys)
         assert code == 0, err
         s = json.load(open(out_dir / "summary.json"))
         assert s["run"]["status"] == "incomplete" and "unfinished shard" in s["run"]["status_reason"]
@@ -185,5 +175,5 @@ def test_info_and_report_on_a_run_being_written(tmp_path, capsys):
     assert run.status == "complete" and run.steps["step"].tolist() == list(range(total))
     steps, loss = _closed(rank_dir)
     np.testing.assert_array_equal(run.steps["loss"].to_numpy(), loss)
-    code, out, err = _cli(["info", d], capsys)
+    code, out, err = run_cli(["info", d], capsys)
     assert code == 0 and "status    complete" in out and f"steps     {total} (0..{total - 1})" in out

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from bbdecoder import analyzer  # noqa: E402
-from bbdecoder.analyzer import plots  # noqa: E402
+from bbdecoder.analyzer.report import plots  # noqa: E402
 from bbdecoder.analyzer.report import build_report  # noqa: E402
 from bbdecoder.recorder import Recorder  # noqa: E402
 
@@ -272,8 +272,8 @@ def test_incomplete_run_says_so(recorded, tmp_path):
 
 def test_report_without_torch(recorded, tmp_path):
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import analyzer\n"
-            "from analyzer.report import build_report\n"
+            "from bbdecoder import analyzer\n"
+            "from bbdecoder.analyzer.report import build_report\n"
             f"s = build_report(analyzer.open({recorded[0]!r}), {str(tmp_path)!r}, layers=[1], bins=4)\n"
             "assert 'torch' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
             "print(len(s['figures']))\n")

@@ -23,7 +23,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from bbdecoder import analyzer  # noqa: E402
 from bbdecoder.analyzer import activations as A  # noqa: E402
-from bbdecoder.analyzer.cli import main  # noqa: E402
+from helpers import run_cli  # noqa: E402
 from bbdecoder.analyzer.report import build_report, dead_layer_table  # noqa: E402
 from bbdecoder.recorder import Recorder  # noqa: E402
 
@@ -96,16 +96,6 @@ def _report(run_dir, out, **kw):
 def report1(act_run, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("rep1"))
     return out, _report(act_run[0], out)
-
-
-def _cli(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _json(path):
@@ -218,7 +208,7 @@ def test_rerun_with_other_threshold_via_cli(act_run, report1, tmp_path, capsys):
     pos = np.sort(fc_max[fc_max > 0])
     thr = float(pos[len(pos) // 2])            # kills about half of the live fc units too
     out = tmp_path / "rep2"
-    code, o, err = _cli(["report", run_dir, "--out", str(out), "--dead-threshold", repr(thr), "--delta", "0.1",
+    code, o, err = run_cli(["report", run_dir, "--out", str(out), "--dead-threshold", repr(thr), "--delta", "0.1",
                          "--sim-method", "kl", "--layer-share", "0.4", "--raster-site", "fc"], capsys)
     assert code == 0, err
     assert o.strip() == f"report: {out / 'index.html'}"
@@ -255,12 +245,12 @@ def test_cli_dead_table_and_json_equal_api(act_run, capsys):
                       dict(criterion="dormant", threshold=0.1, layer_share=0.2)),
                      ([], {})):
         want = dead_layer_table(run.dead_units(**kw))
-        code, out, err = _cli(["dead", run_dir, "--json"] + argv, capsys)
+        code, out, err = run_cli(["dead", run_dir, "--json"] + argv, capsys)
         assert code == 0 and err == "", err
         got = pd.DataFrame(json.loads(out))
         assert list(got.columns) == ["site", "kind", "units", "dead", "dead_fraction", "flagged"]
         _same(got, want, list(got.columns))
-        code, out, _ = _cli(["dead", run_dir] + argv, capsys)
+        code, out, _ = run_cli(["dead", run_dir] + argv, capsys)
         lines = out.strip().splitlines()
         assert code == 0 and lines[0].split() == list(want.columns) and len(lines) == len(want) + 1
         for line, r in zip(lines[1:], want.itertuples(index=False)):
@@ -268,13 +258,13 @@ def test_cli_dead_table_and_json_equal_api(act_run, capsys):
             assert f[0] == r.site and int(f[3]) == r.dead and float(f[4]) == pytest.approx(r.dead_fraction, abs=1e-6)
     # per unit: only dead ones, or --all; --sites
     du = run.dead_units(sites="fc")
-    code, out, _ = _cli(["dead", run_dir, "--per-unit", "--sites", "fc", "--json"], capsys)
+    code, out, _ = run_cli(["dead", run_dir, "--per-unit", "--sites", "fc", "--json"], capsys)
     got = pd.DataFrame(json.loads(out))
     assert code == 0 and list(got["unit"]) == list(du.loc[du["dead"], "unit"]) and got["dead"].all()
     _same(got, du[du["dead"]], ["unit", "active_fraction", "max", "score", "died_at"])
-    code, out, _ = _cli(["dead", run_dir, "--per-unit", "--all", "--sites", "fc", "--json"], capsys)
+    code, out, _ = run_cli(["dead", run_dir, "--per-unit", "--all", "--sites", "fc", "--json"], capsys)
     assert len(json.loads(out)) == 8
-    code, out, _ = _cli(["dead", run_dir, "--per-unit", "--sites", "fc"], capsys)
+    code, out, _ = run_cli(["dead", run_dir, "--per-unit", "--sites", "fc"], capsys)
     assert code == 0 and len(out.strip().splitlines()) == 1 + int(du["dead"].sum())
 
 
@@ -282,14 +272,14 @@ def test_cli_saturation_equals_api(act_run, capsys):
     run_dir, _ = act_run
     run = analyzer.open(run_dir)
     want = A.saturation_layers(run, 0.05, unit_fraction=0.3, layer_share=0.6, sites="bounded")
-    code, out, err = _cli(["saturation", run_dir, "--delta", "0.05", "--unit-fraction", "0.3", "--layer-share",
+    code, out, err = run_cli(["saturation", run_dir, "--delta", "0.05", "--unit-fraction", "0.3", "--layer-share",
                            "0.6", "--sites", "bounded", "--json"], capsys)
     assert code == 0 and err == ""
     got = pd.DataFrame(json.loads(out))
     assert list(got["site"]) == ["/sigmoid#0", "/softmax#0"]
     _same(got, want, ["site", "kind", "saturated", "saturated_units", "flagged"])
     want = A.saturation_layers(run)
-    code, out, _ = _cli(["saturation", run_dir], capsys)
+    code, out, _ = run_cli(["saturation", run_dir], capsys)
     lines = out.strip().splitlines()
     assert code == 0 and lines[0].split() == list(want.columns) and len(lines) == len(want) + 1
     for line, r in zip(lines[1:], want.itertuples(index=False)):
@@ -319,7 +309,7 @@ BAD = [
 def test_bad_thresholds_one_line(act_run, tmp_path, capsys, argv, words):
     out_dir = tmp_path / "out"
     cmd = [argv[0], act_run[0]] + argv[1:] + (["--out", str(out_dir)] if argv[0] == "report" else [])
-    code, out, err = _cli(cmd, capsys)
+    code, out, err = run_cli(cmd, capsys)
     assert code != 0 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bbdecoder: error:") and words in lines[0], err
@@ -329,7 +319,7 @@ def test_bad_thresholds_one_line(act_run, tmp_path, capsys, argv, words):
 def test_cli_without_torch(act_run):
     run_dir = act_run[0]
     code = ("import sys, json; sys.modules['torch'] = None\n"
-            "from analyzer.cli import main\n"
+            "from bbdecoder.analyzer.cli import main\n"
             "for argv in (['dead', %r, '--json'], ['saturation', %r, '--json']):\n"
             "    try:\n"
             "        main(argv)\n"
@@ -373,5 +363,5 @@ def test_run_without_activations(tmp_path, capsys):
     dl = pd.read_csv(out / "tables" / "dead_layers.csv")
     assert len(dl) == 0 and list(dl.columns) == ["site", "kind", "units", "dead", "dead_fraction", "flagged"]
     for cmd in ("dead", "saturation"):
-        code, o, err = _cli([cmd, run_dir], capsys)
+        code, o, err = run_cli([cmd, run_dir], capsys)
         assert code == 2 and o == "" and "no activation sites" in err and len(err.strip().splitlines()) == 1

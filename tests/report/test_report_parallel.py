@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bbdecoder.analyzer.report import _fork_is_safe, build_report, default_jobs
+from bbdecoder.analyzer.report import build_report, default_jobs, fork_is_safe
 from tests.helpers import record_tiny
 
 ROOT = helpers.ROOT
@@ -20,7 +20,7 @@ ROOT = helpers.ROOT
 CHILD = r"""
 import json, sys, warnings
 from bbdecoder import analyzer
-from bbdecoder.analyzer import plots
+from bbdecoder.analyzer.report import plots
 from bbdecoder.analyzer.report import build_report
 run_dir, out, jobs, broken = sys.argv[1], sys.argv[2], int(sys.argv[3]), {"0": False, "1": True}.get(sys.argv[4], sys.argv[4])
 if broken == "crash":   # a drawing process dies: the report still finishes, without a hang
@@ -94,7 +94,7 @@ def test_jobs_argument_and_fork_guard(run_dir, tmp_path):
     t = threading.Thread(target=stop.wait)
     t.start()
     try:
-        assert not _fork_is_safe()            # another thread alive: no fork
+        assert not fork_is_safe()            # another thread alive: no fork
         s = build_report(__import__("analyzer").open(str(run_dir)), str(tmp_path), jobs=4)
         assert s["figure_processes"] == 1 and len(s["figures"]) >= 12
     finally:

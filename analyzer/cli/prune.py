@@ -1,8 +1,5 @@
 """`bbdecoder prune`: a pruning plan (JSON) or a sparsity-versus-threshold sweep from a recorded run.
-
-Registered on the click group by :mod:`analyzer.cli`. Imports from there lazily (inside the command)
-so that either module can be imported first. Never imports torch.
-"""
+Never imports torch."""
 
 from __future__ import annotations
 
@@ -12,11 +9,11 @@ import os
 
 import click
 
-from .pruning import CRITERIA, OVERALL
+from ..pruning import CRITERIA, OVERALL
+from .main import UsageProblem, open_run, out_dir
 
 
 def _parse_thresholds(text: str) -> list[float]:
-    from .cli import UsageProblem
     out = []
     for item in text.split(","):
         item = item.strip()
@@ -36,7 +33,6 @@ def _parse_thresholds(text: str) -> list[float]:
 
 def _steps(text: str | None):
     """"A:B" (half-open, either side may be empty) or "a,b,c"."""
-    from .cli import UsageProblem
     if text is None:
         return None
     try:
@@ -91,31 +87,6 @@ def sweep_table(df) -> str:
     return "\n".join("  ".join(r[i].rjust(w[i]) for i in range(len(head))) for r in rows)
 
 
-def sweep_figure(df, path: str, criterion: str) -> str:
-    """Seaborn line plot of sparsity versus threshold, one line per layer that prunes anything, overall thick."""
-    from . import plots
-    _, sns = plots._mpl()
-    fig, ax = plots.new_figure(9, 4.6)
-    ax = ax[0, 0]
-    d = df.copy()
-    moving = [n for n, g in d[d["layer"] != OVERALL].groupby("layer", sort=False) if g["sparsity"].max() > 0]
-    per = d[d["layer"].isin(moving)].copy()
-    per["layer"] = [plots.layer_label(i, n) for i, n in zip(per["layer_id"], per["layer"])]
-    if len(per):
-        sns.lineplot(data=per, x="threshold", y="sparsity", hue="layer", marker="o", ax=ax,
-                     legend=len(moving) <= plots.MAX_LEGEND)
-    o = d[d["layer"] == OVERALL].sort_values("threshold")
-    ax.plot(o["threshold"], o["sparsity"], color="black", lw=2.5, marker="o", ms=4, label="overall", zorder=5)
-    h, lab = ax.get_legend_handles_labels()
-    if h:
-        ax.legend(h, lab, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel(f"threshold ({criterion})")
-    ax.set_ylabel("sparsity (fraction of weights masked)")
-    ax.set_title(f"Pruning sweep: {criterion}")
-    return plots.save(fig, path)
-
-
 @click.command("prune")
 @click.argument("run_dir", type=click.Path())
 @click.option("--criterion", required=True, type=click.Choice(CRITERIA),
@@ -142,18 +113,19 @@ def prune(run_dir, criterion, threshold, max_active_fraction, layer_spec, steps_
 
     Apply a plan to a torch model with recorder.apply_plan(model, "plan.json").
     """
-    from .cli import UsageProblem, _open, check_out_dir
-    from .pruning import pruning_plan, sweep as _sweep, write_plan
+    from ..pruning import pruning_plan, sweep as _sweep
+    from ..trace.plans import write_plan
     steps = _steps(steps_spec)
     if sweep:
         if threshold is not None:
             raise UsageProblem("--sweep takes --thresholds a,b,c, not --threshold")
         ts = _parse_thresholds(thresholds) if thresholds is not None else None
-        run = _open(run_dir)
+        run = open_run(run_dir)
         df = _sweep(run, criterion, ts, layers=layer_spec, steps=steps, max_active_fraction=max_active_fraction)
-        out = check_out_dir(out)
+        out = out_dir(out)
         csv = os.path.join(out, "sweep.csv")
         df.to_csv(csv, index=False)
+        from ..report.plots import sweep_figure
         png = sweep_figure(df, os.path.join(out, "sweep.png"), criterion)
         if as_json:
             click.echo(json.dumps({"csv": csv, "png": png, "notes": df.attrs.get("notes", []),
@@ -174,7 +146,7 @@ def prune(run_dir, criterion, threshold, max_active_fraction, layer_spec, steps_
     if os.path.exists(path) and not force:
         raise UsageProblem(f"--out {path} exists; pass --force to replace it")
     parent = os.path.dirname(path)
-    run = _open(run_dir)
+    run = open_run(run_dir)
     plan = pruning_plan(run, criterion, threshold, layers=layer_spec, steps=steps,
                         max_active_fraction=max_active_fraction)
     try:

@@ -1,15 +1,13 @@
 """`bbdecoder attention-iou`: Attention-IoU scores of a recorded attention capture, computed offline.
-
-Registered on the click group by :mod:`analyzer.cli`. Imports from there lazily (inside the command).
-Never imports torch.
-"""
+Never imports torch."""
 
 from __future__ import annotations
 
 import click
 
-from .attention_iou import RESOLUTIONS, SCORES
-from .cam import METHODS
+from ..attention_iou import RESOLUTIONS, SCORES
+from ..cam import METHODS
+from .main import UsageProblem, open_run, records_json
 
 
 def score_table(df) -> str:
@@ -44,7 +42,6 @@ def attention_iou_cmd(run_dir, target, mask_group, protected, method, n_boot, se
                       score_names, by, as_json) -> None:
     """Attention-IoU of TARGET's attention maps in RUN_DIR against a mask group (--mask-group) or another
     target's maps (--protected), per split (all, correct, incorrect, group labels), with bootstrap."""
-    from .cli import UsageProblem, _open, _records_json
     if (mask_group is None) == (protected is None):
         raise UsageProblem("give exactly one of --mask-group and --protected")
     scores = list(SCORES) if score_names.strip() == "all" else [s.strip() for s in score_names.split(",") if s.strip()]
@@ -57,15 +54,14 @@ def attention_iou_cmd(run_dir, target, mask_group, protected, method, n_boot, se
         except ValueError:
             raise UsageProblem(f"--capture must be an integer position or 'all', not {capture!r}") from None
     by_spec = "all" if by == "all" else ([] if by == "none" else [b.strip() for b in by.split(",") if b.strip()])
-    run = _open(run_dir)
+    run = open_run(run_dir)
     df = run.attention_iou(target, mask_group=mask_group, protected=protected, method=method, bootstrap=n_boot,
                            seed=seed, resolution=resolution, capture=capture, scores=scores, by=by_spec)
     if as_json:
-        click.echo(_records_json(df))
+        click.echo(records_json(df))
         return
     for (cap, step), d in df.groupby(["capture", "step"], sort=True):
         ref = f"mask group {mask_group!r}" if mask_group is not None else f"target {protected!r}"
         click.echo(f"capture {cap} (step {step}): {target!r} vs {ref}, {method}, {resolution} resolution, "
                    f"{n_boot} resamples")
         click.echo(score_table(d))
-

@@ -1,14 +1,14 @@
 """`bbdecoder graph` and `bbdecoder features`: the function graph and the feature evolution of a run.
-
-Registered on the click group by :mod:`analyzer.cli`. Imports from there lazily (inside the commands).
-Never imports torch.
-"""
+Never imports torch."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import click
+
+from .main import UsageProblem, open_run, out_dir, out_errors
 
 
 @click.command("graph")
@@ -20,10 +20,16 @@ import click
 def graph_cmd(run_dir: str, out: str, force: bool, engine: str) -> None:
     """Function graph of RUN_DIR into --out: graph.dot, graph.png, ops.csv, edges.csv, modules.csv,
     module_flops.png and module_time.png."""
-    from .cli import _open
-    from .graph import fmt_flops, render
-    run = _open(run_dir)  # a missing or malformed run fails here, before anything is written
-    files = render(run.path, out, force=force, engine=engine)
+    from ..graph import fmt_flops
+    from ..report.graph_files import render
+    run = open_run(run_dir)  # a missing or malformed run fails here, before anything is written
+    try:
+        with out_errors(out):  # render prepares --out after reading the graph
+            files = render(run.path, out, force=force, engine=engine)
+    except FileNotFoundError:
+        if engine == "dot" and shutil.which("dot") is None:   # render's Graphviz check, worded for the option
+            raise UsageProblem("Graphviz 'dot' is not on PATH (use --engine matplotlib)") from None
+        raise
     g = run.graph_modules()
     root = g[g["depth"] == 0]
     total = int(root["flops"].iloc[0]) if len(root) else int(g["flops"].sum())
@@ -45,21 +51,16 @@ def graph_cmd(run_dir: str, out: str, force: bool, engine: str) -> None:
 def features_cmd(run_dir: str, layer: str, channels: str | None, sample: int, fps: float, out: str,
                  force: bool) -> None:
     """Feature evolution of --layer in RUN_DIR: a grid PNG (captures x channels) and an animated GIF."""
-    from .features import parse_channels, render_gif, render_grid
-    from .trace.format import sanitize
-    from .graph import check_out
-    run = _open_run(run_dir)
+    from ..features import parse_channels
+    from ..report.plots.features import render_gif, render_grid
+    from ..trace.format import sanitize
+    run = open_run(run_dir)
     maps, steps = run.feature_maps(layer, sample=sample)
     ch = parse_channels(channels, maps.shape[1])
-    out = check_out(out, force)
+    out = out_dir(out, force=force)
     stem = f"features-{sanitize(layer)}"
     grid = render_grid(maps, steps, ch, os.path.join(out, stem + ".png"), layer=layer)
     gif = render_gif(maps, steps, ch, os.path.join(out, stem + ".gif"), fps=fps, layer=layer)
     click.echo(f"features: {len(steps)} captures of {layer} (steps {', '.join(map(str, steps[:10]))}"
                f"{', ...' if len(steps) > 10 else ''}), channels {','.join(map(str, ch))}")
     click.echo(f"  {grid}\n  {gif}")
-
-
-def _open_run(run_dir: str):
-    from .cli import _open
-    return _open(run_dir)

@@ -1,0 +1,33 @@
+"""Activation analyses from recorded per-unit statistics and raw samples (torch-free).
+
+Every threshold is an analysis-time parameter: the trace holds, per step and unit, count, sum,
+sum |h|, sum h^2, min, max, count(h > 0) and (bounded activations) a fixed-edge histogram, so a new
+threshold is a new call, not a new training run.
+
+Definitions (per unit i of a site, over the selected steps):
+    active_fraction = sum count(h > 0) / sum count         (at threshold 0; exact)
+    strict dead     = max h <= threshold                     (max_active_fraction = 0; exact at any threshold)
+                      or active_fraction <= max_active_fraction (threshold 0 only)
+    APoZ            = 1 - active_fraction (fraction of values <= 0); dead if APoZ >= threshold
+    dormant score   = s_i = E|h_i| / mean_k E|h_k|  (Sokar et al. 2023); dead if s_i <= threshold
+A NaN statistic (NaN activations) never makes a unit dead; NaN values count as not active (not > 0).
+
+Modules: :mod:`.sites` (selecting sites, reading and merging their statistics over ranks, raw
+samples, :func:`activation_stats`), :mod:`.deadunits` (criteria, :func:`dead_units`,
+:func:`dead_per_step`, :func:`dead_mask`), :mod:`.saturation`, :mod:`.dimensions`
+(:func:`dimension_variance`, :func:`similarity`). Their public names are importable from here.
+
+Tables keep their dtypes when empty (step, epoch, unit, count, nonfinite: int64), so that a site
+without recorded steps, or a step range that holds none, gives an empty table of the usual shape.
+"""
+
+from .deadunits import CRITERIA, DEAD_COLUMNS, as_number, check_criterion, dead_mask, dead_per_step, dead_units
+from .dimensions import dimension_variance, similarity
+from .saturation import saturation, saturation_layers
+from .sites import (PER_UNIT, STAT_COLUMNS, activation_stats, empty_table, iter_merged_site_stats, iter_site_stats,
+                    samples, select_site, select_sites, site_blocks, site_table, steps_filter)
+
+__all__ = ["CRITERIA", "DEAD_COLUMNS", "PER_UNIT", "STAT_COLUMNS", "activation_stats", "as_number", "check_criterion",
+           "dead_mask", "dead_per_step", "dead_units", "dimension_variance", "empty_table", "iter_merged_site_stats",
+           "iter_site_stats", "samples", "saturation", "saturation_layers", "select_site", "select_sites",
+           "similarity", "site_blocks", "site_table", "steps_filter"]

@@ -1,0 +1,179 @@
+"""Dead and dormant units from the recorded per-unit statistics, at analysis-time thresholds
+(torch-free). See :mod:`analyzer.activations` for the definitions of the criteria."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..stats import UnitSums
+from .sites import empty_table, iter_merged_site_stats, select_site, select_sites, site_blocks
+
+CRITERIA = ("strict", "apoz", "dormant")
+
+
+# --------------------------------------------------------------------------- dead units
+
+def as_number(name, v) -> float:
+    """``v`` as a float; ValueError naming ``name`` when it is not a number."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, not {v!r}") from None
+
+
+def check_criterion(criterion, threshold, max_active_fraction):
+    """Validated ``(threshold, max_active_fraction)`` as floats; ValueError for anything unusable."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, not {criterion!r}")
+    threshold = as_number("threshold", threshold)
+    max_active_fraction = as_number("max_active_fraction", max_active_fraction)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, not {threshold!r}")
+    if not 0.0 <= max_active_fraction <= 1.0:
+        raise ValueError(f"max_active_fraction must be in [0, 1], not {max_active_fraction!r}")
+    if criterion == "apoz" and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"an APoZ threshold is a fraction in [0, 1], not {threshold!r}")
+    if criterion == "dormant" and threshold < 0:
+        raise ValueError(f"a dormant threshold is >= 0, not {threshold!r}")
+    if criterion == "strict" and max_active_fraction > 0 and threshold != 0:
+        raise ValueError("strict with max_active_fraction > 0 is exact only at threshold 0 (the trace "
+                         "counts values > 0); use max_active_fraction=0 (never above threshold, exact "
+                         "at any threshold) or threshold=0")
+    return threshold, max_active_fraction
+
+
+def _judge(criterion, threshold, maf, n, npos, sabs, mx):
+    """``(active_fraction, score, dead)`` from pooled statistics: arrays (..., U); ``n`` broadcasts.
+
+    A NaN statistic (a NaN was seen) never makes a unit dead: there is no evidence that it is.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        af = npos / n
+        if criterion == "strict":
+            score = mx
+            dead = (mx <= threshold) if maf == 0 else (af <= maf)
+        elif criterion == "apoz":
+            score = 1.0 - af
+            dead = score >= threshold
+        else:  # Sokar et al.: s_i = E|h_i| / mean_k E|h_k|
+            e = np.broadcast_to(sabs / n, np.shape(sabs))
+            ok = ~np.isnan(e)
+            k = ok.sum(-1, keepdims=True)
+            layer = np.where(k > 0, np.where(ok, e, 0.0).sum(-1, keepdims=True) / np.maximum(k, 1), np.nan)
+            # a layer whose every unit is exactly zero: every unit is dormant (score 0)
+            score = np.where(layer == 0, np.where(e == 0, 0.0, np.nan), e / layer)
+            dead = score <= threshold
+    return af, score, np.asarray(dead, bool)
+
+
+def _dead_now(criterion, threshold, maf, d):
+    """Per-row (step) dead mask (k, U) from one block of statistics."""
+    return _judge(criterion, threshold, maf, d["count"][:, None], d["n_pos"], d["sum_abs"], d["max"])[2]
+
+
+DEAD_COLUMNS = ["site", "kind", "unit", "active_fraction", "max", "score", "dead", "died_at", "dead_fraction",
+                "flagged"]
+
+
+def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_active_fraction: float = 0.0,
+               steps=None, sites: Any = None, layer_share: float = 0.5) -> pd.DataFrame:
+    """Dead (or dormant) units per site, at an analysis-time threshold.
+
+    Args:
+        criterion: "strict" (active = value > threshold; dead if never active over the steps, i.e.
+            max <= threshold; or, with max_active_fraction > 0 at threshold 0, dead if
+            active_fraction <= max_active_fraction), "apoz" (dead if the fraction of values <= 0 is
+            >= threshold), "dormant" (Sokar et al. 2023: dead if s_i = E|h_i| / mean_k E|h_k| <= threshold,
+            E over every value of the steps, the mean over the site's units).
+        threshold, max_active_fraction: see criterion (ValueError if out of range).
+        steps: None (all), a (start, stop) half-open range, or an iterable of steps.
+        sites: site specification (see :func:`select_sites`).
+        layer_share: a site is flagged when more than this share of its units are dead.
+
+    Returns:
+        One row per (site, unit): site, kind, unit, active_fraction (values > 0, over the steps),
+        max (largest value seen), score (the criterion's: max, APoZ or dormant score), dead (bool),
+        died_at (first recorded step from which the unit was dead, under the same criterion applied
+        to each step alone, at every recorded step to the end of ``steps``; NaN if it was alive at the
+        last one), dead_fraction and flagged (per site, repeated). ``dead`` judges the whole range:
+        a unit that died half-way has a died_at but is dead only over ``steps=(died_at, None)``.
+        Statistics that are NaN (NaN activations) never make a unit dead. Sites without recorded
+        steps in ``steps`` have no rows. With several ranks every judgement (per step and pooled)
+        uses the statistics of every rank's values at that step (see :func:`iter_merged_site_stats`).
+    """
+    threshold, max_active_fraction = check_criterion(criterion, threshold, max_active_fraction)
+    layer_share = as_number("layer_share", layer_share)
+    if not 0.0 <= layer_share <= 1.0:
+        raise ValueError(f"layer_share must be in [0, 1], not {layer_share!r}")
+    out = []
+    for S in select_sites(run, sites):
+        U = S["units"]
+        pooled = None                                      # the site's statistics over the steps
+        last_alive = np.full(U, np.iinfo(np.int64).min)   # last step at which the unit was alive
+        all_steps: set = set()
+        for st, d in iter_merged_site_stats(run, S, steps=steps):
+            dead_now = _dead_now(criterion, threshold, max_active_fraction, d)
+            all_steps.update(st.tolist())
+            alive = np.where(~dead_now, st[:, None], np.iinfo(np.int64).min)
+            if len(st):
+                last_alive = np.maximum(last_alive, alive.max(0))
+            pooled = UnitSums.of(d) if pooled is None else pooled.update(d)   # NaN propagates: see _judge
+        if not all_steps:
+            continue
+        mx = pooled.max
+        af, score, dead = _judge(criterion, threshold, max_active_fraction, pooled.count, pooled.n_pos,
+                                 pooled.sum_abs, mx)
+        recorded = np.asarray(sorted(all_steps), np.int64)
+        idx = np.searchsorted(recorded, last_alive, side="right")   # first recorded step after it
+        died = np.full(U, np.nan)
+        ok = idx < len(recorded)
+        died[ok] = recorded[idx[ok]].astype(np.float64)
+        frac = float(dead.mean()) if U else 0.0
+        out.append(pd.DataFrame({"site": S["name"], "kind": S["kind"], "unit": np.arange(U, dtype=np.int64),
+                                 "active_fraction": af, "max": mx, "score": score, "dead": dead,
+                                 "died_at": died, "dead_fraction": frac, "flagged": frac > layer_share}))
+    if not out:
+        df = empty_table(DEAD_COLUMNS, {"unit": "int64", "dead": "bool", "flagged": "bool"})
+    else:
+        df = pd.concat(out, ignore_index=True)[DEAD_COLUMNS]
+    df.attrs.update(criterion=criterion, threshold=threshold, max_active_fraction=max_active_fraction,
+                    layer_share=layer_share)
+    return df
+
+
+def dead_per_step(run, criterion: str = "strict", threshold: float = 0.0, max_active_fraction: float = 0.0,
+                  steps=None, sites: Any = None, by_rank: bool = False) -> pd.DataFrame:
+    """Fraction of each site's units dead *at each step* (the per-step criterion): step, site, dead_fraction.
+    Also per unit with :func:`dead_mask`. Several ranks: judged on every rank's values at that step,
+    unless ``by_rank`` (then per rank, with a leading ``rank`` column)."""
+    threshold, max_active_fraction = check_criterion(criterion, threshold, max_active_fraction)
+    rows = []
+    ranks: set = set()
+    for S in select_sites(run, sites):
+        for st, d, rank in site_blocks(run, S, steps=steps, by_rank=by_rank):
+            ranks.add(rank)
+            dn = _dead_now(criterion, threshold, max_active_fraction, d)
+            rows.append(pd.DataFrame({"rank": rank, "step": st.astype(np.int64), "site": S["name"],
+                                      "dead_fraction": dn.mean(1)}))
+    cols = (["rank"] if len(ranks) > 1 else []) + ["step", "site", "dead_fraction"]
+    if not rows:
+        return empty_table(cols, {"step": "int64"})
+    return pd.concat(rows, ignore_index=True)[cols]
+
+
+def dead_mask(run, site: Any, criterion: str = "strict", threshold: float = 0.0,
+              max_active_fraction: float = 0.0, steps=None) -> tuple[np.ndarray, np.ndarray]:
+    """Unit x step raster of one site: ``(steps (k,), dead (k, U) bool)`` under the per-step criterion
+    (several ranks: on every rank's values at that step)."""
+    threshold, max_active_fraction = check_criterion(criterion, threshold, max_active_fraction)
+    S = select_site(run, site)
+    st_all, masks = [], []
+    for st, d in iter_merged_site_stats(run, S, steps=steps):
+        st_all.append(st)
+        masks.append(_dead_now(criterion, threshold, max_active_fraction, d))
+    if not st_all:
+        return np.zeros(0, np.int64), np.zeros((0, S["units"]), bool)
+    return np.concatenate(st_all), np.concatenate(masks)

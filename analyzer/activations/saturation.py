@@ -1,0 +1,112 @@
+"""Saturation of bounded and ReLU-family activations from the recorded histograms and counts
+(torch-free)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .deadunits import as_number
+from .sites import empty_table, select_sites, site_blocks
+
+
+# --------------------------------------------------------------------------- saturation
+
+def _hist_bins_for_delta(S, delta):
+    """``(bins per bound, delta_used, B)``: delta rounded down to a whole number of histogram bins
+    (at most half the range, so that the two bounds never share a bin)."""
+    lo, hi = S["bounds"]
+    edges = np.asarray(S["hist_edges"], np.float64)
+    B = len(edges) - 1
+    width = (hi - lo) / B
+    nb = min(int(np.floor(delta / width + 1e-9)), B // 2)
+    return nb, nb * width, B
+
+
+def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit: bool = False,
+               by_rank: bool = False) -> pd.DataFrame:
+    """Fraction of saturated values per (step, site[, unit]).
+
+    By kind: sigmoid, hardtanh, relu6: a < lo + delta or a > hi - delta, with the kind's bounds
+    [lo, hi] (sigmoid [0, 1]; hardtanh its min_val/max_val; relu6 [0, 6]); ``delta`` is in value
+    units; tanh: |a| > 1 - delta; softmax: the row's largest probability > 1 - delta (one value per
+    row, so softmax rows have no unit even with ``per_unit``: <NA>); ReLU family (relu, leaky_relu,
+    elu, gelu, silu, softplus): the fraction at or below zero (``delta`` does not apply:
+    ``delta_used`` is NaN). Bounded kinds are read from the fixed-edge histograms recorded every
+    step: ``delta`` is rounded down to a bin edge (``delta_used``; the default 200 bins give steps of
+    0.005 for sigmoid, 0.01 for tanh, 0.03 for relu6); NaN values count in no bin.
+    Sites of other kinds (plain module outputs) are not included. The site's fraction pools its
+    units (saturated values / values). Several ranks: over every rank's values at that step, unless
+    ``by_rank`` (then per rank, with a leading ``rank`` column).
+    """
+    delta = as_number("delta", delta)
+    if not 0.0 <= delta < 0.5:
+        raise ValueError(f"delta must be in [0, 0.5), not {delta!r}")
+    rows = []
+    ranks: set = set()
+    for S in select_sites(run, sites):
+        fam = S.get("family")
+        if fam == "bounded" and (S.get("hist_edges") is None or "hist" not in S["stats"]):
+            continue
+        if fam not in ("relu", "bounded"):
+            continue
+        need = ("count", "n_pos") if fam == "relu" else ("count", "hist")
+        for st, d, rank in site_blocks(run, S, stats=need, steps=steps, by_rank=by_rank):
+            ranks.add(rank)
+            ep = run.catalog.epoch_of(st)
+            if fam == "relu":
+                tot = np.broadcast_to(d["count"][:, None], d["n_pos"].shape)
+                sat = tot - d["n_pos"]
+                used = np.nan
+            else:
+                nb, used, B = _hist_bins_for_delta(S, delta)
+                h = d["hist"]
+                tot = h.sum(-1)
+                sat = (h[..., :nb].sum(-1) if S["kind"] != "softmax" else 0.0) + h[..., B - nb:].sum(-1) \
+                    if nb else np.zeros(tot.shape)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                site_frac = sat.sum(1) / tot.sum(1) if sat.ndim == 2 else sat / tot
+                unit_frac = sat / tot if sat.ndim == 2 else None
+            base = {"rank": rank, "step": st.astype(np.int64), "epoch": ep.astype(np.int64), "site": S["name"],
+                    "kind": S["kind"]}
+            if not per_unit or unit_frac is None:
+                f = pd.DataFrame(dict(base, saturated=site_frac, delta_used=used))
+                if per_unit:
+                    f["unit"] = pd.array([pd.NA] * len(f), dtype="Int64")
+                rows.append(f)
+            else:
+                k, U = unit_frac.shape
+                rows.append(pd.DataFrame({"rank": rank, "step": np.repeat(base["step"], U),
+                                          "epoch": np.repeat(base["epoch"], U),
+                                          "site": S["name"], "kind": S["kind"],
+                                          "unit": np.tile(np.arange(U, dtype=np.int64), k),
+                                          "saturated": unit_frac.reshape(-1), "delta_used": used}))
+    cols = (["rank"] if len(ranks) > 1 else []) + ["step", "epoch", "site", "kind"] + (["unit"] if per_unit else []) \
+        + ["saturated", "delta_used"]
+    if not rows:
+        return empty_table(cols, {"step": "int64", "epoch": "int64", "unit": "int64"})
+    df = pd.concat(rows, ignore_index=True).reindex(columns=cols)
+    if per_unit and df["unit"].dtype != np.int64:
+        df["unit"] = df["unit"].astype("Int64")   # softmax rows (no unit) beside unit rows
+    return df
+
+
+def saturation_layers(run, delta: float = 0.03, unit_fraction: float = 0.5, layer_share: float = 0.5,
+                      steps=None, sites: Any = None) -> pd.DataFrame:
+    """Per site: saturated fraction over the steps, share of saturated units (a unit is saturated
+    when more than ``unit_fraction`` of its values are), and ``flagged`` when that share exceeds
+    ``layer_share``."""
+    df = saturation(run, delta, steps=steps, sites=sites, per_unit=True)
+    out = []
+    for site, g in df.groupby("site", sort=False):
+        if "unit" in g and g["unit"].notna().any():
+            per_unit = g.groupby("unit")["saturated"].mean()
+            share = float((per_unit > unit_fraction).mean())
+        else:
+            share = float((g["saturated"] > unit_fraction).mean())
+        out.append({"site": site, "kind": g["kind"].iloc[0], "saturated": float(g["saturated"].mean()),
+                    "saturated_units": share, "flagged": share > layer_share})
+    cols = ["site", "kind", "saturated", "saturated_units", "flagged"]
+    return pd.DataFrame(out, columns=cols) if out else empty_table(cols, {"flagged": "bool"})

@@ -1,0 +1,115 @@
+"""Gradient statistics of a run: the per-step pass over the shards, the per-epoch table, and
+per-layer pooling. Torch-free; reads the run only through its :class:`~analyzer.catalog.Catalog`.
+
+The formulas of the statistics from sufficient statistics are :func:`analyzer.stats.stats_from_sums`
+(re-exported here): per step, count, sum, sum of squares, sum |g| and max |g| add (or take the max)
+across pieces, parameters and ranks; means and variances follow from them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .catalog import GRAD_KINDS, Catalog
+from .engine import grad_shard, map_shards, part_frame, shard_context, typed
+from .stats import ElementwiseMoments, stats_from_sums
+from .trace import format as fmt
+
+__all__ = ["GRAD_STEP_COLUMNS", "GRAD_EPOCH_COLUMNS", "grad_pass", "epoch_table", "pool_params",
+           "stats_from_sums"]
+
+GRAD_STEP_COLUMNS = ["step", "epoch", "layer_id", "layer", "param", "numel", "count", "nonfinite",
+                     "mean", "abs_mean", "max_abs", "var", "l1", "l2"]
+GRAD_EPOCH_COLUMNS = ["epoch", "layer_id", "layer", "param", "n_steps", "mean", "abs_mean", "max_abs",
+                      "var", "l1", "l2", "l2_var", "grad_noise", "nonfinite"]
+
+
+def grad_pass(catalog: Catalog, keys: set, engine: str, progress: Callable, client=None
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One pass over the gradient payloads of ``keys`` ((layer_key, param_key) pairs).
+
+    Args:
+        catalog: the run's catalogue. engine: "local" or "dask" (see :mod:`analyzer.engine`).
+        progress: progress factory (see :mod:`analyzer.progress`). client: dask client or None.
+
+    Returns:
+        (per-step table, per-epoch table): the frames of ``Run.grad_stats(per="step")`` and
+        ``Run.grad_stats(per="epoch")``.
+    """
+    parts: list[dict] = []
+    noise: dict[tuple, ElementwiseMoments] = {}
+    noise_out: dict[tuple, float] = {}
+    multi_rank = len(catalog.ranks_with(GRAD_KINDS)) > 1
+    shards = catalog.shards_with(GRAD_KINDS, keys)
+    ctx = shard_context(catalog)
+    for shard, (sparts, snoise) in zip(shards, map_shards(
+            engine, grad_shard, [(sh, keys, ctx) for sh in shards], progress, f"reading {fmt.KIND_GRADS}",
+            client)):
+        parts += sparts
+        for (lk, pk, e), acc in sorted(snoise.items(), key=lambda kv: kv[0][2]):
+            key = (shard.rank, lk, pk, e)
+            old = noise.get(key)
+            if old is None:
+                # epochs arrive in order per (rank, param): finish older accumulators now
+                for k in [k for k in noise if k[:3] == key[:3]]:
+                    noise_out[k] = noise.pop(k).compute()
+                noise[key] = acc
+            else:
+                old.merge(acc)
+    for k in list(noise):
+        noise_out[k] = noise.pop(k).compute()
+    df = part_frame(parts, GRAD_STEP_COLUMNS, multi_rank)
+    return df, epoch_table(catalog, df, noise_out, multi_rank)
+
+
+def epoch_table(catalog: Catalog, df: pd.DataFrame, noise: dict, multi_rank: bool) -> pd.DataFrame:
+    """Per (epoch, layer, param) rows from the per-step table ``df`` and the element-wise noise
+    (``noise``: (rank, layer_key, param_key, epoch) -> mean element variance across the epoch's steps)."""
+    keys = (["rank"] if multi_rank else []) + ["epoch", "layer_id", "layer", "param"]
+    if not len(df):
+        return pd.DataFrame({c: [] for c in keys + GRAD_EPOCH_COLUMNS[4:]})
+    g = df.groupby(keys, sort=True)
+    out = g.agg(n_steps=("step", "size"), mean=("mean", "mean"), abs_mean=("abs_mean", "mean"),
+                max_abs=("max_abs", "max"), var=("var", "mean"), l1=("l1", "mean"), l2=("l2", "mean"),
+                nonfinite=("nonfinite", "sum")).reset_index()
+    out["l2_var"] = g["l2"].agg(lambda v: float(np.nanvar(v.to_numpy())) if v.notna().any()
+                                else np.nan).to_numpy()
+    lk_of = {L["id"]: L["key"] for L in catalog.layers}
+    pk_of = {(L["id"], catalog.param_name(L["key"], q["key"])): q["key"] for L in catalog.layers
+             for q in L["params"]}
+    gn = []
+    for row in out.itertuples(index=False):
+        rank = row.rank if multi_rank else catalog.lowest_rank(GRAD_KINDS)
+        gn.append(noise.get((rank, lk_of[row.layer_id], pk_of[(row.layer_id, row.param)], int(row.epoch)),
+                            np.nan))
+    out["grad_noise"] = gn
+    cols = (["rank"] if multi_rank else []) + GRAD_EPOCH_COLUMNS
+    return typed(out[cols], {"epoch": "int64", "layer_id": "int64", "n_steps": "int64", "nonfinite": "int64"})
+
+
+def pool_params(df: pd.DataFrame) -> pd.DataFrame:
+    """Pool per-parameter gradient rows into per-layer rows (same step): counts and sums add,
+    l2 = sqrt(sum l2^2), max_abs = max, mean and var pooled exactly from the parts' moments
+    (sums recovered from each part's count, mean and var; then :func:`stats_from_sums`)."""
+    if not len(df):
+        return df.iloc[:0].drop(columns=["param"]).copy()
+    keys = [c for c in ("rank", "step", "epoch", "layer_id", "layer") if c in df.columns]
+    d = df.copy()
+    d["_s"] = d["mean"].fillna(0) * d["count"]
+    d["_q"] = (d["var"].fillna(0) + d["mean"].fillna(0) ** 2) * d["count"]
+    d["_l2sq"] = d["l2"].fillna(0) ** 2
+    g = d.groupby(keys, sort=True)
+    out = g.agg(numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
+                _s=("_s", "sum"), _q=("_q", "sum"), max_abs=("max_abs", "max"), l1=("l1", "sum"),
+                _l2sq=("_l2sq", "sum")).reset_index()
+    st = stats_from_sums(out["count"].to_numpy(), out["_s"].to_numpy(), out["_q"].to_numpy(),
+                         out["l1"].to_numpy(), out["max_abs"].to_numpy())
+    out["mean"] = st["mean"]
+    out["abs_mean"] = st["abs_mean"]
+    out["var"] = st["var"]
+    out["l2"] = np.sqrt(out["_l2sq"])
+    cols = keys + ["numel", "count", "nonfinite", "mean", "abs_mean", "max_abs", "var", "l1", "l2"]
+    return out[cols]

@@ -1,0 +1,242 @@
+"""The report pipeline: read the shared tables, run the sections (:data:`sections.SECTIONS`), draw the
+queued figures (:mod:`.figures`), write summary.json and index.html (:mod:`.page`). Files are
+written under the output directory only, each through :func:`analyzer.trace.files.atomic_write`;
+nothing is ever deleted."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ..activations import select_site
+from ..progress import silenced
+from ..trace.files import atomic_write, write_text_atomic
+from ..values import json_safe
+from . import figures as F
+from .data import load_frames
+from .options import check_activation_options
+from .page import render_page
+from .sections import GROUPS, SECTIONS
+from .sections.nonfinite import nonfinite_html
+
+FIG_DIR = F.FIG_DIR
+TAB_DIR = "tables"
+
+#: the definitions of the per-layer headline numbers (summary.json)
+DEFINITIONS = {
+    "mean_abs_grad": "sum over steps of sum|g| / sum over steps of finite element count",
+    "max_abs_grad": "max |g| over all recorded steps",
+    "last_epoch_mean_l2": "mean over the last epoch's recorded steps of the layer's gradient L2 norm",
+    "weight_l2_final": "sqrt(sum over the layer's parameters of ||w||^2) at the last snapshot",
+    "update_ratio_median": "median over snapshots of the layer's ||w_t - w_prev|| / ||w_prev||",
+    "layers_pool": "statistics of a layer pool all its parameters (weight, bias, ...)",
+}
+
+
+class Report:
+    """One report being built: what the sections write into (tables, queued figures, skipped items,
+    summary parts) and the pipeline that runs them.
+
+    Attributes:
+        run: the :class:`analyzer.run.Run`. out: the output directory (absolute). act: the checked
+        activation options. bins: weight histogram bins. progress: the progress factory of the
+        report's own bars. data: the shared :class:`analyzer.report.data.Frames` (set by
+        :meth:`build`). extra: summary parts from sections ("activations", "attention", "nonfinite").
+    """
+
+    def __init__(self, run, out_dir: str, layers: Any, bins: int, progress: Callable | None,
+                 act: dict | None = None, jobs: int | None = None):
+        self.run = run
+        self.jobs = F.default_jobs() if jobs is None else max(1, int(jobs))
+        self.pending: list[F.FigureSpec] = []   # figures to draw once every section has been computed
+        self.figure_processes = 1
+        self.act = dict(act or check_activation_options())
+        self.out = os.path.abspath(os.fspath(out_dir))
+        self.layers_spec = layers
+        self.bins = bins
+        self.progress = progress or run.progress
+        self.data = None
+        self.extra: dict[str, Any] = {}
+        self.figures: list[dict] = []
+        self.tables: list[dict] = []
+        self.skipped: list[str] = []
+        self.missing: list[str] = []
+        self.not_recorded: list[str] = []
+
+    # ------------------------------------------------------------------ what sections call
+    def skip(self, item: str, reason: str) -> None:
+        """List ``item`` as skipped, with the reason (summary.json and the page)."""
+        self.skipped.append(f"{item}: {reason}")
+
+    def figure(self, name: str, title: str, caption_html: str, draw: Callable[[], Any], section: str,
+               layer: Any = None) -> None:
+        """Queue figures/<name>.png, drawn by ``draw()`` (returns the figure) once every section ran.
+        ``caption_html``: HTML built from escaped parts. ``layer``: the layer record (row of the layer
+        table) of a per-layer figure."""
+        self.pending.append(F.FigureSpec(name, title, caption_html, draw, section, layer))
+
+    def table(self, name: str, df: pd.DataFrame, description: str) -> None:
+        """Write tables/<name>.csv (atomically) and list it."""
+        rel = f"{TAB_DIR}/{name}.csv"
+        atomic_write(os.path.join(self.out, TAB_DIR, f"{name}.csv"), lambda p: df.to_csv(p, index=False))
+        self.tables.append({"file": rel, "rows": int(len(df)), "description": description})
+
+    # ------------------------------------------------------------------ pipeline
+    def build(self) -> dict:
+        """Write the report; returns the summary (as in summary.json)."""
+        with self.run.keep_open():      # shard files stay open across the per-layer passes
+            return self._build()
+
+    def _build(self) -> dict:
+        t0 = time.perf_counter()
+        os.makedirs(os.path.join(self.out, FIG_DIR), exist_ok=True)
+        os.makedirs(os.path.join(self.out, TAB_DIR), exist_ok=True)
+        before = self._existing()
+        self.data = d = load_frames(self.run, self.layers_spec)
+        if not len(d.gl):
+            self.missing.append("no gradients")
+        if not len(d.ws1):
+            self.missing.append("no weight snapshots")
+        with silenced(self.run):    # the run's own bars would nest inside the report's
+            for section in SECTIONS:
+                section.add(self)
+        self._render()
+        if self.missing:
+            warnings.warn(f"bbdecoder report: the trace has {' and '.join(self.missing)}; the figures that "
+                          "need them are skipped (see the report's skipped list)", stacklevel=3)
+        summary = self._summary()
+        summary["nonfinite"] = self.extra.get("nonfinite")
+        summary["attention"] = self.extra.get("attention", {})
+        written = {f["file"] for f in self.figures} | {t["file"] for t in self.tables}
+        summary["stale_files"] = sorted(p for p in before if p not in written)
+        summary["figure_processes"] = self.figure_processes
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        write_text_atomic(os.path.join(self.out, "summary.json"),
+                          json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
+        write_text_atomic(os.path.join(self.out, "index.html"),
+                          render_page(summary, self.figures, self.tables, GROUPS, nonfinite_html))
+        return json_safe(summary)
+
+    def _render(self) -> None:
+        """Draw the queued figures (see :func:`analyzer.report.figures.render`). A figure that cannot
+        be drawn is listed as skipped with its error (one warning each); the others are listed in
+        queue order."""
+        pending, self.pending = self.pending, []
+        errors, self.figure_processes = F.render(pending, self.out, self.jobs, before_fork=self.run.close)
+        for spec, err in zip(pending, errors):
+            if err is None:
+                self.figures.append({"file": f"{FIG_DIR}/{spec.name}.png", "title": spec.title,
+                                     "caption_html": spec.caption_html, "section": spec.section,
+                                     "layer": spec.layer})
+            else:
+                self.skip(f"figure {spec.name}", f"could not be drawn ({err})")
+                warnings.warn(f"bbdecoder report: figure {spec.name} could not be drawn: {err}", stacklevel=4)
+
+    def _existing(self) -> set:
+        out = set()
+        for sub in (FIG_DIR, TAB_DIR):
+            try:
+                names = os.listdir(os.path.join(self.out, sub))
+            except OSError:
+                continue
+            out |= {f"{sub}/{n}" for n in names if not n.startswith(".tmp-")}
+        return out
+
+    def _summary(self) -> dict:
+        run, d = self.run, self.data
+        from .. import __version__
+        steps, gl, ws = d.steps, d.gl, d.ws1
+        loss = steps[np.isfinite(steps["loss"].to_numpy(np.float64))] if len(steps) else steps
+        first = loss.iloc[0] if len(loss) else None
+        last = loss.iloc[-1] if len(loss) else None
+        layers = []
+        for r in d.summary.itertuples(index=False):
+            layers.append({
+                "id": r.layer_id, "name": r.name, "type": r.type, "n_params": r.n_params,
+                "recorded": r.selected, "grad_steps": r.grad_steps, "mean_abs_grad": r.mean_abs_grad,
+                "max_abs_grad": r.max_abs_grad, "last_epoch": int(r.last_epoch) if np.isfinite(r.last_epoch) else None,
+                "last_epoch_mean_l2": r.last_epoch_mean_l2, "weight_snapshots": r.weight_snapshots,
+                "weight_l2_final": r.weight_l2_final, "update_ratio_median": r.update_ratio_median,
+            })
+        return {
+            "bbdecoder_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "parameters": {"run": run.path, "out_dir": self.out,
+                           "layers": self.layers_spec if self.layers_spec is None
+                           or isinstance(self.layers_spec, (str, int)) else repr(self.layers_spec),
+                           "bins": self.bins, **self.act},
+            "run": {"path": run.path, "status": run.status, "status_reason": run.status_reason,
+                    "format_version": run.manifest.get("format_version"), "ranks": run.ranks,
+                    "ranks_used": "lowest rank only" if d.multi_rank else None,
+                    "problems": list(run.problems)},
+            "steps": int(len(steps)), "epochs": int(run.epochs),
+            "first_step": int(steps["step"].iloc[0]) if len(steps) else None,
+            "last_step": int(steps["step"].iloc[-1]) if len(steps) else None,
+            "grad_steps": int(gl["step"].nunique()) if len(gl) else 0,
+            "weight_snapshots": int(ws["step"].nunique()) if len(ws) else 0,
+            "loss": {"first": float(first["loss"]) if first is not None else None,
+                     "first_step": int(first["step"]) if first is not None else None,
+                     "last": float(last["loss"]) if last is not None else None,
+                     "last_step": int(last["step"]) if last is not None else None},
+            "definitions": dict(DEFINITIONS),
+            "layers": layers,
+            "activations": self.extra.get("activations", {}),
+            "figures": [f["file"] for f in self.figures],
+            "tables": [t["file"] for t in self.tables],
+            "skipped": list(self.skipped),
+            "not_recorded": list(self.not_recorded),
+        }
+
+
+def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int = 64,
+                 progress: Callable | None = None, *, dead_criterion: str = "strict", dead_threshold: float = 0.0,
+                 max_active_fraction: float = 0.0, layer_share: float = 0.5, delta: float = 0.03,
+                 unit_fraction: float = 0.5, sim_dim: int = 1, sim_method: str = "cosine",
+                 raster_site: Any = None, jobs: int | None = None) -> dict:
+    """Write the report of ``run`` into ``out_dir``: ``index.html``, ``summary.json``,
+    ``figures/*.png`` and ``tables/*.csv``.
+
+    Args:
+        run: an :class:`analyzer.run.Run`.
+        out_dir: an existing, writable directory. Earlier report files in it are replaced; nothing
+            is deleted and nothing is written outside it.
+        layers: layer specification (see :meth:`Run.select`); None = every layer.
+        bins: bins of the weight histograms.
+        progress: ``progress(label, total)`` -> context manager with ``update(n)``
+            (click.progressbar-compatible); default ``run.progress``.
+        dead_criterion, dead_threshold, max_active_fraction: the dead-unit criterion of the activation
+            sections ("strict", "apoz" or "dormant"; see :func:`analyzer.activations.dead_units`).
+        layer_share: a site is flagged when more than this share of its units are dead (or saturated).
+        delta, unit_fraction: saturation margin and the share of a unit's values that makes it saturated
+            (see :func:`analyzer.activations.saturation_layers`).
+        sim_dim, sim_method: dimension (sample axis = 0) and method ("cosine" or "kl") of the variance
+            and similarity figure (sites with raw samples).
+        raster_site: the site of the unit x step raster; None = the site with the most dead units.
+        jobs: processes drawing the figures (forked after the statistics are computed; 1 = in this
+            process); None = the CPUs available, at most 4 (see :func:`default_jobs`).
+
+    The activation sections appear only when the trace has activation sites; otherwise they are
+    listed under ``not_recorded``. Every option is written to summary.json's ``parameters``.
+
+    Returns:
+        The summary (as written to summary.json; NaN as None).
+    """
+    if not isinstance(bins, int) or isinstance(bins, bool) or not 1 <= bins <= 100_000:
+        raise ValueError(f"bins must be an int in [1, 100000], not {bins!r}")
+    act = check_activation_options(dead_criterion, dead_threshold, max_active_fraction, layer_share, delta,
+                                   unit_fraction, sim_dim, sim_method, raster_site)
+    if raster_site is not None:
+        act["raster_site"] = select_site(run, raster_site)["name"]   # TraceError before anything is written
+    out = os.path.abspath(os.fspath(out_dir))
+    if not os.path.isdir(out):
+        raise FileNotFoundError(f"report directory {out} does not exist")
+    if jobs is not None and (not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= 256):
+        raise ValueError(f"jobs must be an int in [1, 256], not {jobs!r}")
+    return Report(run, out, layers, bins, progress, act, jobs).build()

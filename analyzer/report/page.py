@@ -1,0 +1,152 @@
+"""The report's index.html: :file:`template.html` (``string.Template``) filled from the summary, the
+figures and the tables. Every value put into the page is escaped with :func:`html.escape`, except
+the HTML that a function named ``*_html`` built from escaped parts (figure captions are such HTML,
+built by their sections)."""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import string
+from functools import lru_cache
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "template.html")
+
+
+@lru_cache(maxsize=1)
+def template() -> string.Template:
+    """The page template (read once)."""
+    with open(TEMPLATE, encoding="utf-8") as f:
+        return string.Template(f.read())
+
+
+def cell_html(v: Any) -> str:
+    """A table cell's text: "–" for None and non-finite floats, floats to 3 significant digits,
+    anything else escaped."""
+    if v is None:
+        return "–"
+    if isinstance(v, (float, np.floating)):
+        return "–" if not math.isfinite(float(v)) else f"{float(v):.3g}"
+    return html.escape(str(v))
+
+
+def status_html(run: dict) -> str:
+    """The complete/INCOMPLETE box of the run (``summary["run"]``)."""
+    if run["status"] == "complete":
+        return '<p class="ok">Status: complete</p>'
+    return (f'<p class="bad"><strong>Status: INCOMPLETE</strong> — {html.escape(run["status_reason"] or "incomplete")}.'
+            " The figures and numbers cover only what was written before that.</p>")
+
+
+def head_rows_html(s: dict) -> str:
+    """The rows of the summary's headline table."""
+    e = html.escape
+    run, loss = s["run"], s["loss"]
+    head = [
+        ("run", f"<code>{e(run['path'])}</code>"),
+        ("steps", f"{s['steps']}" + (f" ({s['first_step']} … {s['last_step']})" if s["steps"] else "")),
+        ("epochs", str(s["epochs"])),
+        ("steps with gradients", str(s["grad_steps"])),
+        ("weight snapshots", str(s["weight_snapshots"])),
+        ("first loss", f"{cell_html(loss['first'])}" + (f" (step {loss['first_step']})" if loss["first"] is not None
+                                                        else "")),
+        ("last loss", f"{cell_html(loss['last'])}" + (f" (step {loss['last_step']})" if loss["last"] is not None
+                                                      else "")),
+        ("layers in report", f"{len(s['layers'])}" + (f" (selection <code>{e(str(s['parameters']['layers']))}"
+                                                      "</code>)" if s["parameters"]["layers"] is not None else "")),
+        ("ranks", e(", ".join(map(str, run["ranks"])) or "–") + (" (figures use the lowest rank)"
+                                                                 if run["ranks_used"] else "")),
+    ]
+    return "\n".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in head)
+
+
+def layer_rows_html(layers: list[dict]) -> str:
+    """The rows of the per-layer table (summary.json's "layers")."""
+    e = html.escape
+    return "\n".join(
+        "<tr>" + "".join(f"<td>{c}</td>" for c in (
+            cell_html(L["id"]), f"<code>{e(L['name'] or '(model)')}</code>", e(L["type"]), cell_html(L["n_params"]),
+            "yes" if L["recorded"] else "no", cell_html(L["mean_abs_grad"]), cell_html(L["max_abs_grad"]),
+            cell_html(L["last_epoch_mean_l2"]), cell_html(L["weight_l2_final"]),
+            cell_html(L["update_ratio_median"]))) + "</tr>"
+        for L in layers)
+
+
+def figures_html(s: dict, figures: list[dict], groups: Iterable[tuple[str, str, Callable | None]]) -> str:
+    """The figure groups of the page, in ``groups`` order: a heading, the group's intro (its
+    ``intro_html(summary)``), then its figures; the "layers" group sorted by layer id, with a heading
+    per layer."""
+    e = html.escape
+    figs = []
+    for key, title, intro_html in groups:
+        fs = [f for f in figures if f["section"] == key]
+        if not fs:
+            continue
+        figs.append(f"<h2>{e(title)}</h2>")
+        if intro_html is not None:
+            figs.append(intro_html(s))
+        if key == "layers":      # grouped by layer, in id order
+            fs = sorted(fs, key=lambda f: f["layer"].id)
+        last = None
+        for f in fs:
+            L = f["layer"]
+            if L is not None and L.id != last:
+                last = L.id
+                figs.append(f'<h3 id="layer-{int(L.id)}">Layer {int(L.id)}: <code>{e(L.name or "(model)")}</code> '
+                            f"({e(L.type)})</h3>")
+            figs.append(f'<figure><img src="{e(f["file"])}" alt="{e(f["title"])}" loading="lazy">'
+                        f'<figcaption><strong>{e(f["title"])}.</strong> {f["caption_html"]}</figcaption></figure>')
+    return "\n".join(figs)
+
+
+def tables_html(tables: list[dict]) -> str:
+    """The list items linking the tables."""
+    e = html.escape
+    return "\n".join(f'<li><a href="{e(t["file"])}">{e(t["file"])}</a> — {e(t["description"])} '
+                     f'({t["rows"]} rows)</li>' for t in tables)
+
+
+def skipped_html(s: dict) -> str:
+    """The list items of what was skipped or not recorded ("nothing" when empty)."""
+    if not (s["skipped"] or s["not_recorded"]):
+        return "<li>nothing</li>"
+    return "\n".join(f"<li>{html.escape(x)}</li>" for x in s["skipped"] + s["not_recorded"])
+
+
+def stale_html(s: dict) -> str:
+    """The note on files of an earlier report left in the directory (empty when none)."""
+    if not s.get("stale_files"):
+        return ""
+    return ("<p class='note'>Also in this directory, from an earlier report and not part of this one: "
+            + ", ".join(f"<code>{html.escape(p)}</code>" for p in s["stale_files"][:50])
+            + (" …" if len(s["stale_files"]) > 50 else "") + "</p>")
+
+
+def render_page(s: dict, figures: list[dict], tables: list[dict], groups: Iterable[tuple[str, str, Callable | None]],
+                nonfinite_html: Callable[[Any], str]) -> str:
+    """index.html of a report.
+
+    Args:
+        s: the summary (as written to summary.json, before NaN became None).
+        figures: {file, title, caption_html, section, layer} per drawn figure, in queue order.
+        tables: {file, rows, description} per table.
+        groups: the figure groups (see :data:`analyzer.report.sections.GROUPS`).
+        nonfinite_html: the function making the non-finite warning box from ``s["nonfinite"]``.
+
+    Returns:
+        The page's text.
+    """
+    e = html.escape
+    run = s["run"]
+    last_epoch = next((L["last_epoch"] for L in s["layers"] if L["last_epoch"] is not None), None)
+    return template().substitute(
+        title=e(os.path.basename(run["path"]) or run["path"]),
+        version=e(s["bbdecoder_version"]), created=e(s["created"]), bins=e(str(s["parameters"]["bins"])),
+        status_html=status_html(run), nonfinite_html=nonfinite_html(s.get("nonfinite")),
+        head_rows_html=head_rows_html(s), layer_rows_html=layer_rows_html(s["layers"]),
+        last_epoch_html=cell_html(last_epoch), figures_html=figures_html(s, figures, groups),
+        tables_html=tables_html(tables), stale_html=stale_html(s), skipped_html=skipped_html(s))

@@ -1,0 +1,36 @@
+"""Figures of a recorded run, Cockpit style: small pure plotting functions over tidy DataFrames, by topic.
+
+- :mod:`.common`: the registry (:data:`PLOTS`, :func:`plot`, :func:`check`), figures in the report's
+  style, saving (atomic), labels and axis helpers;
+- :mod:`.loss`, :mod:`.gradients`, :mod:`.weights`, :mod:`.activations`, :mod:`.attention`,
+  :mod:`.pruning`: the plots of each topic;
+- :mod:`.graph` (function graph drawings) and :mod:`.features` (feature evolution grid and GIF).
+
+The names of the first two groups are re-exported here (``plots.grad_flow``, ``plots.new_figure``).
+matplotlib and seaborn are imported on the first plot; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from .activations import (MAX_RASTER_ROWS, activation_distributions, dead_heatmap, dead_raster, saturation_lines,
+                          site_lines, site_order, site_palette, variance_similarity)
+from .attention import attention_average_maps, attention_over_time, attention_overlays, attention_scores
+from .common import (MAX_HEATMAP_COLUMNS, MAX_LEGEND, PLOTS, bin_columns, check, close, epoch_spans, figure,
+                     fixed_margins, integer_x, layer_label, layer_order, legend_outside, mpl, new_figure,
+                     overlay_epoch_means, plot, positive, save, text, value_ticks, with_labels)
+from .gradients import (grad_flow, grad_heatmap, grad_norm_series, grad_norms, grad_variance_epoch,
+                        grad_variance_step, gradient_flow_table)
+from .loss import loss_curve
+from .pruning import pruning_sweep, sweep_figure
+from .weights import update_ratio, weight_distribution, weight_magnitude
+
+__all__ = [
+    "MAX_RASTER_ROWS", "activation_distributions", "dead_heatmap", "dead_raster", "saturation_lines", "site_lines",
+    "site_order", "site_palette", "variance_similarity", "attention_average_maps", "attention_over_time",
+    "attention_overlays", "attention_scores", "MAX_HEATMAP_COLUMNS", "MAX_LEGEND", "PLOTS", "bin_columns", "check",
+    "close", "epoch_spans", "figure", "fixed_margins", "integer_x", "layer_label", "layer_order", "legend_outside",
+    "mpl", "new_figure", "overlay_epoch_means", "plot", "positive", "save", "text", "value_ticks", "with_labels",
+    "grad_flow", "grad_heatmap", "grad_norm_series", "grad_norms", "grad_variance_epoch", "grad_variance_step",
+    "gradient_flow_table", "loss_curve", "pruning_sweep", "sweep_figure", "update_ratio", "weight_distribution",
+    "weight_magnitude",
+]

@@ -1,0 +1,192 @@
+"""Gradient figures: gradient flow, per-layer norms, variance and the layer x step heatmap."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from ...stats import stats_from_sums
+from .common import (MAX_HEATMAP_COLUMNS, MAX_LEGEND, bin_columns, integer_x, layer_order, legend_outside, mpl,
+                     overlay_epoch_means, plot, positive, value_ticks, with_labels)
+
+
+def _layer_hue(ax, d: pd.DataFrame, legend: bool = True, **lineplot_kw):
+    """seaborn lineplot coloured by layer: a legend for a few layers (unless ``legend`` is False), a
+    colour bar (by id) for many."""
+    plt, sns = mpl()
+    order = layer_order(d)
+    if len(order) <= MAX_LEGEND:
+        palette = sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))
+        sns.lineplot(data=d, hue="layer_label", hue_order=order, palette=palette, ax=ax,
+                     legend="auto" if legend else False, **lineplot_kw)
+        legend_outside(ax, title="layer")
+    else:
+        ids = d["layer_id"].astype(float)
+        norm = plt.Normalize(ids.min(), ids.max())
+        sns.lineplot(data=d, hue="layer_id", hue_norm=norm, palette="viridis", ax=ax, legend=False,
+                     **lineplot_kw)
+        if legend:
+            sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
+            ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
+    return ax
+
+
+def _auto_log(ax, values, axis: str = "y", ratio: float = 100.0) -> None:
+    """Log scale when the positive values span more than ``ratio``."""
+    v = positive(values)
+    v = v[np.isfinite(v)]
+    if len(v) and v.max() / v.min() > ratio:
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+
+
+def gradient_flow_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per layer over all steps (rows = per-step, per-layer gradient statistics):
+    mean |g| = sum(l1) / sum(count), max |g| = max(max_abs), steps = rows."""
+    g = df.groupby(["layer_id", "layer"], sort=True)
+    out = g.agg(l1=("l1", "sum"), count=("count", "sum"), max_abs=("max_abs", "max"),
+                steps=("l1", "size")).reset_index()
+    out["abs_mean"] = stats_from_sums(count=out["count"].to_numpy(), sum_abs=out["l1"].to_numpy())["abs_mean"]
+    return out[["layer_id", "layer", "steps", "count", "l1", "abs_mean", "max_abs"]]
+
+
+@plot(requires=("layer_id", "layer", "l1", "count", "max_abs"))
+def grad_flow(df: pd.DataFrame, ax, **opts):
+    """Gradient flow (BBDecoder 1.x): per layer, mean |g| and max |g| over the steps in ``df`` as
+    side-by-side bars on a log axis, layers in id order. ``df``: per-step, per-layer rows."""
+    _, sns = mpl()
+    t = with_labels(gradient_flow_table(df))
+    order = layer_order(t)
+    long = pd.concat([
+        pd.DataFrame({"layer_label": t["layer_label"], "statistic": "max |g|", "value": positive(t["max_abs"])}),
+        pd.DataFrame({"layer_label": t["layer_label"], "statistic": "mean |g|", "value": positive(t["abs_mean"])}),
+    ], ignore_index=True)
+    sns.barplot(data=long, x="layer_label", y="value", hue="statistic", order=order,
+                hue_order=["max |g|", "mean |g|"], palette=["#4c72b0", "#dd8452"], errorbar=None, ax=ax)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (id: name)")
+    ax.set_ylabel("|gradient| (gradient units)")
+    ax.set_title(opts.get("title", "Gradient flow: mean |g| and max |g| per layer"))
+    n = len(order)
+    step = max(1, math.ceil(n / 60))
+    ax.set_xticks(range(0, n, step))
+    ax.set_xticklabels(order[::step], rotation=90 if n > 4 else 0, fontsize="small" if n > 20 else None)
+    legend_outside(ax)
+    return ax
+
+
+@plot(requires=("step", "epoch", "l1", "l2"))
+def grad_norm_series(df: pd.DataFrame, ax, stat: str = "l2", **opts):
+    """One norm of one layer's gradient per iteration (thin line) with each epoch's mean overlaid
+    (thick segment across the epoch's steps, dot at its centre)."""
+    d = df.sort_values("step")
+    # one line, no aggregation: matplotlib directly (a seaborn lineplot costs ~30 ms more per panel)
+    ax.plot(d["step"].to_numpy(), d[stat].to_numpy(np.float64), lw=0.8, alpha=0.8, color="#4c72b0",
+            label="per iteration")
+    overlay_epoch_means(ax, d, stat, color="#c44e52")
+    _auto_log(ax, d[stat])
+    if ax.get_yscale() == "linear":
+        from matplotlib.ticker import FormatStrFormatter
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    name = {"l1": "L1 norm  sum |g|", "l2": "L2 norm  sqrt(sum g²)"}.get(stat, stat)
+    ax.set_ylabel(name)
+    integer_x(ax)
+    ax.set_xlabel("step (iteration)")
+    ax.set_title(opts.get("title", name))
+    ax.legend(loc="best", fontsize="small", frameon=True)
+    return ax
+
+
+@plot(requires=("step", "epoch", "l1", "l2"), kind="fig")
+def grad_norms(df: pd.DataFrame, fig, **opts):
+    """Two panels, L1 and L2 norm of one layer's gradient per iteration, epoch means overlaid."""
+    axes = fig.subplots(2, 1, sharex=True)
+    grad_norm_series(df, axes[0], stat="l1", title="L1 norm of the gradient")
+    grad_norm_series(df, axes[1], stat="l2", title="L2 norm of the gradient")
+    axes[0].set_xlabel("")
+    if opts.get("title"):
+        fig.suptitle(opts["title"])
+    return fig
+
+
+@plot(requires=("step", "layer_id", "layer", "var"))
+def grad_variance_step(df: pd.DataFrame, ax, **opts):
+    """Variance of each layer's gradient elements at every iteration (one line per layer, log y).
+    ``legend=False`` leaves out the layer legend (when a neighbouring panel shows it)."""
+    d = with_labels(df.sort_values(["layer_id", "step"]))
+    d["var"] = positive(d["var"])
+    _layer_hue(ax, d, legend=opts.get("legend", True), x="step", y="var", lw=0.8, estimator=None, errorbar=None)
+    ax.set_yscale("log")
+    integer_x(ax)
+    ax.set_xlabel("step (iteration)")
+    ax.set_ylabel("Var(g) over the layer's elements (g²)")
+    ax.set_title(opts.get("title", "Gradient variance per iteration"))
+    return ax
+
+
+@plot(requires=("epoch", "layer_id", "layer", "statistic", "value"))
+def grad_variance_epoch(df: pd.DataFrame, ax, **opts):
+    """Per epoch and layer, several variance statistics (column ``statistic``), log y: lines by layer,
+    dash style by statistic."""
+    plt, sns = mpl()
+    d = with_labels(df.sort_values(["layer_id", "epoch"]))
+    d["value"] = positive(d["value"])
+    stats = list(dict.fromkeys(d["statistic"]))
+    order = layer_order(d)
+    kw = dict(x="epoch", y="value", style="statistic", style_order=stats, markers=True, dashes=True,
+              estimator=None, errorbar=None, ax=ax)
+    if len(order) <= MAX_LEGEND:
+        palette = sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))
+        sns.lineplot(data=d, hue="layer_label", hue_order=order, palette=palette, units="layer_label", **kw)
+        legend_outside(ax)
+    else:
+        ids = d["layer_id"].astype(float)
+        norm = plt.Normalize(ids.min(), ids.max())
+        sns.lineplot(data=d, hue="layer_id", hue_norm=norm, palette="viridis", units="layer_id", **kw)
+        # keep only the style entries in the legend
+        h, lab = ax.get_legend_handles_labels()
+        keep = [(hh, ll) for hh, ll in zip(h, lab) if ll in stats or ll == "statistic"]
+        ax.legend([k[0] for k in keep if k[1] != "statistic"], [k[1] for k in keep if k[1] != "statistic"],
+                  loc="best", fontsize="small")
+        sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
+        ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
+    ax.set_yscale("log")
+    epochs = sorted(d["epoch"].unique())
+    if len(epochs) <= 20:
+        ax.set_xticks(epochs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("variance (g²)")
+    ax.set_title(opts.get("title", "Gradient variance per epoch"))
+    return ax
+
+
+@plot(requires=("step", "layer_id", "layer", "l2"))
+def grad_heatmap(df: pd.DataFrame, ax, max_columns: int = MAX_HEATMAP_COLUMNS, **opts):
+    """Layer x step heatmap of log10 of each layer's gradient L2 norm (rows: layers in id order;
+    columns: steps, averaged (in log10) over bins of consecutive steps when there are more than
+    ``max_columns``)."""
+    _, sns = mpl()
+    d = with_labels(df)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d["log_l2"] = np.log10(positive(d["l2"]))
+    steps = np.sort(d["step"].unique())
+    col = bin_columns(steps, max_columns)
+    d["col"] = col[np.searchsorted(steps, d["step"].to_numpy())]
+    order = layer_order(d)
+    m = d.pivot_table(index="layer_label", columns="col", values="log_l2", aggfunc="mean", dropna=False)
+    m = m.reindex(index=order, columns=np.arange(col[-1] + 1 if len(col) else 0))
+    first_step = pd.Series(steps).groupby(col).min().to_numpy()
+    ncol = m.shape[1]
+    sns.heatmap(m.to_numpy(), ax=ax, cmap="magma", cbar_kws={"label": "log10 ‖g‖₂"},
+                xticklabels=False, yticklabels=False, mask=~np.isfinite(m.to_numpy()))
+    value_ticks(ax, first_step, 10)
+    nl = len(order)
+    ys = max(1, math.ceil(nl / 40))
+    ax.set_yticks(np.arange(0, nl, ys) + 0.5)
+    ax.set_yticklabels(order[::ys], rotation=0, fontsize="small" if nl > 15 else None)
+    binned = len(steps) > ncol
+    ax.set_xlabel("step" + (f" ({len(steps)} steps averaged into {ncol} columns)" if binned else ""))
+    ax.set_ylabel("layer (id: name)")
+    ax.set_title(opts.get("title", "Gradient L2 norm per layer and step (log10)"))
+    return ax

@@ -1,0 +1,22 @@
+"""The report's sections, registered here and nowhere else.
+
+A section is a module with ``add(rep)``: it reads what it needs from ``rep.run`` and ``rep.data``
+(:class:`analyzer.report.data.Frames`), writes its tables with ``rep.table(name, df, description)``,
+queues its figures with ``rep.figure(name, title, caption_html, draw, group, layer=None)`` and skips,
+with a reason, whatever the trace lacks (``rep.skip(item, reason)``). A new section is a new module
+added to :data:`SECTIONS`; a new figure group of the page is a line of :data:`GROUPS`.
+"""
+
+from __future__ import annotations
+
+from . import activations, attention, gradients, loss, nonfinite, tables, weights
+
+#: the sections, in the order they run (their tables and figures are listed in this order)
+SECTIONS = (tables, loss, gradients, weights, activations, attention, nonfinite)
+
+#: the page's figure groups in page order: (group, heading, intro_html(summary) or None)
+GROUPS = (("loss", "Loss", None), ("gradients", "Gradients", None), ("weights", "Weights", None),
+          ("activations", "Activations", activations.intro_html), ("attention", "Attention-IoU", None),
+          ("layers", "Per layer", None))
+
+__all__ = ["SECTIONS", "GROUPS"]

@@ -1,0 +1,105 @@
+"""Weight statistics of a run: per-snapshot moments and update ratios, and histograms on common
+edges. Torch-free; reads the run only through its :class:`~analyzer.catalog.Catalog`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .catalog import Catalog
+from .engine import iter_blocks, map_shards, part_frame, previous_rows, shard_context, weight_shard
+from .trace import format as fmt
+from .trace.format import TraceError
+
+WEIGHT_COLUMNS = ["step", "epoch", "layer_id", "layer", "param", "numel", "mean", "std", "abs_mean",
+                  "max_abs", "min", "max", "l2", "update_ratio", "nonfinite"]
+
+
+@dataclass
+class WeightHistograms:
+    """Histograms of one parameter's weights at every snapshot, on common edges.
+
+    Attributes:
+        layer: dotted layer name. param: parameter name.
+        steps: (S,) int64 snapshot steps.
+        edges: (bins + 1,) float64 bin edges shared by every snapshot (weight units).
+        counts: (S, bins) int64 element counts per bin (non-finite values are not counted).
+    """
+
+    layer: str
+    param: str
+    steps: np.ndarray
+    edges: np.ndarray
+    counts: np.ndarray
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy form: one row per (step, bin) with bin_left, bin_right, count."""
+        S, B = self.counts.shape
+        return pd.DataFrame({"step": np.repeat(self.steps, B), "bin_left": np.tile(self.edges[:-1], S),
+                             "bin_right": np.tile(self.edges[1:], S), "count": self.counts.reshape(-1)})
+
+
+def weight_stats(catalog: Catalog, keys: set, engine: str, progress: Callable, client=None) -> pd.DataFrame:
+    """One pass over the weight snapshots of ``keys`` ((layer_key, param_key) pairs): the table of
+    ``Run.weight_stats`` (see there for the columns).
+
+    Args:
+        catalog: the run's catalogue. engine: "local" or "dask" (see :mod:`analyzer.engine`).
+        progress: progress factory (see :mod:`analyzer.progress`). client: dask client or None.
+    """
+    parts = []
+    multi_rank = len(catalog.ranks_with(fmt.KIND_WEIGHTS)) > 1
+    shards = catalog.shards_with(fmt.KIND_WEIGHTS, keys)
+    ctx = shard_context(catalog)
+    args = [(sh, keys, ctx, pv) for sh, pv in zip(shards, previous_rows(shards, fmt.KIND_WEIGHTS, keys))]
+    for sparts in map_shards(engine, weight_shard, args, progress, f"reading {fmt.KIND_WEIGHTS}", client):
+        parts += sparts
+    return part_frame(parts, WEIGHT_COLUMNS, multi_rank)
+
+
+def weight_histograms(catalog: Catalog, layer: Any, bins: int, param: str | None,
+                      stats_of: Callable[[int], pd.DataFrame], progress: Callable) -> WeightHistograms:
+    """The histograms of ``Run.weight_histograms`` (see there).
+
+    Args:
+        stats_of: layer id -> a weight statistics table that holds that layer's rows (the edges span
+            its min and max columns).
+        progress: progress factory for the read of the snapshots.
+    """
+    if not isinstance(bins, int) or isinstance(bins, bool) or not 1 <= bins <= 100_000:
+        raise ValueError(f"bins must be an int in [1, 100000], not {bins!r}")
+    L = catalog.layer(layer)
+    names = [q["name"] for q in L["params"]]
+    if param is None:
+        param = "weight" if "weight" in names else names[0]
+    if param not in names:
+        raise TraceError(f"layer {L['name']!r} has no parameter {param!r} (has {', '.join(names)})")
+    pk = next(q["key"] for q in L["params"] if q["name"] == param)
+    ws = stats_of(L["id"])
+    ws = ws[ws["layer_id"] == L["id"]]
+    ws = ws[ws["param"] == param]
+    rank = catalog.lowest_rank()
+    if not len(ws):
+        return WeightHistograms(L["name"], param, np.zeros(0, np.int64), np.linspace(0, 1, bins + 1),
+                                np.zeros((0, bins), np.int64))
+    lo, hi = np.nanmin(ws["min"].to_numpy()), np.nanmax(ws["max"].to_numpy())
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        lo, hi = 0.0, 1.0
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    steps_out, counts = [], []
+    for shard, lk, pk2, steps, block in iter_blocks(catalog, fmt.KIND_WEIGHTS, {(L["key"], pk)}, progress):
+        if shard.rank != rank:
+            continue
+        flat = block.reshape(len(steps), -1).astype(np.float64)
+        for i in range(len(steps)):
+            x = flat[i][np.isfinite(flat[i])]
+            counts.append(np.histogram(x, bins=edges)[0].astype(np.int64))
+            steps_out.append(int(steps[i]))
+    order = np.argsort(steps_out, kind="stable")
+    return WeightHistograms(L["name"], param, np.asarray(steps_out, np.int64)[order], edges,
+                            np.asarray(counts, np.int64).reshape(-1, bins)[order])

@@ -1,0 +1,105 @@
+"""The layer table of a model: every module that owns parameters directly, and what a Recorder copies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bbdecoder.analyzer.trace import format as fmt
+
+__all__ = ["LayerInfo", "layer_table", "select", "param_targets", "table_lines"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of the layer table: a module that owns parameters directly."""
+
+    id: int
+    name: str
+    type: str
+    n_params: int
+    selected: bool
+
+
+def layer_table(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[dict]]:
+    """The modules owning parameters directly, ids in ``named_modules`` order, and their table rows
+    (the manifest's ``layers``: id, name, type, class, params [{name, key, shape, dtype, numel,
+    requires_grad}], n_params, key).
+
+    Returns:
+        (modules, table): ``modules[i]`` is the module of ``table[i]`` (id ``i``).
+    """
+    modules: list[torch.nn.Module] = []
+    table = []
+    for name, m in model.named_modules():
+        ps = list(m.named_parameters(recurse=False))
+        if not ps:
+            continue
+        pkeys = fmt.assign_keys([n for n, _ in ps])
+        table.append({"id": len(table), "name": name, "type": type(m).__name__,
+                      "class": f"{type(m).__module__}.{type(m).__qualname__}",
+                      "params": [{"name": n, "key": k, "shape": list(p.shape),
+                                  "dtype": str(p.dtype).replace("torch.", ""), "numel": p.numel(),
+                                  "requires_grad": bool(p.requires_grad)}
+                                 for (n, p), k in zip(ps, pkeys)],
+                      "n_params": int(sum(p.numel() for _, p in ps))})
+        modules.append(m)
+    for L, key in zip(table, fmt.assign_keys([L["name"] for L in table])):
+        L["key"] = key
+    return modules, table
+
+
+def select(layers: Any, table: list[dict], modules: list[torch.nn.Module]) -> list[int]:
+    """Resolve the Recorder's ``layers`` option (see :func:`analyzer.trace.format.select_layers`;
+    module classes and modules are matched here) and mark each row's ``selected``.
+
+    Returns:
+        Sorted ids of the selected layers.
+
+    Raises:
+        ValueError: an item selects nothing.
+    """
+    def type_match(item, rec):
+        m = modules[rec["id"]]
+        if isinstance(item, type):
+            return isinstance(m, item)
+        if isinstance(item, torch.nn.Module):
+            return item is m
+        return False
+
+    try:
+        selected = fmt.select_layers(layers, table, type_match)
+    except fmt.TraceError as e:
+        raise ValueError(str(e)) from None
+    sel = set(selected)
+    for L in table:
+        L["selected"] = L["id"] in sel
+    return selected
+
+
+def param_targets(table: list[dict], modules: list[torch.nn.Module]) -> tuple[list, list]:
+    """What ``step()`` copies of the selected layers: ``(grad_targets, weight_targets)``, each a list
+    of ``(layer_key, param_key, parameter, attrs)``; gradients only of parameters that require them."""
+    grad_targets, weight_targets = [], []
+    for L in table:
+        if not L["selected"]:
+            continue
+        m = modules[L["id"]]
+        for pinfo, (pname, p) in zip(L["params"], m.named_parameters(recurse=False)):
+            attrs = {"layer_id": L["id"], "layer": L["name"], "param": pname}
+            weight_targets.append((L["key"], pinfo["key"], p, attrs))
+            if p.requires_grad:
+                grad_targets.append((L["key"], pinfo["key"], p, attrs))
+    return grad_targets, weight_targets
+
+
+def table_lines(table: list[dict]) -> list[str]:
+    """The layer table as aligned text lines (id, name, type, parameter count, ``*`` if recorded)."""
+    rows = [("id", "name", "type", "params", "rec")]
+    rows += [(str(L["id"]), L["name"] or "(root)", L["type"], f"{L['n_params']:,}", "*" if L["selected"] else "")
+             for L in table]
+    w = [max(len(r[i]) for r in rows) for i in range(5)]
+    return ["  " + "  ".join([r[0].rjust(w[0]), r[1].ljust(w[1]), r[2].ljust(w[2]),
+                              r[3].rjust(w[3]), r[4]]).rstrip() for r in rows]

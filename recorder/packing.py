@@ -1,0 +1,202 @@
+"""Handing a step's tensors to the background writer without synchronising the device.
+
+The training thread (:meth:`recorder.recorder.Recorder.step`) gathers a step's tensors into a
+:class:`Pending`: per device and storage dtype one ``torch.cat`` and, on CUDA, one ``non_blocking``
+copy into pinned memory plus an event (:func:`pack`, :func:`to_host`); the gradient statistics are
+reduced on the device first (:func:`pack_grad_stats`). No ``.item()``, no ``.cpu()``, no loop over
+elements. The writer thread turns a Pending into a :class:`~analyzer.trace.series.StepRecord`
+(:func:`resolve`): it waits on the events and views the host buffers as numpy arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.trace.series import StepRecord
+from .gradstats import GradStatsPlan, group_items
+
+__all__ = ["Pending", "AsyncScalar", "to_host", "loss_handoff", "pack", "pack_group", "pack_grad_stats",
+           "pack_activations", "resolve", "drop_payload"]
+
+
+class Pending:
+    """One step on its way to the writer: host tensors (maybe still being copied) and an event."""
+
+    __slots__ = ("step", "epoch", "time", "loss", "groups", "stats", "events", "nbytes", "dropped")
+
+    def __init__(self, step, epoch, t, loss):
+        self.step, self.epoch, self.time, self.loss = step, epoch, t, loss
+        self.dropped = 0
+        self.groups: list = []    # (host flat tensor, layout [(kind, lk, pk, off, n, shape, attrs)])
+        self.stats: list = []     # (host partials (rows, 5), GradStatsPlan): gradient statistics
+        self.events: list = []
+        self.nbytes = 0
+
+
+def resolve(p: Pending) -> StepRecord:
+    """Writer thread: wait for the device copies, turn host tensors into numpy views."""
+    for ev in p.events:
+        ev.synchronize()
+    loss = p.loss
+    if isinstance(loss, torch.Tensor):
+        loss = float(loss.reshape(-1)[0]) if loss.numel() else float("nan")
+    payloads = []
+    for flat, layout in p.groups:
+        arr = flat.numpy()
+        for kind, lk, pk, off, n, shape, attrs in layout:
+            payloads.append((kind, lk, pk, arr[off:off + n].reshape(shape), attrs))
+    for host, plan in p.stats:   # one packed payload: the writer's cost does not grow with the parameters
+        payloads.append((fmt.KIND_GRAD_STATS, None, plan.keys, plan.finish(host.numpy()), plan.attrs))
+    return StepRecord(step=p.step, epoch=p.epoch, loss=loss, time=p.time, dropped=p.dropped,
+                      payloads=payloads)
+
+
+def drop_payload(p: Pending) -> Pending:
+    """The step without its tensors (queue full, ``on_full="drop"``): the gradient statistics, a few
+    bytes per parameter, are kept, so that the per-step series has no holes."""
+    q = Pending(p.step, p.epoch, p.time, p.loss)
+    q.events = p.events
+    q.stats = p.stats
+    q.dropped = 1
+    return q
+
+
+def pack_activations(p: Pending, tracker, raw_schedule, s: int) -> None:
+    """The activation statistics and raw samples accumulated by ``tracker`` (an
+    :class:`recorder.activations.ActivationTracker`) since the last step, into ``p``; then tells the
+    tracker whether step ``s + 1`` keeps raw samples (``raw_schedule(s + 1)``).
+
+    Raises:
+        RuntimeError: the tracker failed during a forward pass (its error is chained).
+    """
+    tr = tracker
+    if tr.error is not None:
+        err, tr.error = tr.error, None
+        raise RuntimeError(f"activation capture failed: {type(err).__name__}: {err}") from err
+    stats, raw = [], []
+    for key, acc, samples in tr.take():
+        for name, t in acc.items():
+            stats.append((fmt.KIND_ACT_STATS, key, name, t, None))
+        for t in samples[:1]:
+            raw.append((fmt.KIND_ACTIVATIONS, key, "samples", t, None))
+    tr.want_raw(raw_schedule(s + 1))
+    if stats:
+        pack(p, stats, torch.float64)
+    if raw:
+        pack(p, raw, torch.float32)
+
+
+def pack_grad_stats(p: Pending, targets: list, plans_cache: dict, scratch) -> None:
+    """Gradient statistics on the device: per device a fixed handful of whole-buffer operations
+    (:class:`recorder.gradstats.GradStatsPlan`); the small result goes to the host like a payload.
+
+    Args:
+        p: the step being packed.
+        targets: the recorded parameters ``[(layer_key, param_key, parameter, attrs)]``.
+        plans_cache: ``{(device, indices of the parameters with a gradient): [(plan, group)]}``, kept
+            by the caller across steps (filled here).
+        scratch: the :class:`recorder.gradstats.Scratch` work buffers shared by the plans.
+    """
+    present: dict[Any, list] = {}
+    for i, (lk, pk, q, a) in enumerate(targets):
+        g = q.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g = g.to_dense()
+        present.setdefault(g.device, []).append((i, g))
+    tg = targets
+    for dev, all_items in present.items():
+        key = (dev, tuple(i for i, _ in all_items))
+        plans = plans_cache.get(key)
+        if plans is None:   # groups of bounded size, one after the other through one scratch
+            plans = []
+            for grp in group_items([g.numel() for _, g in all_items]):
+                items = [(tg[i][0], tg[i][1], g.numel(), tg[i][3]) for i, g in (all_items[j] for j in grp)]
+                plans.append((GradStatsPlan(items), grp))
+            plans_cache[key] = plans
+        for plan, grp in plans:
+            part = plan.partials([all_items[j][1] for j in grp], scratch)
+            p.stats.append((to_host(p, dev, part), plan))
+
+
+def pack(p: Pending, items, dtype) -> None:
+    """Copy tensors ``items`` [(kind, layer_key, param_key, tensor, attrs)] into flat host
+    buffers per device (one cat and one async copy per group of at most
+    :data:`recorder.gradstats.GROUP_ELEMS` elements, so that a large model's snapshot never
+    needs a device temporary of the model's size), recorded in ``p``."""
+    per_dev: dict[Any, list] = {}
+    for kind, lk, pk, t, attrs in items:
+        if t is None:
+            continue
+        if t.is_sparse:
+            t = t.to_dense()
+        per_dev.setdefault(t.device, []).append((kind, lk, pk, t, attrs))
+    for dev, dev_items in per_dev.items():
+        for grp in group_items([t.numel() for *_, t, _ in dev_items], chunk=1):
+            pack_group(p, dev, [dev_items[j] for j in grp], dtype)
+
+
+def pack_group(p: Pending, dev: torch.device, items: list, dtype) -> None:
+    """One group of tensors on ``dev``: one cat, one copy to the host, its layout, into ``p``."""
+    flat = torch.cat([t.reshape(-1) for *_, t, _ in items]) if len(items) > 1 \
+        else items[0][3].reshape(-1).clone()
+    if flat.dtype != dtype:
+        flat = flat.to(dtype)
+    layout, off = [], 0
+    for kind, lk, pk, t, attrs in items:
+        n = t.numel()
+        layout.append((kind, lk, pk, off, n, tuple(t.shape), attrs))
+        off += n
+    p.groups.append((to_host(p, dev, flat), layout))
+
+
+def to_host(p: Pending, dev: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a tensor of ours, on ``dev``) on the host: itself on the CPU; on CUDA a non_blocking
+    copy into pinned memory with an event in ``p`` for the writer to wait on (no synchronisation);
+    elsewhere a plain copy (which may synchronise on that backend). Counts its bytes in ``p``."""
+    if dev.type == "cpu":
+        host = t
+    elif dev.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        p.events.append(ev)
+    else:
+        host = t.to("cpu")
+    p.nbytes += host.numel() * host.element_size()
+    return host
+
+
+class AsyncScalar:
+    """A loss on its way to the host: the pinned host tensor and the events to wait on."""
+
+    __slots__ = ("host", "events")
+
+    def __init__(self, host, events):
+        self.host, self.events = host, events
+
+
+def loss_handoff(loss: Any) -> Any:
+    """A float, or a host tensor being filled asynchronously from the device."""
+    if loss is None:
+        return float("nan")
+    if isinstance(loss, torch.Tensor):
+        t = loss.detach().reshape(-1)[:1]
+        if t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=torch.float64, pin_memory=True)
+            host.copy_(t.to(torch.float64), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            return AsyncScalar(host, [ev])
+        if t.device.type == "cpu":
+            return t.to(torch.float64).clone()
+        return t.to("cpu", torch.float64)
+    try:
+        return float(loss)
+    except (TypeError, ValueError):
+        return float("nan")
