@@ -111,3 +111,29 @@ def tree_snapshot(root):
             st = os.lstat(p)
             out[os.path.relpath(p, root)] = (st.st_size if n in fs else 0, st.st_mtime_ns)
     return out
+
+
+# ------------------------------------------------------------------ tampered copies of a run
+def copy_run(run, tmp):
+    """A copy of the run directory ``run`` at ``tmp/copy`` (a pathlib.Path), to be tampered with."""
+    import shutil
+    d = tmp / "copy"
+    shutil.copytree(run, d)
+    return d
+
+
+def shard_path(d, i=0):
+    """Path of rank 0's shard number ``i`` in the run directory ``d``."""
+    return d / "rank-00000" / f"shard-{i:06d}.h5"
+
+
+def manifest_edit(fn):
+    """A case builder ``make(run, tmp) -> copy`` whose copy's manifest went through ``fn(manifest)``."""
+    def make(run, tmp):
+        import json
+        d = copy_run(run, tmp)
+        m = json.loads((d / "manifest.json").read_text())
+        fn(m)
+        (d / "manifest.json").write_text(json.dumps(m))
+        return d
+    return make

@@ -10,7 +10,6 @@ the non-finite values are counted and flagged, and names never become paths.
 import helpers
 import json
 import os
-import shutil
 
 import h5py
 import numpy as np
@@ -65,24 +64,7 @@ def check_refused(tmp_path, capsys, cmd, target, words):
 
 # ------------------------------------------------------------------ case builders
 
-def _copy(run, t):
-    d = t / "copy"
-    shutil.copytree(run, d)
-    return d
-
-
-def _shard(d, i=0):
-    return d / "rank-00000" / f"shard-{i:06d}.h5"
-
-
-def manifest(fn):
-    def make(run, t):
-        d = _copy(run, t)
-        m = json.loads((d / "manifest.json").read_text())
-        fn(m)
-        (d / "manifest.json").write_text(json.dumps(m))
-        return d
-    return make
+_copy, _shard, manifest = helpers.copy_run, helpers.shard_path, helpers.manifest_edit
 
 
 def rank_json(fn):

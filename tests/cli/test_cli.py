@@ -3,7 +3,6 @@
 import helpers
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -63,24 +62,7 @@ def test_help_for_every_command(capsys):
 
 # ------------------------------------------------------------------ bad input corpus
 
-def _copy(good_run, tmp_path):
-    d = tmp_path / "copy"
-    shutil.copytree(good_run, d)
-    return d
-
-
-def _shard(d, i=0):
-    return d / "rank-00000" / f"shard-{i:06d}.h5"
-
-
-def _manifest_edit(fn):
-    def make(good_run, tmp_path):
-        d = _copy(good_run, tmp_path)
-        m = json.loads((d / "manifest.json").read_text())
-        fn(m)
-        (d / "manifest.json").write_text(json.dumps(m))
-        return d
-    return make
+_copy, _shard, _manifest_edit = helpers.copy_run, helpers.shard_path, helpers.manifest_edit
 
 
 def _shard_edit(fn):
