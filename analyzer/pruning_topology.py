@@ -339,10 +339,8 @@ class Structured:
 def last_snapshots(run, ids, steps) -> dict[int, tuple[int, np.ndarray]]:
     """For each layer id, (step, weight array) of its last recorded "weight" snapshot within ``steps``."""
     keep = steps_filter(steps)
-    rank = None
-    ranks = sorted({s.rank for s in run.catalog.shards if any(k[0] == fmt.KIND_WEIGHTS for k in s.payloads)})
-    if ranks:
-        rank = ranks[0]
+    ranks = run.catalog.ranks_with(fmt.KIND_WEIGHTS)
+    rank = ranks[0] if ranks else None
     out = {}
     for lid in ids:
         L = next(L for L in run.catalog.layers if L["id"] == lid)

@@ -81,9 +81,7 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
     :func:`iter_merged_site_stats` for statistics summed over ranks."""
     keep = steps_filter(steps)
     want = [s for s in stats if s in site["stats"]]
-    shards = [sh for sh in run.catalog.shards if (fmt.KIND_ACT_STATS, site["key"], want[0]) in sh.payloads
-              and (rank is None or sh.rank == rank)]
-    shards.sort(key=lambda sh: (sh.rank, sh.index))
+    shards = run.catalog.shards_with(fmt.KIND_ACT_STATS, {(site["key"], want[0])}, rank=rank)
     for sh in shards:
         with run.catalog.open_shard(sh) as r:
             st = r.read_payload_steps(fmt.KIND_ACT_STATS, site["key"], want[0])
@@ -103,7 +101,7 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
 
 
 def _site_ranks(run, site: dict, stat: str) -> list[int]:
-    return sorted({sh.rank for sh in run.catalog.shards if (fmt.KIND_ACT_STATS, site["key"], stat) in sh.payloads})
+    return run.catalog.ranks_with(fmt.KIND_ACT_STATS, {(site["key"], stat)})
 
 
 def _combine(out: dict, idx: np.ndarray, d: dict) -> None:
@@ -170,10 +168,8 @@ def samples(run, site: Any, steps=None) -> tuple[np.ndarray, np.ndarray]:
     S = site if isinstance(site, dict) and "key" in site else select_site(run, site)
     keep = steps_filter(steps)
     st_all, vals = [], []
-    for sh in sorted(run.catalog.shards, key=lambda sh: (sh.rank, sh.index)):
-        key = (fmt.KIND_ACTIVATIONS, S["key"], "samples")
-        if key not in sh.payloads:
-            continue
+    key = (fmt.KIND_ACTIVATIONS, S["key"], "samples")
+    for sh in run.catalog.shards_with(fmt.KIND_ACTIVATIONS, {(S["key"], "samples")}):
         with run.catalog.open_shard(sh) as r:
             st = r.read_payload_steps(*key)
             m = keep(st)
