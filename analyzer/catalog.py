@@ -9,7 +9,7 @@ uses only :mod:`analyzer.trace`. numpy only (no pandas): the Run turns these rec
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -36,6 +36,8 @@ class Shard:
         steps: the step table's columns (``STEP_COLUMNS`` -> 1-D arrays).
         payloads: (kind, layer_key, param_key) -> (rows, row shape, chunk rows).
         nbytes: size of the file in bytes.
+        offsets: (kind, layer_key, param_key) -> first row (dim 0) in the full tensor, for the raw
+            payloads of sharded parameters (FSDP2: this rank's slice; row shape (rows held, ...)).
     """
 
     rank: int
@@ -45,6 +47,7 @@ class Shard:
     steps: dict
     payloads: dict
     nbytes: int
+    offsets: dict = field(default_factory=dict)
 
     def holds(self, kinds: str | Iterable[str], keys: set | None = None) -> bool:
         """Whether this shard holds a payload of one of ``kinds`` (for one of ``keys``, if given:
@@ -91,6 +94,8 @@ class Catalog:
         self._by_id = {L["id"]: L for L in self.layers}
         self._param_shape = {(L["key"], q["key"]): tuple(q["shape"]) for L in self.layers for q in L["params"]}
         self._param_name = {(L["key"], q["key"]): q["name"] for L in self.layers for q in L["params"]}
+        #: parameters sharded along dim 0 (FSDP2): every rank records its own slice
+        self.sharded = {(L["key"], q["key"]) for L in self.layers for q in L["params"] if "shard_dim" in q}
         self.sites: list[dict] = [dict(S) for S in self.manifest.get("sites", [])]
         self._site_by_key = {S["key"]: S for S in self.sites}
         self._expected: dict[tuple, tuple] = {}
@@ -137,7 +142,7 @@ class Catalog:
         name = f"{fmt.rank_dirname(rank)}/{os.path.basename(spath)}"
         with self._readers.borrow(spath, name) as r:
             steps = r.steps()
-            payloads = {}
+            payloads, offsets = {}, {}
             for kind in fmt.PAYLOAD_KINDS:
                 for lk, pk in r.payloads(kind):
                     rows, shape, chunk = r.payload_info(kind, lk, pk)
@@ -147,7 +152,9 @@ class Catalog:
                     if want is None:
                         self.problems.append(f"{name}: {kind} for unknown parameter {lk}/{pk} ignored")
                         continue
-                    if tuple(shape) != want:
+                    if kind in fmt.RAW_PARAM_KINDS and (lk, pk) in self.sharded:
+                        offsets[(kind, lk, pk)] = slice_offset(r, name, kind, lk, pk, tuple(shape), want)
+                    elif tuple(shape) != want:
                         raise TraceError(f"corrupt shard {name}: {kind}/{lk}/{pk} has shape "
                                          f"{tuple(shape)} but the manifest says {want}")
                     payloads[(kind, lk, pk)] = (rows, shape, chunk)
@@ -155,7 +162,7 @@ class Catalog:
             nbytes = os.path.getsize(spath)
         except OSError:
             nbytes = 0
-        return Shard(rank, idx, spath, name, steps, payloads, nbytes)
+        return Shard(rank, idx, spath, name, steps, payloads, nbytes, offsets)
 
     def _add_rank_sites(self, rank: int, st: dict) -> None:
         """Activation sites that a rank other than 0 found and rank 0 did not (rank.json "sites";
@@ -360,6 +367,26 @@ class Catalog:
             from .trace.captures import open_captures
             self._captures = open_captures(self.path)
         return self._captures
+
+
+def slice_offset(r: ShardReader, name: str, kind: str, lk: str, pk: str, shape: tuple, want: tuple) -> int:
+    """The first row of a sharded parameter's slice: its ``offset`` attribute, checked against the
+    manifest (``global_shape`` equal to the parameter's shape, the slice's rows inside it)."""
+    a = r.payload_attrs(kind, lk, pk)
+    off, gshape = a.get("offset"), a.get("global_shape")
+    try:
+        gshape = tuple(int(d) for d in np.asarray(gshape).reshape(-1)) if gshape is not None else None
+        off = int(off) if off is not None and float(off) == int(off) else None
+    except (TypeError, ValueError, OverflowError):
+        off = gshape = None
+    if off is None or gshape is None:
+        raise TraceError(f"corrupt shard {name}: {kind}/{lk}/{pk} is a slice of a sharded parameter "
+                         "but lacks a valid offset or global_shape")
+    if gshape != want or len(shape) != len(want) or shape[1:] != want[1:] \
+            or not 0 <= off <= off + shape[0] <= want[0]:
+        raise TraceError(f"corrupt shard {name}: {kind}/{lk}/{pk} has shape {shape} at offset {off} "
+                         f"(global shape {gshape}) but the manifest says {want}")
+    return off
 
 
 #: the columns of :func:`rank_rows`

@@ -23,6 +23,7 @@ import pandas as pd
 from .trace import format as fmt
 from .trace.format import TraceError
 from .trace.hdf5 import HDF5Backend
+from .slices import grad_sums
 from .stats import PIECE_ELEMS, ElementwiseMoments, row_moments, stats_from_sums
 
 ENGINES = ("local", "dask")
@@ -60,6 +61,7 @@ class ShardContext:
         meta: (layer_key, param_key) -> (layer id, layer name, param name, numel).
         step: (S,) int64 recorded steps of the step table (sorted); epoch: (S,) their epochs.
         block_bytes: bytes of stored data per read.
+        sharded: (layer_key, param_key) of the sharded parameters (each rank holds a slice).
     """
 
     meta: dict
@@ -68,6 +70,7 @@ class ShardContext:
     block_bytes: int
     backend: Any = None
     extra: dict = field(default_factory=dict)
+    sharded: frozenset = frozenset()
 
     def epoch_of(self, steps: np.ndarray) -> np.ndarray:
         """Epoch of each step (-1 for a step not in the step table)."""
@@ -80,7 +83,7 @@ def shard_context(catalog) -> ShardContext:
     step, epoch = catalog.step_epochs()
     meta = {(lk, pk): catalog.param_meta(lk, pk) for (lk, pk) in catalog.all_param_keys()}
     backend = None if isinstance(catalog.backend, HDF5Backend) else catalog.backend
-    return ShardContext(meta, step, epoch, BLOCK_BYTES, backend)
+    return ShardContext(meta, step, epoch, BLOCK_BYTES, backend, sharded=frozenset(catalog.sharded))
 
 
 def epoch_lookup(step: np.ndarray, epoch: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -182,7 +185,7 @@ def grad_stat_columns(vec: np.ndarray, numel: int) -> dict[str, np.ndarray]:
             "l2": f(st["l2"])}
 
 
-def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict]:
+def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict, list]:
     """Gradient pass over one shard.
 
     Per-step rows come from the recorded gradient statistics (``grad_stats``) where a step has them,
@@ -190,12 +193,15 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict]:
     tensors (the steps where they were recorded).
 
     Returns:
-        (parts, noise): parts = per-block column dicts (step, epoch, layer_id, layer, param, numel,
+        (parts, noise, sums): parts = per-block column dicts (step, epoch, layer_id, layer, param, numel,
         rank and the per-step statistics of :data:`GRAD_STATS`); noise = {(layer_key, param_key,
-        epoch): ElementwiseMoments} of the gradient elements across that shard's raw steps of the epoch.
+        epoch): ElementwiseMoments} of the gradient elements across that shard's raw steps of the epoch;
+        sums = [(layer_key, param_key, steps, (k, 6) GRAD_STAT_FIELDS)] of the sharded parameters'
+        slices (in place of their parts: the caller merges the ranks, :mod:`analyzer.slices`).
     """
     parts: list[dict] = []
     noise: dict[tuple, ElementwiseMoments] = {}
+    sums: list[tuple] = []
 
     def add(lk, pk, steps, st):
         lid, lname, pname, numel = ctx.meta[(lk, pk)]
@@ -220,7 +226,11 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict]:
             if k != fmt.KIND_GRAD_STATS or (lk, pk) not in keys or not rows:
                 continue
             steps = np.asarray(r.read_payload_steps(k, lk, pk), np.int64)
-            add(lk, pk, steps, grad_stat_columns(r.read_payload(k, lk, pk, 0, rows), ctx.meta[(lk, pk)][3]))
+            vec = r.read_payload(k, lk, pk, 0, rows)
+            if (lk, pk) in ctx.sharded:
+                sums.append((lk, pk, steps, np.asarray(vec, np.float64).reshape(len(steps), -1)))
+            else:
+                add(lk, pk, steps, grad_stat_columns(vec, ctx.meta[(lk, pk)][3]))
             covered[(lk, pk)] = steps
         for lk, pk, steps, block in shard_blocks(r, shard, fmt.KIND_GRADS, keys, ctx.block_bytes):
             epochs = ctx.epoch_of(steps)
@@ -229,12 +239,14 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict]:
             # the element-wise noise of this block beside its per-step moments (both read the block
             # only; numpy releases the GIL in their loops): about 1.5x on two cores
             done = beside.run(update_noise, lk, pk, epochs, block.reshape(len(steps), -1))
-            if new.all():
-                add(lk, pk, steps, row_moments(block).compute())
-            elif new.any():
-                add(lk, pk, steps[new], row_moments(block[new]).compute())
+            if new.any():
+                rm = row_moments(block if new.all() else block[new])
+                if (lk, pk) in ctx.sharded:
+                    sums.append((lk, pk, steps[new], grad_sums(rm)))
+                else:
+                    add(lk, pk, steps[new], rm.compute())
             done()
-    return parts, noise
+    return parts, noise, sums
 
 
 def available_cpus() -> int:
@@ -270,7 +282,7 @@ class _Beside:
             self._ex.shutdown(wait=True, cancel_futures=True)
 
 
-def weight_shard(shard, keys: set, ctx: ShardContext, prev: dict) -> list[dict]:
+def weight_shard(shard, keys: set, ctx: ShardContext, prev: dict) -> tuple[list[dict], list]:
     """Weight pass over one shard: per-snapshot statistics and update ratios.
 
     Args:
@@ -278,9 +290,11 @@ def weight_shard(shard, keys: set, ctx: ShardContext, prev: dict) -> list[dict]:
             one (same rank), read here to give the first snapshot its update ratio.
 
     Returns:
-        Per-block column dicts: step, epoch, layer_id, layer, param, numel, mean, std, abs_mean,
-        max_abs, min, max, l2, update_ratio (||w_t - w_prev|| / ||w_prev||, NaN without a previous
-        snapshot), nonfinite, rank.
+        (parts, sums): parts = per-block column dicts: step, epoch, layer_id, layer, param, numel, mean,
+        std, abs_mean, max_abs, min, max, l2, update_ratio (||w_t - w_prev|| / ||w_prev||, NaN without
+        a previous snapshot), nonfinite, rank; sums = [(layer_key, param_key, steps, RowMoments, num,
+        den)] of the sharded parameters' slices (num, den: ||w_t - w_prev||^2 and ||w_prev||^2 of the
+        slice), in place of their parts: the caller merges the ranks (:mod:`analyzer.slices`).
     """
     last: dict[tuple, np.ndarray] = {}     # the previous snapshot, as stored (float32)
     by_path: dict[tuple, list] = {}
@@ -291,31 +305,45 @@ def weight_shard(shard, keys: set, ctx: ShardContext, prev: dict) -> list[dict]:
         with _open(ctx, path, name) as r:
             for key, row in items:
                 last[key] = np.asarray(r.read_payload(fmt.KIND_WEIGHTS, key[0], key[1], row, row + 1)).reshape(-1)
-    parts = []
+    parts, sums = [], []
     with _open(ctx, shard.path, shard.name) as r:
         for lk, pk, steps, block in shard_blocks(r, shard, fmt.KIND_WEIGHTS, keys, ctx.block_bytes):
             lid, lname, pname, numel = ctx.meta[(lk, pk)]
-            st = row_moments(block).compute()
+            rm = row_moments(block)
             flat = block.reshape(len(steps), -1)
-            ratios = np.full(len(steps), np.nan)
+            ud = np.full((2, len(steps)), np.nan)     # ||w_t - w_prev||^2, ||w_prev||^2
             key = (lk, pk)
             p = last.get(key)
             for i in range(len(steps)):
                 if p is not None:
-                    ratios[i] = update_ratio(flat[i], p)
+                    ud[:, i] = update_sums(flat[i], p)
                 p = flat[i]
             last[key] = flat[-1].copy()      # not a view: the block is not kept alive
+            if key in ctx.sharded:
+                sums.append((lk, pk, steps, rm, ud[0], ud[1]))
+                continue
+            st = rm.compute()
+            with np.errstate(invalid="ignore", divide="ignore"):   # non-finite weights: NaN, flagged elsewhere
+                ratios = np.where(ud[1] > 0, np.sqrt(ud[0]) / np.sqrt(ud[1]), np.nan)
             parts.append({"step": steps, "epoch": ctx.epoch_of(steps), "layer_id": lid, "layer": lname,
                           "param": pname, "numel": numel, "mean": st["mean"], "std": st["std"],
                           "abs_mean": st["abs_mean"], "max_abs": st["max_abs"], "min": st["min"],
                           "max": st["max"], "l2": st["l2"], "update_ratio": ratios,
                           "nonfinite": st["nonfinite"], "rank": shard.rank})
-    return parts
+    return parts, sums
 
 
 def update_ratio(cur: np.ndarray, prev: np.ndarray, piece: int = PIECE_ELEMS) -> float:
     """||cur - prev||_2 / ||prev||_2 of two flat arrays, in float64 over bounded pieces (NaN when
     ||prev|| is 0 or NaN)."""
+    num, den = update_sums(cur, prev, piece)
+    with np.errstate(invalid="ignore", divide="ignore"):   # non-finite weights: NaN, flagged elsewhere
+        return float(np.sqrt(num) / np.sqrt(den)) if den > 0 else float("nan")
+
+
+def update_sums(cur: np.ndarray, prev: np.ndarray, piece: int = PIECE_ELEMS) -> tuple[float, float]:
+    """(||cur - prev||^2, ||prev||^2) of two flat arrays, in float64 over bounded pieces: they add
+    across the slices of a sharded parameter."""
     num = den = 0.0
     for j in range(0, len(cur), piece):
         p = prev[j:j + piece].astype(np.float64)
@@ -323,8 +351,7 @@ def update_ratio(cur: np.ndarray, prev: np.ndarray, piece: int = PIECE_ELEMS) ->
         d -= p
         num += float(np.einsum("i,i->", d, d))   # not BLAS: its threads spin on a busy machine
         den += float(np.einsum("i,i->", p, p))
-    with np.errstate(invalid="ignore", divide="ignore"):   # non-finite weights: NaN, flagged elsewhere
-        return float(np.sqrt(num) / np.sqrt(den)) if den > 0 else float("nan")
+    return num, den
 
 
 def previous_rows(shards: list, kind: str, keys: set) -> list[dict]:

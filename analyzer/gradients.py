@@ -8,13 +8,14 @@ across pieces, parameters and ranks; means and variances follow from them.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from .catalog import GRAD_KINDS, Catalog
-from .engine import grad_shard, map_shards, part_frame, shard_context, typed
+from .engine import grad_shard, grad_stat_columns, map_shards, part_frame, shard_context, typed
+from .slices import merge_grad_sums, noise_sums
 from .stats import ElementwiseMoments, stats_from_sums
 from .trace import format as fmt
 
@@ -41,26 +42,48 @@ def grad_pass(catalog: Catalog, keys: set, engine: str, progress: Callable, clie
     """
     parts: list[dict] = []
     noise: dict[tuple, ElementwiseMoments] = {}
-    noise_out: dict[tuple, float] = {}
-    multi_rank = len(catalog.ranks_with(GRAD_KINDS)) > 1
+    noise_out: dict[tuple, Any] = {}
+    sums: dict[tuple, list] = {}
+    # sharded parameters (FSDP2): one merged row per step, whichever ranks recorded the slices
+    multi_rank = len(catalog.ranks_with(GRAD_KINDS, set(keys) - catalog.sharded)) > 1
+    merged_rank = catalog.lowest_rank(GRAD_KINDS)
     shards = catalog.shards_with(GRAD_KINDS, keys)
     ctx = shard_context(catalog)
-    for shard, (sparts, snoise) in zip(shards, map_shards(
+
+    def finish(k):   # a slice's noise stays a pair of sums until the slices are merged
+        acc = noise.pop(k)
+        noise_out[k] = noise_sums(acc) if k[1:3] in ctx.sharded else acc.compute()
+
+    for shard, (sparts, snoise, ssums) in zip(shards, map_shards(
             engine, grad_shard, [(sh, keys, ctx) for sh in shards], progress, f"reading {fmt.KIND_GRADS}",
             client)):
         parts += sparts
+        for lk, pk, steps, vec in ssums:
+            sums.setdefault((lk, pk), []).append((steps, vec))
         for (lk, pk, e), acc in sorted(snoise.items(), key=lambda kv: kv[0][2]):
             key = (shard.rank, lk, pk, e)
             old = noise.get(key)
             if old is None:
                 # epochs arrive in order per (rank, param): finish older accumulators now
                 for k in [k for k in noise if k[:3] == key[:3]]:
-                    noise_out[k] = noise.pop(k).compute()
+                    finish(k)
                 noise[key] = acc
             else:
                 old.merge(acc)
     for k in list(noise):
-        noise_out[k] = noise.pop(k).compute()
+        finish(k)
+    for (lk, pk), items in sums.items():
+        lid, lname, pname, numel = ctx.meta[(lk, pk)]
+        steps, vec = merge_grad_sums(items, numel)
+        d = {"step": steps, "epoch": ctx.epoch_of(steps), "layer_id": np.full(len(steps), lid), "layer": lname,
+             "param": pname, "numel": numel, "rank": merged_rank}
+        parts.append(dict(d, **grad_stat_columns(vec, numel)))
+    merged: dict[tuple, list] = {}
+    for k in [k for k in noise_out if k[1:3] in ctx.sharded]:
+        merged.setdefault((merged_rank, *k[1:]), []).append(noise_out.pop(k))
+    for k, pairs in merged.items():
+        n = sum(c for _, c in pairs)
+        noise_out[k] = sum(x for x, _ in pairs) / n if n else np.nan
     df = part_frame(parts, GRAD_STEP_COLUMNS, multi_rank)
     return df, epoch_table(catalog, df, noise_out, multi_rank)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .activations import dead_units, iter_site_stats, select_sites, steps_filter
+from .slices import raw_tensor
 from .trace import format as fmt
 from .trace.format import TraceError
 
@@ -362,8 +363,14 @@ def last_snapshots(run, ids, steps) -> dict[int, tuple[int, np.ndarray]]:
         if best is None:
             continue
         step, sh, i = best
-        with run.catalog.open_shard(sh) as r:
-            w = np.asarray(r.read_payload(*key, i, i + 1))[0]
+        if key[1:] in run.catalog.sharded:   # FSDP2: the whole tensor from every rank's slice
+            try:
+                w = raw_tensor(run.catalog, *key, step)
+            except TraceError:   # a slice of that snapshot is missing
+                continue
+        else:
+            with run.catalog.open_shard(sh) as r:
+                w = np.asarray(r.read_payload(*key, i, i + 1))[0]
         out[lid] = (step, w)
     return out
 

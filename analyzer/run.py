@@ -8,11 +8,12 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from . import activations, pruning
+from . import activations, pruning, slices
 from .catalog import RANK_COLUMNS, Catalog, rank_rows, recorded_summary
 from .engine import check_engine
 from .gradients import grad_pass, pool_params
 from .progress import null_progress
+from .trace.format import TraceError
 from .weights import WeightHistograms, weight_histograms, weight_stats
 
 __all__ = ["open", "Run", "WeightHistograms"]
@@ -310,6 +311,21 @@ class Run:
             param: parameter name; default "weight" if the layer has one, else its first parameter.
         """
         return weight_histograms(self.catalog, layer, bins, param, self._weights_of, self.progress)
+
+    def raw_tensor(self, kind: str, layer: Any, param: str, step: int, rank: int | None = None) -> np.ndarray:
+        """One recorded raw gradient (``kind="grads"``) or weight snapshot (``"weights"``) at ``step``,
+        as a numpy array of the parameter's full shape in the stored dtype. A parameter sharded by
+        FSDP2 is put together from every rank's slice; an unsharded one comes from ``rank`` (default:
+        the lowest rank that recorded that step).
+
+        Raises:
+            TraceError: unknown parameter, no such row, or a sharded step with a missing slice.
+        """
+        L = self.catalog.layer(layer)
+        pk = next((q["key"] for q in L["params"] if q["name"] == param), None)
+        if pk is None:
+            raise TraceError(f"layer {L['name']!r} has no parameter {param!r}")
+        return slices.raw_tensor(self.catalog, kind, L["key"], pk, int(step), rank)
 
 
 def layer_table(catalog: Catalog) -> pd.DataFrame:

@@ -324,3 +324,27 @@ class UnitSums(Accumulator):
     def compute(self) -> dict[str, np.ndarray]:
         """The pooled state by statistic name (the tables' formulas are the activation module's)."""
         return self.state()
+
+
+def reduce_groups(acc: Accumulator, order: np.ndarray, starts: np.ndarray) -> Accumulator:
+    """Rows of a row-vectorised accumulator (state arrays of shape (k,)) combined in groups by their
+    declared merge rules: after sorting the rows by ``order``, rows ``starts[i]`` up to ``starts[i + 1]``
+    become row ``i`` of the result (e.g. the slices of one parameter that several ranks recorded at
+    one step). The "chan" pair merges exactly: mean = sum(n mean) / sum(n), m2 = sum(m2 + n (mean_j - mean)^2).
+
+    Returns:
+        A new accumulator of the same class with ``len(starts)`` rows.
+    """
+    state = {name: np.asarray(getattr(acc, name))[order] for name, _, _ in acc.STATE}
+    if not len(starts):
+        return type(acc)(0)
+    out = {name: UFUNCS[rule].reduceat(state[name], starts).astype(dtype, copy=False)
+           for name, rule, dtype in acc.STATE if rule != "chan"}
+    if any(rule == "chan" for _, rule, _ in acc.STATE):
+        n = state["n"].astype(np.float64)
+        tot = np.add.reduceat(n, starts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(tot > 0, np.add.reduceat(n * state["mean"], starts) / np.maximum(tot, 1), 0.0)
+        d = state["mean"] - np.repeat(mean, np.diff(np.append(starts, len(n))))
+        out["mean"], out["m2"] = mean, np.add.reduceat(state["m2"] + n * d * d, starts)
+    return type(acc)(len(starts), **out)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .catalog import Catalog
 from .engine import iter_blocks, map_shards, part_frame, previous_rows, shard_context, weight_shard
+from .slices import merge_row_moments
 from .trace import format as fmt
 from .trace.format import TraceError
 
@@ -51,12 +52,26 @@ def weight_stats(catalog: Catalog, keys: set, engine: str, progress: Callable, c
         progress: progress factory (see :mod:`analyzer.progress`). client: dask client or None.
     """
     parts = []
-    multi_rank = len(catalog.ranks_with(fmt.KIND_WEIGHTS)) > 1
+    sums: dict[tuple, list] = {}
+    # sharded parameters (FSDP2): the ranks' slices merged into one row per snapshot
+    multi_rank = len(catalog.ranks_with(fmt.KIND_WEIGHTS, set(keys) - catalog.sharded)) > 1
     shards = catalog.shards_with(fmt.KIND_WEIGHTS, keys)
     ctx = shard_context(catalog)
     args = [(sh, keys, ctx, pv) for sh, pv in zip(shards, previous_rows(shards, fmt.KIND_WEIGHTS, keys))]
-    for sparts in map_shards(engine, weight_shard, args, progress, f"reading {fmt.KIND_WEIGHTS}", client):
+    for sparts, ssums in map_shards(engine, weight_shard, args, progress, f"reading {fmt.KIND_WEIGHTS}", client):
         parts += sparts
+        for lk, pk, *rest in ssums:
+            sums.setdefault((lk, pk), []).append(rest)
+    for (lk, pk), items in sums.items():
+        lid, lname, pname, numel = ctx.meta[(lk, pk)]
+        steps, rm, num, den = merge_row_moments(items, numel)
+        st = rm.compute()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(den > 0, np.sqrt(num) / np.sqrt(den), np.nan)
+        parts.append({"step": steps, "epoch": ctx.epoch_of(steps), "layer_id": lid, "layer": lname, "param": pname,
+                      "numel": numel, **{c: st[c] for c in ("mean", "std", "abs_mean", "max_abs", "min", "max",
+                                                             "l2", "nonfinite")},
+                      "update_ratio": ratio, "rank": catalog.lowest_rank(fmt.KIND_WEIGHTS)})
     return part_frame(parts, WEIGHT_COLUMNS, multi_rank)
 
 
@@ -92,14 +107,27 @@ def weight_histograms(catalog: Catalog, layer: Any, bins: int, param: str | None
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
     steps_out, counts = [], []
+    sharded = (L["key"], pk) in catalog.sharded    # the ranks' slices: their counts add per step
+    per_step: dict[int, list] = {}                 # sharded: step -> [counts, elements seen]
     for shard, lk, pk2, steps, block in iter_blocks(catalog, fmt.KIND_WEIGHTS, {(L["key"], pk)}, progress):
-        if shard.rank != rank:
+        if shard.rank != rank and not sharded:
             continue
         flat = block.reshape(len(steps), -1).astype(np.float64)
         for i in range(len(steps)):
             x = flat[i][np.isfinite(flat[i])]
-            counts.append(np.histogram(x, bins=edges)[0].astype(np.int64))
-            steps_out.append(int(steps[i]))
+            c = np.histogram(x, bins=edges)[0].astype(np.int64)
+            if sharded:
+                acc = per_step.setdefault(int(steps[i]), [0, 0])
+                acc[0] = acc[0] + c
+                acc[1] += flat.shape[1]
+            else:
+                counts.append(c)
+                steps_out.append(int(steps[i]))
+    numel = int(np.prod(catalog.param_shape(L["key"], pk), dtype=np.int64))
+    for s, (c, seen) in per_step.items():
+        if seen == numel:    # every slice of that snapshot was read
+            counts.append(c)
+            steps_out.append(s)
     order = np.argsort(steps_out, kind="stable")
     return WeightHistograms(L["name"], param, np.asarray(steps_out, np.int64)[order], edges,
                             np.asarray(counts, np.int64).reshape(-1, bins)[order])

@@ -24,6 +24,7 @@ the same sites twice, like its module-output site); the root module's path is em
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -34,12 +35,53 @@ from bbdecoder.analyzer.trace import format as fmt
 from .activation_kinds import (BOUNDS, CONV_STYLE, FUNCS, HIST_BINS, LINEAR_STYLE, NONNEG_KINDS, NONNEG_MODULES,
                                RELU_FAMILY, call_bounds, module_kind, select_sites, softmax_dim, valid_bounds)
 from .activation_stats import Site, SiteStats
+from .errors import RecorderWarning
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. activation checkpointing recomputing a forward)."""
     f = getattr(torch._C, "_current_graph_task_id", None)
     return f is not None and f() != -1
 
+
+
+def _eager(fn: Callable) -> Callable:
+    """``fn`` run outside any torch.compile graph (a graph break where Dynamo meets it; about 0.5 us
+    per eager call)."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def compile_refusal(model: nn.Module) -> str | None:
+    """Why the activation hooks cannot observe ``model`` under ``torch.compile`` (None: they can).
+
+    The hooks run outside the compiled graph: Dynamo breaks the graph around each of them. A model
+    compiled with ``fullgraph=True`` (``torch.compile(model, fullgraph=True)`` or
+    ``module.compile(fullgraph=True)`` on the model or one of its modules, before the Recorder is
+    created) forbids graph breaks, so the hooks would raise in the forward pass.
+    """
+    seen = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        ctxs = [getattr(m, "dynamo_ctx", None)]
+        f = getattr(m, "_compiled_call_impl", None)
+        ctxs += [c.cell_contents for c in (getattr(f, "__closure__", None) or ()) if _has_contents(c)]
+        if any(getattr(c, "fullgraph", None) is True for c in ctxs):
+            name = type(m).__name__
+            return (f"the model ({name}) is compiled with torch.compile(fullgraph=True), which forbids the "
+                    "graph breaks that activation recording needs")
+        stack.extend(m.children())
+    return None
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:   # an empty cell
+        return False
+    return True
 
 
 class _Wrapper(TorchFunctionMode):
@@ -55,7 +97,7 @@ class _Wrapper(TorchFunctionMode):
         kind = FUNCS.get(func)
         if kind is not None and isinstance(out, torch.Tensor):
             try:
-                self.tracker._functional(func, kind, out, args, kwargs)
+                self.tracker._fn_hook(func, kind, out, args, kwargs)
             except Exception as e:  # never break the forward pass
                 self.tracker.error = self.tracker.error or e
         return out
@@ -106,6 +148,7 @@ class ActivationTracker:
         self._layer_of = {m: i for i, m in (layer_ids or {}).items()}
         self._mode: _Wrapper | None = None
         self.module_sites, self.fn_all, self.fn_patterns = select_sites(model, spec, layer_ids or {})
+        self._fn_hook = _eager(self._functional)
         self.install()
 
     @property
@@ -134,23 +177,39 @@ class ActivationTracker:
         """Install the hooks on the model (the constructor does; again after :meth:`remove`)."""
         root = self.model
         need_fn = self.fn_all or bool(self.fn_patterns)
-        self._handles.append(root.register_forward_pre_hook(self._root_pre))
-        self._handles.append(root.register_forward_hook(self._root_post, always_call=True))
+        # torch.compile: every hook runs outside the compiled graph (Dynamo breaks the graph around
+        # it), so the statistics are computed eagerly on the real tensors, as without compile
+        out = _eager
+        self._handles.append(root.register_forward_pre_hook(out(self._root_pre)))
+        self._handles.append(root.register_forward_hook(out(self._root_post), always_call=True))
         for m in self._layer_of:
-            self._handles.append(m.register_forward_hook(self._layer_done))
+            self._handles.append(m.register_forward_hook(out(self._layer_done)))
         for name, m in root.named_modules():
             if need_fn and m is not root:
-                self._handles.append(m.register_forward_pre_hook(self._push))
-                self._handles.append(m.register_forward_hook(self._pop, always_call=True))
+                self._handles.append(m.register_forward_pre_hook(out(self._push)))
+                self._handles.append(m.register_forward_hook(out(self._pop), always_call=True))
             if m in self.module_sites:
-                self._handles.append(m.register_forward_hook(self._module_out))
+                self._handles.append(m.register_forward_hook(out(self._module_out)))
         self._need_fn = need_fn
+        # ``model.compile(fullgraph=True)`` after this: the hooks would raise in the forward pass
+        plain = root.compile
+
+        def compile(*args, **kwargs):
+            if kwargs.get("fullgraph") and self._handles:
+                self.remove()
+                warnings.warn("bbdecoder: activations are no longer recorded: model.compile(fullgraph=True) "
+                              "forbids the graph breaks that activation recording needs", RecorderWarning,
+                              stacklevel=2)
+            return plain(*args, **kwargs)
+
+        root.__dict__["compile"] = compile
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.model.__dict__.pop("compile", None)
         self.kernel.scratch.clear()
         if self._mode is not None:
             try:
@@ -163,12 +222,16 @@ class ActivationTracker:
         return self.model.training and not _in_backward()
 
     def _root_pre(self, module, args):
+        if module is not self.model:   # a copy of the model (copy.deepcopy carries the hooks along)
+            return
         self._stack = [(module, {})]
         if self._need_fn and self._active() and self._mode is None:
             self._mode = _Wrapper(self)
             self._mode.__enter__()
 
     def _root_post(self, module, args, out):
+        if module is not self.model:
+            return
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
@@ -177,7 +240,7 @@ class ActivationTracker:
             self.order_done = True
 
     def _layer_done(self, module, args, out):
-        if self.order_done or not self._active():
+        if self.order_done or not self._active() or module not in self._layer_of:
             return
         t_in = args[0] if args and isinstance(args[0], torch.Tensor) else None
         t_out = out if isinstance(out, torch.Tensor) else None
@@ -193,7 +256,7 @@ class ActivationTracker:
             self._stack.pop()
 
     def _module_out(self, module, args, out):
-        if not self._active():
+        if not self._active() or module not in self._names:
             return
         t = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
         if not isinstance(t, torch.Tensor):
@@ -254,7 +317,11 @@ class ActivationTracker:
         # the statistics' own torch calls must not pass through the activation wrapper (or any
         # other torch-function mode or subclass): that would cost a Python call per operation
         with torch._C.DisableTorchFunction():
-            self._observe_now(name, t, kind, source, module, bounds, dim, nonneg, style)
+            if torch.is_autocast_enabled(t.device.type):   # statistics in float32/64, never autocast's dtype
+                with torch.autocast(t.device.type, enabled=False):
+                    self._observe_now(name, t, kind, source, module, bounds, dim, nonneg, style)
+            else:
+                self._observe_now(name, t, kind, source, module, bounds, dim, nonneg, style)
 
     def _observe_now(self, name, t, kind, source, module, bounds, dim, nonneg, style):
         x = t.detach()

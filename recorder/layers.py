@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from bbdecoder.analyzer.trace import format as fmt
+from .distributed import UNSUPPORTED, original_type, shard_slice
 
 __all__ = ["LayerInfo", "layer_table", "select", "param_targets", "table_lines"]
 
@@ -26,7 +27,9 @@ class LayerInfo:
 def layer_table(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[dict]]:
     """The modules owning parameters directly, ids in ``named_modules`` order, and their table rows
     (the manifest's ``layers``: id, name, type, class, params [{name, key, shape, dtype, numel,
-    requires_grad}], n_params, key).
+    requires_grad, and ``shard_dim`` 0 for a parameter sharded along dim 0 (FSDP2)}], n_params, key).
+    Names and types are those of the bare model: FSDP1's ``_fsdp_wrapped_module`` components are
+    dropped and FSDP2's ``FSDP<Name>`` classes are recorded as ``<Name>``; shapes are full shapes.
 
     Returns:
         (modules, table): ``modules[i]`` is the module of ``table[i]`` (id ``i``).
@@ -38,13 +41,16 @@ def layer_table(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[dic
         if not ps:
             continue
         pkeys = fmt.assign_keys([n for n, _ in ps])
-        table.append({"id": len(table), "name": name, "type": type(m).__name__,
-                      "class": f"{type(m).__module__}.{type(m).__qualname__}",
-                      "params": [{"name": n, "key": k, "shape": list(p.shape),
-                                  "dtype": str(p.dtype).replace("torch.", ""), "numel": p.numel(),
-                                  "requires_grad": bool(p.requires_grad)}
-                                 for (n, p), k in zip(ps, pkeys)],
-                      "n_params": int(sum(p.numel() for _, p in ps))})
+        t = original_type(m)
+        name = ".".join(c for c in name.split(".") if c != "_fsdp_wrapped_module")
+        params = []
+        for (n, p), k in zip(ps, pkeys):
+            params.append({"name": n, "key": k, "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
+                           "numel": p.numel(), "requires_grad": bool(p.requires_grad)})
+            if isinstance(shard_slice(p), dict):
+                params[-1]["shard_dim"] = 0
+        table.append({"id": len(table), "name": name, "type": t.__name__, "class": f"{t.__module__}.{t.__qualname__}",
+                      "params": params, "n_params": int(sum(p.numel() for _, p in ps))})
         modules.append(m)
     for L, key in zip(table, fmt.assign_keys([L["name"] for L in table])):
         L["key"] = key
@@ -79,20 +85,39 @@ def select(layers: Any, table: list[dict], modules: list[torch.nn.Module]) -> li
     return selected
 
 
-def param_targets(table: list[dict], modules: list[torch.nn.Module]) -> tuple[list, list]:
-    """What ``step()`` copies of the selected layers: ``(grad_targets, weight_targets)``, each a list
-    of ``(layer_key, param_key, parameter, attrs)``; gradients only of parameters that require them."""
-    grad_targets, weight_targets = [], []
+def param_targets(table: list[dict], modules: list[torch.nn.Module], replicated: bool = True
+                  ) -> tuple[list, list, list]:
+    """What ``step()`` copies of the selected layers: ``(grad_targets, weight_targets, refused)``;
+    the targets are lists of ``(layer_key, param_key, parameter, attrs)``, gradients only of
+    parameters that require them.
+
+    Args:
+        replicated: whether this rank records the parameters every rank holds whole (``record_rank``).
+            A parameter sharded along dim 0 (FSDP2) is recorded on every rank, each its own slice:
+            its attrs carry ``offset`` (first row) and ``global_shape``.
+
+    Returns:
+        ``refused``: dotted names of DTensor parameters of another layout (not recorded).
+    """
+    grad_targets, weight_targets, refused = [], [], []
     for L in table:
         if not L["selected"]:
             continue
         m = modules[L["id"]]
         for pinfo, (pname, p) in zip(L["params"], m.named_parameters(recurse=False)):
+            sl = shard_slice(p)
+            if sl == UNSUPPORTED:
+                refused.append(f"{L['name']}.{pname}" if L["name"] else pname)
+                continue
+            if sl is None and not replicated:
+                continue
             attrs = {"layer_id": L["id"], "layer": L["name"], "param": pname}
+            if sl is not None:
+                attrs.update(offset=sl["offset"], global_shape=sl["global_shape"])
             weight_targets.append((L["key"], pinfo["key"], p, attrs))
             if p.requires_grad:
                 grad_targets.append((L["key"], pinfo["key"], p, attrs))
-    return grad_targets, weight_targets
+    return grad_targets, weight_targets, refused
 
 
 def table_lines(table: list[dict]) -> list[str]:

@@ -16,6 +16,7 @@ import torch
 
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.series import StepRecord
+from .distributed import local
 from .gradstats import GradStatsPlan, group_items
 
 __all__ = ["Pending", "AsyncScalar", "to_host", "loss_handoff", "pack", "pack_group", "pack_grad_stats",
@@ -102,7 +103,7 @@ def pack_grad_stats(p: Pending, targets: list, plans_cache: dict, scratch) -> No
     """
     present: dict[Any, list] = {}
     for i, (lk, pk, q, a) in enumerate(targets):
-        g = q.grad
+        g = local(q.grad)   # a sharded parameter (FSDP2): this rank's slice, no communication
         if g is None:
             continue
         if g.is_sparse:
@@ -130,8 +131,8 @@ def pack(p: Pending, items, dtype) -> None:
     needs a device temporary of the model's size), recorded in ``p``."""
     per_dev: dict[Any, list] = {}
     for kind, lk, pk, t, attrs in items:
-        if t is None:
-            continue
+        if t is None or (attrs is not None and "offset" in attrs and t.numel() == 0):
+            continue   # (an empty slice of a sharded parameter: nothing to store)
         if t.is_sparse:
             t = t.to_dense()
         per_dev.setdefault(t.device, []).append((kind, lk, pk, t, attrs))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import time
+import warnings
 import weakref
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.hdf5 import HDF5Backend
 from bbdecoder.analyzer.trace.series import ShardSeriesWriter
-from .distributed import check_ranks, dist_info, unwrap_model
+from .distributed import check_ranks, dist_info, local, unwrap_model, uses_fsdp1
 from .errors import RecorderClosedError, RecorderError, RecorderWarning
 from .gradstats import Scratch
 from .lifecycle import Lifecycle
@@ -64,7 +65,12 @@ class Recorder(Lifecycle, SideCaptures):
         max_shard_bytes: a shard is also closed when it holds this many payload bytes.
         grad_dtype / weight_dtype: storage dtype of raw tensors ("float32", "float16", "float64").
         record_rank: the rank that records gradients and weights under torch.distributed
-            (they are identical on every rank after DDP's all-reduce); None = every rank.
+            (they are identical on every rank after DDP's all-reduce); None = every rank. Parameters
+            sharded by FSDP2 (``fully_shard``: DTensors sharded along dim 0) are recorded by every
+            rank whatever ``record_rank`` says, each rank its own slice (statistics and raw rows); the
+            analyzer merges the slices into the statistics and tensors of the whole parameter. FSDP1
+            (``FullyShardedDataParallel``) is not supported: one RecorderWarning, and gradients and
+            weights are not recorded (steps, losses and activations are).
         activation_ranks: the ranks that record activations under torch.distributed: None (default:
             every rank, each from its own data), a rank or a list of ranks. Every rank writes its step
             table and ``rank.json``; ranks other than 0 put their activation sites in ``rank.json``.
@@ -96,7 +102,8 @@ class Recorder(Lifecycle, SideCaptures):
                  probe_every: Any = "epoch", activation_ranks: Any = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("model must be a torch.nn.Module")
-        model = unwrap_model(model)   # DDP / DataParallel: record the wrapped module, same names
+        fsdp1 = uses_fsdp1(model)
+        original, model = model, unwrap_model(model)   # DDP, DataParallel, torch.compile: same names
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', not {on_error!r}")
         if grad_dtype not in _DTYPES or weight_dtype not in _DTYPES:
@@ -123,8 +130,16 @@ class Recorder(Lifecycle, SideCaptures):
         self._table = table
         self._selected = select(layers, table, self._modules)
         # ---- what step() copies: (layer_key, param_key, parameter, attrs)
-        self._grad_targets, self._weight_targets = param_targets(table, self._modules) if records_tensors \
-            else ([], [])
+        self._grad_targets, self._weight_targets, refused = param_targets(table, self._modules, records_tensors)
+        if fsdp1:
+            self._grad_targets, self._weight_targets = [], []
+            warnings.warn("bbdecoder: FullyShardedDataParallel (FSDP1) is not supported: gradients and weights "
+                          "are not recorded (steps, losses and activations are); shard with FSDP2 "
+                          "(torch.distributed.fsdp.fully_shard) to record them", RecorderWarning, stacklevel=2)
+        elif refused:
+            warnings.warn(f"bbdecoder: {len(refused)} DTensor parameter(s) ({', '.join(refused[:3])}"
+                          f"{', ...' if len(refused) > 3 else ''}) are not sharded along dim 0 on a 1-D mesh: "
+                          "their gradients and weights are not recorded", RecorderWarning, stacklevel=2)
 
         # ---- activation sites (module outputs and functional call sites)
         self._act_sched = as_schedule(activations_every)
@@ -133,7 +148,12 @@ class Recorder(Lifecycle, SideCaptures):
         self._sites_dirty = False
         self._tracker = None
         if activations is not None and activations is not False:
-            from .activations import ActivationTracker
+            from .activations import ActivationTracker, compile_refusal
+            why = compile_refusal(original)
+            if why is not None:   # gradients and weights are still recorded
+                warnings.warn(f"bbdecoder: activations are not recorded: {why}", RecorderWarning, stacklevel=2)
+                activations = None
+        if activations is not None and activations is not False:
             self._tracker = ActivationTracker(
                 model, activations, samples=activation_samples, unit_axis=activation_unit_axis,
                 on_new_site=self._site_added, layer_ids={L["id"]: self._modules[L["id"]] for L in table})
@@ -230,10 +250,10 @@ class Recorder(Lifecycle, SideCaptures):
                 if self._grad_targets and self._gstat_sched(s):
                     pack_grad_stats(p, self._grad_targets, self._gstat_plans, self._gstat_scratch)
                 if self._grad_targets and self._grad_sched(s):
-                    pack(p, [(fmt.KIND_GRADS, lk, pk, q.grad, a) for lk, pk, q, a in self._grad_targets],
+                    pack(p, [(fmt.KIND_GRADS, lk, pk, local(q.grad), a) for lk, pk, q, a in self._grad_targets],
                          self._grad_dtype)
                 if self._weight_targets and self._weight_sched(s):
-                    pack(p, [(fmt.KIND_WEIGHTS, lk, pk, q, a) for lk, pk, q, a in self._weight_targets],
+                    pack(p, [(fmt.KIND_WEIGHTS, lk, pk, local(q), a) for lk, pk, q, a in self._weight_targets],
                          self._weight_dtype)
                 if self._tracker is not None:
                     self._pack_activations(p, s)

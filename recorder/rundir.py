@@ -13,7 +13,7 @@ import torch
 from bbdecoder.analyzer.trace import files
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.captures import CAPTURES_DIR, FEATURES_DIR
-from .distributed import barrier
+from .distributed import barrier, original_type
 
 __all__ = ["VERSION", "prepare_run_dir", "ensure_run", "model_info", "new_manifest", "write_manifest"]
 
@@ -53,7 +53,8 @@ def prepare_run_dir(d: str, rank: int, world_size: int, overwrite: bool) -> None
 
 def model_info(model: torch.nn.Module) -> dict:
     """The manifest's ``model`` entry: class path and parameter count."""
-    return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+    t = original_type(model)
+    return {"class": f"{t.__module__}.{t.__qualname__}",
             "n_params": int(sum(p.numel() for p in model.parameters()))}
 
 

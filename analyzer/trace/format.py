@@ -41,6 +41,9 @@ KIND_ACT_STATS = "act_stats"
 #: Raw activation samples: /activations/<site key>/values, several rows per step (one per sample)
 KIND_ACTIVATIONS = "activations"  # /activations/<site key>/samples/{values,steps}
 PAYLOAD_KINDS = (KIND_GRADS, KIND_GRAD_STATS, KIND_WEIGHTS, KIND_ACT_STATS, KIND_ACTIVATIONS)
+#: Raw parameter tensors: of a sharded parameter (manifest ``shard_dim``) each rank stores its slice,
+#: with payload attributes ``offset`` (first row along dim 0) and ``global_shape``.
+RAW_PARAM_KINDS = (KIND_GRADS, KIND_WEIGHTS)
 #: Kinds whose per-step payload holds several rows (the step index repeats).
 MULTIROW_KINDS = (KIND_ACTIVATIONS,)
 
@@ -237,6 +240,9 @@ def validate_manifest(m: dict, where: str) -> dict:
                 raise TraceError(f"{where}: layer {L['name']!r} has a malformed parameter entry")
             if not is_safe_key(p["key"]):
                 raise TraceError(f"{where}: parameter key {p['key']!r} is unsafe")
+            if "shard_dim" in p and not (p["shard_dim"] == 0 and type(p["shard_dim"]) is int and p["shape"]):
+                raise TraceError(f"{where}: parameter {L['name']}.{p['name']} declares an unsupported "
+                                 f"shard_dim {p['shard_dim']!r:.40} (this bbdecoder reads 0)")
             n = 1
             for s in p["shape"]:
                 n *= s

@@ -399,6 +399,14 @@ class HDF5ShardReader(ShardReader):
         _, s = self._checked_pair(kind, lk, pk)
         return self._read(s, slice(None))
 
+    def payload_attrs(self, kind, lk, pk):
+        g = self._get(fmt.payload_path(kind, lk, pk))
+        try:
+            return {k: attr_value(v) for k, v in g.attrs.items()}
+        except Exception as e:
+            raise TraceError(f"corrupt shard {self._disp}: unreadable attributes of {kind}/{lk}/{pk} "
+                             f"({error_line(e)})") from None
+
     def read_payload(self, kind, lk, pk, start, stop):
         v, _ = self._checked_pair(kind, lk, pk)
         return self._read(v, slice(start, stop))

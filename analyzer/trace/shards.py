@@ -73,6 +73,11 @@ class ShardReader:
     def read_payload_steps(self, kind: str, layer_key: str, param_key: str) -> np.ndarray:
         raise NotImplementedError
 
+    def payload_attrs(self, kind: str, layer_key: str, param_key: str) -> dict:
+        """The attributes of one payload (``layer``, ``param``, ...; ``offset`` and ``global_shape``
+        for a slice of a sharded parameter). Default: none."""
+        return {}
+
     def read_payload(self, kind: str, layer_key: str, param_key: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as an array (stop - start, *shape) in the stored dtype."""
         raise NotImplementedError
@@ -167,6 +172,9 @@ class _Borrowed(ShardReader):
     def read_payload_steps(self, kind, layer_key, param_key):
         return self._r.read_payload_steps(kind, layer_key, param_key)
 
+    def payload_attrs(self, kind, layer_key, param_key):
+        return self._r.payload_attrs(kind, layer_key, param_key)
+
     def read_payload(self, kind, layer_key, param_key, start, stop):
         return self._r.read_payload(kind, layer_key, param_key, start, stop)
 
@@ -240,6 +248,9 @@ class MemoryShardReader(ShardReader):
 
     def read_payload_steps(self, kind, lk, pk):
         return np.concatenate(self._e(kind, lk, pk)[0])
+
+    def payload_attrs(self, kind, lk, pk):
+        return dict(self._e(kind, lk, pk)[2])
 
     def read_payload(self, kind, lk, pk, start, stop):
         return np.concatenate(self._e(kind, lk, pk)[1])[start:stop]

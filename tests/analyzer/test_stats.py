@@ -223,3 +223,28 @@ def test_stats_from_sums_is_the_formula_and_nan_without_elements():
     assert st["l1"][2] == 0.0 and st["l2"][2] == 0.0
     assert set(stats_from_sums(n, sumsq=q, sum_abs=a)) == {"abs_mean", "l1", "l2"}
     assert set(stats_from_sums(sumsq=q)) == {"l2"}
+
+
+def test_reduce_groups_merges_slices_of_one_step_exactly():
+    """Rows of RowMoments grouped by step (the slices of a sharded parameter that several ranks recorded)
+    merge into the moments of the whole rows (numpy on the concatenation), empty slices included."""
+    from bbdecoder.analyzer.stats import RowMoments, reduce_groups
+    rng = np.random.default_rng(5)
+    whole = rng.normal(2.0, 3.0, size=(4, 37))
+    cuts = [0, 10, 10, 30, 37]                      # an empty slice among them
+    steps, parts = [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        steps.append(np.arange(4))
+        parts.append(RowMoments.of(whole[:, a:b]))
+    order = rng.permutation(16)                      # rows arrive in any order
+    st = np.concatenate(steps)[order]
+    acc = RowMoments(16, **{n: np.concatenate([getattr(p, n) for p in parts])[order] for n, _, _ in RowMoments.STATE})
+    o = np.argsort(st, kind="stable")
+    starts = np.flatnonzero(np.r_[True, st[o][1:] != st[o][:-1]])
+    got = reduce_groups(acc, o, starts).compute()
+    np.testing.assert_array_equal(got["count"], [37] * 4)
+    np.testing.assert_allclose(got["mean"], whole.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(got["var"], whole.var(1), rtol=1e-12)
+    np.testing.assert_allclose(got["l2"], np.sqrt((whole ** 2).sum(1)), rtol=1e-12)
+    np.testing.assert_array_equal(got["min"], whole.min(1))
+    np.testing.assert_array_equal(got["max_abs"], np.abs(whole).max(1))
