@@ -42,3 +42,42 @@ def json_safe(x: Any) -> Any:
     if pd is not None and (x is pd.NA or x is pd.NaT):
         return None
     return str(x)
+
+
+#: characters a terminal acts on rather than shows: C0 controls but tab and newline, DEL, C1
+#: controls, and the Unicode bidirectional overrides and isolates ("Trojan source")
+_CONTROL = {c for c in range(0x20) if c not in (0x09, 0x0A)} | {0x7F} | set(range(0x80, 0xA0)) \
+    | set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
+_ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROL}
+
+
+def terminal_safe(text: Any) -> str:
+    """``str(text)`` with every character a terminal would act on written as an escape (``\\x1b``,
+    ``\\u202e``): names from a trace cannot move the cursor, retitle or clear the screen. Tabs and
+    newlines are kept."""
+    return str(text).translate(_ESCAPES)
+
+
+#: first characters that make a spreadsheet read a cell as a formula (OWASP CSV injection)
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe_cell(v: Any) -> Any:
+    """A string cell that a spreadsheet would run as a formula gets a leading ``'`` (OWASP's rule);
+    anything else is returned as it is."""
+    if isinstance(v, str) and v.startswith(CSV_FORMULA_START):
+        return "'" + v
+    return v
+
+
+def csv_safe(df):
+    """A copy of the data frame ``df`` whose text cells cannot run as spreadsheet formulas
+    (:func:`csv_safe_cell` on every cell of the text and object columns; numbers untouched)."""
+    from pandas.api.types import is_object_dtype, is_string_dtype
+    cols = [c for c in df.columns if is_object_dtype(df[c]) or is_string_dtype(df[c])]
+    if not cols:
+        return df
+    out = df.copy()
+    for c in cols:
+        out[c] = out[c].map(csv_safe_cell)
+    return out

@@ -307,3 +307,18 @@ def test_tests_and_scripts_import_the_installed_names_only():
                     src = open(os.path.join(dp, f), encoding="utf-8").read()
                     bad += [f"{folder}/{f}: {m.group(0).strip()!r}" for m in pat.finditer(src)]
     assert bad == []
+
+
+def test_every_cli_line_goes_through_the_escaping_echo():
+    """Names in a trace come from strangers: the CLI prints only through main.echo (terminal_safe)."""
+    bad = []
+    for rel, mod, tree in SOURCES:
+        if not mod.startswith("bbdecoder.analyzer.cli") or mod == "bbdecoder.analyzer.cli.main":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("echo", "secho") and \
+                    isinstance(node.value, ast.Name) and node.value.id == "click":
+                bad.append(f"{rel}:{node.lineno} click.{node.attr}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                bad.append(f"{rel}:{node.lineno} print")
+    assert bad == []

@@ -6,7 +6,7 @@ import click
 
 from ..trace.format import TraceError
 from ..values import fraction
-from .main import open_run, records_json
+from .main import echo, open_run, records_json
 
 
 def _no_sites(run) -> None:
@@ -46,11 +46,11 @@ def dead(run_dir: str, criterion: str, threshold: float, max_active_fraction: fl
     else:
         df = dead_layer_table(du)
     if as_json:
-        click.echo(records_json(df))
+        echo(records_json(df))
     elif not len(df):
-        click.echo("no dead units" if per_unit and len(du) else "no activation statistics recorded")
+        echo("no dead units" if per_unit and len(du) else "no activation statistics recorded")
     else:
-        click.echo(df.to_string(index=False, na_rep="-"))
+        echo(df.to_string(index=False, na_rep="-"))
 
 
 @click.command()
@@ -75,9 +75,9 @@ def saturation(run_dir: str, delta: float, unit_fraction: float, layer_share: fl
     df = saturation_layers(run, delta, unit_fraction=unit_fraction, layer_share=layer_share, sites=site_spec)
     _no_sites(run)
     if as_json:
-        click.echo(records_json(df))
+        echo(records_json(df))
     elif not len(df):
-        click.echo("no activation site of a saturating kind (ReLU family, sigmoid, tanh, hardtanh, softmax) "
+        echo("no activation site of a saturating kind (ReLU family, sigmoid, tanh, hardtanh, softmax) "
                    "selected")
     else:
-        click.echo(df.to_string(index=False, na_rep="-"))
+        echo(df.to_string(index=False, na_rep="-"))

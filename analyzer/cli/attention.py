@@ -7,7 +7,7 @@ import click
 
 from ..attention_iou import RESOLUTIONS, SCORES
 from ..cam import METHODS
-from .main import UsageProblem, open_run, records_json
+from .main import UsageProblem, echo, open_run, records_json
 
 
 def score_table(df) -> str:
@@ -58,10 +58,10 @@ def attention_iou_cmd(run_dir, target, mask_group, protected, method, n_boot, se
     df = run.attention_iou(target, mask_group=mask_group, protected=protected, method=method, bootstrap=n_boot,
                            seed=seed, resolution=resolution, capture=capture, scores=scores, by=by_spec)
     if as_json:
-        click.echo(records_json(df))
+        echo(records_json(df))
         return
     for (cap, step), d in df.groupby(["capture", "step"], sort=True):
         ref = f"mask group {mask_group!r}" if mask_group is not None else f"target {protected!r}"
-        click.echo(f"capture {cap} (step {step}): {target!r} vs {ref}, {method}, {resolution} resolution, "
+        echo(f"capture {cap} (step {step}): {target!r} vs {ref}, {method}, {resolution} resolution, "
                    f"{n_boot} resamples")
-        click.echo(score_table(d))
+        echo(score_table(d))

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .main import UsageProblem, out_dir
+from .main import UsageProblem, echo, out_dir
 
 
 @click.command()
@@ -25,5 +25,5 @@ def demo(out: str, force: bool, epochs: int, samples: int) -> None:
     run_dir = os.path.join(out, "run")   # where run_demo writes the trace
     if os.path.exists(run_dir) and not force:
         raise UsageProblem(f"{run_dir} already exists; pass --force to replace the earlier demo")
-    res = run_demo(out, force=force, epochs=epochs, samples=samples, log=lambda m: click.echo(m))
-    click.echo(f"report: {res['report']}")
+    res = run_demo(out, force=force, epochs=epochs, samples=samples, log=lambda m: echo(m))
+    echo(f"report: {res['report']}")

@@ -8,7 +8,7 @@ import shutil
 
 import click
 
-from .main import UsageProblem, open_run, out_dir, out_errors
+from .main import UsageProblem, echo, open_run, out_dir, out_errors
 
 
 @click.command("graph")
@@ -33,10 +33,10 @@ def graph_cmd(run_dir: str, out: str, force: bool, engine: str) -> None:
     g = run.graph_modules()
     root = g[g["depth"] == 0]
     total = int(root["flops"].iloc[0]) if len(root) else int(g["flops"].sum())
-    click.echo(f"graph: {files['picture']} ({files['engine']}), {total:,} FLOPs ({fmt_flops(total)}) per forward")
+    echo(f"graph: {files['picture']} ({files['engine']}), {total:,} FLOPs ({fmt_flops(total)}) per forward")
     for k in ("dot", "ops", "edges", "modules", "flops", "time_s"):
         if k in files:
-            click.echo(f"  {os.path.basename(files[k])}")
+            echo(f"  {os.path.basename(files[k])}")
 
 
 @click.command("features")
@@ -61,6 +61,6 @@ def features_cmd(run_dir: str, layer: str, channels: str | None, sample: int, fp
     stem = f"features-{sanitize(layer)}"
     grid = render_grid(maps, steps, ch, os.path.join(out, stem + ".png"), layer=layer)
     gif = render_gif(maps, steps, ch, os.path.join(out, stem + ".gif"), fps=fps, layer=layer)
-    click.echo(f"features: {len(steps)} captures of {layer} (steps {', '.join(map(str, steps[:10]))}"
+    echo(f"features: {len(steps)} captures of {layer} (steps {', '.join(map(str, steps[:10]))}"
                f"{', ...' if len(steps) > 10 else ''}), channels {','.join(map(str, ch))}")
-    click.echo(f"  {grid}\n  {gif}")
+    echo(f"  {grid}\n  {gif}")

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from .main import open_run
+from ..values import json_safe
+from .main import echo, open_run
 
 
 @click.command()
@@ -22,7 +23,7 @@ def info(run_dir: str, as_json: bool, scan_nonfinite: bool = False) -> None:
         from ..report import nonfinite_findings
         d["nonfinite"] = nonfinite_findings(run, run.grad_stats(), run.weight_stats())
     if as_json:
-        click.echo(json.dumps(d, indent=1, sort_keys=True, default=str))
+        echo(json.dumps(json_safe(d), indent=1, sort_keys=True, allow_nan=False))
         return
     rec = d["recorded"]
     lines = [
@@ -44,7 +45,7 @@ def info(run_dir: str, as_json: bool, scan_nonfinite: bool = False) -> None:
     for p in d["problems"]:
         lines.append(f"problem   {p}")
     lines += _nonfinite_lines(d.get("nonfinite"))
-    click.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 def _rank_lines(d: dict) -> list[str]:
@@ -84,6 +85,6 @@ def layers(run_dir: str, as_json: bool) -> None:
     run = open_run(run_dir)
     df = run.layers[["id", "name", "type", "n_params", "selected"]]
     if as_json:
-        click.echo(df.to_json(orient="records"))
+        echo(df.to_json(orient="records"))
     else:
-        click.echo(df.to_string(index=False))
+        echo(df.to_string(index=False))

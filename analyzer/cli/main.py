@@ -21,7 +21,13 @@ import click
 from ..outdir import OutputDirError, prepare_out_dir
 from ..progress import null_progress
 from ..trace.format import TraceError
-from ..values import json_safe
+from ..values import json_safe, terminal_safe
+
+
+def echo(text="", err: bool = False) -> None:
+    """Print ``text`` (stdout, or stderr with ``err``) with terminal controls escaped: every line the
+    CLI prints goes through here, because names in a trace come from strangers."""
+    click.echo(terminal_safe(text), err=err)
 
 
 class UsageProblem(Exception):
@@ -113,26 +119,26 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="bbdecoder", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("bbdecoder: aborted", err=True)
+        echo("bbdecoder: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         msg = e.format_message().splitlines()[0] if e.format_message() else type(e).__name__
-        click.echo(f"bbdecoder: error: {msg}", err=True)
+        echo(f"bbdecoder: error: {msg}", err=True)
         sys.exit(e.exit_code)
     except (TraceError, UsageProblem, FileExistsError, ValueError) as e:
         if debug:
             raise
-        click.echo(f"bbdecoder: error: {_one_line(e)}", err=True)
+        echo(f"bbdecoder: error: {_one_line(e)}", err=True)
         sys.exit(2)
     except OSError as e:
         if debug:
             raise
-        click.echo(f"bbdecoder: error: {_one_line(e)}", err=True)
+        echo(f"bbdecoder: error: {_one_line(e)}", err=True)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001 - never a traceback for the user
         if debug:
             raise
-        click.echo(f"bbdecoder: internal error: {type(e).__name__}: {_one_line(e)} "
+        echo(f"bbdecoder: internal error: {type(e).__name__}: {_one_line(e)} "
                    "(set BBDECODER_DEBUG=1 for details)", err=True)
         sys.exit(1)
 

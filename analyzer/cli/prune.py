@@ -10,7 +10,8 @@ import os
 import click
 
 from ..pruning import CRITERIA, OVERALL
-from .main import UsageProblem, open_run, out_dir
+from ..values import csv_safe
+from .main import UsageProblem, echo, open_run, out_dir
 
 
 def _parse_thresholds(text: str) -> list[float]:
@@ -124,17 +125,17 @@ def prune(run_dir, criterion, threshold, max_active_fraction, layer_spec, steps_
         df = _sweep(run, criterion, ts, layers=layer_spec, steps=steps, max_active_fraction=max_active_fraction)
         out = out_dir(out)
         csv = os.path.join(out, "sweep.csv")
-        df.to_csv(csv, index=False)
+        csv_safe(df).to_csv(csv, index=False)
         from ..report.plots import sweep_figure
         png = sweep_figure(df, os.path.join(out, "sweep.png"), criterion)
         if as_json:
-            click.echo(json.dumps({"csv": csv, "png": png, "notes": df.attrs.get("notes", []),
+            echo(json.dumps({"csv": csv, "png": png, "notes": df.attrs.get("notes", []),
                                    "rows": json.loads(df.to_json(orient="records"))}))
             return
-        click.echo(sweep_table(df))
+        echo(sweep_table(df))
         for n in df.attrs.get("notes", []):
-            click.echo(f"note: {n}", err=True)
-        click.echo(f"sweep: {csv}, {png}")
+            echo(f"note: {n}", err=True)
+        echo(f"sweep: {csv}, {png}")
         return
     if thresholds is not None:
         raise UsageProblem("--thresholds goes with --sweep; give one --threshold for a plan")
@@ -155,12 +156,12 @@ def prune(run_dir, criterion, threshold, max_active_fraction, layer_spec, steps_
         raise UsageProblem(f"cannot create the directory of --out {path}: {e.strerror}") from None
     write_plan(plan, path, overwrite=force)
     if as_json:
-        click.echo(json.dumps({"plan": path, "expected_sparsity": plan["expected_sparsity"],
+        echo(json.dumps({"plan": path, "expected_sparsity": plan["expected_sparsity"],
                                "layers": [{k: e[k] for k in ("layer", "layer_id", "sparsity")}
                                           | ({"units": len(e["units"])} if "units" in e else {})
                                           for e in plan["layers"]], "notes": plan["notes"]}))
         return
-    click.echo(plan_table(plan))
+    echo(plan_table(plan))
     for n in plan["notes"]:
-        click.echo(f"note: {n}", err=True)
-    click.echo(f"plan: {path}")
+        echo(f"note: {n}", err=True)
+    echo(f"plan: {path}")

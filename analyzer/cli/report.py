@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .main import open_run, out_dir
+from .main import echo, open_run, out_dir
 
 
 @click.command()
@@ -64,6 +64,6 @@ def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_crite
         if engine == "dask":
             from ..engine import close_owned_client
             close_owned_client()
-    click.echo(f"report: {os.path.join(out, 'index.html')}")
+    echo(f"report: {os.path.join(out, 'index.html')}")
     for w in summary.get("skipped", []) + summary.get("not_recorded", []):
-        click.echo(f"note: {w}", err=True)
+        echo(f"note: {w}", err=True)

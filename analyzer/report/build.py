@@ -18,7 +18,7 @@ import pandas as pd
 from ..activations import select_site
 from ..progress import silenced
 from ..trace.files import atomic_write, write_text_atomic
-from ..values import json_safe
+from ..values import csv_safe, json_safe
 from . import figures as F
 from .data import load_frames
 from .options import check_activation_options
@@ -85,7 +85,7 @@ class Report:
     def table(self, name: str, df: pd.DataFrame, description: str) -> None:
         """Write tables/<name>.csv (atomically) and list it."""
         rel = f"{TAB_DIR}/{name}.csv"
-        atomic_write(os.path.join(self.out, TAB_DIR, f"{name}.csv"), lambda p: df.to_csv(p, index=False))
+        atomic_write(os.path.join(self.out, TAB_DIR, f"{name}.csv"), lambda p: csv_safe(df).to_csv(p, index=False))
         self.tables.append({"file": rel, "rows": int(len(df)), "description": description})
 
     # ------------------------------------------------------------------ pipeline

@@ -11,6 +11,7 @@ from typing import Any
 from ..graph import edge_frame, module_frame, node_frame, read_graph, to_dot
 from ..outdir import prepare_out_dir
 from ..trace.files import write_text_atomic
+from ..values import csv_safe
 from .plots.graph import cost_bars, draw
 
 ENGINES = ("auto", "dot", "matplotlib")
@@ -57,7 +58,7 @@ def render(run_dir: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
     files["picture"] = png
     for name, df in (("ops", node_frame(g)), ("edges", edge_frame(g)), ("modules", module_frame(g))):
         p = os.path.join(out, f"{name}.csv")
-        df.to_csv(p, index=False)
+        csv_safe(df).to_csv(p, index=False)
         files[name] = p
     mods = module_frame(g)
     for col, name in (("flops", "module_flops.png"), ("time_s", "module_time.png")):

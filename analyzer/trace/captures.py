@@ -35,7 +35,7 @@ CAPTURES_DIR = "captures"
 CAPTURE_KIND = "attention-capture"
 CAPTURE_TARGET_KINDS = ("class", "predicted", "multilabel", "callable")
 CAPTURE_DTYPES = ("float32", "float16")
-_CAPTURE_RE = re.compile(r"^capture-(\d{6})\.h5$")
+_CAPTURE_RE = re.compile(r"^capture-(\d{6})\.h5\Z")
 #: Largest number of elements of one image's activation map accepted on read (sanity bound).
 CAPTURE_MAX_ELEMENTS = 1 << 28
 #: Bytes of activations + gradients read per block of images.
@@ -148,7 +148,7 @@ def validate_capture(attrs: dict, shapes: dict, where: str) -> dict:
 # --------------------------------------------------------------------------- feature captures: names
 FEATURES_DIR = "features"
 FEATURE_KIND = "feature-capture"
-_FEATURE_RE = re.compile(r"^features-(\d{6})\.h5$")
+_FEATURE_RE = re.compile(r"^features-(\d{6})\.h5\Z")
 FEATURE_MAX_ELEMENTS = 1 << 28
 
 

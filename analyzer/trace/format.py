@@ -56,8 +56,8 @@ STATUS_COMPLETE = "complete"
 STATUS_FAILED = "failed"       # the recorder hit an error and stood aside
 STATUS_ABORTED = "aborted"     # the training code raised inside the recorder's context
 
-_SHARD_RE = re.compile(r"^shard-(\d{6})\.h5$")
-_RANK_RE = re.compile(r"^rank-(\d{5})$")
+_SHARD_RE = re.compile(r"^shard-(\d{6})\.h5\Z")
+_RANK_RE = re.compile(r"^rank-(\d{5})\Z")
 _SAFE_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -118,7 +118,7 @@ def assign_keys(names: Sequence[str]) -> list[str]:
     return keys
 
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}(~\d{1,9})?$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}(~\d{1,9})?\Z")
 
 
 def is_safe_key(key: object) -> bool:
@@ -290,6 +290,10 @@ def validate_rank_state(st: dict, where: str) -> dict:
 #: Per-step statistics every activation site carries: per unit (shape [units]) and per site (shape []).
 SITE_UNIT_STATS = ("sum", "sum_abs", "sumsq", "min", "max", "n_pos")
 SITE_SCALAR_STATS = ("count", "nonfinite")
+#: Optional per-row scalar of sites whose rows cover windows of several steps
+#: (``Recorder(activation_window=N)``): the first step of the row's window (float64, an exact
+#: integer); the row's own step is the window's last. Absent: every row covers its step alone.
+SITE_WINDOW_STAT = "first_step"
 
 
 def _check_site_stats(S: dict, where: str) -> None:
@@ -302,7 +306,7 @@ def _check_site_stats(S: dict, where: str) -> None:
         if st[k] != [S["units"]]:
             raise TraceError(f"{where}: activation site {S['name']!r} declares {k} of shape {st[k]} for "
                              f"{S['units']} units")
-    for k in SITE_SCALAR_STATS:
+    for k in SITE_SCALAR_STATS + ((SITE_WINDOW_STAT,) if SITE_WINDOW_STAT in st else ()):
         if st[k] != []:
             raise TraceError(f"{where}: activation site {S['name']!r} declares {k} of shape {st[k]}, not []")
 
