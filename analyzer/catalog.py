@@ -87,7 +87,7 @@ class Catalog:
             raise TraceError(f"empty directory, not a bbdecoder run: {p}")
         if fmt.MANIFEST not in entries:
             raise TraceError(f"not a bbdecoder run (no {fmt.MANIFEST}): {p}")
-        self.manifest = fmt.validate_manifest(files.read_json(os.path.join(p, fmt.MANIFEST), "manifest"),
+        self.manifest = fmt.validate_manifest(files.read_json(os.path.join(p, fmt.MANIFEST), "manifest", root=p),
                                               fmt.MANIFEST)
         self.layers: list[dict] = [dict(L) for L in self.manifest["layers"]]
         self._by_key = {L["key"]: L for L in self.layers}
@@ -124,7 +124,7 @@ class Catalog:
         for rank, rdir in ranks:
             rfile = os.path.join(rdir, fmt.RANK_FILE)
             if os.path.exists(rfile):
-                st = files.read_json(rfile, f"rank file {fmt.rank_dirname(rank)}/{fmt.RANK_FILE}")
+                st = files.read_json(rfile, f"rank file {fmt.rank_dirname(rank)}/{fmt.RANK_FILE}", root=self.path)
                 fmt.validate_rank_state(st, f"{fmt.rank_dirname(rank)}/{fmt.RANK_FILE}")
                 self.rank_states[rank] = st
                 self._add_rank_sites(rank, st)
@@ -140,6 +140,7 @@ class Catalog:
 
     def _index_shard(self, rank: int, idx: int, spath: str) -> Shard:
         name = f"{fmt.rank_dirname(rank)}/{os.path.basename(spath)}"
+        files.check_trace_file(spath, self.path, "shard")
         with self._readers.borrow(spath, name) as r:
             steps = r.steps()
             payloads, offsets = {}, {}

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .trace import files
 from .trace.captures import list_features, read_feature_info, read_feature_sample
 from .trace.format import TraceError
 
@@ -24,6 +25,7 @@ def feature_captures(run_dir: str | os.PathLike) -> pd.DataFrame:
     """
     rows = []
     for idx, path in list_features(run_dir):
+        files.check_trace_file(path, run_dir, "feature capture")
         rows.append({"index": idx, "path": path, **read_feature_info(path)})
     return pd.DataFrame(rows, columns=["index", "path", "layer", "step", "epoch", "shape"])
 

@@ -33,7 +33,7 @@ def read_graph(run_dir: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise TraceError(f"{os.fspath(run_dir)} has no function graph ({fmt.GRAPH_FILE}); record one with "
                          "Recorder(..., graph=True) or rec.record_graph(example_input)")
-    return fmt.validate_graph(files.read_json(path, "function graph"), path)
+    return fmt.validate_graph(files.read_json(path, "function graph", root=run_dir), path)
 
 
 def _shape(s) -> str:

@@ -452,7 +452,7 @@ class Capture:
 
 def open_captures(run_dir: str) -> list[Capture]:
     """Every finished capture of a run, opened and validated, in index order."""
-    return [Capture(p, i) for i, p in list_captures(run_dir)]
+    return [Capture(files.check_trace_file(p, run_dir, "capture"), i) for i, p in list_captures(run_dir)]
 
 
 def pick(captures: list[Capture], capture: int, run_dir: str) -> Capture:

@@ -8,7 +8,9 @@ reader never sees half a file and a crash leaves the old one.
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import tempfile
 from typing import Any, Callable
 
@@ -73,11 +75,26 @@ def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False)
     return atomic_write(path, w, durable=durable)
 
 
+def finite_json(obj: Any) -> Any:
+    """A copy of ``obj`` (dicts, lists, scalars) with NaN and +-Infinity written as None: what
+    BBDecoder writes is strict JSON, which readers may demand (:func:`read_json` does)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically and durably: temporary file, fsync, rename."""
+    """Write ``obj`` as strict JSON (NaN and Infinity as null) to ``path`` atomically and durably:
+    temporary file, fsync, rename."""
+    obj = finite_json(obj)
+
     def w(p: str) -> None:
         with open(p, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, allow_nan=True)
+            json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False)
     atomic_write(path, w, durable=True)
 
 
@@ -109,17 +126,114 @@ def fsync_dir(d: str) -> None:
         pass
 
 
-def read_json(path: str | os.PathLike, what: str) -> dict:
-    """Read a JSON object, raising :class:`TraceError` with a one-line reason on any problem."""
+#: the largest JSON file a reader accepts (a manifest of 100,000 layers is about 30 MB)
+MAX_JSON_BYTES = 64 << 20
+#: the deepest nesting of arrays and objects a reader accepts (BBDecoder's own files nest < 10 deep)
+MAX_JSON_DEPTH = 64
+
+
+def check_trace_file(path: str | os.PathLike, root: str | os.PathLike | None, what: str,
+                     allow_links: bool = False) -> str:
+    """Refuse a trace file that is not a regular file inside the run: the checks every reader makes
+    before it opens a file of a trace, which may come from a stranger.
+
+    Args:
+        path: the file. root: the run directory it must lie in (None: no confinement, e.g. a plan
+            file the user named). what: a few words for messages.
+        allow_links: accept symbolic links whose target stays inside ``root`` (default: refuse any
+            link at or below ``root``).
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        TraceError: missing, a link (or a link leading outside ``root``), not a regular file (a FIFO,
+            device, socket or directory: checked without opening it, so nothing blocks).
+    """
+    path = os.fspath(path)
+    if root is not None:
+        root_real = os.path.realpath(root)
+        real = os.path.realpath(path)
+        if real != root_real and not real.startswith(root_real.rstrip(os.sep) + os.sep):
+            raise TraceError(f"{what} {path} leads outside the run ({real})")
+        plain = os.path.join(root_real, os.path.relpath(os.path.abspath(path), os.path.abspath(root)))
+        if not allow_links and os.path.normpath(plain) != real:
+            raise TraceError(f"{what} {path} is a symbolic link (refused in a trace)")
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            obj = json.load(f)
+        st = os.stat(path)
     except FileNotFoundError:
-        raise TraceError(f"{what} not found: {os.fspath(path)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TraceError(f"cannot read {what} {os.fspath(path)}: {e}") from None
+        raise TraceError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise TraceError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TraceError(f"{what} {path} is not a regular file")
+    return path
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"non-finite number {name} (not JSON)")
+
+
+def _depth(obj: Any, limit: int) -> int:
+    """Nesting depth of arrays and objects (iterative: a hostile file cannot exhaust the stack)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
+def read_json(path: str | os.PathLike, what: str, root: str | os.PathLike | None = None,
+              max_bytes: int | None = None) -> dict:
+    """Read a JSON object of a trace, raising :class:`TraceError` with a one-line reason on any problem.
+
+    A regular file only (:func:`check_trace_file`, inside ``root`` when given), at most ``max_bytes``
+    (default :data:`MAX_JSON_BYTES`) read whatever the file claims, strict JSON (duplicate keys and
+    NaN/Infinity refused), nested at most :data:`MAX_JSON_DEPTH` deep.
+    """
+    limit = MAX_JSON_BYTES if max_bytes is None else max_bytes
+    check_trace_file(path, root, what)
+    p = os.fspath(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))   # a FIFO swapped in cannot block
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise TraceError(f"{what} {p} is not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                raw = f.read(limit + 1)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise TraceError(f"{what} not found: {p}") from None
+    except OSError as e:
+        raise TraceError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    if len(raw) > limit:
+        raise TraceError(f"{what} {p} is larger than {limit:,} bytes")
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise TraceError(f"cannot read {what} {p}: {e}") from None
     except json.JSONDecodeError as e:
-        raise TraceError(f"malformed {what} {os.fspath(path)}: {e.msg} at line {e.lineno}") from None
+        raise TraceError(f"malformed {what} {p}: {e.msg} at line {e.lineno}") from None
+    except ValueError as e:
+        raise TraceError(f"malformed {what} {p}: {e}") from None
+    except RecursionError:
+        raise TraceError(f"malformed {what} {p}: nested deeper than {MAX_JSON_DEPTH}") from None
     if not isinstance(obj, dict):
-        raise TraceError(f"malformed {what} {os.fspath(path)}: expected a JSON object")
+        raise TraceError(f"malformed {what} {p}: expected a JSON object")
+    if _depth(obj, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise TraceError(f"malformed {what} {p}: nested deeper than {MAX_JSON_DEPTH}")
     return obj

@@ -237,8 +237,8 @@ def _absurd(run, t):
 CASES = {
     # manifest
     "empty manifest file": (raw(_empty_manifest), "malformed manifest", COMMANDS),
-    "manifest is a directory": (raw(_manifest_is_dir), "cannot read manifest", COMMANDS),
-    "manifest with a NaN format": (raw(_manifest_nan_literal), "not a bbdecoder manifest", ("info", "report")),
+    "manifest is a directory": (raw(_manifest_is_dir), "is not a regular file", COMMANDS),
+    "manifest with a NaN format": (raw(_manifest_nan_literal), "non-finite number NaN (not JSON)", ("info", "report")),
     "manifest without format_version": (manifest(lambda m: m.pop("format_version")), "format_version", COMMANDS),
     "manifest version true": (manifest(lambda m: m.update(format_version=True)), "format_version", ("info",)),
     "manifest version 0": (manifest(lambda m: m.update(format_version=0)), "version 0 is not supported",
@@ -304,8 +304,8 @@ CASES = {
     # shards: bytes
     "shard truncated by 64 bytes": (raw(_truncate_tail), "shard", COMMANDS),
     "shard with a zeroed superblock": (raw(_zero_superblock), "corrupt or truncated shard", ("info", "report")),
-    "shard is a directory": (raw(_shard_is_dir), "corrupt or truncated shard", ("info", "layers")),
-    "dangling shard symlink": (raw(_dangling_shard_link), "corrupt or truncated shard", ("info", "saturation")),
+    "shard is a directory": (raw(_shard_is_dir), "is not a regular file", ("info", "layers")),
+    "dangling shard symlink": (raw(_dangling_shard_link), "is a symbolic link (refused in a trace)", ("info", "saturation")),
 }
 
 
