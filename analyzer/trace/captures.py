@@ -28,6 +28,7 @@ import numpy as np
 from . import files
 from .format import (FORMAT_NAME, FORMAT_VERSION, LIVE_SUFFIX, SHARD_SUFFIX, TraceError, check_version,
                      is_safe_key)
+from .h5safe import foreign_storage, hard_child, no_filter_plugins
 from .hdf5 import abort_h5, attr_value, error_line
 
 # --------------------------------------------------------------------------- attention captures: names
@@ -359,12 +360,19 @@ class Capture:
         self.path = path
         self.index = index
         self.name = os.path.join(CAPTURES_DIR, os.path.basename(path))
+        no_filter_plugins()
         try:
             with h5py.File(path, "r", locking=False) as f:
                 attrs = {k: attr_value(v) for k, v in f.attrs.items()}
                 shapes: dict = {}
+                # visititems follows hard links only: a soft or external link is not a dataset here
                 f.visititems(lambda k, o: shapes.__setitem__(k, o.shape) if isinstance(o, h5py.Dataset) else None)
                 dtypes = {k: f[k].dtype for k in shapes}
+                for k in shapes:
+                    foreign = foreign_storage(f[k])
+                    if foreign:
+                        raise TraceError(f"capture {self.name}: dataset {k!r} keeps its data in other files "
+                                         f"({foreign}), refused in a trace")
         except TraceError:
             raise
         except Exception as e:  # truncated or random file
@@ -470,12 +478,17 @@ def read_feature_info(path: str) -> dict:
     """Open one feature capture and validate it: dict with layer (str), step, epoch (int) and shape
     (tuple, N first). Raises TraceError (one line) for a malformed or unreadable file."""
     import h5py
+    no_filter_plugins()
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
             attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
-            ds = f.get("values")
+            ds = hard_child(f, "values")
             shape = ds.shape if isinstance(ds, h5py.Dataset) else None
+            foreign = foreign_storage(ds) if shape is not None else None
+            if foreign:
+                raise TraceError(f"feature capture {os.path.basename(path)}: values keep their data in other "
+                                 f"files ({foreign}), refused in a trace")
     except OSError as e:
         raise TraceError(f"cannot read feature capture {path}: {e}") from None
     return validate_feature_capture(attrs, shape, os.path.basename(path))

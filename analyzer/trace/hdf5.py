@@ -9,6 +9,7 @@ import numpy as np
 from . import files
 from . import format as fmt
 from .format import TraceError
+from .h5safe import foreign_storage, hard_child, no_filter_plugins
 from .shards import ShardReader, ShardWriter, check_step_cols
 
 #: Payload chunks aim at about this many bytes (several small rows share a chunk).
@@ -283,6 +284,7 @@ class HDF5ShardReader(ShardReader):
 
     def __init__(self, path: str, display: str | None = None):
         import h5py
+        no_filter_plugins()
         self.path = path
         self._disp = display or path
         self._checked: set = set()
@@ -309,8 +311,17 @@ class HDF5ShardReader(ShardReader):
             raise
 
     def _get(self, path):
+        """The object at ``path``, reached through hard links only: a soft or external link in a
+        trace could lead anywhere (another file, outside the run), so it is refused."""
+        node = self._f
         try:
-            return self._f[path]
+            for part in [q for q in path.split("/") if q]:
+                node = hard_child(node, part)
+                if node is None:
+                    raise KeyError(f"no {part!r}")
+            return node
+        except TraceError as e:
+            raise TraceError(f"corrupt shard {self._disp}: {path!r}: {e}") from None
         except Exception as e:
             raise TraceError(f"corrupt shard {self._disp}: missing or unreadable {path!r} ({error_line(e)})") from None
 
@@ -324,6 +335,13 @@ class HDF5ShardReader(ShardReader):
             raise TraceError(f"corrupt shard {self._disp}: unreadable {what} ({error_line(e)})") from None
         if kind not in "biuf":
             raise TraceError(f"corrupt shard {self._disp}: {what} holds {ds.dtype}, not numeric (real) values")
+        try:
+            foreign = foreign_storage(ds)
+        except Exception as e:
+            raise TraceError(f"corrupt shard {self._disp}: unreadable {what} ({error_line(e)})") from None
+        if foreign:
+            raise TraceError(f"corrupt shard {self._disp}: {what} keeps its data in other files ({foreign}), "
+                             "refused in a trace")
         declared = size * itemsize
         if declared > MAX_SPARSE_BYTES and declared > MAX_SPARSE_RATIO * stored:
             raise TraceError(f"corrupt shard {self._disp}: {what} declares an absurd size "
@@ -336,7 +354,7 @@ class HDF5ShardReader(ShardReader):
             for c in fmt.STEP_COLUMNS:
                 if c not in g:
                     raise TraceError(f"corrupt shard {self._disp}: step table lacks {c!r}")
-                ds = g[c]
+                ds = hard_child(g, c)
                 if not hasattr(ds, "dtype") or ds.ndim != 1:
                     raise TraceError(f"corrupt shard {self._disp}: step table column {c!r} is not 1-D")
                 self._check_dataset(ds, f"step table column {c!r}")
@@ -365,9 +383,13 @@ class HDF5ShardReader(ShardReader):
     def _pair(self, kind, lk, pk):
         g = self._get(fmt.payload_path(kind, lk, pk))
         try:
-            v, s = g["values"], g["steps"]
+            v, s = hard_child(g, "values"), hard_child(g, "steps")
+        except TraceError as e:
+            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk}: {e}") from None
         except Exception:
-            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} lacks values or steps") from None
+            v = s = None
+        if v is None or s is None:
+            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} lacks values or steps")
         try:
             ok = v.ndim >= 1 and s.ndim == 1 and v.shape[0] == s.shape[0]
         except Exception:
