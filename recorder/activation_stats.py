@@ -47,6 +47,26 @@ class Site:
         #: (reused by the next call of that shape; the returned statistics never alias them)
         self.plan: tuple | None = None
 
+    def add(self, st: dict[str, torch.Tensor]) -> None:
+        """Add one call's statistics (:meth:`SiteStats.stats`) to the accumulators, in place on the
+        device (sums add, min of minima, max of maxima); the first call's tensors become them."""
+        acc = self.acc
+        if acc is None:   # the first call of a step (or window): its own buffers, accumulated in place
+            seen: set = set()
+            for k, v in st.items():
+                if id(v) in seen:   # sum |h| is sum h for kinds that are never negative: one tensor
+                    st[k] = v.clone()
+                seen.add(id(st[k]))
+            self.acc = st
+            return
+        for k, v in st.items():
+            if k == "min":
+                torch.minimum(acc[k], v, out=acc[k])
+            elif k == "max":
+                torch.maximum(acc[k], v, out=acc[k])
+            else:
+                acc[k].add_(v)
+
 
 class SiteStats:
     """The statistics kernels of one tracker's sites, with the CPU scratch buffers they reuse.

@@ -149,6 +149,10 @@ class ActivationTracker:
         self._mode: _Wrapper | None = None
         self.module_sites, self.fn_all, self.fn_patterns = select_sites(model, spec, layer_ids or {})
         self._fn_hook = _eager(self._functional)
+        #: steps per row of statistics (set by the recorder; > 1: new sites declare ``first_step``)
+        self.window = 1
+        #: training-mode forwards seen so far (tells whether a forward ran since the last step)
+        self.forwards = 0
         self.install()
 
     @property
@@ -236,8 +240,10 @@ class ActivationTracker:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
         self._stack = []
-        if self._active() and self.forward_order:
-            self.order_done = True
+        if self._active():
+            self.forwards += 1
+            if self.forward_order:
+                self.order_done = True
 
     def _layer_done(self, module, args, out):
         if self.order_done or not self._active() or module not in self._layer_of:
@@ -342,17 +348,7 @@ class ActivationTracker:
             return
         st = self._stats(x, axis, U, site)
         site.count += x.numel() // U
-        acc = site.acc
-        if acc is None:
-            site.acc = st
-        else:
-            for k, v in st.items():
-                if k == "min":
-                    acc[k] = torch.minimum(acc[k], v)
-                elif k == "max":
-                    acc[k] = torch.maximum(acc[k], v)
-                else:
-                    acc[k] = acc[k] + v
+        site.add(st)
         if self._want_raw and self.samples > 0 and not site.samples:
             if list(x.shape[1:]) == meta["sample_shape"]:
                 site.samples.append(x[: self.samples].clone())
@@ -375,6 +371,8 @@ class ActivationTracker:
                                                "bounded" if bounds else "other")}
         stats = {k: [U] for k in ("sum", "sum_abs", "sumsq", "min", "max", "n_pos")}
         stats.update(count=[], nonfinite=[])
+        if self.window > 1:   # rows cover windows of steps: each row names its first step
+            stats[fmt.SITE_WINDOW_STAT] = []
         if bounds is not None:
             lo, hi = bounds
             meta["hist_edges"] = [lo + (hi - lo) * i / HIST_BINS for i in range(HIST_BINS + 1)]
@@ -391,13 +389,27 @@ class ActivationTracker:
         """Whether the forward passes until the next ``take()`` keep raw samples."""
         self._want_raw = bool(flag)
 
-    def take(self) -> list[tuple[str, dict[str, torch.Tensor], list[torch.Tensor]]]:
-        """The accumulated statistics and samples of every site since the last call; resets them."""
+    def take(self, stats: bool = True, first_step: int | None = None
+             ) -> list[tuple[str, dict[str, torch.Tensor], list[torch.Tensor]]]:
+        """The accumulated statistics and samples of every site since the last call; resets them.
+
+        Args:
+            stats: False: only the raw samples; the statistics keep accumulating (a window of
+                several steps, :class:`recorder.act_window.ActivationWindow`).
+            first_step: the first step the statistics cover, added as the float64 scalar
+                ``first_step`` (windows of several steps; None: not added).
+        """
         out = []
         for s in self.sites.values():
-            if s.acc is not None:
+            acc = None
+            if stats and s.acc is not None:
                 acc = s.acc
-                acc["count"] = torch.full((), float(s.count), dtype=torch.float64, device=acc["sum"].device)
-                out.append((s.meta["key"], acc, s.samples))
-            s.acc, s.samples, s.count = None, [], 0
+                dev = acc["sum"].device
+                acc["count"] = torch.full((), float(s.count), dtype=torch.float64, device=dev)
+                if first_step is not None:
+                    acc[fmt.SITE_WINDOW_STAT] = torch.full((), float(first_step), dtype=torch.float64, device=dev)
+                s.acc, s.count = None, 0
+            if acc is not None or s.samples:
+                out.append((s.meta["key"], acc or {}, s.samples))
+            s.samples = []
         return out

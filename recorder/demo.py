@@ -13,7 +13,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["make_reference_cnn", "synthetic_images", "train", "accuracy", "run_demo"]
+__all__ = ["make_reference_cnn", "synthetic_images", "train", "accuracy", "run_demo", "make_tiny_gpt2",
+           "make_tiny_bert", "synthetic_tokens", "make_many_tensor_mlp"]
 
 
 def make_reference_cnn(num_classes: int = 10) -> nn.Module:
@@ -44,6 +45,124 @@ def make_reference_cnn(num_classes: int = 10) -> nn.Module:
         nn.Linear(64, num_classes),                    # (N, num_classes)
     )
     return nn.Sequential(OrderedDict(features=features, classifier=classifier))
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention: one qkv projection and an output projection."""
+
+    def __init__(self, d: int, heads: int, causal: bool):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _Block(nn.Module):
+    """Transformer block: pre-LN (GPT-2: x + attn(ln(x))) or post-LN (BERT: ln(x + attn(x)))."""
+
+    def __init__(self, d: int, heads: int, causal: bool, pre_ln: bool):
+        super().__init__()
+        self.pre_ln = pre_ln
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = _Attention(d, heads, causal)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+        x = self.ln1(x + self.attn(x))
+        return self.ln2(x + self.mlp(x))
+
+
+class TinyGPT2(nn.Module):
+    """GPT-2-style decoder: token + position embeddings, pre-LN causal blocks, final LN, LM head
+    tied to the token embedding. Maps token ids (B, T) to logits (B, T, vocab)."""
+
+    def __init__(self, vocab: int = 512, context: int = 64, d: int = 64, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.blocks = nn.ModuleList(_Block(d, heads, causal=True, pre_ln=True) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln_f(x) @ self.wte.weight.t()
+
+
+class TinyBERT(nn.Module):
+    """BERT-style encoder: token + position + segment embeddings with LN, post-LN blocks, a tanh
+    pooler on the first token and a classification head. Maps token ids (B, T) to logits (B, C)."""
+
+    def __init__(self, vocab: int = 512, context: int = 64, d: int = 64, heads: int = 4, layers: int = 2,
+                 num_classes: int = 2):
+        super().__init__()
+        self.tok, self.pos, self.seg = nn.Embedding(vocab, d), nn.Embedding(context, d), nn.Embedding(2, d)
+        self.ln = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(_Block(d, heads, causal=False, pre_ln=False) for _ in range(layers))
+        self.pooler = nn.Linear(d, d)
+        self.classifier = nn.Linear(d, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device)) + self.seg(
+            (torch.arange(t, device=ids.device) >= t // 2).long())
+        x = self.ln(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.classifier(torch.tanh(self.pooler(x[:, 0])))
+
+
+def make_tiny_gpt2(vocab: int = 512, context: int = 64, d: int = 64, heads: int = 4, layers: int = 2) -> nn.Module:
+    """A tiny GPT-2-style language model (28 parameter tensors at 2 blocks; LM head tied to ``wte``).
+    Train it with ``cross_entropy(logits.flatten(0, 1), targets.flatten())`` on
+    :func:`synthetic_tokens` ``(ids, next_ids)``."""
+    return TinyGPT2(vocab, context, d, heads, layers)
+
+
+def make_tiny_bert(vocab: int = 512, context: int = 64, d: int = 64, heads: int = 4, layers: int = 2,
+                   num_classes: int = 2) -> nn.Module:
+    """A tiny BERT-style sequence classifier (33 parameter tensors at 2 layers); train it with
+    ``cross_entropy(logits, labels)`` on :func:`synthetic_tokens` ``(ids, labels)``."""
+    return TinyBERT(vocab, context, d, heads, layers, num_classes)
+
+
+def synthetic_tokens(n: int, vocab: int = 512, context: int = 64, num_classes: int = 2,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A deterministic, learnable token task: each sequence repeats a random pattern of 2 to 8 tokens
+    (so the next token is predictable), with 10% of the tokens replaced at random.
+
+    Returns:
+        ``(ids, next_ids, labels)``: int64 ``(n, context)`` inputs, int64 ``(n, context)`` next-token
+        targets (for :func:`make_tiny_gpt2`) and int64 ``(n,)`` classes (for :func:`make_tiny_bert`:
+        whether the pattern is shorter than 5 tokens when ``num_classes`` is 2, else period mod classes).
+    """
+    g = torch.Generator().manual_seed(seed)
+    period = torch.randint(2, 9, (n,), generator=g)
+    pattern = torch.randint(0, vocab, (n, 8), generator=g)
+    pos = torch.arange(context + 1)
+    seq = torch.gather(pattern, 1, pos.view(1, -1) % period.view(-1, 1))
+    noise = torch.rand(n, context + 1, generator=g) < 0.1
+    seq = torch.where(noise, torch.randint(0, vocab, (n, context + 1), generator=g), seq)
+    labels = (period < 5).long() if num_classes == 2 else period % num_classes
+    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous(), labels
+
+
+def make_many_tensor_mlp(n_tensors: int = 150, width: int = 32) -> nn.Module:
+    """An MLP of ``n_tensors // 2`` small Linear layers (weight + bias each: ``n_tensors`` parameter
+    tensors of 1 KiB to 4 KiB), for timing per-parameter costs. Maps (B, width) to (B, width)."""
+    mods: list[nn.Module] = []
+    for _ in range(max(1, n_tensors // 2)):
+        mods += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*mods)
 
 
 def synthetic_images(n: int, num_classes: int = 10, size: int = 32,

@@ -1,15 +1,18 @@
 """Gradient sufficient statistics computed on the device every step (recording tier 1).
 
 For the gradients of a list of parameters on one device, :meth:`GradStatsPlan.partials` does a
-fixed number of whole-tensor operations, whatever the number of parameters: one ``torch.cat`` of
-the gradients into a flat buffer in which every parameter starts on a chunk boundary (zero padded),
-viewed as (rows, CHUNK); then row reductions: the non-finite count, and over the finite elements
-sum, 2-norm, sum |g| and max |g|. The result, (rows, 5) float32, is about 5 KB per million
-parameters; it travels to the host like any payload (asynchronously on CUDA).
-:meth:`GradStatsPlan.finish` (writer thread, numpy) reduces the chunk rows of each parameter into
-one vector of :data:`analyzer.format.GRAD_STAT_FIELDS`, handed to the writer as one packed
-payload (:meth:`analyzer.storage.ShardWriter.append_packed`). No ``.item()``, no synchronisation, no
-Python loop over elements.
+fixed number of whole-buffer operations, whatever the number of parameters: one
+``torch._foreach_copy_`` of the gradients into a persistent flat buffer (through views cached
+between steps), in which every parameter occupies whole rows, zero padded: a parameter of more than
+``CHUNK / 4`` elements rows of ``CHUNK``, a smaller one a single row of the smallest of
+``CHUNK / 4``, ``CHUNK / 16``, ... (at least 16) that holds it, so that a model of many small
+tensors is not padded to ``CHUNK`` per tensor; then row reductions per row length (at most five):
+the non-finite count, and over the finite elements sum, 2-norm, sum |g| and max |g|. The result,
+(rows, 5) float32, is about 5 KB per million parameters; it travels to the host like any payload
+(asynchronously on CUDA). :meth:`GradStatsPlan.finish` (writer thread, numpy) reduces the rows of
+each parameter into one vector of :data:`analyzer.format.GRAD_STAT_FIELDS`, handed to the writer
+as one packed payload (:meth:`analyzer.storage.ShardWriter.append_packed`). No ``.item()``, no
+synchronisation, no Python loop over elements or (after the first step) over parameters.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ CHUNK = 4096
 #: 2 x 4 bytes x min(this, the model's size, or its largest parameter): 512 MiB at most, for any model
 #: with no single parameter above 64M elements.
 GROUP_ELEMS = 1 << 26
+#: A shorter row length (for the parameters of at most CHUNK / 4 elements) is used only where it saves
+#: at least this many elements of padding; else those parameters take rows of the next longer length.
+MIN_SAVED = 1 << 15
 
 
 class Scratch:
@@ -34,6 +40,7 @@ class Scratch:
 
     def __init__(self):
         self._bufs: dict = {}
+        self._owner: dict = {}   # device -> the plan whose layout (zero padding) the flat buffer holds
 
     def get(self, dev: torch.device, n: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(zeros (chunk,), flat (n,), tmp (n,)) on ``dev``; the buffers grow when ``n`` does."""
@@ -42,7 +49,16 @@ class Scratch:
             b = self._bufs[dev] = (torch.zeros(chunk, dtype=torch.float32, device=dev),
                                    torch.empty(n, dtype=torch.float32, device=dev),
                                    torch.empty(n, dtype=torch.float32, device=dev))
+            self._owner.pop(dev, None)
         return b[0][:chunk], b[1][:n], b[2][:n]
+
+    def claim(self, dev: torch.device, plan) -> bool:
+        """Make ``plan`` the user of the flat buffer on ``dev``; True if it was not already (its
+        padding must then be zeroed again)."""
+        if self._owner.get(dev) is plan:
+            return False
+        self._owner[dev] = plan
+        return True
 
 
 def group_items(numels: list[int], limit: int | None = None, chunk: int = CHUNK) -> list[list[int]]:
@@ -67,71 +83,128 @@ def group_items(numels: list[int], limit: int | None = None, chunk: int = CHUNK)
     return groups
 
 
+def row_lengths(chunk: int) -> list[int]:
+    """The row lengths of a plan: ``chunk``, then ``chunk / 4``, ``chunk / 16``, ... down to 16 (at
+    most four of them; none for a chunk under 64)."""
+    out, n = [int(chunk)], int(chunk) // 4
+    while n >= 16 and len(out) < 5:
+        out.append(n)
+        n //= 4
+    return out
+
+
 class GradStatsPlan:
-    """Static layout of the chunk rows of a fixed list of parameters (one device).
+    """Static layout of the rows of a fixed list of parameters (one device).
 
     Args:
         items: [(layer_key, param_key, numel, attrs)] in the order the gradients are passed.
-        chunk: elements per row.
+        chunk: elements per row of a parameter larger than ``chunk / 4`` (smaller ones get one
+            shorter row, see :func:`row_lengths`).
     """
 
     def __init__(self, items: list[tuple[str, str, int, dict]], chunk: int = CHUNK):
         self.items = items
         self.chunk = int(chunk)
-        nchunks = [max(1, -(-int(n) // self.chunk)) for _, _, n, _ in items]
-        self.starts = np.concatenate([[0], np.cumsum(nchunks)[:-1]]).astype(np.int64)
-        self.pads = [nc * self.chunk - int(n) for nc, (_, _, n, _) in zip(nchunks, items)]
-        self.numel = np.array([int(n) for _, _, n, _ in items], np.float64)
-        self.rows = int(sum(nchunks))
+        lengths = row_lengths(self.chunk)
+        numels = [int(n) for _, _, n, _ in items]
+        # row length of each item: the shortest that holds a small parameter in one row
+        item_len = []
+        for n in numels:
+            L = self.chunk
+            for cand in lengths[1:]:
+                if n <= cand:
+                    L = cand
+            item_len.append(L)
+        # a row length of its own costs a few operations: worth it only if it saves enough padding
+        for L, longer in zip(lengths[:0:-1], lengths[-2::-1]):
+            count = sum(1 for li in item_len if li == L)
+            if count and count * (longer - L) < MIN_SAVED:
+                item_len = [longer if li == L else li for li in item_len]
+        nrows = [max(1, -(-n // L)) for n, L in zip(numels, item_len)]
+        self.rows = int(sum(nrows))
+        self.starts = np.concatenate([[0], np.cumsum(nrows)[:-1]]).astype(np.int64)   # item order
+        # device layout: the rows of one length together (one 2-D view each), items in order within
+        self.regions: list[tuple[int, int, int]] = []   # (offset in elements, rows, row length)
+        self.offsets = [0] * len(items)                  # element offset of each item in the buffer
+        perm = np.empty(self.rows, np.int64)             # device row of each item-ordered row
+        off = row = 0
+        for L in lengths:
+            k0 = row
+            for i, (r, li) in enumerate(zip(nrows, item_len)):
+                if li == L:
+                    self.offsets[i] = off + (row - k0) * L
+                    perm[self.starts[i]:self.starts[i] + r] = np.arange(row, row + r)
+                    row += r
+            if row > k0:
+                self.regions.append((off, row - k0, L))
+                off += (row - k0) * L
+        self.size = off                                  # elements of the flat buffer
+        self.perm = None if np.array_equal(perm, np.arange(self.rows)) else perm
+        self.numel = np.array(numels, np.float64)
         self.keys = tuple((lk, pk) for lk, pk, _, _ in items)     # payload keys, in row order
         self.attrs = [a for *_, a in items]
         self._scratch = None
+        self._views: tuple | None = None   # (flat buffer's data_ptr, [per-item views], [shapes])
+
+    def _dest(self, flat: torch.Tensor, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of ``flat`` shaped like ``grads`` (cached while the buffer and shapes stay)."""
+        v = self._views
+        if v is None or v[0] != flat.data_ptr():
+            views = [flat[o:o + int(n)].view(g.shape) for o, n, g in zip(self.offsets, self.numel, grads)]
+            v = self._views = (flat.data_ptr(), views)
+        return v[1]
 
     def partials(self, grads: list[torch.Tensor], scratch: Scratch | None = None) -> torch.Tensor:
-        """Per-chunk partial statistics on the gradients' device.
+        """Per-row partial statistics on the gradients' device.
 
         Args:
-            grads: one gradient per item, all on one device.
+            grads: one gradient per item, all on one device (any shape of the item's size, any
+                floating dtype: converted to float32, so float64 gradients lose precision here).
             scratch: work buffers to use (shared by the plans of a recorder); default the plan's own.
 
         Returns:
-            (rows, 5) float32 tensor on that device: non-finite
-            count, sum, 2-norm, sum |g|, max |g|, the last four over the finite elements of the row.
-            Row sums are float32 reductions over CHUNK values (cascade sums on CPU, tree
-            reductions on CUDA): relative error about 1e-7 of the row's sum |g|.
+            (rows, 5) float32 tensor on that device, rows in device order (see :meth:`finish`):
+            non-finite count, sum, 2-norm, sum |g|, max |g|, the last four over the finite elements
+            of the row. Row sums are float32 reductions over at most CHUNK values (cascade sums on
+            CPU, tree reductions on CUDA): relative error about 1e-7 of the row's sum |g|.
         """
         if scratch is None:
             scratch = self._scratch = self._scratch or Scratch()
-        z, flat, tmp = scratch.get(grads[0].device, self.rows * self.chunk, self.chunk)
-        pieces = []
-        for g, pad in zip(grads, self.pads):
-            pieces.append(g.reshape(-1))
-            if pad:
-                pieces.append(z[:pad])
-        if all(g.dtype == torch.float32 for g in grads):
-            torch.cat(pieces, out=flat)
-        else:   # other dtypes: promoted, then float32 (float64 gradients lose precision here)
-            flat.copy_(torch.cat(pieces))
-        x = flat.view(self.rows, self.chunk)
-        t = tmp.view(self.rows, self.chunk)
+        dev = grads[0].device
+        _, flat, tmp = scratch.get(dev, self.size, self.chunk)
+        if scratch.claim(dev, self):
+            flat.zero_()   # the padding: never written by a copy, kept zero while this plan owns it
+        dest = self._dest(flat, grads)
+        try:
+            torch._foreach_copy_(dest, grads)
+        except RuntimeError:   # a gradient of another shape (same size): new views
+            self._views = None
+            torch._foreach_copy_(self._dest(flat, grads), grads)
         # non-finite count: x - x is 0 where x is finite and NaN elsewhere (cheaper than isfinite on CPU)
-        nonfin = torch.sub(x, x, out=t).nan_to_num_(nan=1.0).sum(1)
-        xz = x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)   # our own copy: in place
-        a = torch.abs(xz, out=t)
-        # float32 row reductions (a float64 dtype= would first copy the buffer as float64)
-        return torch.stack([nonfin, xz.sum(1), torch.linalg.vector_norm(xz, 2, dim=1), a.sum(1), a.amax(1)], 1)
+        torch.sub(flat, flat, out=tmp).nan_to_num_(nan=1.0)
+        nonfin = [tmp[o:o + k * L].view(k, L).sum(1) for o, k, L in self.regions]
+        flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)   # our own copy: in place
+        torch.abs(flat, out=tmp)
+        out = []
+        for (o, k, L), nf in zip(self.regions, nonfin):
+            xz, a = flat[o:o + k * L].view(k, L), tmp[o:o + k * L].view(k, L)
+            # float32 row reductions (a float64 dtype= would first copy the buffer as float64)
+            out.append(torch.stack([nf, xz.sum(1), torch.linalg.vector_norm(xz, 2, dim=1), a.sum(1), a.amax(1)], 1))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def finish(self, part: np.ndarray) -> np.ndarray:
         """Reduce the chunk rows of each parameter (host, numpy).
 
         Args:
-            part: (rows, 5) from :meth:`partials`, on the host.
+            part: (rows, 5) from :meth:`partials`, on the host (device row order).
 
         Returns:
             (P, len(GRAD_STAT_FIELDS)) float64, row i for ``items[i]`` (see :attr:`keys`): count
             (finite elements), nonfinite, sum, sumsq, sum_abs, max_abs (NaN when count is 0).
         """
         part = np.asarray(part, np.float64)
+        if self.perm is not None:   # device row order -> item order
+            part = part[self.perm]
         st = self.starts
         nonfinite = np.add.reduceat(part[:, 0], st)
         count = self.numel - nonfinite

@@ -27,16 +27,20 @@ class Lifecycle:
     """flush / close / ``with`` and the error policy of a :class:`~recorder.recorder.Recorder`."""
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every step so far is written and visible to readers (the live shard is closed)."""
+        """Wait until every step so far is written and visible to readers (the live shard is closed).
+        An open window of activation statistics (``activation_window`` > 1) ends here."""
         if self._closed:
             return
         self._surface_error()
         if self._disabled:
             return
         try:
+            self._release(end=True)   # an open activation window ends here
             self._writer.flush(timeout)
         except WriterError as e:
             self._fail(e.__cause__ or e, surfaced=True)
+        except Exception as e:
+            self._fail(e)
 
     def close(self, status: str | None = None) -> None:
         """Write what is queued, close the last shard and mark the run complete. Idempotent."""
@@ -48,12 +52,18 @@ class Lifecycle:
         except Exception:
             pass
         status = status or fmt.STATUS_COMPLETE
+        held_err = None
+        if not self._disabled:
+            try:
+                self._release(end=True)   # the last (partial) activation window
+            except Exception as e:
+                held_err = e
         if self._tracker is not None:
             self._tracker.remove()
         if getattr(self, "_graph_hook", None) is not None:
             self._graph_hook.remove()
         self._writer.close(status, raise_error=False)
-        err = self._writer.take_error()
+        err = self._writer.take_error() or held_err
         if self._writer.error is not None:
             status = fmt.STATUS_FAILED
         if self.rank == 0:

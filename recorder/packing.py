@@ -19,7 +19,7 @@ from bbdecoder.analyzer.trace.series import StepRecord
 from .distributed import local
 from .gradstats import GradStatsPlan, group_items
 
-__all__ = ["Pending", "AsyncScalar", "to_host", "loss_handoff", "pack", "pack_group", "pack_grad_stats",
+__all__ = ["Pending", "AsyncScalar", "to_host", "loss_handoff", "pack", "pack_group", "pack_grad_stats", "GradPlans",
            "pack_activations", "resolve", "drop_payload"]
 
 
@@ -65,10 +65,13 @@ def drop_payload(p: Pending) -> Pending:
     return q
 
 
-def pack_activations(p: Pending, tracker, raw_schedule, s: int) -> None:
+def pack_activations(p: Pending, tracker, raw_schedule, s: int, with_stats: bool = True,
+                     first_step: int | None = None) -> None:
     """The activation statistics and raw samples accumulated by ``tracker`` (an
     :class:`recorder.activations.ActivationTracker`) since the last step, into ``p``; then tells the
-    tracker whether step ``s + 1`` keeps raw samples (``raw_schedule(s + 1)``).
+    tracker whether step ``s + 1`` keeps raw samples (``raw_schedule(s + 1)``). ``with_stats=False``: the
+    raw samples only (a window of steps goes on); ``first_step``: the window's first step, stored
+    with the statistics (see :meth:`~recorder.activations.ActivationTracker.take`).
 
     Raises:
         RuntimeError: the tracker failed during a forward pass (its error is chained).
@@ -78,7 +81,7 @@ def pack_activations(p: Pending, tracker, raw_schedule, s: int) -> None:
         err, tr.error = tr.error, None
         raise RuntimeError(f"activation capture failed: {type(err).__name__}: {err}") from err
     stats, raw = [], []
-    for key, acc, samples in tr.take():
+    for key, acc, samples in tr.take(with_stats, first_step):
         for name, t in acc.items():
             stats.append((fmt.KIND_ACT_STATS, key, name, t, None))
         for t in samples[:1]:
@@ -90,24 +93,58 @@ def pack_activations(p: Pending, tracker, raw_schedule, s: int) -> None:
         pack(p, raw, torch.float32)
 
 
+class GradPlans(dict):
+    """The gradient-statistics plans of a recorder, ``{(device, indices of the parameters with a
+    gradient): [(plan, group)]}``, and what is static between steps: the recorded parameters, whether
+    any is sharded (a DTensor), and the plans of the usual step (every gradient present, one device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets = None
+        self.params: list = []
+        self.sharded = False
+        self.usual = None   # (device, [(plan, group)], one group covering every parameter)
+
+
 def pack_grad_stats(p: Pending, targets: list, plans_cache: dict, scratch) -> None:
     """Gradient statistics on the device: per device a fixed handful of whole-buffer operations
     (:class:`recorder.gradstats.GradStatsPlan`); the small result goes to the host like a payload.
 
+    The usual step (every recorded parameter has a dense gradient on one device) costs one read of
+    ``.grad`` per parameter in Python and nothing else per parameter; other steps (missing
+    gradients, several devices, sparse gradients) go through a per-parameter loop.
+
     Args:
         p: the step being packed.
         targets: the recorded parameters ``[(layer_key, param_key, parameter, attrs)]``.
-        plans_cache: ``{(device, indices of the parameters with a gradient): [(plan, group)]}``, kept
-            by the caller across steps (filled here).
+        plans_cache: a :class:`GradPlans` (or a plain dict: then nothing but the plans is cached),
+            kept by the caller across steps (filled here).
         scratch: the :class:`recorder.gradstats.Scratch` work buffers shared by the plans.
     """
+    c = plans_cache if isinstance(plans_cache, GradPlans) else None
+    if c is not None and c.targets is not targets:
+        c.targets, c.params = targets, [q for _, _, q, _ in targets]
+        c.sharded = any(local(q) is not q for q in c.params)
+        c.usual = None
+    if c is not None and c.usual is not None and not c.sharded:
+        dev, plans, whole = c.usual
+        grads = [q.grad for q in c.params]
+        if not any(g is None for g in grads) and grads[0].device == dev and grads[-1].device == dev:
+            n0, e0, nb0 = len(p.stats), len(p.events), p.nbytes
+            try:
+                _stats_to_host(p, dev, plans, grads, whole, scratch)
+                return
+            except RuntimeError:   # e.g. a sparse gradient: the general path from now on
+                del p.stats[n0:], p.events[e0:]
+                p.nbytes, c.usual = nb0, None
     present: dict[Any, list] = {}
+    dense = True
     for i, (lk, pk, q, a) in enumerate(targets):
         g = local(q.grad)   # a sharded parameter (FSDP2): this rank's slice, no communication
         if g is None:
             continue
         if g.is_sparse:
-            g = g.to_dense()
+            g, dense = g.to_dense(), False
         present.setdefault(g.device, []).append((i, g))
     tg = targets
     for dev, all_items in present.items():
@@ -119,9 +156,16 @@ def pack_grad_stats(p: Pending, targets: list, plans_cache: dict, scratch) -> No
                 items = [(tg[i][0], tg[i][1], g.numel(), tg[i][3]) for i, g in (all_items[j] for j in grp)]
                 plans.append((GradStatsPlan(items), grp))
             plans_cache[key] = plans
-        for plan, grp in plans:
-            part = plan.partials([all_items[j][1] for j in grp], scratch)
-            p.stats.append((to_host(p, dev, part), plan))
+        whole = len(plans) == 1
+        _stats_to_host(p, dev, plans, [g for _, g in all_items], whole, scratch)
+        if c is not None and dense and len(present) == 1 and len(all_items) == len(tg):
+            c.usual = (dev, plans, whole)
+
+
+def _stats_to_host(p: Pending, dev, plans: list, grads: list, whole: bool, scratch) -> None:
+    for plan, grp in plans:
+        part = plan.partials(grads if whole else [grads[j] for j in grp], scratch)
+        p.stats.append((to_host(p, dev, part), plan))
 
 
 def pack(p: Pending, items, dtype) -> None:

@@ -25,8 +25,8 @@ from .errors import RecorderClosedError, RecorderError, RecorderWarning
 from .gradstats import Scratch
 from .lifecycle import Lifecycle
 from .layers import LayerInfo, layer_table, param_targets, select, table_lines
-from .packing import (AsyncScalar, Pending, drop_payload, loss_handoff, pack, pack_activations,
-                      pack_grad_stats, resolve)
+from .act_window import ActivationWindow
+from .packing import AsyncScalar, GradPlans, Pending, drop_payload, loss_handoff, pack, pack_grad_stats, resolve
 from .rundir import new_manifest, prepare_run_dir, write_manifest
 from .schedules import as_schedule
 from .side_captures import SideCaptures
@@ -78,7 +78,15 @@ class Recorder(Lifecycle, SideCaptures):
             activation module (nn.ReLU, nn.Sigmoid, nn.Tanh, ...) and every functional activation
             call; ``"all"``: every leaf module's output too; or ids, names, globs, types, modules
             and call-site patterns (see :class:`recorder.activations.ActivationTracker`).
-            Per-unit statistics are kept every step.
+            Per-unit statistics are accumulated on the device and stored once per window of
+            ``activation_window`` steps.
+        activation_window: steps per row of activation statistics: an int N >= 1 (1: every step) or
+            "auto" (default): 1 while one row of every site stays under ``activation_budget`` bytes,
+            else the smallest N that keeps them under it per step (chosen once, when the first sites
+            are known). Counts, sums and histograms add over the window, minima and maxima are
+            extrema, so dead units, saturation and pruning plans stay exact; a window also ends at
+            ``epoch_end()``, ``flush()`` and ``close()`` (see :mod:`recorder.act_window`).
+        activation_budget: bytes per step and rank of activation statistics for ``"auto"`` (default 1 MiB).
         activations_every: schedule of raw activation samples (default every 50 steps).
         activation_samples: raw samples per site when that schedule fires (the first K inputs).
         activation_unit_axis: ``{site name or glob: axis}`` overrides of the unit axis.
@@ -99,7 +107,8 @@ class Recorder(Lifecycle, SideCaptures):
                  weight_dtype: str = "float32", record_rank: int | None = 0,
                  activations: Any = None, activations_every: Any = 50, activation_samples: int = 8,
                  activation_unit_axis: dict | None = None, graph: bool = False, probe: Any = None,
-                 probe_every: Any = "epoch", activation_ranks: Any = None):
+                 probe_every: Any = "epoch", activation_ranks: Any = None, activation_window: Any = "auto",
+                 activation_budget: int = 1 << 20):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("model must be a torch.nn.Module")
         fsdp1 = uses_fsdp1(model)
@@ -115,7 +124,7 @@ class Recorder(Lifecycle, SideCaptures):
         self.on_error = on_error
         self._grad_sched = as_schedule(grads_every)
         self._gstat_sched = as_schedule(grad_stats_every)
-        self._gstat_plans: dict = {}
+        self._gstat_plans = GradPlans()   # plans and static lists, kept between steps
         self._gstat_scratch = Scratch()   # work buffers shared by the plans (allocated at the first step)
         self._weight_sched = as_schedule(weights_every)
         self._grad_dtype, self._weight_dtype = _DTYPES[grad_dtype], _DTYPES[weight_dtype]
@@ -147,6 +156,8 @@ class Recorder(Lifecycle, SideCaptures):
             raise ValueError("activation_samples must be an int >= 0")
         self._sites_dirty = False
         self._tracker = None
+        self._window = ActivationWindow(activation_window, activation_budget)
+        self._held: Pending | None = None   # a step whose activation window may end there
         if activations is not None and activations is not False:
             from .activations import ActivationTracker, compile_refusal
             why = compile_refusal(original)
@@ -182,7 +193,8 @@ class Recorder(Lifecycle, SideCaptures):
             "weight_dtype": weight_dtype, "record_rank": record_rank,
             "activation_ranks": self._activation_ranks,
             "activations": repr(activations), "activations_every": repr(self._act_sched),
-            "activation_samples": activation_samples,
+            "activation_samples": activation_samples, "activation_window": self._window.setting,
+            "activation_budget": self._window.budget,
         }
         self._manifest = new_manifest(model, self.config, table, self.world_size)
         if self.rank == 0:
@@ -245,6 +257,7 @@ class Recorder(Lifecycle, SideCaptures):
         if self._disabled:
             return
         try:
+            self._release(end=False)
             p = Pending(s, self._epoch, time.time(), loss_handoff(loss))
             with torch.no_grad():
                 if self._grad_targets and self._gstat_sched(s):
@@ -255,12 +268,14 @@ class Recorder(Lifecycle, SideCaptures):
                 if self._weight_targets and self._weight_sched(s):
                     pack(p, [(fmt.KIND_WEIGHTS, lk, pk, local(q), a) for lk, pk, q, a in self._weight_targets],
                          self._weight_dtype)
-                if self._tracker is not None:
-                    self._pack_activations(p, s)
+                hold = self._tracker is not None and self._pack_activations(p, s)
             if isinstance(p.loss, AsyncScalar):
                 p.events.extend(p.loss.events)
                 p.loss = p.loss.host
-            self._writer.put(p, p.nbytes, drop_payload)
+            if hold:   # its activation window goes on: handed over at the next call (_release)
+                self._held = p
+            else:
+                self._writer.put(p, p.nbytes, drop_payload)
             if self._probe is not None and self._probe_sched != "epoch" and self._probe_sched(s):
                 self.capture_features(*self._probe, step=s)
         except (WriterClosedError, RecorderError):
@@ -271,10 +286,16 @@ class Recorder(Lifecycle, SideCaptures):
             self._fail(e)
 
     def epoch_end(self) -> None:
-        """Mark the end of an epoch: later steps carry the next epoch index."""
+        """Mark the end of an epoch: later steps carry the next epoch index. An open window of
+        activation statistics (``activation_window`` > 1) ends here: no window spans two epochs."""
         if self._closed:
             raise RecorderClosedError("Recorder.epoch_end() called after close()")
         self._surface_error()
+        if not self._disabled:
+            try:
+                self._release(end=True)   # a window never spans two epochs
+            except Exception as e:
+                self._fail(e)
         if self._probe is not None and self._probe_sched == "epoch" and not self._disabled:
             try:
                 self.capture_features(*self._probe)
@@ -283,9 +304,23 @@ class Recorder(Lifecycle, SideCaptures):
         self._epoch += 1
 
     # ------------------------------------------------------------------ internals
-    def _pack_activations(self, p: Pending, s: int) -> None:
+    def _release(self, end: bool) -> None:
+        """Hand the held step to the writer; ``end``: with its open activation window's statistics."""
+        p, self._held = self._held, None
+        if p is None:
+            return
+        if end:
+            with torch.no_grad():
+                self._window.end(p, self._tracker, self._act_sched)
+        self._writer.put(p, p.nbytes, drop_payload)
+
+    def _pack_activations(self, p: Pending, s: int) -> bool:
         tr = self._tracker
-        pack_activations(p, tr, self._act_sched, s)
+        hold = self._window.pack(p, tr, self._act_sched, s)
+        if self._window.changed:
+            self._window.changed = False
+            self._manifest["activation_window"] = self._window.n
+            self._sites_dirty = True
         if tr.order_done and "forward_order" not in self._manifest:
             self._manifest["forward_order"] = tr.forward_order
             self._sites_dirty = True
@@ -295,6 +330,7 @@ class Recorder(Lifecycle, SideCaptures):
         elif self._sites_dirty:   # other ranks: their site table in rank.json (the analyzer adds new sites)
             self._sites_dirty = False
             self._series.update_state(sites=list(self._manifest["sites"]))
+        return hold
 
     def _site_added(self, meta: dict) -> None:
         self._manifest["sites"].append(meta)

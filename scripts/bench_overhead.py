@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Step-time overhead of the Recorder on the reference CNN (CPU), interleaved in one run.
+"""Step-time overhead of the Recorder on the reference CNN (or ``--model gpt2|bert``: the tiny
+transformers of ``bbdecoder.recorder.demo``) on the CPU, interleaved in one run.
 
 Settings (one model + Adam optimizer each, all from the same initial weights, same batches):
 
@@ -65,6 +66,7 @@ Usage::
 
     .venv/bin/python scripts/bench_overhead.py [--rounds 7] [--steps 40] [--warmup 20]
                                                [--threads N] [--json results.json]
+                                               [--model cnn|gpt2|bert]
 """
 
 from __future__ import annotations
@@ -90,9 +92,11 @@ import torch  # noqa: E402
 
 from bbdecoder import analyzer  # noqa: E402
 from bbdecoder.recorder import Recorder  # noqa: E402
-from bbdecoder.recorder.demo import make_reference_cnn, synthetic_images  # noqa: E402
+from bbdecoder.recorder.demo import (make_reference_cnn, make_tiny_bert, make_tiny_gpt2,  # noqa: E402
+                                     synthetic_images, synthetic_tokens)
 
 BATCH = 64
+TOKEN_BATCH = 16    # sequences of 64 tokens per step for --model gpt2 / bert
 N_BATCHES = 16      # distinct batches cycled through (same sequence for every setting)
 TARGET = 1.05       # target for the default setting's step-time ratio
 
@@ -307,6 +311,24 @@ def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def _workload(model, seed):
+    """(model, batches [(x, y)], loss_fn(output, y), description) of ``--model``."""
+    ce = torch.nn.CrossEntropyLoss()
+    if model == "cnn":
+        images, labels = synthetic_images(BATCH * N_BATCHES, seed=seed)
+        batches = [(images[i * BATCH:(i + 1) * BATCH].contiguous(), labels[i * BATCH:(i + 1) * BATCH].contiguous())
+                   for i in range(N_BATCHES)]
+        return make_reference_cnn(), batches, ce, f"reference CNN, batch {BATCH}, 3x32x32"
+    ids, nxt, labels = synthetic_tokens(TOKEN_BATCH * N_BATCHES, seed=seed)
+    sl = [slice(i * TOKEN_BATCH, (i + 1) * TOKEN_BATCH) for i in range(N_BATCHES)]
+    if model == "gpt2":
+        return (make_tiny_gpt2(), [(ids[s], nxt[s]) for s in sl],
+                lambda out, y: ce(out.flatten(0, 1), y.flatten()),
+                f"tiny GPT-2 (2 blocks, d=64, 4 heads, vocab 512), batch {TOKEN_BATCH} x 64 tokens, next-token loss")
+    return (make_tiny_bert(), [(ids[s], labels[s]) for s in sl], ce,
+            f"tiny BERT (2 layers, d=64, 4 heads, vocab 512), batch {TOKEN_BATCH} x 64 tokens, 2 classes")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -317,6 +339,9 @@ def main(argv=None):
                     help="torch.set_num_threads (default: leave torch's default)")
     ap.add_argument("--json", metavar="PATH", help="also save the results as JSON")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", choices=("cnn", "gpt2", "bert"), default="cnn",
+                    help="cnn: the reference CNN (default); gpt2 / bert: the tiny transformers of "
+                         "bbdecoder.recorder.demo (2 blocks, d=64, 16 x 64 tokens per step)")
     ap.add_argument("--only", metavar="NAMES", default=None,
                     help="comma-separated settings to run (baseline always runs; the write reference runs "
                          "with heavy), e.g. default,baseline-2,activations: fewer settings, more rounds")
@@ -328,12 +353,8 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model0 = make_reference_cnn()
+    model0, batches, loss_fn, what = _workload(args.model, args.seed)
     n_params = sum(p.numel() for p in model0.parameters())
-    images, labels = synthetic_images(BATCH * N_BATCHES, seed=args.seed)
-    batches = [(images[i * BATCH:(i + 1) * BATCH].contiguous(), labels[i * BATCH:(i + 1) * BATCH].contiguous())
-               for i in range(N_BATCHES)]
-    loss_fn = torch.nn.CrossEntropyLoss()
 
     tmp = tempfile.mkdtemp(prefix="bbd-bench-")
     settings = []
@@ -379,7 +400,7 @@ def main(argv=None):
         ref = WriteRef(heavy_bytes, tmp) if any(s.name == "heavy" for s in settings) else None
         items = settings + ([ref] if ref is not None else [])
 
-        print(f"reference CNN: {n_params:,} parameters, batch {BATCH}, 3x32x32, Adam, CPU; "
+        print(f"{what}: {n_params:,} parameters in {len(list(model0.parameters()))} tensors, Adam, CPU; "
               f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
               f"{os.cpu_count()} CPUs", flush=True)
         print(f"warm-up {args.warmup} steps/setting, {args.rounds} rounds x {args.steps} steps "
@@ -551,7 +572,7 @@ def main(argv=None):
         print(f"total runtime: {t_total:.1f} s")
 
         if args.json:
-            out = {"config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+            out = {"config": {"model": args.model, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                               "threads": torch.get_num_threads(), "threads_arg": args.threads,
                               "batch": BATCH, "n_params": n_params, "seed": args.seed},
                    "env": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),

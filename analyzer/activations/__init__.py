@@ -2,7 +2,8 @@
 
 Every threshold is an analysis-time parameter: the trace holds, per step and unit, count, sum,
 sum |h|, sum h^2, min, max, count(h > 0) and (bounded activations) a fixed-edge histogram, so a new
-threshold is a new call, not a new training run.
+threshold is a new call, not a new training run. With ``Recorder(activation_window=N)`` a row holds
+those sums over a window of steps (its ``first_step`` to its step): every pooled result is the same.
 
 Definitions (per unit i of a site, over the selected steps):
     active_fraction = sum count(h > 0) / sum count         (at threshold 0; exact)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..stats import UnitSums
-from .sites import empty_table, iter_merged_site_stats, select_site, select_sites, site_blocks
+from .sites import FIRST, empty_table, iter_merged_site_stats, select_site, select_sites, site_blocks
 
 CRITERIA = ("strict", "apoz", "dormant")
 
@@ -103,6 +103,12 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
         Statistics that are NaN (NaN activations) never make a unit dead. Sites without recorded
         steps in ``steps`` have no rows. With several ranks every judgement (per step and pooled)
         uses the statistics of every rank's values at that step (see :func:`iter_merged_site_stats`).
+
+        Windows (``Recorder(activation_window=N)``, N > 1): ``dead``, the scores and ``max`` pool the
+        same values as with rows of single steps, so they are identical; "each step alone" becomes
+        "each window alone", and died_at is the first step of the first window from which the unit
+        was dead in every window (for ``strict``: the first window start at or after the per-step
+        died_at). ``steps`` selects windows by their last step.
     """
     threshold, max_active_fraction = check_criterion(criterion, threshold, max_active_fraction)
     layer_share = as_number("layer_share", layer_share)
@@ -113,10 +119,10 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
         U = S["units"]
         pooled = None                                      # the site's statistics over the steps
         last_alive = np.full(U, np.iinfo(np.int64).min)   # last step at which the unit was alive
-        all_steps: set = set()
+        all_steps: dict = {}                               # a row's (last) step -> its first step
         for st, d in iter_merged_site_stats(run, S, steps=steps):
             dead_now = _dead_now(criterion, threshold, max_active_fraction, d)
-            all_steps.update(st.tolist())
+            all_steps.update(zip(st.tolist(), np.asarray(d.get(FIRST, st), np.int64).tolist()))
             alive = np.where(~dead_now, st[:, None], np.iinfo(np.int64).min)
             if len(st):
                 last_alive = np.maximum(last_alive, alive.max(0))
@@ -127,10 +133,11 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
         af, score, dead = _judge(criterion, threshold, max_active_fraction, pooled.count, pooled.n_pos,
                                  pooled.sum_abs, mx)
         recorded = np.asarray(sorted(all_steps), np.int64)
-        idx = np.searchsorted(recorded, last_alive, side="right")   # first recorded step after it
+        first = np.asarray([all_steps[x] for x in recorded.tolist()], np.int64)
+        idx = np.searchsorted(recorded, last_alive, side="right")   # first recorded row after it
         died = np.full(U, np.nan)
         ok = idx < len(recorded)
-        died[ok] = recorded[idx[ok]].astype(np.float64)
+        died[ok] = first[idx[ok]].astype(np.float64)
         frac = float(dead.mean()) if U else 0.0
         out.append(pd.DataFrame({"site": S["name"], "kind": S["kind"], "unit": np.arange(U, dtype=np.int64),
                                  "active_fraction": af, "max": mx, "score": score, "dead": dead,
@@ -147,6 +154,8 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
 def dead_per_step(run, criterion: str = "strict", threshold: float = 0.0, max_active_fraction: float = 0.0,
                   steps=None, sites: Any = None, by_rank: bool = False) -> pd.DataFrame:
     """Fraction of each site's units dead *at each step* (the per-step criterion): step, site, dead_fraction.
+    Windows of several steps (``Recorder(activation_window=N)``): one row per window, at its last step,
+    judged on the window's pooled values.
     Also per unit with :func:`dead_mask`. Several ranks: judged on every rank's values at that step,
     unless ``by_rank`` (then per rank, with a leading ``rank`` column)."""
     threshold, max_active_fraction = check_criterion(criterion, threshold, max_active_fraction)
@@ -167,7 +176,8 @@ def dead_per_step(run, criterion: str = "strict", threshold: float = 0.0, max_ac
 def dead_mask(run, site: Any, criterion: str = "strict", threshold: float = 0.0,
               max_active_fraction: float = 0.0, steps=None) -> tuple[np.ndarray, np.ndarray]:
     """Unit x step raster of one site: ``(steps (k,), dead (k, U) bool)`` under the per-step criterion
-    (several ranks: on every rank's values at that step)."""
+    (several ranks: on every rank's values at that step; windows of several steps: one row per window,
+    at its last step)."""
     threshold, max_active_fraction = check_criterion(criterion, threshold, max_active_fraction)
     S = select_site(run, site)
     st_all, masks = [], []

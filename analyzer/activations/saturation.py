@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .deadunits import as_number
-from .sites import empty_table, select_sites, site_blocks
+from .sites import FIRST, empty_table, is_windowed, select_sites, site_blocks
 
 
 # --------------------------------------------------------------------------- saturation
@@ -39,14 +39,18 @@ def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit
     0.005 for sigmoid, 0.01 for tanh, 0.03 for relu6); NaN values count in no bin.
     Sites of other kinds (plain module outputs) are not included. The site's fraction pools its
     units (saturated values / values). Several ranks: over every rank's values at that step, unless
-    ``by_rank`` (then per rank, with a leading ``rank`` column).
+    ``by_rank`` (then per rank, with a leading ``rank`` column). Windows of several steps
+    (``Recorder(activation_window=N)``): one row per window, at its last step, pooling the window's
+    values, with a ``steps`` column (steps the window covers; present when a selected site is windowed).
     """
     delta = as_number("delta", delta)
     if not 0.0 <= delta < 0.5:
         raise ValueError(f"delta must be in [0, 0.5), not {delta!r}")
     rows = []
     ranks: set = set()
-    for S in select_sites(run, sites):
+    chosen = select_sites(run, sites)
+    windowed = any(is_windowed(S) for S in chosen)
+    for S in chosen:
         fam = S.get("family")
         if fam == "bounded" and (S.get("hist_edges") is None or "hist" not in S["stats"]):
             continue
@@ -71,8 +75,9 @@ def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit
                 unit_frac = sat / tot if sat.ndim == 2 else None
             base = {"rank": rank, "step": st.astype(np.int64), "epoch": ep.astype(np.int64), "site": S["name"],
                     "kind": S["kind"]}
+            nst = st - np.asarray(d.get(FIRST, st), np.int64) + 1   # steps each row covers
             if not per_unit or unit_frac is None:
-                f = pd.DataFrame(dict(base, saturated=site_frac, delta_used=used))
+                f = pd.DataFrame(dict(base, saturated=site_frac, delta_used=used, steps=nst))
                 if per_unit:
                     f["unit"] = pd.array([pd.NA] * len(f), dtype="Int64")
                 rows.append(f)
@@ -82,11 +87,12 @@ def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit
                                           "epoch": np.repeat(base["epoch"], U),
                                           "site": S["name"], "kind": S["kind"],
                                           "unit": np.tile(np.arange(U, dtype=np.int64), k),
-                                          "saturated": unit_frac.reshape(-1), "delta_used": used}))
+                                          "saturated": unit_frac.reshape(-1), "delta_used": used,
+                                          "steps": np.repeat(nst, U)}))
     cols = (["rank"] if len(ranks) > 1 else []) + ["step", "epoch", "site", "kind"] + (["unit"] if per_unit else []) \
-        + ["saturated", "delta_used"]
+        + ["saturated", "delta_used"] + (["steps"] if windowed else [])
     if not rows:
-        return empty_table(cols, {"step": "int64", "epoch": "int64", "unit": "int64"})
+        return empty_table(cols, {"step": "int64", "epoch": "int64", "unit": "int64", "steps": "int64"})
     df = pd.concat(rows, ignore_index=True).reindex(columns=cols)
     if per_unit and df["unit"].dtype != np.int64:
         df["unit"] = df["unit"].astype("Int64")   # softmax rows (no unit) beside unit rows
@@ -97,16 +103,27 @@ def saturation_layers(run, delta: float = 0.03, unit_fraction: float = 0.5, laye
                       steps=None, sites: Any = None) -> pd.DataFrame:
     """Per site: saturated fraction over the steps, share of saturated units (a unit is saturated
     when more than ``unit_fraction`` of its values are), and ``flagged`` when that share exceeds
-    ``layer_share``."""
+    ``layer_share``. Means over the steps: a window row weighs as many steps as it covers."""
     df = saturation(run, delta, steps=steps, sites=sites, per_unit=True)
     out = []
     for site, g in df.groupby("site", sort=False):
-        if "unit" in g and g["unit"].notna().any():
+        if "steps" in g and (g["steps"] > 1).any():   # windows: means weighted by the steps covered
+            n = g["steps"].where(g["saturated"].notna(), 0)
+            g = g.assign(_w=g["saturated"].fillna(0.0) * n, _n=n, _hit=(g["saturated"] > unit_fraction) * g["steps"])
+            if g["unit"].notna().any():
+                by = g.groupby("unit")
+                share = float(((by["_w"].sum() / by["_n"].sum()) > unit_fraction).mean())
+            else:
+                share = float(g["_hit"].sum() / g["steps"].sum())
+            frac = float(g["_w"].sum() / g["_n"].sum())
+        elif "unit" in g and g["unit"].notna().any():
             per_unit = g.groupby("unit")["saturated"].mean()
             share = float((per_unit > unit_fraction).mean())
+            frac = float(g["saturated"].mean())
         else:
             share = float((g["saturated"] > unit_fraction).mean())
-        out.append({"site": site, "kind": g["kind"].iloc[0], "saturated": float(g["saturated"].mean()),
+            frac = float(g["saturated"].mean())
+        out.append({"site": site, "kind": g["kind"].iloc[0], "saturated": frac,
                     "saturated_units": share, "flagged": share > layer_share})
     cols = ["site", "kind", "saturated", "saturated_units", "flagged"]
     return pd.DataFrame(out, columns=cols) if out else empty_table(cols, {"flagged": "bool"})

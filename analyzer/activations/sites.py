@@ -18,6 +18,17 @@ from ..trace import format as fmt
 from ..trace.format import TraceError
 
 PER_UNIT = ("sum", "sum_abs", "sumsq", "min", "max", "n_pos")
+#: a row's first step (rows of windows of several steps); its merge over ranks: the minimum (equal)
+FIRST = fmt.SITE_WINDOW_STAT
+
+
+def _rule(stat: str) -> str:
+    return "min" if stat == FIRST else UnitSums.rule(stat)
+
+
+def is_windowed(site: dict) -> bool:
+    """True when the site's rows cover windows of steps (``Recorder(activation_window=N)``, N > 1)."""
+    return FIRST in site["stats"]
 
 
 # --------------------------------------------------------------------------- selection and reading
@@ -78,9 +89,15 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
     """Yield ``(steps (k,), {stat: array (k, ...)}, rank)`` shard by shard for one site: every shard of
     the lowest rank in step order, then those of the next rank (each rank records its own
     activations under torch.distributed). ``rank``: only that rank's shards. Per-rank rows: use
-    :func:`iter_merged_site_stats` for statistics summed over ranks."""
+    :func:`iter_merged_site_stats` for statistics summed over ranks.
+
+    A row's step is the last step it covers: a site recorded in windows of several steps
+    (:func:`is_windowed`) has one row per window, and its rows also carry ``first_step`` (the window's
+    first step; ``steps`` selects rows by their last step)."""
     keep = steps_filter(steps)
     want = [s for s in stats if s in site["stats"]]
+    if want and is_windowed(site) and FIRST not in want:
+        want.append(FIRST)
     shards = run.catalog.shards_with(fmt.KIND_ACT_STATS, {(site["key"], want[0])}, rank=rank)
     for sh in shards:
         with run.catalog.open_shard(sh) as r:
@@ -109,7 +126,7 @@ def _combine(out: dict, idx: np.ndarray, d: dict) -> None:
     merge rule (:class:`analyzer.stats.UnitSums`): minima of ``min``, maxima of ``max``, sums of
     everything else (counts, sums, n_pos, histograms). NaN propagates, as on the device."""
     for s, v in d.items():
-        out[s][idx] = combine(UnitSums.rule(s), out[s][idx], v)
+        out[s][idx] = combine(_rule(s), out[s][idx], v)
 
 
 def iter_merged_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), steps=None):
@@ -155,7 +172,7 @@ def iter_merged_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinit
         allst = np.unique(np.concatenate([st for st, _ in parts]))
         out = {}
         for s, v in parts[0][1].items():
-            out[s] = np.full((len(allst),) + v.shape[1:], RULES[UnitSums.rule(s)], np.float64)
+            out[s] = np.full((len(allst),) + v.shape[1:], RULES[_rule(s)], np.float64)
         for st, d in parts:
             _combine(out, np.searchsorted(allst, st), d)
         yield allst, out
@@ -185,7 +202,7 @@ def samples(run, site: Any, steps=None) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- statistics tables
 
 STAT_COLUMNS = ["count", "mean", "abs_mean", "std", "min", "max", "frac_active", "apoz", "nonfinite"]
-_INT_COLUMNS = {"step": "int64", "epoch": "int64", "unit": "int64", "count": "int64", "nonfinite": "int64"}
+_INT_COLUMNS = {"step": "int64", "first_step": "int64", "epoch": "int64", "unit": "int64", "count": "int64", "nonfinite": "int64"}
 
 
 def empty_table(cols, types: dict) -> pd.DataFrame:
@@ -199,6 +216,7 @@ def _unit_frame(site, steps, epochs, cols: dict) -> pd.DataFrame:
     d = {}
     if steps is not None:
         d["step"] = np.repeat(np.asarray(steps, np.int64), U)
+        d[FIRST] = np.repeat(np.asarray(cols.pop(FIRST, steps), np.int64), U)
     d.update({"epoch": np.repeat(np.asarray(epochs, np.int64), U), "site": site["name"], "kind": site["kind"],
               "unit": np.tile(np.arange(U, dtype=np.int64), k)})
     for c, v in cols.items():
@@ -216,7 +234,8 @@ def _stats_frame(S, steps, epochs, d) -> pd.DataFrame:
     return _unit_frame(S, steps, epochs, {"count": d["count"].astype(np.int64), "mean": mean,
                                           "abs_mean": abs_mean, "std": np.sqrt(var), "min": d["min"],
                                           "max": d["max"], "frac_active": fa, "apoz": 1.0 - fa,
-                                          "nonfinite": d["nonfinite"].astype(np.int64)})
+                                          "nonfinite": d["nonfinite"].astype(np.int64),
+                                          **({FIRST: d[FIRST]} if FIRST in d else {})})
 
 
 def site_blocks(run, S: dict, stats=PER_UNIT + ("count", "nonfinite"), steps=None, by_rank: bool = False):
@@ -238,6 +257,11 @@ def activation_stats(run, per: str = "step", sites: Any = None, steps=None, by_r
     here too), nonfinite (NaN/Inf values of the whole site at that step or epoch, repeated per
     unit). NaN and Inf values enter the sums as they are (a NaN makes that unit's mean, min, ... NaN).
 
+    Windows (``Recorder(activation_window=N)``, N > 1): ``per="step"`` gives one row per window (and
+    unit), at the window's last step, with a ``first_step`` column (the window's first step; present
+    when a selected site is windowed): its statistics pool every value of the window's steps. A window
+    never spans two epochs, so ``per="epoch"`` pools exactly the epoch's values either way.
+
     Several ranks (torch.distributed, each rank records its own samples): each step's row pools
     every rank's values (counts and sums add, min of minima, max of maxima), unless ``by_rank``
     (``per="step"`` only): then one row per (rank, step, site, unit) with a leading ``rank`` column.
@@ -246,7 +270,9 @@ def activation_stats(run, per: str = "step", sites: Any = None, steps=None, by_r
         raise ValueError(f"per must be 'step' or 'epoch', not {per!r}")
     frames = []
     ranks: set = set()
-    for S in select_sites(run, sites):
+    chosen = select_sites(run, sites)
+    windowed = per == "step" and any(is_windowed(S) for S in chosen)
+    for S in chosen:
         pooled: dict = {}
         for st, d, rank in site_blocks(run, S, steps=steps, by_rank=by_rank and per == "step"):
             ranks.add(rank)
@@ -265,8 +291,8 @@ def activation_stats(run, per: str = "step", sites: Any = None, steps=None, by_r
             frames.append(_stats_frame(S, None, np.array([e]),
                                        {k: np.asarray(v)[None] for k, v in pooled[e].compute().items()}))
     multi = per == "step" and len(ranks) > 1
-    cols = (["rank"] if multi else []) + (["step"] if per == "step" else []) + ["epoch", "site", "kind", "unit"] \
-        + STAT_COLUMNS
+    cols = (["rank"] if multi else []) + (["step"] if per == "step" else []) + ([FIRST] if windowed else []) \
+        + ["epoch", "site", "kind", "unit"] + STAT_COLUMNS
     if not frames:
         return empty_table(cols, _INT_COLUMNS)
     df = pd.concat(frames, ignore_index=True)[cols]
