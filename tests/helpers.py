@@ -137,3 +137,48 @@ def manifest_edit(fn):
         (d / "manifest.json").write_text(json.dumps(m))
         return d
     return make
+
+
+# ------------------------------------------------------------------ multi-process (gloo) jobs
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gloo_workers(script, args, cwd, world: int = 2, timeout: float = 120.0, what: str = "workers") -> None:
+    """Run ``python script *args`` as ``world`` torch.distributed ranks (env:// rendezvous on the
+    loopback interface only, one intra-op thread each); fail the test with the log of any rank that
+    exits non-zero, or when they do not finish within ``timeout`` seconds. No worker is left behind."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = dict(_os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                   RANK=str(r), LOCAL_RANK=str(r), OMP_NUM_THREADS="1",
+                   PYTHONPATH=ROOT + _os.pathsep + _os.environ.get("PYTHONPATH", ""))
+        if _os.path.exists("/sys/class/net/lo"):
+            env["GLOO_SOCKET_IFNAME"] = "lo"      # loopback only: no dependence on the host's network
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, cwd=str(cwd),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    logs = []
+    try:
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode(errors="replace"))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the {what} did not finish within {timeout:.0f} s")
+    finally:
+        for p in procs:   # never leave a worker behind (e.g. one waiting for a dead peer)
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"

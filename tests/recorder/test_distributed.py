@@ -12,11 +12,7 @@ import helpers
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
-import time
 
 import h5py
 import numpy as np
@@ -101,12 +97,6 @@ WORKER = textwrap.dedent(r"""
 """).format(HIDDEN=HIDDEN, BATCH=BATCH, STEPS=STEPS)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     """Run the 2-process DDP job once; returns (run dir, run dir 2, folder with the workers' .npy files)."""
@@ -115,31 +105,7 @@ def ddp_runs(tmp_path_factory):
     script.write_text(WORKER)
     out, run1, run2 = tmp / "out", tmp / "run", tmp / "run2"
     out.mkdir()
-    port = _free_port()
-    procs = []
-    for r in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(r),
-                   LOCAL_RANK=str(r), OMP_NUM_THREADS="1",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        if os.path.exists("/sys/class/net/lo"):
-            env["GLOO_SOCKET_IFNAME"] = "lo"      # loopback only: no dependence on the host's network
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out), str(run1), str(run2)], env=env,
-                                      cwd=str(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + 120
-    logs = []
-    try:
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode(errors="replace"))
-            except subprocess.TimeoutExpired:
-                pytest.fail("the DDP workers did not finish within 120 s")
-    finally:
-        for p in procs:   # never leave a worker behind (e.g. one waiting for a dead peer)
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+    helpers.run_gloo_workers(script, [out, run1, run2], tmp, what="DDP workers")
     return run1, run2, out
 
 

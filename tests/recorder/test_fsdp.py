@@ -14,11 +14,7 @@ import helpers
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -110,43 +106,13 @@ WORKER = textwrap.dedent(r"""
 """).format(STEPS=STEPS, BATCH=BATCH)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     """Run the 2-process job once; returns the folder holding runs ref, fsdp2, fsdp1 and info-<rank>.json."""
     tmp = tmp_path_factory.mktemp("fsdp")
     script = tmp / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
-    procs = []
-    for r in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(r),
-                   LOCAL_RANK=str(r), OMP_NUM_THREADS="1",
-                   PYTHONPATH=helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        if os.path.exists("/sys/class/net/lo"):
-            env["GLOO_SOCKET_IFNAME"] = "lo"
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp)], env=env, cwd=str(tmp),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + 120
-    logs = []
-    try:
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode(errors="replace"))
-            except subprocess.TimeoutExpired:
-                pytest.fail("the FSDP workers did not finish within 120 s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+    helpers.run_gloo_workers(script, [tmp], tmp, what="FSDP workers")
     return tmp
 
 
