@@ -81,6 +81,16 @@ class _Block(nn.Module):
         return self.ln2(x + self.mlp(x))
 
 
+def _transformer_init(m: nn.Module) -> None:
+    """GPT-2 / BERT initialisation: weights of linear and embedding layers N(0, 0.02), biases 0
+    (PyTorch's N(0, 1) embeddings, tied to the LM head, give logits of ~sqrt(d) and a first loss
+    several times log(vocab))."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 class TinyGPT2(nn.Module):
     """GPT-2-style decoder: token + position embeddings, pre-LN causal blocks, final LN, LM head
     tied to the token embedding. Maps token ids (B, T) to logits (B, T, vocab)."""
@@ -90,6 +100,7 @@ class TinyGPT2(nn.Module):
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(context, d)
         self.blocks = nn.ModuleList(_Block(d, heads, causal=True, pre_ln=True) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d)
+        self.apply(_transformer_init)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
@@ -110,6 +121,7 @@ class TinyBERT(nn.Module):
         self.blocks = nn.ModuleList(_Block(d, heads, causal=False, pre_ln=False) for _ in range(layers))
         self.pooler = nn.Linear(d, d)
         self.classifier = nn.Linear(d, num_classes)
+        self.apply(_transformer_init)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
