@@ -20,7 +20,7 @@ from .stats import ElementwiseMoments, stats_from_sums
 from .trace import format as fmt
 
 __all__ = ["GRAD_STEP_COLUMNS", "GRAD_EPOCH_COLUMNS", "grad_pass", "epoch_table", "pool_params",
-           "stats_from_sums"]
+           "stats_from_sums", "float16_losses"]
 
 GRAD_STEP_COLUMNS = ["step", "epoch", "layer_id", "layer", "param", "numel", "count", "nonfinite",
                      "mean", "abs_mean", "max_abs", "var", "l1", "l2"]
@@ -136,3 +136,32 @@ def pool_params(df: pd.DataFrame) -> pd.DataFrame:
     out["l2"] = np.sqrt(out["_l2sq"])
     cols = keys + ["numel", "count", "nonfinite", "mean", "abs_mean", "max_abs", "var", "l1", "l2"]
     return out[cols]
+
+
+def float16_losses(catalog: Catalog) -> dict:
+    """Raw values lost to float16 storage (``grad_dtype`` / ``weight_dtype`` ``"float16"``), summed over
+    the closed shards of every rank from their optional root attributes (``format.CAST_COUNT_ATTRS``).
+
+    Returns:
+        {kind ("grads" / "weights"): {"underflow": non-zero values stored as 0, "overflow": finite
+        values stored as inf, "shards": shards that counted}}, only the kinds some shard counted:
+        {} for float32 storage or a trace written before the counts existed.
+
+    Raises:
+        TraceError: a count attribute that is not a non-negative integer.
+    """
+    out: dict = {}
+    for shard in catalog.shards:
+        with catalog.open_shard(shard) as r:
+            attrs = dict(r.attrs)
+        for kind, names in fmt.CAST_COUNT_ATTRS.items():
+            if not any(a in attrs for a in names):
+                continue
+            e = out.setdefault(kind, {"underflow": 0, "overflow": 0, "shards": 0})
+            for field, a in zip(("underflow", "overflow"), names):
+                v = attrs.get(a, 0)
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 0:
+                    raise fmt.TraceError(f"corrupt shard {shard.name}: attribute {a} is not a count ({str(v)[:40]})")
+                e[field] += int(v)
+            e["shards"] += 1
+    return out

@@ -1,9 +1,10 @@
 """Windows of activation statistics: one row per window of N steps instead of one per step.
 
-Per-unit activation statistics cost about 50 bytes per unit and step (more with histograms), so a
-large model's per-step rows would dominate the trace (a 7B model has some 500,000 units). With a
-window of N steps the tracker keeps accumulating on the device (counts, sums, sums of |h| and h^2,
-count(h > 0) and histograms add in place; min of the minima, max of the maxima) and one row per
+Per-unit activation statistics cost about 50 bytes per unit and step (60 for bounded kinds, with their
+near-bound counts), so a large model's per-step rows would dominate the trace (a 7B model has some
+500,000 units). With a window of N steps the tracker keeps accumulating on the device (counts, sums,
+sums of |h| and h^2, count(h > 0) and near-bound counts add in place; min of the minima, max of the
+maxima) and one row per
 window reaches the writer, at the window's last step, with the window's first step in the scalar
 ``first_step`` (:data:`analyzer.trace.format.SITE_WINDOW_STAT`). Every threshold the analyzer
 applies to pooled statistics (strict, APoZ and dormant dead units, saturation) stays exact.
@@ -29,17 +30,21 @@ from typing import Any
 from bbdecoder.analyzer.trace import format as fmt
 from .packing import pack_activations
 
-__all__ = ["ActivationWindow", "row_bytes", "site_row_bytes", "check_window", "STAT_ITEMSIZE", "STEP_ITEMSIZE"]
+__all__ = ["ActivationWindow", "row_bytes", "site_row_bytes", "check_window", "STAT_ITEMSIZE", "STAT_ITEMSIZES",
+           "STEP_ITEMSIZE"]
 
 #: bytes of one stored value of an activation statistic (float64) and of its row's step (int64)
 STAT_ITEMSIZE = 8
 STEP_ITEMSIZE = 8
+#: statistics stored in another dtype: the near-bound counts of bounded kinds (int32)
+STAT_ITEMSIZES = {"near": 4}
 
 
 def site_row_bytes(stats: dict) -> int:
     """Bytes one row of one site adds to a shard: every statistic ``{name: shape}`` (as in the
-    manifest's ``sites[].stats``) stores its values (float64) and its row's step (int64)."""
-    return sum(math.prod(shp) * STAT_ITEMSIZE + STEP_ITEMSIZE for shp in stats.values())
+    manifest's ``sites[].stats``) stores its values (float64; int32 near-bound counts) and its row's
+    step (int64)."""
+    return sum(math.prod(shp) * STAT_ITEMSIZES.get(k, STAT_ITEMSIZE) + STEP_ITEMSIZE for k, shp in stats.items())
 
 
 def row_bytes(sites: list[dict], window: bool = False) -> int:

@@ -10,23 +10,27 @@ elements. The writer thread turns a Pending into a :class:`~analyzer.trace.serie
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.series import StepRecord
 from .distributed import local
+from .errors import RecorderWarning
 from .gradstats import GradStatsPlan, group_items
 
-__all__ = ["Pending", "AsyncScalar", "to_host", "loss_handoff", "pack", "pack_group", "pack_grad_stats", "GradPlans",
+__all__ = ["Pending", "CastWatch", "AsyncScalar", "to_host", "loss_handoff", "pack", "pack_group", "pack_grad_stats", "GradPlans",
            "pack_activations", "resolve", "drop_payload"]
 
 
 class Pending:
     """One step on its way to the writer: host tensors (maybe still being copied) and an event."""
 
-    __slots__ = ("step", "epoch", "time", "loss", "groups", "stats", "events", "nbytes", "dropped")
+    __slots__ = ("step", "epoch", "time", "loss", "groups", "stats", "events", "nbytes", "dropped", "casts",
+                 "watch")
 
     def __init__(self, step, epoch, t, loss):
         self.step, self.epoch, self.time, self.loss = step, epoch, t, loss
@@ -35,6 +39,40 @@ class Pending:
         self.stats: list = []     # (host partials (rows, 5), GradStatsPlan): gradient statistics
         self.events: list = []
         self.nbytes = 0
+        self.casts: list = []     # (kind, host int64 (2,)): values of that kind cast to 0 / to inf
+        self.watch = None         # the CastWatch told about them (writer thread)
+
+
+class CastWatch:
+    """Values that a float16 storage dtype turns into 0 (non-zero in training: underflow) or into inf
+    (finite in training: overflow). The counts are taken on the device beside the cast, travel to the
+    host with the payload and are read on the writer thread (:func:`resolve`), which notes the first
+    step that had any; the training thread warns once at its next call (:meth:`warn_once`), so that
+    nothing ever synchronises the device: the warning may come a step (or a few) late."""
+
+    def __init__(self):
+        self.first: tuple | None = None   # (step, kind, underflow, overflow) of the first step with any
+        self.warned = False
+
+    def note(self, step: int, counts: dict) -> None:
+        """Writer thread: ``counts`` {kind: int64 (2,)} of one step."""
+        if self.first is None:
+            for kind, c in counts.items():
+                if c[0] or c[1]:
+                    self.first = (step, kind, int(c[0]), int(c[1]))
+                    break
+
+    def warn_once(self, stacklevel: int = 3) -> None:
+        """Training thread: one RecorderWarning once the writer has seen a value lost in the cast."""
+        if self.first is None or self.warned:
+            return
+        self.warned = True
+        step, kind, under, over = self.first
+        warnings.warn(f"bbdecoder: float16 storage of {kind} lost values at step {step}: {under} non-zero "
+                      f"value(s) stored as 0 (underflow, |x| below about 3e-8) and {over} finite value(s) stored as "
+                      f"inf (overflow, |x| from 65520); every shard counts them (attributes f16_underflow_{kind}, "
+                      f"f16_overflow_{kind}); store {kind} as float32 to keep them", RecorderWarning,
+                      stacklevel=stacklevel)
 
 
 def resolve(p: Pending) -> StepRecord:
@@ -45,6 +83,11 @@ def resolve(p: Pending) -> StepRecord:
     if isinstance(loss, torch.Tensor):
         loss = float(loss.reshape(-1)[0]) if loss.numel() else float("nan")
     payloads = []
+    casts: dict = {}
+    for kind, host in p.casts:
+        casts[kind] = casts.get(kind, 0) + host.numpy().astype(np.int64)
+    if casts and p.watch is not None:
+        p.watch.note(p.step, casts)
     for flat, layout in p.groups:
         arr = flat.numpy()
         for kind, lk, pk, off, n, shape, attrs in layout:
@@ -52,7 +95,7 @@ def resolve(p: Pending) -> StepRecord:
     for host, plan in p.stats:   # one packed payload: the writer's cost does not grow with the parameters
         payloads.append((fmt.KIND_GRAD_STATS, None, plan.keys, plan.finish(host.numpy()), plan.attrs))
     return StepRecord(step=p.step, epoch=p.epoch, loss=loss, time=p.time, dropped=p.dropped,
-                      payloads=payloads)
+                      payloads=payloads, casts=casts)
 
 
 def drop_payload(p: Pending) -> Pending:
@@ -80,15 +123,17 @@ def pack_activations(p: Pending, tracker, raw_schedule, s: int, with_stats: bool
     if tr.error is not None:
         err, tr.error = tr.error, None
         raise RuntimeError(f"activation capture failed: {type(err).__name__}: {err}") from err
-    stats, raw = [], []
+    stats, raw, counts = [], [], []
     for key, acc, samples in tr.take(with_stats, first_step):
-        for name, t in acc.items():
-            stats.append((fmt.KIND_ACT_STATS, key, name, t, None))
+        for name, t in acc.items():   # float64 statistics; int32 near-bound counts (bounded kinds)
+            (stats if t.is_floating_point() else counts).append((fmt.KIND_ACT_STATS, key, name, t, None))
         for t in samples[:1]:
             raw.append((fmt.KIND_ACTIVATIONS, key, "samples", t, None))
     tr.want_raw(raw_schedule(s + 1))
     if stats:
         pack(p, stats, torch.float64)
+    if counts:
+        pack(p, counts, torch.int32)
     if raw:
         pack(p, raw, torch.float32)
 
@@ -168,11 +213,14 @@ def _stats_to_host(p: Pending, dev, plans: list, grads: list, whole: bool, scrat
         p.stats.append((to_host(p, dev, part), plan))
 
 
-def pack(p: Pending, items, dtype) -> None:
+def pack(p: Pending, items, dtype, watch: CastWatch | None = None) -> None:
     """Copy tensors ``items`` [(kind, layer_key, param_key, tensor, attrs)] into flat host
     buffers per device (one cat and one async copy per group of at most
     :data:`recorder.gradstats.GROUP_ELEMS` elements, so that a large model's snapshot never
-    needs a device temporary of the model's size), recorded in ``p``."""
+    needs a device temporary of the model's size), recorded in ``p``. Into float16, the values
+    lost in the cast are counted on the device (see :class:`CastWatch`, told about them)."""
+    if watch is not None:
+        p.watch = watch
     per_dev: dict[Any, list] = {}
     for kind, lk, pk, t, attrs in items:
         if t is None or (attrs is not None and "offset" in attrs and t.numel() == 0):
@@ -190,13 +238,24 @@ def pack_group(p: Pending, dev: torch.device, items: list, dtype) -> None:
     flat = torch.cat([t.reshape(-1) for *_, t, _ in items]) if len(items) > 1 \
         else items[0][3].reshape(-1).clone()
     if flat.dtype != dtype:
+        wide = flat
         flat = flat.to(dtype)
+        if dtype == torch.float16 and wide.is_floating_point():
+            p.casts.append((items[0][0], to_host(p, dev, cast_losses(wide, flat))))
     layout, off = [], 0
     for kind, lk, pk, t, attrs in items:
         n = t.numel()
         layout.append((kind, lk, pk, off, n, tuple(t.shape), attrs))
         off += n
     p.groups.append((to_host(p, dev, flat), layout))
+
+
+def cast_losses(wide: torch.Tensor, narrow: torch.Tensor) -> torch.Tensor:
+    """int64 (2,) on their device: elements non-zero in ``wide`` and 0 in ``narrow`` (underflow),
+    finite in ``wide`` and infinite in ``narrow`` (overflow). No synchronisation."""
+    under = torch.logical_and(narrow == 0, wide != 0).sum()
+    over = torch.logical_and(torch.isinf(narrow), torch.isfinite(wide)).sum()
+    return torch.stack([under, over])
 
 
 def to_host(p: Pending, dev: torch.device, t: torch.Tensor) -> torch.Tensor:

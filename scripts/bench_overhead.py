@@ -13,7 +13,11 @@ Settings (one model + Adam optimizer each, all from the same initial weights, sa
   differ on this machine; ratios closer to 1 than that are noise);
 * ``heavy``: ``grads_every=1, weights_every=1``;
 * ``activations``: default + ``activations=True`` (per-unit statistics of every activation module
-  and functional activation every step, raw samples of 8 inputs every 50 steps); target 1.10x;
+  and functional activation every step, raw samples of 8 inputs every 50 steps); target 1.05x on
+  the reference CNN (issue 14), 1.10x elsewhere. Also reported: the first (warm-up) steps of each
+  setting (the fused statistics compile there) and, with ``--ops``, the operations the activation
+  statistics add per site and step (fused pass and the same statistics uncompiled, the fallback,
+  ``bbdecoder.recorder.fused_ops.site_ops``);
 * ``activations-all``: default + ``activations="all"`` (also every convolution, pooling, flatten
   and linear output: three times the tensor volume; no target, reported for what it costs);
 * ``tensorboard``: no recorder; ``SummaryWriter.add_histogram`` of every parameter's gradient and
@@ -345,11 +349,23 @@ def main(argv=None):
     ap.add_argument("--only", metavar="NAMES", default=None,
                     help="comma-separated settings to run (baseline always runs; the write reference runs "
                          "with heavy), e.g. default,baseline-2,activations: fewer settings, more rounds")
+    ap.add_argument("--ops", action="store_true",
+                    help="also count the operations the activation statistics add per site and step")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--rounds and --steps must be >= 1, --warmup >= 0")
 
     t_start = time.perf_counter()
+    site_ops_res = {}
+    if args.ops:   # first (the kernel profiling must be on when the fused statistics compile): CPU ops here
+        from bbdecoder.recorder.fused_ops import site_ops
+        for path in ("fused", "eager"):
+            torch.manual_seed(args.seed)
+            m, b, lf, _ = _workload(args.model, args.seed)
+            r = site_ops(m, lambda i: b[i % len(b)][0], lambda o, i: lf(o, b[i % len(b)][1]), fused=path == "fused")
+            site_ops_res[path] = r
+            print(f"activation statistics, {path}: {r['sites']} sites, {r['calls']} calls/step, "
+                  f"{r['per_call']:.1f} {r['unit']} per call, {r['per_site_step']:.1f} per site and step", flush=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -406,9 +422,20 @@ def main(argv=None):
         print(f"warm-up {args.warmup} steps/setting, {args.rounds} rounds x {args.steps} steps "
               f"(rotating order), tmp dir {tmp}", flush=True)
 
-        for s in settings:
+        first_ms = {}
+        for s in settings:   # the first steps apart: what a run pays once (compiles, allocations)
             if args.warmup:
-                s.steps(batches, args.warmup, loss_fn)
+                t0 = time.perf_counter()
+                s.steps(batches, 1, loss_fn)
+                first_ms[s.name] = (time.perf_counter() - t0) * 1e3
+                if args.warmup > 1:
+                    t0 = time.perf_counter()
+                    s.steps(batches, args.warmup - 1, loss_fn)
+                    first_ms[s.name + " (next)"] = (time.perf_counter() - t0) * 1e3 / (args.warmup - 1)
+        if first_ms:
+            print("warm-up: first step ms / mean of the next warm-up steps ms: " + ", ".join(
+                f"{s.name} {first_ms[s.name]:.0f} / {first_ms.get(s.name + ' (next)', float('nan')):.0f}"
+                for s in settings), flush=True)
         if ref is not None:
             ref.block(max(1, min(args.warmup, args.steps)))
             ref.block_ms.clear()
@@ -549,8 +576,9 @@ def main(argv=None):
                   f"ratios closer to 1 than that are within this machine's noise")
         if "activations" in res:
             a_ratio = res["activations"]["ms_per_step"] / base
-            print(f"activations overhead (with default grads/weights): {a_ratio:.3f} (target <= 1.10) "
-                  f"{'OK' if a_ratio <= 1.10 else 'ABOVE TARGET'}; "
+            a_target = 1.05 if args.model == "cnn" else 1.10
+            print(f"activations overhead (with default grads/weights): {a_ratio:.3f} (target <= {a_target:.2f}) "
+                  f"{'OK' if a_ratio <= a_target else 'ABOVE TARGET'}; "
                   f"paired per-round median {res['activations'].get('ratio_paired', float('nan')):.3f}"
                   + (f"; activations=\"all\": {res['activations-all']['ratio']:.3f} (no target)"
                      if "activations-all" in res else ""))
@@ -577,7 +605,7 @@ def main(argv=None):
                               "batch": BATCH, "n_params": n_params, "seed": args.seed},
                    "env": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
                            "cpus": os.cpu_count(), "platform": platform.platform()},
-                   "results": res, "default_ratio": d_ratio, "target": TARGET,
+                   "results": res, "site_ops": site_ops_res, "default_ratio": d_ratio, "target": TARGET,
                    "heavy_vs_limit": heavy / limit, "total_s": t_total}
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

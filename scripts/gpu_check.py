@@ -20,7 +20,12 @@ bottleneck ResNet of the same widths; about 25.6 M parameters), batch 64, 224x22
 3. checks the gradient statistics computed on the GPU against float64 torch on the same gradients
    (one step: L2 norm, max |g|, mean per parameter; max relative difference);
 4. reports peak pinned (page-locked) host memory from the caching host allocator and the disk's
-   sequential write bandwidth, the physical limit when every step writes ~100 MB of gradients.
+   sequential write bandwidth, the physical limit when every step writes ~100 MB of gradients;
+5. counts the kernel launches the activation statistics add per site and step (torch.profiler:
+   launches issued inside the statistics calls and the step's hand-over,
+   :func:`bbdecoder.recorder.fused_ops.site_ops`), fused pass and its uncompiled fallback, on the
+   ResNet-50 and on a GPT-2-style decoder (6 blocks, d=512); target: at most 3 per site. Printed as a
+   table (``--ops-only``: this part alone, a minute).
 """
 
 from __future__ import annotations
@@ -105,6 +110,37 @@ def disk_write_bandwidth(d: str, nbytes: int = 1 << 30) -> float:
     return nbytes / dt
 
 
+def site_ops_table(dev, batch: int = 64) -> list:
+    """Part 5: operations per site and step that the activation statistics add (the fused pass and
+    the same statistics uncompiled, the fallback; ResNet-50 and a GPT-2-style decoder), printed as a
+    table and returned as rows."""
+    from bbdecoder.recorder.demo import make_tiny_gpt2
+    from bbdecoder.recorder.fused_ops import site_ops
+    x = torch.randn(batch, 3, 224, 224, device=dev)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+    ids = torch.randint(0, 512, (16, 64), device=dev)
+    models = {"resnet50": (resnet50_like, lambda i: x, lambda o, i: nn.functional.cross_entropy(o, y)),
+              "gpt2-6x512": (lambda: make_tiny_gpt2(d=512, layers=6, heads=8), lambda i: ids,
+                             lambda o, i: nn.functional.cross_entropy(o[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))}
+    rows = []
+    for name, (build, batch_of, loss_of) in models.items():
+        for path in ("fused", "eager"):
+            torch.manual_seed(0)
+            try:
+                r = site_ops(build().to(dev), batch_of, loss_of, fused=path == "fused")
+            except Exception as e:   # report, do not lose the rest of the check
+                r = {"error": f"{type(e).__name__}: {e}"}
+            rows.append(dict(model=name, path=path, **r))
+    print(f"{'model':<12} {'path':<10} {'sites':>5} {'calls':>5} {'per call':>8} {'per site/step':>13}  unit")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<12} {r['path']:<10} error: {r['error']}")
+        else:
+            print(f"{r['model']:<12} {r['path']:<10} {r['sites']:>5} {r['calls']:>5} {r['per_call']:>8.1f} "
+                  f"{r['per_site_step']:>13.1f}  {r['unit']} (target <= 3)")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="directory for the runs (default: a temp dir)")
@@ -112,9 +148,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ops-only", action="store_true", help="only part 5 (kernel launches per site and step)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "no CUDA device"
     dev = torch.device("cuda")
+    if args.ops_only:
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "activation_ops": site_ops_table(dev)}
+        print(json.dumps(res, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     base = args.out or tempfile.mkdtemp(prefix="bbd-gpu-")
     os.makedirs(base, exist_ok=True)
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -241,6 +285,7 @@ def main() -> None:
                 res["grad_stats_vs_torch_max_rel_diff"] = worst
                 res["grad_stats_steps"] = int(run.recorded()["grad_stats"]["steps"])
                 res["raw_grad_steps"] = int(run.recorded()["grads"]["steps"])
+    res["activation_ops"] = site_ops_table(dev, args.batch)
     bw = disk_write_bandwidth(base)
     res["disk_write_GBps"] = round(bw / 1e9, 2)
     grad_bytes = res["n_params"] * 4

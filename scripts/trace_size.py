@@ -7,8 +7,9 @@ Every figure comes from what the recorder writes (docs/trace-format.md), not fro
   ``activations=True``; their declared statistics ``{stat: shape}`` give the bytes of one row
   (float64 values and an int64 step per statistic: :func:`recorder.act_window.row_bytes`), and the
   ``activation_window="auto"`` rule (1 MiB per step and rank) gives N;
-* gradient statistics: one row of ``len(GRAD_STAT_FIELDS)`` float64 values and an int64 step per
-  parameter tensor, every step (``grad_stats_every=1``), on every rank that holds a slice (FSDP2);
+* gradient statistics: one row of ``len(GRAD_STAT_FIELDS)`` float64 values per parameter tensor and
+  one int64 step for all of them (the packed layout, ``/packed/grad_stats``), every step
+  (``grad_stats_every=1``), on every rank that holds a slice (FSDP2);
 * raw gradients and weight snapshots: float32 every 50 steps (``grads_every=50``,
   ``weights_every=50``), each rank its slice (FSDP2: 1/world of the elements);
 * raw activation samples: the first 8 inputs (``activation_samples=8``) of every site, float32, every
@@ -120,7 +121,7 @@ def sizes(name, model, example, world=1) -> dict:
     sites = sites_of(model, example)
     n = ActivationWindow("auto").choose(sites)
     act_row = row_bytes(sites, window=n > 1)
-    grad_row = len(params) * (len(fmt.GRAD_STAT_FIELDS) * F64 + I64)
+    grad_row = len(params) * len(fmt.GRAD_STAT_FIELDS) * F64 + I64   # packed: one step index per row
     raw = 2 * (math.ceil(P / world) * F32 + len(params) * I64)           # grads + weights, per snapshot
     samples = sum(SAMPLES * math.prod(S["sample_shape"]) * F32 + SAMPLES * I64 for S in sites)
     per_step = {"step table": STEP_TABLE, "grad stats": grad_row, "act stats": act_row / n,

@@ -139,6 +139,79 @@ def manifest_edit(fn):
     return make
 
 
+def unpack_grad_stats(run_dir) -> int:
+    """Rewrite every shard of ``run_dir`` in place from the packed layout of the gradient statistics
+    (``/packed/grad_stats/<n>/{values, steps, index}``) into the per-parameter layout of older traces
+    (``/grad_stats/<layer key>/<param key>/{values, steps}`` with the index's attributes), with h5py
+    and json only (independent of the analyzer's reader). Returns the number of packed groups rewritten."""
+    import glob
+    import json
+    import h5py
+    n = 0
+    for path in glob.glob(_os.path.join(str(run_dir), "rank-*", "shard-*.h5")):
+        with h5py.File(path, "r+") as f:
+            if "packed" not in f:
+                continue
+            rows: dict = {}
+            for g in f["packed/grad_stats"].values():
+                vals, steps = g["values"][()], g["steps"][()]
+                for j, (lk, pk, attrs) in enumerate(json.loads(g["index"][()].tobytes().decode())):
+                    e = rows.setdefault((lk, pk), [[], [], attrs])
+                    e[0].append(steps)
+                    e[1].append(vals[:, j])
+                n += 1
+            del f["packed"]
+            for (lk, pk), (st, vs, attrs) in rows.items():
+                st, vs = np.concatenate(st), np.concatenate(vs)
+                order = np.argsort(st, kind="stable")
+                g = f.require_group("grad_stats").require_group(lk).create_group(pk)
+                g.create_dataset("values", data=vs[order])
+                g.create_dataset("steps", data=st[order])
+                for a, v in attrs.items():
+                    g.attrs[a] = np.asarray(v, np.int64) if isinstance(v, list) else v
+    return n
+
+
+def split_payloads(data: dict) -> dict:
+    """{payload path: (values, steps)} from {dataset path: array} of one shard read with h5py: the
+    per-parameter groups ``<kind>/<lk>/<pk>`` as they are, and each packed group
+    ``packed/<kind>/<n>`` split by its ``index`` into ``<kind>/<lk>/<pk>`` (rows of several groups
+    joined in step order)."""
+    import json
+    out: dict = {}
+    for k, v in data.items():
+        if not k.endswith("/values"):
+            continue
+        base = k[:-len("values")]
+        if not k.startswith("packed/"):
+            out[k[:-len("/values")]] = (v, data[base + "steps"])
+            continue
+        kind = k.split("/")[1]
+        for j, (lk, pk, *_) in enumerate(json.loads(data[base + "index"].tobytes().decode())):
+            key = f"{kind}/{lk}/{pk}"
+            vals, steps = v[:, j], data[base + "steps"]
+            if key in out:
+                vals, steps = np.concatenate([out[key][0], vals]), np.concatenate([out[key][1], steps])
+                order = np.argsort(steps, kind="stable")
+                vals, steps = vals[order], steps[order]
+            out[key] = (vals, steps)
+    return out
+
+
+def fill_grad_stats(f, layer_key: str, param_key: str, value: float) -> None:
+    """Set every gradient-statistics row of one parameter in the open (writable) h5py shard ``f`` to
+    ``value``, in whichever layout the shard stores them (packed or per parameter)."""
+    import json
+    if "packed" not in f:
+        v = f[f"grad_stats/{layer_key}/{param_key}/values"]
+        v[...] = np.full(v.shape, value)
+        return
+    for g in f["packed/grad_stats"].values():
+        for j, (lk, pk, *_) in enumerate(json.loads(g["index"][()].tobytes().decode())):
+            if (lk, pk) == (layer_key, param_key):
+                g["values"][:, j, :] = np.full(g["values"].shape[::2], value)
+
+
 # ------------------------------------------------------------------ multi-process (gloo) jobs
 def free_port() -> int:
     """A free TCP port on the loopback interface."""

@@ -9,7 +9,8 @@ import numpy as np
 from . import files
 from . import format as fmt
 from .format import TraceError
-from .h5safe import foreign_storage, hard_child, no_filter_plugins
+from .h5safe import foreign_storage, hard_child, no_filter_plugins, storage_problem
+from .packed import encode_index, open_view
 from .shards import ShardReader, ShardWriter, check_step_cols
 
 #: Payload chunks aim at about this many bytes (several small rows share a chunk).
@@ -25,6 +26,10 @@ CHUNK_MAX_BYTES = 64 << 20
 #: size is refused instead of being read (terabytes of fill values).
 MAX_SPARSE_RATIO = 1000
 MAX_SPARSE_BYTES = 64 << 20
+#: Whether new shards store the kinds of ``format.PACKED_KINDS`` packed (``/packed/<kind>/<n>``, a fixed
+#: number of datasets per shard) rather than one group per parameter (the layout of older traces,
+#: still read; ``HDF5Backend(packed=False)`` writes it).
+PACKED = True
 
 
 def chunk_shape(row_shape: tuple[int, ...], itemsize: int, max_rows: int = 1024) -> tuple[int, ...]:
@@ -56,10 +61,12 @@ class HDF5ShardWriter(ShardWriter):
 
     _STEP_DTYPES = {"step": "i8", "epoch": "i8", "loss": "f8", "time": "f8", "dropped": "i4"}
 
-    def __init__(self, path: str, attrs: dict, max_rows: int = 1024):
+    def __init__(self, path: str, attrs: dict, max_rows: int = 1024, packed: bool = True):
         import h5py
         self._h5s = h5py.h5s
         self.path = path
+        self.packed = bool(packed)
+        self._groups: dict[tuple, int] = {}   # (kind, keys) -> packed group number in this shard
         self.max_rows = max(1, int(max_rows))
         self._f = h5py.File(path, "w")
         for k, v in attrs.items():
@@ -143,7 +150,7 @@ class HDF5ShardWriter(ShardWriter):
             raise ValueError(f"{kind}: packed values of shape {values.shape} for {len(keys)} payloads")
         b = self._packed.get((kind, keys))
         if b is None:
-            b = self._packed[(kind, keys)] = [[], [], list(attrs)]
+            b = self._packed[(kind, keys)] = [[], [], attrs if isinstance(attrs, list) else list(attrs)]
         b[0].append(np.array(values, copy=True))
         b[1].append(np.asarray(steps, dtype=np.int64).reshape(-1))
         nb = int(values.nbytes)
@@ -153,8 +160,10 @@ class HDF5ShardWriter(ShardWriter):
             self._write_packed()
 
     def _write_packed(self, final: bool = False) -> None:
-        """Write the packed rows kept so far, one dataset per payload (at close, ``final``, a
-        dataset not created yet gets a chunk of exactly its rows)."""
+        """Write the packed rows kept so far: for the kinds of ``format.PACKED_KINDS`` into one
+        dataset per list of parameters (``/packed/<kind>/<n>``, :mod:`.packed`), else (and with
+        ``packed=False``) one dataset per payload. At close (``final``) a dataset not created yet
+        gets a chunk of exactly its rows."""
         for (kind, keys), (blocks, steplist, attrs) in list(self._packed.items()):
             if not blocks:
                 continue
@@ -163,6 +172,14 @@ class HDF5ShardWriter(ShardWriter):
             self._packed[(kind, keys)] = [[], [], attrs]
             self._small_bytes -= int(vals.nbytes)
             self.nbytes -= int(vals.nbytes)   # counted again by _append_now
+            if self.packed and kind in fmt.PACKED_KINDS:
+                g = self._groups.setdefault((kind, keys), len(self._groups))
+                key = (fmt.PACKED_GROUP, kind, str(g))
+                new = key not in self._entries
+                self._append_now(key, steps, vals, None, chunk_rows=len(steps) if final and new else None)
+                if new:
+                    self._entries[key][0].create_dataset("index", data=encode_index(kind, keys, attrs))
+                continue
             for i, (lk, pk) in enumerate(keys):
                 key = (kind, lk, pk)
                 self._append_now(key, steps, vals[:, i], attrs[i],
@@ -222,6 +239,9 @@ class HDF5ShardWriter(ShardWriter):
         steplist.append(np.asarray(steps, dtype=np.int64).reshape(-1))
         e[2] = n + k
         self.nbytes += k * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+    def set_attrs(self, attrs):
+        self._f.attrs.update(attrs)
 
     def close(self):
         if self._f is None:
@@ -289,6 +309,7 @@ class HDF5ShardReader(ShardReader):
         self._disp = display or path
         self._checked: set = set()
         self._pairs: dict = {}
+        self._views: dict = {}   # kind -> PackedView or None (no packed groups of that kind)
         try:
             # no chunk cache: reads are whole chunk-aligned blocks, and a reader kept open in a
             # ReaderPool must not hold up to 1 MB of cached chunks per dataset it has touched
@@ -342,6 +363,12 @@ class HDF5ShardReader(ShardReader):
         if foreign:
             raise TraceError(f"corrupt shard {self._disp}: {what} keeps its data in other files ({foreign}), "
                              "refused in a trace")
+        try:   # filters, chunk sizes, compressed chunks (decompression bombs): see h5safe
+            why = storage_problem(ds, dense=False, max_ratio=MAX_SPARSE_RATIO, slack=MAX_SPARSE_BYTES)
+        except Exception as e:
+            why = f"has an unreadable layout ({error_line(e)})"
+        if why:
+            raise TraceError(f"corrupt shard {self._disp}: {what} {why}, refused in a trace")
         declared = size * itemsize
         if declared > MAX_SPARSE_BYTES and declared > MAX_SPARSE_RATIO * stored:
             raise TraceError(f"corrupt shard {self._disp}: {what} declares an absurd size "
@@ -369,16 +396,31 @@ class HDF5ShardReader(ShardReader):
         return out
 
     def payloads(self, kind):
-        if kind not in self._f:
-            return []
+        view = self._view(kind)
         out = []
         try:
-            for lk, lg in self._f[kind].items():
+            for lk, lg in (self._f[kind].items() if kind in self._f else ()):
                 for pk in lg.keys():
                     out.append((lk, pk))
         except Exception as e:
             raise TraceError(f"corrupt shard {self._disp}: unreadable {kind} index ({error_line(e)})") from None
+        if view is not None:
+            both = set(out) & set(view.keys())
+            if both:
+                lk, pk = sorted(both)[0]
+                raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} is stored both packed and on its own")
+            out += view.keys()
         return out
+
+    def _view(self, kind, key=None):
+        """The :class:`~.packed.PackedView` of ``kind`` (None if the shard stores none packed); with
+        ``key``, the view only if it holds that payload."""
+        if kind not in self._views:
+            self._views[kind] = None
+            if kind in fmt.PACKED_KINDS and fmt.PACKED_GROUP in self._f:
+                self._views[kind] = open_view(self._get, self._check_dataset, kind, f"corrupt shard {self._disp}")
+        v = self._views[kind]
+        return v if key is None or v is None or key in v else None
 
     def _pair(self, kind, lk, pk):
         g = self._get(fmt.payload_path(kind, lk, pk))
@@ -413,15 +455,21 @@ class HDF5ShardReader(ShardReader):
         return v, s
 
     def payload_info(self, kind, lk, pk):
+        if (view := self._view(kind, (lk, pk))) is not None:
+            return view.info((lk, pk))
         v, _ = self._checked_pair(kind, lk, pk)
         chunks = v.chunks[0] if v.chunks else max(1, v.shape[0])
         return v.shape[0], tuple(v.shape[1:]), int(chunks)
 
     def read_payload_steps(self, kind, lk, pk):
+        if (view := self._view(kind, (lk, pk))) is not None:
+            return view.steps((lk, pk))
         _, s = self._checked_pair(kind, lk, pk)
         return self._read(s, slice(None))
 
     def payload_attrs(self, kind, lk, pk):
+        if (view := self._view(kind, (lk, pk))) is not None:
+            return view.attrs((lk, pk))
         g = self._get(fmt.payload_path(kind, lk, pk))
         try:
             return {k: attr_value(v) for k, v in g.attrs.items()}
@@ -430,6 +478,8 @@ class HDF5ShardReader(ShardReader):
                              f"({error_line(e)})") from None
 
     def read_payload(self, kind, lk, pk, start, stop):
+        if (view := self._view(kind, (lk, pk))) is not None:
+            return view.read((lk, pk), start, stop)
         v, _ = self._checked_pair(kind, lk, pk)
         return self._read(v, slice(start, stop))
 
@@ -440,7 +490,7 @@ class HDF5ShardReader(ShardReader):
             raise TraceError(f"corrupt or truncated shard {self._disp}: {error_line(e)}") from None
 
     def close(self):
-        self._pairs = {}
+        self._pairs, self._views = {}, {}
         f = getattr(self, "_f", None)
         if f is not None:
             try:
@@ -468,8 +518,11 @@ def attr_value(v):
 class HDF5Backend:
     """Shards are HDF5 files; the live shard carries the ``.part`` suffix until it is closed."""
 
+    def __init__(self, packed: bool | None = None):
+        self.packed = PACKED if packed is None else bool(packed)
+
     def create(self, path: str, attrs: dict, max_rows: int = 1024) -> ShardWriter:
-        return HDF5ShardWriter(path, attrs, max_rows)
+        return HDF5ShardWriter(path, attrs, max_rows, packed=self.packed)
 
     def commit(self, live_path: str, final_path: str) -> None:
         """Publish a closed shard (a rename: from now on it survives a killed process)."""

@@ -29,6 +29,10 @@ class StepRecord:
     #: (kind, layer_key, param_key, array (*shape), attrs); or, for several payloads of one kind
     #: that arrive together, (kind, None, ((layer_key, param_key), ...), array (P, *shape), [attrs])
     payloads: list = field(default_factory=list)
+    #: {payload kind: int64 (2,)}: values of the step's payloads of that kind that their float16 storage
+    #: turned into 0 (non-zero before: underflow) and into inf (finite before: overflow); only the kinds
+    #: stored as float16 (their shards get the attributes ``format.CAST_COUNT_ATTRS``)
+    casts: dict = field(default_factory=dict)
 
 
 class ShardSeriesWriter:
@@ -85,6 +89,7 @@ class ShardSeriesWriter:
                                       max_rows=self.flush_steps)
         self._opened_at = self.clock()
         self._n_in_shard = 0
+        self._casts: dict = {}   # kind -> [underflow, overflow] in the live shard
         self._live_ok = True
 
     def write(self, records: list[StepRecord]) -> None:
@@ -140,6 +145,11 @@ class ShardSeriesWriter:
             else:
                 vals = [a for _, a, _ in rows]   # large tensors: row by row, no extra copy
             w.append(kind, lk, pk, steps, vals, rows[0][2])
+        for r in recs:
+            for kind, c in r.casts.items():
+                acc = self._casts.setdefault(kind, [0, 0])
+                acc[0] += int(c[0])
+                acc[1] += int(c[1])
         self._n_in_shard += len(recs)
         self._last_step = recs[-1].step
         self._live_ok = True
@@ -167,6 +177,9 @@ class ShardSeriesWriter:
         if self._w is None:
             return
         w, self._w = self._w, None
+        names = {kind: fmt.CAST_COUNT_ATTRS[kind] for kind in self._casts if kind in fmt.CAST_COUNT_ATTRS}
+        if names:
+            w.set_attrs({a: n for kind, (u, o) in names.items() for a, n in zip((u, o), self._casts[kind])})
         w.close()
         if self._n_in_shard == 0:
             try:

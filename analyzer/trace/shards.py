@@ -41,6 +41,10 @@ class ShardWriter:
         for i, (lk, pk) in enumerate(keys):
             self.append(kind, lk, pk, steps, values[:, i], attrs[i])
 
+    def set_attrs(self, attrs: dict) -> None:
+        """Set root attributes of the shard (scalars), written when it closes."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -217,6 +221,9 @@ class MemoryShardWriter(ShardWriter):
         e[0].append(np.asarray(steps, dtype=np.int64).copy())
         e[1].append(np.array(values, copy=True))
         self.nbytes += values.nbytes
+
+    def set_attrs(self, attrs):
+        self.shard.attrs.update(attrs)
 
     def close(self):
         pass

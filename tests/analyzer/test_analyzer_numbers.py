@@ -182,3 +182,32 @@ def test_grad_pass_threads_end_with_the_pass(recorded):
     before = threading.active_count()
     analyzer.open(d).grad_stats(per="epoch")
     assert threading.active_count() == before
+
+
+def test_packed_and_per_parameter_layouts_give_identical_tables(recorded, tmp_path):
+    """The gradient statistics stored packed (``/packed/grad_stats``, the default) and the same shards
+    rewritten into the per-parameter layout of older traces (helpers.unpack_grad_stats, h5py only):
+    every table that reads them is identical (report frames, per step / epoch / layer, what is recorded,
+    non-finite findings)."""
+    import h5py
+    from helpers import copy_run, unpack_grad_stats
+    from bbdecoder.analyzer.report.data import load_frames
+    from bbdecoder.analyzer.report.sections.nonfinite import nonfinite_findings
+    d, _ = recorded
+    old = copy_run(d, tmp_path)
+    shards = sorted(old.glob("rank-00000/shard-*.h5"))
+    assert unpack_grad_stats(old) == len(shards) >= 3       # one packed group per shard, all rewritten
+    with h5py.File(shards[0], "r") as f:
+        assert "packed" not in f and sum(len(g) for g in f["grad_stats"].values()) == 5
+    a, b = analyzer.open(d), analyzer.open(old)
+    assert a.problems == b.problems == []
+    fa, fb = load_frames(a), load_frames(b)
+    for name in fa._fields:
+        x, y = getattr(fa, name), getattr(fb, name)
+        if isinstance(x, pd.DataFrame):
+            pd.testing.assert_frame_equal(x, y, rtol=1e-12, obj=name)
+        else:
+            assert x == y if not isinstance(x, np.ndarray) else np.array_equal(x, y)
+    assert len(fa.gs_all) == 5 * 18 and fa.gs_all["nonfinite"].sum() == 3
+    assert a.recorded() == b.recorded()
+    assert nonfinite_findings(a, fa.gs_all, fa.ws) == nonfinite_findings(b, fb.gs_all, fb.ws)

@@ -22,7 +22,7 @@ WINDOWS = [(0, 3), (4, 5), (6, 7), (8, 10)]
 
 
 class Net(nn.Module):
-    """ReLU units that are dead (0, 1) or die at step 5 (2), a sigmoid (histograms) and a softmax."""
+    """ReLU units that are dead (0, 1) or die at step 5 (2), a sigmoid (near-bound counts) and a softmax."""
 
     def __init__(self):
         super().__init__()
@@ -92,7 +92,7 @@ def test_window_rows_pool_the_per_step_rows(runs):
         assert d4["first_step"].tolist() == [a for a, _ in WINDOWS]
         for i, (a, b) in enumerate(WINDOWS):
             sel = (st1 >= a) & (st1 <= b)
-            for k in ("count", "n_pos", "nonfinite") + (("hist",) if "hist" in S1["stats"] else ()):
+            for k in ("count", "n_pos", "nonfinite") + tuple(k for k in ("near", "rows") if k in S1["stats"]):
                 np.testing.assert_array_equal(d4[k][i], d1[k][sel].sum(0), err_msg=f"{S1['name']} {k} {a}-{b}")
             for k in ("sum", "sum_abs", "sumsq"):
                 np.testing.assert_allclose(d4[k][i], d1[k][sel].sum(0), rtol=1e-6, atol=1e-12,
@@ -100,6 +100,7 @@ def test_window_rows_pool_the_per_step_rows(runs):
             np.testing.assert_array_equal(d4["min"][i], d1["min"][sel].min(0))
             np.testing.assert_array_equal(d4["max"][i], d1["max"][sel].max(0))
     assert kinds == {"relu", "sigmoid", "softmax"}
+    assert {S["kind"] for S in one.catalog.sites if "near" in S["stats"]} == {"sigmoid", "softmax"}
 
 
 def test_steps_samples_and_epochs_are_those_of_the_per_step_run(runs):
@@ -168,13 +169,14 @@ def test_saturation_pools_the_window(runs):
 
 
 def _row_bytes(sites, window):
-    """Independent of the recorder: 8 bytes per float64 value and 8 per int64 step, per stat and row."""
+    """Independent of the recorder: 8 bytes per float64 value (4 per int32 near-bound count) and 8 per
+    int64 step, per stat and row."""
     total = 0
     for S in sites:
         U = S["units"]
         per_unit = 6 * (U * 8 + 8)
         scalars = (2 + window) * (8 + 8)
-        hist = (U * 200 * 8 + 8) if S["kind"] in ("sigmoid", "tanh") else (200 * 8 + 8) if S["kind"] == "softmax" else 0
+        hist = (U * 3 * 4 + 8) if S["kind"] in ("sigmoid", "tanh") else (3 * 4 + 8 + 16) if S["kind"] == "softmax" else 0
         total += per_unit + scalars + hist
     return total
 
@@ -194,9 +196,9 @@ def test_auto_keeps_every_step_under_the_budget_and_windows_above(tmp_path):
     under = record(tmp_path / "under", "auto")
     assert "activation_window" not in under.catalog.manifest
     assert all("first_step" not in S["stats"] for S in under.catalog.sites)
-    # the same model with a budget of 2,000 bytes: N = ceil(row bytes / budget)
-    over = record(tmp_path / "over", "auto", budget=2000)
-    want_n = math.ceil(_row_bytes(over.catalog.sites, 1) / 2000)
+    # the same model with a budget of 400 bytes: N = ceil(row bytes / budget)
+    over = record(tmp_path / "over", "auto", budget=400)
+    want_n = math.ceil(_row_bytes(over.catalog.sites, 1) / 400)
     assert want_n > 1 and over.catalog.manifest["activation_window"] == want_n
     S = over.catalog.sites[0]
     st, d = _rows(over, S)

@@ -200,8 +200,7 @@ def _read_closed_shards(rank_dir):
             assert f.attrs["step_start"] == steps[0] and f.attrs["step_stop"] == steps[-1] + 1
             for c in fmt.STEP_COLUMNS:
                 assert len(data[f"steps/{c}"]) == len(steps)
-            payloads = {k[:-len("/values")]: (v, data[k[:-len("values")] + "steps"])
-                        for k, v in data.items() if k.endswith("/values")}
+            payloads = helpers.split_payloads(data)   # packed gradient statistics split per parameter
             out.append((int(name[6:12]), steps, payloads))
     return out
 

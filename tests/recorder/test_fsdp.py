@@ -180,6 +180,18 @@ def test_fsdp2_grad_stats_equal_unsharded(fsdp_runs):
         _close(lb[c], la[c], 1e-5, c, atol=1e-9)
 
 
+def test_fsdp2_merge_identical_on_packed_and_per_parameter_layouts(fsdp_runs, tmp_path):
+    """The merged slices give the same tables whether the ranks' gradient statistics are stored packed
+    (the default) or per parameter (older traces; the shards rewritten by helpers.unpack_grad_stats)."""
+    import pandas as pd
+    old = helpers.copy_run(fsdp_runs / "fsdp2", tmp_path)
+    assert helpers.unpack_grad_stats(old) >= 2                 # both ranks' shards held packed groups
+    a, b = _open(fsdp_runs, "fsdp2"), _open(old.parent, "copy")
+    for kw in ({}, {"per": "epoch"}, {"by": "layer"}):
+        pd.testing.assert_frame_equal(a.grad_stats(**kw), b.grad_stats(**kw), rtol=1e-12)
+    assert a.recorded() == b.recorded()
+
+
 def test_fsdp2_weight_stats_and_histograms_equal_unsharded(fsdp_runs):
     ref, run = _open(fsdp_runs, "ref"), _open(fsdp_runs, "fsdp2")
     a, b = ref.weight_stats(), run.weight_stats()

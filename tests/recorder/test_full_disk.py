@@ -77,8 +77,7 @@ def _closed_shards(rank_dir):
         with h5py.File(os.path.join(rank_dir, name), "r") as f:
             data = {}
             f.visititems(lambda k, o: data.__setitem__(k, o[()]) if isinstance(o, h5py.Dataset) else None)
-        out[name] = (data["steps/step"], {k[:-7]: (v, data[k[:-6] + "steps"])
-                                          for k, v in data.items() if k.endswith("/values")})
+        out[name] = (data["steps/step"], helpers.split_payloads(data))   # packed groups split per parameter
     return out
 
 

@@ -248,3 +248,72 @@ def test_raw_snapshots_in_groups_round_trip(tmp_path, monkeypatch):
                 lk, pk = name.rsplit(".", 1)
                 np.testing.assert_array_equal(f[f"grads/{lk}/{pk}/values"][s], g.numpy())
                 np.testing.assert_array_equal(f[f"weights/{lk}/{pk}/values"][s], weights[s][name].numpy())
+
+
+def _f16_losses(x):
+    """(underflow, overflow) of numpy's own float16 cast of ``x``: non-zero -> 0, finite -> inf."""
+    with np.errstate(over="ignore"):
+        h = x.astype(np.float16)
+    return int(((x != 0) & (h == 0)).sum()), int((np.isfinite(x) & np.isinf(h)).sum())
+
+
+def test_float16_storage_counts_underflow_and_overflow_and_warns_once(tmp_path):
+    """Raw gradients and weights stored as float16: the values the cast turns into 0 or inf are counted
+    (per shard, root attributes) exactly as numpy's float16 cast counts them, and one RecorderWarning
+    names the first step that lost any; float32 storage adds neither."""
+    import glob
+    import warnings
+    import h5py
+    from bbdecoder.recorder import RecorderWarning
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 3))
+    rng = np.random.default_rng(0)
+
+    def values(shape, s):   # steps 0, 1 exactly representable; later |x| from 1e-12 to 1e7, zeros, NaN, inf
+        if s < 2:
+            return np.full(shape, 0.5, np.float32)
+        x = (rng.choice([-1.0, 1.0], size=shape) * 10.0 ** rng.uniform(-12, 7, size=shape)).astype(np.float32)
+        x.reshape(-1)[:3] = [0.0, np.inf, np.nan]
+        return x
+
+    want: dict = {}   # (kind, step) -> (underflow, overflow)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = Recorder(model, str(tmp_path / "run"), grads_every=1, weights_every=1, grad_dtype="float16",
+                       weight_dtype="float16", flush_steps=3)
+        for s in range(7):
+            wg = {"grads": [], "weights": []}
+            for p in model.parameters():
+                g, w = values(p.shape, s), values(p.shape, s)
+                p.grad = torch.from_numpy(g)
+                with torch.no_grad():
+                    p.copy_(torch.from_numpy(w))
+                wg["grads"].append(g)
+                wg["weights"].append(w)
+            for kind, xs in wg.items():
+                want[(kind, s)] = tuple(map(sum, zip(*(_f16_losses(x) for x in xs))))
+            rec.step()
+        rec.close()
+    ours = [w for w in caught if issubclass(w.category, RecorderWarning)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    u, o = want[("grads", 2)]
+    assert u > 0 and o > 0
+    assert f"float16 storage of grads lost values at step 2: {u} non-zero value(s) stored as 0" in str(ours[0].message)
+    assert f"and {o} finite value(s) stored as inf" in str(ours[0].message)
+    shards = sorted(glob.glob(str(tmp_path / "run" / "rank-00000" / "shard-*.h5")))
+    assert len(shards) == 3
+    for path in shards:
+        with h5py.File(path, "r") as f:
+            steps = range(int(f.attrs["step_start"]), int(f.attrs["step_stop"]))
+            for kind, (ua, oa) in fmt.CAST_COUNT_ATTRS.items():
+                assert (int(f.attrs[ua]), int(f.attrs[oa])) == \
+                    tuple(sum(want[(kind, s)][i] for s in steps) for i in (0, 1)), (path, kind)
+    assert analyzer.open(tmp_path / "run").float16_losses() == {
+        kind: {"underflow": sum(want[(kind, s)][0] for s in range(7)),
+               "overflow": sum(want[(kind, s)][1] for s in range(7)), "shards": 3} for kind in ("grads", "weights")}
+    rec = Recorder(model, str(tmp_path / "f32"), grads_every=1)
+    rec.step()
+    rec.close()
+    assert analyzer.open(tmp_path / "f32").float16_losses() == {}
+    with h5py.File(glob.glob(str(tmp_path / "f32" / "rank-00000" / "shard-*.h5"))[0], "r") as f:
+        assert not any(a in f.attrs for names in fmt.CAST_COUNT_ATTRS.values() for a in names)

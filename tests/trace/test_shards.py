@@ -201,6 +201,118 @@ class TestHDF5(RoundTrip):
         assert sorted(os.listdir(d)) == ["rank.json", "shard-000000.h5"]
 
 
+def _packed_shard(d, keysets, backend=None, steps_of=None):
+    """One shard of gradient statistics written as the recorder hands them over: step s carries the
+    packed payload of ``keysets[s]`` with values (P, 6) = 1000 s + 10 (column) + [0..5]."""
+    sw = ShardSeriesWriter(str(d), 0, flush_steps=1000, backend=backend or HDF5Backend())
+    attrs = {ks: [{"layer_id": 7, "param": pk} for _, pk in ks] for ks in set(keysets)}
+    recs = [StepRecord(s, 0, 0.0, 0.0, 0, [("grad_stats", None, ks, _vals(s, len(ks)), attrs[ks])])
+            for s, ks in enumerate(keysets)]
+    sw.write(recs)
+    sw.close()
+    return d / fmt.shard_filename(0)
+
+
+def _vals(s, P):
+    return 1000.0 * s + 10.0 * np.arange(P)[:, None] + np.arange(6)[None, :]
+
+
+def _objects(path):
+    import h5py
+    out = []
+    with h5py.File(path, "r") as f:
+        f.visit(out.append)
+    return out
+
+
+class TestPackedGradStats:
+    """The gradient statistics of every parameter of a shard in a fixed number of datasets."""
+
+    def test_fixed_number_of_datasets_and_the_per_parameter_option(self, tmp_path):
+        keys = {P: tuple((f"L{i}", "weight") for i in range(P)) for P in (3, 60)}
+        objs, olds = {}, {}
+        for P, ks in keys.items():
+            p = _packed_shard(tmp_path / f"p{P}", [ks] * 5)
+            q = _packed_shard(tmp_path / f"o{P}", [ks] * 5, HDF5Backend(packed=False))
+            objs[P], olds[P] = _objects(p), _objects(q)
+            assert "packed/grad_stats/0/values" in objs[P] and "grad_stats" not in objs[P]
+            assert "packed" not in olds[P] and f"grad_stats/L{P - 1}/weight/values" in olds[P]
+            for path in (p, q):
+                r = HDF5Backend().open(str(path))
+                assert sorted(r.payloads("grad_stats")) == sorted(ks)
+                for j, k in enumerate(ks):
+                    assert r.payload_info("grad_stats", *k)[:2] == (5, (6,))
+                    np.testing.assert_array_equal(r.read_payload_steps("grad_stats", *k), np.arange(5))
+                    np.testing.assert_array_equal(r.read_payload("grad_stats", *k, 1, 4),
+                                                  np.stack([_vals(s, P)[j] for s in (1, 2, 3)]))
+                    assert r.payload_attrs("grad_stats", *k) == {"layer_id": 7, "param": "weight"}
+                r.close()
+        assert len(objs[3]) == len(objs[60]) == 12         # /steps + 5 columns; packed, grad_stats, 0 + 3
+        assert len(olds[60]) - len(olds[3]) == 57 * 4       # a group + values + steps (+ layer) per tensor
+
+    def test_groups_of_parameters_merge_in_step_order(self, tmp_path, monkeypatch):
+        """Steps with another list of parameters (a missing gradient) start another group; a payload's
+        rows come back in step order from all of them, also when the writer wrote part of them before
+        the close (its memory bound reached), and when the reader reads a column at a time (a values
+        dataset too large to keep)."""
+        import bbdecoder.analyzer.trace.hdf5 as h5mod
+        import bbdecoder.analyzer.trace.packed as pmod
+        a, b, c = ("L0", "weight"), ("L0", "bias"), ("L1", "weight")
+        full, part = (a, b, c), (a, c)
+        seq = [full, part, full, full, part, part, full]
+        for bound, cache in ((h5mod.SMALL_BUFFER_BYTES, pmod.CACHE_BYTES), (200, 0)):
+            monkeypatch.setattr(h5mod, "SMALL_BUFFER_BYTES", bound)
+            monkeypatch.setattr(pmod, "CACHE_BYTES", cache)
+            path = _packed_shard(tmp_path / f"b{bound}", seq)
+            assert sum(o.endswith("/index") for o in _objects(path)) == 2
+            r = HDF5Backend().open(str(path))
+            assert sorted(r.payloads("grad_stats")) == sorted(full)
+            for k in full:
+                want = [s for s, ks in enumerate(seq) if k in ks]
+                got = r.read_payload_steps("grad_stats", *k)
+                np.testing.assert_array_equal(got, want)
+                rows = np.stack([_vals(s, len(seq[s]))[seq[s].index(k)] for s in want])
+                np.testing.assert_array_equal(r.read_payload("grad_stats", *k, 0, len(want)), rows)
+                np.testing.assert_array_equal(r.read_payload("grad_stats", *k, 1, 3), rows[1:3])
+            r.close()
+
+    @pytest.mark.parametrize("case, why", [("count", "1 parameters for 2 columns"), ("key", "valid keys"),
+                                           ("twice", "twice"), ("dtype", "uint8"), ("json", "not UTF-8 JSON"),
+                                           ("rows", "do not fit"), ("both", "both packed and on its own"),
+                                           ("absurd", "absurd size"), ("link", "SoftLink")])
+    def test_hostile_packed_groups_are_refused(self, tmp_path, case, why):
+        import h5py
+        ks = (("L0", "weight"), ("L1", "bias"))
+        path = _packed_shard(tmp_path, [ks] * 3)
+        idx = lambda e: np.frombuffer(json.dumps(e).encode(), np.uint8)   # noqa: E731
+        with h5py.File(path, "r+") as f:
+            g = f["packed/grad_stats/0"]
+            if case in ("count", "key", "twice", "dtype", "json"):
+                del g["index"]
+                g["index"] = {"count": idx([["L0", "weight", {}]]), "key": idx([["L0", "weight"], ["../x", "b"]]),
+                              "twice": idx([["L0", "weight"], ["L0", "weight"]]),
+                              "dtype": idx([["L0", "weight"], ["L1", "bias"]]).astype(np.float32),
+                              "json": np.frombuffer(b"[[\"L0\", ", np.uint8)}[case]
+            elif case == "rows":
+                del g["steps"]
+                g["steps"] = np.arange(2)
+            elif case == "both":
+                f.create_group("grad_stats/L1/bias")
+                f["grad_stats/L1/bias/values"] = np.zeros((1, 6))
+                f["grad_stats/L1/bias/steps"] = np.zeros(1, np.int64)
+            elif case == "absurd":   # declares 1.2 GB, stores nothing: never read
+                del g["values"]
+                g.create_dataset("values", shape=(10 ** 7, 2, 6), chunks=(1000, 2, 6), dtype="f8")
+                del g["steps"]
+                g.create_dataset("steps", shape=(10 ** 7,), chunks=(1000,), dtype="i8")
+            elif case == "link":
+                f["packed/grad_stats/1"] = h5py.SoftLink("/packed/grad_stats/0")
+        r = HDF5Backend().open(str(path))
+        with pytest.raises(fmt.TraceError, match=f"corrupt shard.*{why}"):
+            r.payloads("grad_stats")
+        r.close()
+
+
 class TestMemory(RoundTrip):
     def backend(self):
         return MemoryBackend()

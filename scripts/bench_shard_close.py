@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Writer-thread time of a shard close against the number of parameter tensors: gradient statistics
+stored packed (``/packed/grad_stats``, the default) or one dataset per parameter (older traces).
+
+What the writer thread does with the default settings: 100 steps (``flush_steps``), each one packed
+gradient-statistics payload of P parameters ((P, 6) float64, as :func:`recorder.packing.resolve`
+hands it over), written into a live shard, then the shard closed and published (``rotate``: the
+datasets created and written, the step table, the rename, ``rank.json``; the background fsync is not
+timed). Settings run interleaved, in an order rotated each round: ``per-param`` (the old layout),
+``packed-A`` and ``packed-B`` (identical: the A/A control). Figures: medians over rounds of the close
+alone and of the 100 writes plus the close, in ms; and the HDF5 objects a shard holds.
+
+With ``--raw``, the first step of the shard also carries a raw gradient and weight snapshot of every
+tensor (64 float32 values each), as the default ``grads_every=50, weights_every=50`` puts in every
+shard of 100 steps: those stay one dataset per tensor (each has its own shape), so they show the
+per-tensor work that remains.
+
+Usage::
+
+    .venv/bin/python scripts/bench_shard_close.py [--tensors 10 150 1000] [--rounds 7] [--steps 100] [--raw]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+
+from bbdecoder.analyzer.trace.hdf5 import HDF5Backend
+from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord
+
+
+def _records(P: int, steps: int, raw: bool = False) -> list[StepRecord]:
+    keys = tuple((f"blocks.{i // 2}", "weight" if i % 2 == 0 else "bias") for i in range(P))
+    attrs = [{"layer_id": i // 2, "layer": f"blocks.{i // 2}", "param": k[1]} for i, k in enumerate(keys)]
+    rng = np.random.default_rng(0)
+    recs = [StepRecord(s, 0, 1.0, 1e9 + s, 0, [("grad_stats", None, keys, rng.random((P, 6)), attrs)])
+            for s in range(steps)]
+    if raw:
+        recs[0].payloads += [(kind, lk, pk, rng.random(64).astype(np.float32), a)
+                             for kind in ("grads", "weights") for (lk, pk), a in zip(keys, attrs)]
+    return recs
+
+
+def _one(tmp: str, packed: bool, recs: list, n: int) -> tuple[float, float, int]:
+    d = os.path.join(tmp, f"rank-{n:05d}")
+    sw = ShardSeriesWriter(d, 0, flush_steps=len(recs) + 1, backend=HDF5Backend(packed=packed))
+    t0 = time.perf_counter()
+    sw.write(recs)
+    t1 = time.perf_counter()
+    sw.rotate()
+    t2 = time.perf_counter()
+    sw.close()
+    path = os.path.join(d, "shard-000000.h5")
+    objs = []
+    with h5py.File(path, "r") as f:
+        f.visit(objs.append)
+    return (t2 - t1) * 1e3, (t2 - t0) * 1e3, len(objs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tensors", type=int, nargs="+", default=[10, 150, 1000])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--raw", action="store_true", help="one raw gradient and weight row per tensor in the shard")
+    args = ap.parse_args(argv)
+    names = {"per-param": False, "packed-A": True, "packed-B": True}
+    print(f"{args.steps} steps per shard{' + one raw grads/weights row per tensor' if args.raw else ''}, "
+          f"{args.rounds} rounds, settings interleaved (rotated order); ms")
+    print(f"{'tensors':>7} {'setting':>9} {'close':>9} {'write+close':>12} {'objects':>8}")
+    with tempfile.TemporaryDirectory(prefix="bbd-close-") as tmp:
+        n = 0
+        for P in args.tensors:
+            recs = _records(P, args.steps, args.raw)
+            res = {k: [] for k in names}
+            for r in range(args.rounds + 1):
+                order = list(names)[r % 3:] + list(names)[:r % 3]
+                for k in order:
+                    out = _one(tmp, names[k], recs, n)
+                    n += 1
+                    if r:   # round 0 warms up
+                        res[k].append(out)
+            for k, v in res.items():
+                print(f"{P:>7} {k:>9} {statistics.median(x[0] for x in v):9.2f} "
+                      f"{statistics.median(x[1] for x in v):12.2f} {v[0][2]:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
