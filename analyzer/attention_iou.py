@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .cam import get_cam, resize_bilinear
+from .cam_notes import empty_mask_notes, scored_notes, warn, zero_map_notes, zero_maps
 from .trace.captures import Capture, pick
 from .trace.format import TraceError
 
@@ -193,9 +194,14 @@ def capture_maps(cap: Capture, target: str, method: str = "gradcam", size: Any =
 
 
 def attention_maps(cap: Capture, target: str, method: str = "gradcam", size: Any = None) -> np.ndarray:
-    """All maps of one capture, (N, H, W) float32 in [0, 1] (H, W = the layer's, the image's or ``size``)."""
+    """All maps of one capture, (N, H, W) float32 in [0, 1] (H, W = the layer's, the image's or ``size``).
+    Maps that are 0 everywhere are reported with an :class:`~analyzer.cam_notes.AttentionWarning`
+    (their likely cause and what to capture instead)."""
     parts = [m for _, m in capture_maps(cap, target, method, size)]
-    return np.concatenate(parts) if parts else np.zeros((0, cap.h, cap.w), np.float32)
+    maps = np.concatenate(parts) if parts else np.zeros((0, cap.h, cap.w), np.float32)
+    if zero_maps(maps).any():
+        warn(zero_map_notes(cap, target, method))
+    return maps
 
 
 def per_image_scores(cap: Capture, target: str, mask_group: str | None = None, protected: str | None = None,
@@ -282,6 +288,8 @@ def attention_iou(cap: Capture, target: str, mask_group: str | None = None, prot
         DataFrame with :data:`RESULT_COLUMNS`: one row per (score, split); ``mean`` is the plain mean
         over the split's images (NaN skipped), ``boot_mean``/``boot_std`` the mean and std of the
         ``n_boot`` resample means, ``ci_low``/``ci_high`` their 2.5/97.5 percentiles. Scores are unitless.
+        ``df.attrs["notes"]``: why images went unscored (maps 0 everywhere: cause and suggestion; or
+        nothing scored), also issued as :class:`~analyzer.cam_notes.AttentionWarning`; [] when all scored.
     """
     if int(n_boot) < 0:
         raise ValueError("the number of bootstrap resamples must be >= 0")
@@ -295,8 +303,29 @@ def attention_iou(cap: Capture, target: str, mask_group: str | None = None, prot
                          "reference": mask_group if mask_group is not None else protected,
                          "kind": "mask" if mask_group is not None else "heatmap", "method": method,
                          "resolution": resolution, "score": s, "split": name, **b})
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    notes = []
+    if any((~(v > 0)).any() for v in per.values()):   # scores 0 or undefined: zero maps or empty masks?
+        for t in [target] + ([protected] if protected is not None and protected != target else []):
+            notes += zero_map_notes(cap, t, method)
+        notes += empty_mask_notes(cap, mask_group) if mask_group is not None else []
+    df.attrs["notes"] = scored_notes(df, notes)
+    warn(df.attrs["notes"])
+    return df
+
+
+def attention_iou_captures(caps: list, target: str, mask_group: str | None = None, protected: str | None = None,
+                           method: str = "gradcam", resolution: str = "image", scores: Iterable[str] = ("iou",),
+                           n_boot: int = 10000, seed: int = 0, by: Any = "all") -> pd.DataFrame:
+    """:func:`attention_iou` of several captures, one table (``attrs["notes"]``: every capture's notes)."""
+    dfs = [attention_iou(c, target, mask_group, protected, method, resolution, scores, n_boot, seed, by)
+           for c in caps]
+    notes = [n for d in dfs for n in d.attrs.get("notes", [])]
+    df = pd.concat(dfs, ignore_index=True) if dfs else pd.DataFrame(columns=RESULT_COLUMNS)
+    df.attrs = {"notes": notes}
+    return df
 
 
 __all__ = ["SCORES", "SCORE_FUNCS", "iou_score", "l1_score", "pointing_score", "topk_score", "bootstrap",
-           "downsample_mask", "attention_maps", "capture_maps", "per_image_scores", "splits", "attention_iou"]
+           "downsample_mask", "attention_maps", "capture_maps", "per_image_scores", "splits", "attention_iou",
+           "attention_iou_captures"]

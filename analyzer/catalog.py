@@ -94,6 +94,12 @@ class Catalog:
         self._by_id = {L["id"]: L for L in self.layers}
         self._param_shape = {(L["key"], q["key"]): tuple(q["shape"]) for L in self.layers for q in L["params"]}
         self._param_name = {(L["key"], q["key"]): q["name"] for L in self.layers for q in L["params"]}
+        #: parameters that are another layer's parameter (tied weights): (layer_key, param_key) -> the
+        #: owner's dotted name; recorded once, under the owner, and counted once
+        self.tied = {(L["key"], q["key"]): q["tied_to"] for L in self.layers for q in L["params"] if "tied_to" in q}
+        full = {full_name(L, q): (L["key"], q["key"]) for L in self.layers for q in L["params"] if "tied_to" not in q}
+        #: (layer_key, param_key) of a tied entry -> its owner's (where its payloads are)
+        self.owner_key = {k: full[n] for k, n in self.tied.items() if n in full}
         #: parameters sharded along dim 0 (FSDP2): every rank records its own slice
         self.sharded = {(L["key"], q["key"]) for L in self.layers for q in L["params"] if "shard_dim" in q}
         self.sites: list[dict] = [dict(S) for S in self.manifest.get("sites", [])]
@@ -336,11 +342,12 @@ class Catalog:
         return self._by_key[key]
 
     def param_keys(self, layers: Any = None) -> tuple[list[int], set]:
-        """(layer ids, {(layer_key, param_key)}) of a layer specification."""
+        """(layer ids, {(layer_key, param_key)}) of a layer specification; a tied parameter is named
+        by its owner's keys (selecting GPT-2's ``lm_head`` gives ``transformer.wte``'s weight)."""
         ids = self.select(layers)
         idset = set(ids)
         keys = {(L["key"], q["key"]) for L in self.layers if L["id"] in idset for q in L["params"]}
-        return ids, keys
+        return ids, {self.owner_key.get(k, k) for k in keys}
 
     def param_shape(self, layer_key: str, param_key: str) -> tuple:
         return self._param_shape[(layer_key, param_key)]
@@ -355,7 +362,7 @@ class Catalog:
         return L["id"], L["name"], self._param_name[(layer_key, param_key)], int(np.prod(shape, dtype=np.int64))
 
     def all_param_keys(self) -> list[tuple[str, str]]:
-        """Every (layer_key, param_key) of the manifest, in manifest order."""
+        """Every (layer_key, param_key) of the manifest, in manifest order (tied ones included)."""
         return list(self._param_shape)
 
     def site(self, key: str) -> dict:
@@ -368,6 +375,61 @@ class Catalog:
             from .trace.captures import open_captures
             self._captures = open_captures(self.path)
         return self._captures
+
+
+def full_name(L: dict, q: dict) -> str:
+    """The dotted name of parameter entry ``q`` of layer record ``L`` (its own name for the root)."""
+    return f"{L['name']}.{q['name']}" if L["name"] else q["name"]
+
+
+def _tied_names(catalog: Catalog) -> dict[str, list[str]]:
+    """Owner's dotted name -> the dotted names of the entries ``tied_to`` it, in manifest order."""
+    out: dict[str, list[str]] = {}
+    for L in catalog.layers:
+        for q in L["params"]:
+            if "tied_to" in q:
+                out.setdefault(q["tied_to"], []).append(full_name(L, q))
+    return out
+
+
+def param_aliases(catalog: Catalog, layer_key: str, param_key: str) -> list[str]:
+    """Every dotted name of one parameter object, its recorded (owner's) name first: one name unless
+    the parameter is tied (``tied_to``/``aliases`` in the manifest) or its module is shared."""
+    L = catalog.layer_by_key(layer_key)
+    q = next(q for q in L["params"] if q["key"] == param_key)
+    name = catalog.tied.get((layer_key, param_key), full_name(L, q))
+    if "tied_to" in q:   # the owner's entry holds the aliases
+        lk, pk = catalog.owner_key.get((layer_key, param_key), (layer_key, param_key))
+        L = catalog.layer_by_key(lk)
+        q = next(q for q in L["params"] if q["key"] == pk)
+    out = [name] + [a for a in q.get("aliases", []) if isinstance(a, str)] + _tied_names(catalog).get(name, [])
+    return list(dict.fromkeys(out))
+
+
+def shared_names(catalog: Catalog) -> list[dict]:
+    """Parameters and modules known under more than one name, from the manifest (none for a trace
+    recorded before ``aliases`` existed): dicts {"kind": "param" or "module", "name": the recorded
+    name, "aliases": [the other names], "numel": elements (0 for a module)}."""
+    tied = _tied_names(catalog)
+    out = []
+    for L in catalog.layers:
+        if L.get("aliases"):
+            out.append({"kind": "module", "name": L["name"], "aliases": list(L["aliases"]), "numel": 0})
+        for q in L["params"]:
+            name = full_name(L, q)
+            if "tied_to" in q or not (q.get("aliases") or name in tied):
+                continue
+            others = list(dict.fromkeys(a for a in q.get("aliases", []) + tied.get(name, []) if a != name))
+            out.append({"kind": "param", "name": name, "aliases": others,
+                        "numel": int(np.prod(q["shape"], dtype=np.int64))})
+    return out
+
+
+def unique_params(catalog: Catalog) -> int:
+    """Parameter elements of the model, each parameter object counted once (a tied one under its
+    owner only): ``sum(p.numel() for p in model.parameters())`` of the recorded model."""
+    return int(sum(int(np.prod(q["shape"], dtype=np.int64)) for L in catalog.layers for q in L["params"]
+                   if "tied_to" not in q))
 
 
 def slice_offset(r: ShardReader, name: str, kind: str, lk: str, pk: str, shape: tuple, want: tuple) -> int:

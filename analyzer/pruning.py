@@ -31,8 +31,17 @@ forward that the recorder stores in the manifest (``forward_order``):
       recorded activation, and is never a consumer (its other calls take other inputs).
     * the model's final layer (the last layer event: its outputs are the model's outputs) is not a
       producer unless ``layers`` selects it.
-Plan entries: ``next`` lists the dependents of the removed units: ``axis`` 1 entries are consumers
-(weight columns; ``group`` k), ``axis`` 0 entries are per-channel normalisations (weight and bias rows).
+    * weights stored (in, out) (manifest ``weight_layout`` "in_out": Hugging Face ``Conv1D``, y = x @ W + b)
+      hold a producer's units in columns (entry ``axis`` 1) and a consumer's inputs in rows.
+    * a producer is refused, with the reason in ``notes``, when masking its units alone would change what
+      follows: no later layer takes them (e.g. attention's q/k/v projection), or they reach a normalisation
+      across units (LayerNorm, RMSNorm, GroupNorm: typically a residual stream), unless the dead criterion
+      judges them after an activation (inactive units stay inactive); and a layer whose weight is tied to
+      another's (GPT-2's ``lm_head`` and ``transformer.wte``) is never masked, as producer or consumer.
+Plan entries: ``axis`` is the weight axis of the removed units (0, or 1 for an (in, out) weight); the bias
+entries of the units are masked too. ``next`` lists the dependents of the removed units: ``axis`` 1
+entries, and ``axis`` 0 entries with ``role`` "consumer" (an (in, out) weight), are consumers (input
+units; ``group`` k), other ``axis`` 0 entries are per-channel normalisations (weight and bias rows).
 The mapping reads a chain; models with branches (residual additions, concatenations) can defeat it,
 which is why a plan is a reviewable file and apply_plan checks the model's fingerprint.
 """
@@ -47,7 +56,7 @@ import numpy as np
 import pandas as pd
 
 from .pruning_topology import (LINEAR_STYLE, NOT_ROW_LAYERS, PER_CHANNEL_NORMS, Structured, last_snapshots,
-                               masked_count, weight_layers)
+                               masked_count, out_axis, tied_layers, weight_layers)
 from .trace.format import TraceError
 from .trace.plans import (CRITERIA, PLAN_FORMAT, PLAN_VERSION, SUPPORTED_PLAN_VERSIONS, PlanError, fingerprint,
                           fingerprint_difference, load_plan, validate_plan, write_plan)
@@ -110,9 +119,15 @@ class _Evaluator:
         self.run, self.criterion = run, criterion
         self.wshape = weight_layers(run)
         self.names = {L["id"]: L["name"] for L in run.catalog.layers}
+        self.oax = {L["id"]: out_axis(L) for L in run.catalog.layers}
         if criterion == "magnitude":
             self.notes: list[str] = []
+            tied = tied_layers(run.catalog)
             ids = [i for i in run.catalog.select(layers) if self.wshape.get(i) is not None and len(self.wshape[i]) >= 2]
+            for i in [i for i in ids if i in tied]:
+                self.notes.append(f"layer {self.names[i]!r} not pruned: {tied[i]} (one parameter; masking it "
+                                  "changes both)")
+            ids = [i for i in ids if i not in tied]
             if not ids:
                 raise TraceError("no selected layer has a weight matrix or kernel to prune")
             snaps = last_snapshots(run, ids, steps)
@@ -138,6 +153,16 @@ class _Evaluator:
             if not self.source_steps[2]:
                 raise TraceError("no recorded activation statistics in the chosen steps for the layers to prune")
 
+    def _next_entry(self, d: int, role: int, k: int, u) -> dict:
+        """A plan's ``next`` entry: a normalisation's rows (axis 0), or a consumer's input units: columns
+        (axis 1), or the rows of an (in, out) weight (axis 0 with role "consumer")."""
+        axis = 0 if role == 0 else 1 - self.oax[d]
+        e = {"layer": self.names[d], "layer_id": int(d), "param": "weight", "axis": axis,
+             "units": [int(x) for x in u], "group": int(k)}
+        if role == 1 and axis == 0:
+            e["role"] = "consumer"
+        return e
+
     def evaluate(self, t: float) -> dict:
         """{"entries": [...], "per_layer": {lid: (masked, numel)}} at threshold t."""
         per: dict[int, int] = {}
@@ -151,8 +176,9 @@ class _Evaluator:
                                     "axis": None, "next": [], "magnitude_threshold": float(t),
                                     "masked": m})
         else:
-            rows: dict[int, set] = {}
-            cols: dict[int, set] = {}
+            # masked indices per (layer, weight axis): a producer's units on its output axis (rows, or
+            # columns of an (in, out) weight), a normalisation's rows, a consumer's inputs (the other axis)
+            masked: dict[tuple[int, int], set] = {}
             units_of = {}
             S = self.struct
             for lid in sorted(S.groups):
@@ -160,27 +186,26 @@ class _Evaluator:
                 units_of[lid] = u
                 if not len(u):
                     continue
-                rows.setdefault(lid, set()).update(int(x) for x in u)
-                for d, axis, k in sorted(S.groups[lid]["deps"]):
-                    if axis == 0:
-                        rows.setdefault(d, set()).update(int(x) for x in u)
+                masked.setdefault((lid, self.oax[lid]), set()).update(int(x) for x in u)
+                for d, role, k in sorted(S.groups[lid]["deps"]):
+                    if role == 0:
+                        masked.setdefault((d, 0), set()).update(int(x) for x in u)
                     else:
-                        cols.setdefault(d, set()).update(int(x) * k + j for x in u for j in range(k))
-            for lid in set(rows) | set(cols):
+                        masked.setdefault((d, 1 - self.oax[d]), set()).update(
+                            int(x) * k + j for x in u for j in range(k))
+            for lid in {lid for lid, _ in masked}:
                 shp = self.wshape.get(lid)
                 if shp is not None:
-                    per[lid] = masked_count(shp, len(rows.get(lid, ())), len(cols.get(lid, ())))
+                    per[lid] = masked_count(shp, len(masked.get((lid, 0), ())), len(masked.get((lid, 1), ())))
             for lid in sorted(S.groups):
                 u = units_of[lid]
                 if not len(u):
                     continue
                 g = S.groups[lid]
                 e = {"layer": self.names[lid], "layer_id": int(lid), "param": "weight",
-                     "units": [int(x) for x in u], "axis": 0,
-                     "next": [{"layer": self.names[d], "layer_id": int(d), "param": "weight", "axis": int(axis),
-                               "units": [int(x) for x in u], "group": int(k)}
-                              for d, axis, k in sorted(g["deps"])],
-                     "units_total": int(self.wshape[lid][0])}
+                     "units": [int(x) for x in u], "axis": self.oax[lid],
+                     "next": [self._next_entry(d, role, k, u) for d, role, k in sorted(g["deps"])],
+                     "units_total": int(self.wshape[lid][self.oax[lid]])}
                 if self.criterion != "l1-channel":
                     e["sites"] = list(S.judges(g))
                     e["judged_by"] = "activation" if g["act"] else "output"
@@ -308,7 +333,7 @@ def sweep(run, criterion: str, thresholds: Any = None, layers: Any = None, steps
             m = r["masked"].get(lid, 0)
             rows.append({"criterion": criterion, "threshold": t, "layer_id": int(lid), "layer": ev.names[lid],
                          "units_removed": removed.get(lid, 0) if struct else np.nan,
-                         "units": (ev.wshape[lid][0] if struct else np.nan),
+                         "units": (ev.wshape[lid][ev.oax[lid]] if struct else np.nan),
                          "masked": int(m), "weights": int(n), "sparsity": m / n if n else 0.0})
         tot = sum(r["numel"].values())
         m = sum(r["masked"].values())

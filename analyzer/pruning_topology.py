@@ -20,6 +20,8 @@ LINEAR_STYLE = ("Linear", "LazyLinear", "Bilinear", "LayerNorm", "Embedding", "M
 NOT_ROW_LAYERS = ("ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "LazyConvTranspose1d",
                   "LazyConvTranspose2d", "LazyConvTranspose3d", "Embedding", "EmbeddingBag",
                   "MultiheadAttention")
+#: normalisations over the unit axis (mean and variance across all units): no input unit can be removed
+ACROSS_UNIT_NORMS = ("LayerNorm", "RMSNorm", "GroupNorm", "LlamaRMSNorm", "T5LayerNorm")
 #: normalisations with per-channel statistics: masking a channel's weight and bias zeroes its output
 PER_CHANNEL_NORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d",
                      "LazyBatchNorm2d", "LazyBatchNorm3d", "InstanceNorm1d", "InstanceNorm2d",
@@ -34,6 +36,37 @@ def param_shape(L: dict, pname: str) -> tuple | None:
     return None
 
 
+def out_axis(L: dict) -> int:
+    """The weight axis of a layer record's output units: 1 for weights stored (in, out) (manifest
+    ``weight_layout`` "in_out", HF ``Conv1D``; in a trace recorded before that field, a
+    ``transformers...Conv1D`` with a 2-d weight), else 0 (torch's (out, in, ...))."""
+    if "weight_layout" in L:
+        return 1 if L["weight_layout"] == fmt.WEIGHT_IN_OUT else 0
+    w = param_shape(L, "weight")
+    old_hf = (L.get("type") == "Conv1D" and str(L.get("class", "")).startswith("transformers.")
+              and w is not None and len(w) == 2)
+    return 1 if old_hf else 0
+
+
+def tied_layers(catalog) -> dict[int, str]:
+    """Layer id -> why, for layers whose ``weight`` is one parameter with another layer's (tied weights,
+    e.g. GPT-2's ``lm_head`` and ``transformer.wte``): masking it would change both, so no plan masks it."""
+    owners = set(catalog.tied.values())
+    out = {}
+    for L in catalog.layers:
+        q = next((q for q in L["params"] if q["name"] == "weight"), None)
+        if q is None:
+            continue
+        full = f"{L['name']}.weight" if L["name"] else "weight"
+        if "tied_to" in q:
+            out[L["id"]] = f"its weight is tied to {q['tied_to']!r}"
+        elif full in owners:
+            others = [a for (lk, pk), o in catalog.tied.items() if o == full
+                      for a in [f"{catalog.layer_by_key(lk)['name']}.{catalog.param_name(lk, pk)}"]]
+            out[L["id"]] = f"its weight is tied to {', '.join(map(repr, others))}"
+    return out
+
+
 class Topology:
     """Layers, their weight shapes and the forward order of one run."""
 
@@ -41,6 +74,9 @@ class Topology:
         self.run = run
         self.table = {L["id"]: L for L in run.catalog.layers}
         self.weight = {i: param_shape(L, "weight") for i, L in self.table.items()}
+        #: the weight axis of each layer's output units (0, or 1 for (in, out) weights); inputs: the other
+        self.oax = {i: out_axis(L) for i, L in self.table.items()}
+        self.tied = tied_layers(run.catalog)
         self.bias = {i: param_shape(L, "bias") for i, L in self.table.items()}
         ev = run.catalog.manifest.get("forward_order")
         self.events = [e for e in ev if isinstance(e, dict)] if isinstance(ev, list) else []
@@ -53,6 +89,8 @@ class Topology:
                 self.site_pos.setdefault(e.get("key"), []).append(j)
         lays = [e["id"] for e in self.events if e.get("event") == "layer" and e.get("id") in self.table]
         self.final_layer = lays[-1] if lays else None
+        #: producer id -> why masking its units alone changes what follows (set by :meth:`chain`)
+        self.blocked: dict[int, str] = {}
 
     def name(self, lid: int) -> str:
         return self.table[lid]["name"]
@@ -61,7 +99,12 @@ class Topology:
         return self.table[lid]["type"]
 
     def linear_style(self, lid: int) -> bool:
-        return self.type(lid) in LINEAR_STYLE
+        return self.type(lid) in LINEAR_STYLE or self.oax[lid] == 1
+
+    def units(self, lid: int) -> int | None:
+        """The number of output units of a layer's weight (None without a 2-D or larger weight)."""
+        w = self.weight.get(lid)
+        return w[self.oax[lid]] if w is not None and len(w) >= 2 else None
 
     def out_units(self, j: int) -> int | None:
         e = self.events[j]
@@ -90,16 +133,21 @@ class Topology:
         return 1 if int(shp[0]) == U else None
 
     def row_ok(self, lid: int, U: int) -> bool:
+        """Whether the layer's weight holds its U output units on one axis (rows, or columns of an
+        (in, out) weight)."""
         w = self.weight.get(lid)
-        return w is not None and len(w) >= 1 and w[0] == U and self.type(lid) not in NOT_ROW_LAYERS
+        return (w is not None and len(w) > self.oax[lid] and w[self.oax[lid]] == U
+                and self.type(lid) not in NOT_ROW_LAYERS)
 
     def is_norm(self, lid: int, U: int) -> bool:
         return self.type(lid) in PER_CHANNEL_NORMS and self.weight.get(lid) == (U,)
 
     def col_ok(self, lid: int, U: int, k: int) -> bool:
+        """Whether the layer's weight takes U * k input features on its input axis (columns, or rows of
+        an (in, out) weight)."""
         w = self.weight.get(lid)
-        return (w is not None and len(w) >= 2 and w[1] == U * k and self.type(lid) not in NOT_ROW_LAYERS
-                and self.type(lid) != "Bilinear")
+        return (w is not None and len(w) >= 2 and w[1 - self.oax[lid]] == U * k
+                and self.type(lid) not in NOT_ROW_LAYERS and self.type(lid) != "Bilinear")
 
     def nearest_before(self, j: int, U: int) -> int | None:
         for i in range(j - 1, -1, -1):
@@ -109,10 +157,13 @@ class Topology:
         return None
 
     def chain(self, j: int, U: int) -> tuple[list[tuple[int, int, int]], str | None]:
-        """Dependents of the U output units of the layer event at j: [(layer id, axis, group)] and a
-        note when the consumer is unclear."""
+        """Dependents of the U output units of the layer event at j: [(layer id, role, group)] (role 0:
+        a per-channel normalisation, rows; 1: the consumer, input units) and a note when the consumer
+        is unclear. Sets :attr:`blocked` (producer id -> reason) when masking the units alone would
+        change what follows: no later layer takes them, or a normalisation across units does."""
         deps: list[tuple[int, int, int]] = []
         flat_ok = self.conv_style_out(j)
+        me = self.events[j]["id"]
         for i in range(j + 1, len(self.events)):
             e = self.events[i]
             if e.get("event") != "layer" or e.get("id") not in self.table:
@@ -128,11 +179,23 @@ class Topology:
             if k == 1 and self.is_norm(lid, U) and self.out_units(i) == U:
                 deps.append((lid, 0, 1))
                 continue
+            if lid in self.tied:
+                self.blocked.setdefault(me, f"its {U} units reach {self.name(lid)!r}, whose weight cannot be "
+                                            f"masked ({self.tied[lid]})")
+                return deps, None
             if self.col_ok(lid, U, k):
                 deps.append((lid, 1, k))
                 return deps, None
+            if k == 1 and self.type(lid) in ACROSS_UNIT_NORMS:
+                self.blocked.setdefault(me, f"its {U} units reach {self.name(lid)!r} ({self.type(lid)}), which "
+                                            f"normalises across all {U} units (a residual stream, when the "
+                                            "model adds them to its input): removing some changes every unit")
+                return deps, None
             return deps, (f"the layer after {self.name(self.events[j]['id'])!r} that takes its {U} units "
                           f"({self.name(lid)!r}, {self.type(lid)}) cannot have input units removed")
+        if me != self.final_layer:
+            self.blocked.setdefault(me, f"no later layer takes its {U} units (they go on through operations "
+                                        "that are not layers, e.g. attention heads)")
         return deps, None
 
     def producer(self, S: dict, j: int | None) -> tuple[int | None, int | None, str | None]:
@@ -153,6 +216,9 @@ class Topology:
         if j is None:
             return None, None, f"site {S['name']!r} is not in the forward order"
         p = self.nearest_before(j, U)
+        if p is None and S.get("kind") == "softmax":
+            return None, None, (f"site {S['name']!r} is a softmax whose {U} units no layer produces (attention "
+                                "probabilities: their unit axis is the heads): not used")
         if p is None:
             return None, None, f"site {S['name']!r}: no earlier layer produces {U} units"
         lid = self.events[p]["id"]
@@ -244,7 +310,7 @@ class Structured:
                 continue
             g = self._group(lid)
             for p in topo.layer_pos.get(lid, []):
-                d, note = topo.chain(p, w[0])
+                d, note = topo.chain(p, topo.units(lid))
                 g["deps"].update(d)
                 if note:
                     self.notes.append(note)
@@ -266,6 +332,16 @@ class Structured:
                 self.notes.append(f"final layer {topo.name(lid)!r} (the model's outputs) not pruned; select it "
                                   "with layers to include it")
                 del self.groups[lid]
+            elif lid in topo.tied:
+                self.notes.append(f"layer {topo.name(lid)!r} not pruned: {topo.tied[lid]} (one parameter; "
+                                  "masking it changes both)")
+                del self.groups[lid]
+            elif lid in topo.blocked:
+                if self.criterion == "dead" and g["act"]:   # inactive after their activation: masking keeps them so
+                    self.notes.append(f"layer {topo.name(lid)!r}: {topo.blocked[lid]}; only its own weights are masked")
+                else:
+                    self.notes.append(f"layer {topo.name(lid)!r} not pruned: {topo.blocked[lid]}")
+                    del self.groups[lid]
 
     # -------------------------------------------------------------- scores
     def prepare(self, thresholds: list[float]) -> None:
@@ -280,7 +356,8 @@ class Structured:
                     self.notes.append(f"layer {self.topo.name(lid)!r} has no weight snapshot; not pruned")
                     continue
                 step, w = snaps[lid]
-                self.l1[lid] = np.abs(w.astype(np.float64)).reshape(w.shape[0], -1).sum(1)
+                w = np.moveaxis(np.abs(w.astype(np.float64)), self.topo.oax[lid], 0)   # output units first
+                self.l1[lid] = w.reshape(w.shape[0], -1).sum(1)
             steps = sorted({s for s, _ in snaps.values()})
             self.source_steps = (steps[0], steps[-1], len(steps)) if steps else (None, None, 0)
             if not steps:
@@ -376,8 +453,10 @@ def last_snapshots(run, ids, steps) -> dict[int, tuple[int, np.ndarray]]:
 
 
 def weight_layers(run) -> dict[int, tuple]:
-    """Layer id -> weight shape, for every layer with a ``weight`` parameter."""
-    return {L["id"]: param_shape(L, "weight") for L in run.catalog.layers if param_shape(L, "weight") is not None}
+    """Layer id -> weight shape, for every layer with a ``weight`` parameter of its own (a weight tied
+    to another layer's counts there only)."""
+    return {L["id"]: param_shape(L, "weight") for L in run.catalog.layers if param_shape(L, "weight") is not None
+            and not any(q["name"] == "weight" and "tied_to" in q for q in L["params"])}
 
 
 def masked_count(shape: tuple, rows: int, cols: int) -> int:

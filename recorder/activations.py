@@ -3,18 +3,16 @@
 Every step, per unit and on the device, sufficient statistics are accumulated for each selected
 *site* (a module's output, or one functional activation call site such as ``features.3/relu#0``):
 count, sum, sum |h|, sum h^2, min, max, count(h > 0), non-finite count, and for bounded activations
-(sigmoid, tanh, hardtanh, relu6, softmax) a fixed-edge histogram. With these the analyzer answers
+(sigmoid, tanh, hardtanh, relu6, softmax) near-bound counts at fixed deltas (0.01, 0.03, 0.1). With these
+the analyzer answers
 dead units (strict / APoZ / tau-dormant) and saturation at any threshold. Raw activations of the
 first K samples are copied when the raw schedule fires.
 
 Hot path: only torch operations on the device (no ``.item()``, ``.cpu()`` or Python loops over
-elements; the only Python loop walks large CPU tensors in cache-sized slabs). A first stage
-reduces in the tensor's own dtype into small partials (per contiguous row), a second combines them
-in float64; the sum of squares is accumulated around each partial's mean, so that the variance
-keeps float32 precision when the mean dwarfs the spread (see :meth:`SiteStats.stats
-<recorder.activation_stats.SiteStats.stats>`). Kinds whose outputs are never negative skip the |h|
-pass (sum |h| is sum h). The statistics' own torch calls bypass the activation wrapper. The kinds
-are in :mod:`recorder.activation_kinds`, the statistics kernels in :mod:`recorder.activation_stats`.
+elements): one fused pass per call of a site where it pays (a ``torch.compile``'d reduction that also
+adds into the site's accumulator), the plain-torch reference elsewhere (see
+:mod:`recorder.activation_stats` and :mod:`recorder.fused_stats`). The statistics' own torch calls
+bypass the activation wrapper. The kinds are in :mod:`recorder.activation_kinds`.
 
 Naming: a functional call site is ``<enclosing module path>/<op>#<i>``, ``i`` counting the calls of
 that op within one invocation of the enclosing module (so a module called twice per forward feeds
@@ -32,9 +30,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from bbdecoder.analyzer.trace import format as fmt
-from .activation_kinds import (BOUNDS, CONV_STYLE, FUNCS, HIST_BINS, LINEAR_STYLE, NONNEG_KINDS, NONNEG_MODULES,
-                               RELU_FAMILY, call_bounds, module_kind, select_sites, softmax_dim, valid_bounds)
-from .activation_stats import Site, SiteStats
+from .activation_kinds import (ATTENTION, BOUNDS, CONV_STYLE, LINEAR_STYLE, NONNEG_KINDS, NONNEG_MODULES,
+                               WATCHED, call_bounds, call_kind, fused_attention_config, module_kind, select_sites,
+                               site_family, softmax_dim, valid_bounds)
+from .activation_stats import NEAR_DELTAS, Site, SiteStats
 from .errors import RecorderWarning
 
 def _in_backward() -> bool:
@@ -94,8 +93,10 @@ class _Wrapper(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        kind = FUNCS.get(func)
-        if kind is not None and isinstance(out, torch.Tensor):
+        kind = WATCHED.get(func)
+        # fused attention is noted in the first training forward only (with forward_order): a flag after
+        if kind is not None and isinstance(out, torch.Tensor) and not (kind is ATTENTION
+                                                                       and self.tracker.order_done):
             try:
                 self.tracker._fn_hook(func, kind, out, args, kwargs)
             except Exception as e:  # never break the forward pass
@@ -138,9 +139,9 @@ class ActivationTracker:
         self._stack: list[tuple[nn.Module, dict]] = []
         self._want_raw = False
         self._handles: list = []
-        #: the statistics kernels and their CPU buffers
+        #: the statistics kernels (fused or plain torch)
         self.kernel = SiteStats()
-        self._stats = self.kernel.stats   # an instance attribute: a benchmark may wrap it
+        self._stats = self.kernel.update   # an instance attribute: a benchmark may wrap it
         #: execution order of the first training forward: ("layer", layer id, in, out) and ("site", key)
         self.forward_order: list = []
         #: True once the first training forward has been seen (forward_order complete)
@@ -148,21 +149,13 @@ class ActivationTracker:
         self._layer_of = {m: i for i, m in (layer_ids or {}).items()}
         self._mode: _Wrapper | None = None
         self.module_sites, self.fn_all, self.fn_patterns = select_sites(model, spec, layer_ids or {})
+        self.attention_unobserved: list[str] = fused_attention_config(model)   # + paths calling sdpa
         self._fn_hook = _eager(self._functional)
         #: steps per row of statistics (set by the recorder; > 1: new sites declare ``first_step``)
         self.window = 1
         #: training-mode forwards seen so far (tells whether a forward ran since the last step)
         self.forwards = 0
         self.install()
-
-    @property
-    def chunk_bytes(self) -> int:
-        """CPU: bytes of one slab of rows walked by the statistics (about the L2 cache)."""
-        return self.kernel.chunk_bytes
-
-    @chunk_bytes.setter
-    def chunk_bytes(self, n: int) -> None:
-        self.kernel.chunk_bytes = n
 
     # ------------------------------------------------------------------ selection
     def _fn_selected(self, name: str, kind: str) -> bool:
@@ -214,7 +207,6 @@ class ActivationTracker:
             h.remove()
         self._handles.clear()
         self.model.__dict__.pop("compile", None)
-        self.kernel.scratch.clear()
         if self._mode is not None:
             try:
                 self._mode.__exit__(None, None, None)
@@ -225,16 +217,16 @@ class ActivationTracker:
     def _active(self) -> bool:
         return self.model.training and not _in_backward()
 
-    def _root_pre(self, module, args):
-        if module is not self.model:   # a copy of the model (copy.deepcopy carries the hooks along)
+    def _root_pre(self, module, args, entry=False):
+        if module is not self.model and not entry:   # a copy of the model (copy.deepcopy carries the hooks along)
             return
         self._stack = [(module, {})]
         if self._need_fn and self._active() and self._mode is None:
             self._mode = _Wrapper(self)
             self._mode.__enter__()
 
-    def _root_post(self, module, args, out):
-        if module is not self.model:
+    def _root_post(self, module, args, out, entry=False):
+        if module is not self.model and not entry:
             return
         if self._mode is not None:
             mode, self._mode = self._mode, None
@@ -255,11 +247,15 @@ class ActivationTracker:
                                    "out_shape": list(t_out.shape[1:]) if t_out is not None else None})
 
     def _push(self, module, args):
+        if not self._stack and module in self._names:   # a forward that enters below the root (the root's
+            self._root_pre(module, args, entry=True)     # own never runs: training_step calls self.model(...))
         self._stack.append((module, {}))
 
     def _pop(self, module, args, out):
         if self._stack and self._stack[-1][0] is module:
             self._stack.pop()
+            if len(self._stack) == 1 and self._stack[0][0] is module:   # that entry's forward ends
+                self._root_post(module, args, out, entry=True)
 
     def _module_out(self, module, args, out):
         if not self._active() or module not in self._names:
@@ -289,8 +285,11 @@ class ActivationTracker:
             return
         inner, calls = self._stack[-1] if self._stack else (self.model, {})
         if inner is not self.model and module_kind(inner) is not None:
-            return  # nn.ReLU & co.: the module's own site covers it
+            return  # nn.ReLU, transformers' NewGELUActivation & co.: the module's own site covers it
         path = self._names.get(inner, "")
+        if kind == ATTENTION:   # fused attention: its probabilities are not observable (noted once)
+            return None if path in self.attention_unobserved else self.attention_unobserved.append(path)
+        kind = call_kind(kind, args, kwargs)
         idx = calls.get(kind, 0)
         calls[kind] = idx + 1
         name = f"{path}/{kind}#{idx}"
@@ -346,9 +345,7 @@ class ActivationTracker:
             return
         if x.numel() == 0:
             return
-        st = self._stats(x, axis, U, site)
-        site.count += x.numel() // U
-        site.add(st)
+        self._stats(site, x, axis, U)
         if self._want_raw and self.samples > 0 and not site.samples:
             if list(x.shape[1:]) == meta["sample_shape"]:
                 site.samples.append(x[: self.samples].clone())
@@ -367,16 +364,16 @@ class ActivationTracker:
         meta = {"name": name, "key": key, "kind": kind, "source": source, "module": module,
                 "unit_axis": axis, "units": int(U), "sample_shape": list(x.shape[1:]),
                 "bounds": list(bounds) if bounds else None, "softmax_dim": dim,
-                "hist_edges": None, "family": ("relu" if kind in RELU_FAMILY else
-                                               "bounded" if bounds else "other")}
+                "hist_edges": None, "family": site_family(kind, bounds)}
         stats = {k: [U] for k in ("sum", "sum_abs", "sumsq", "min", "max", "n_pos")}
         stats.update(count=[], nonfinite=[])
         if self.window > 1:   # rows cover windows of steps: each row names its first step
             stats[fmt.SITE_WINDOW_STAT] = []
-        if bounds is not None:
-            lo, hi = bounds
-            meta["hist_edges"] = [lo + (hi - lo) * i / HIST_BINS for i in range(HIST_BINS + 1)]
-            stats["hist"] = [HIST_BINS] if kind == "softmax" else [U, HIST_BINS]
+        if bounds is not None:   # near-bound counts at fixed deltas (int32): saturation at those deltas
+            meta["near_deltas"] = list(NEAR_DELTAS)
+            stats["near"] = [len(NEAR_DELTAS)] if kind == "softmax" else [U, len(NEAR_DELTAS)]
+            if kind == "softmax":   # near counts rows (of the largest probability): their number
+                stats["rows"] = []
         meta["stats"] = stats
         site = Site(meta, nonneg)
         self.sites[name] = site
@@ -401,14 +398,10 @@ class ActivationTracker:
         """
         out = []
         for s in self.sites.values():
-            acc = None
-            if stats and s.acc is not None:
-                acc = s.acc
-                dev = acc["sum"].device
-                acc["count"] = torch.full((), float(s.count), dtype=torch.float64, device=dev)
-                if first_step is not None:
-                    acc[fmt.SITE_WINDOW_STAT] = torch.full((), float(first_step), dtype=torch.float64, device=dev)
-                s.acc, s.count = None, 0
+            acc = s.take() if stats else None
+            if acc is not None and first_step is not None:
+                acc[fmt.SITE_WINDOW_STAT] = torch.full((), float(first_step), dtype=torch.float64,
+                                                       device=acc["sum"].device)
             if acc is not None or s.samples:
                 out.append((s.meta["key"], acc or {}, s.samples))
             s.samples = []

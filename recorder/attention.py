@@ -12,6 +12,7 @@ to the host once per batch.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.captures import CaptureWriter
+from .errors import RecorderWarning
 from .modules import first_tensor, resolve_layer
 from .rundir import ensure_run
 from .writer import raise_as_os_error
@@ -114,6 +116,21 @@ def _groups(g: Any, names: list[str] | None, B: int) -> tuple[np.ndarray, list[s
     return a.astype(np.int64), nm
 
 
+def _warn_zero_grads(seen: dict, lname: str, reshaped: bool) -> None:
+    """Warn (RecorderWarning) for each target whose stored gradients are 0 everywhere: its Grad-CAM maps
+    will be 0 and score nothing. Says whether ``reshape`` dropped the positions that had a gradient."""
+    for name, (raw, kept) in seen.items():
+        if kept:
+            continue
+        why = ("is non-zero only at positions that reshape drops (in a ViT's last block only the CLS token "
+               "feeds the classifier)" if raw and reshaped else "is 0 everywhere (the target does not depend "
+               "on this layer's output)")
+        warnings.warn(f"bbdecoder: capture_attention: the gradient of target {name!r} with respect to "
+                      f"{lname!r}'s output {why}: its Grad-CAM maps will be 0 everywhere. Capture an earlier "
+                      "layer (for a ViT, the last block's layernorm_before or an earlier block)",
+                      RecorderWarning, stacklevel=3)
+
+
 def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike, target_layer: Any,
                       targets: dict, *, multilabel: bool = False, reshape: Callable | None = None,
                       batch_limit: int | None = None, dtype: str = "float32", mask_names: list[str] | None = None,
@@ -140,7 +157,8 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
         step / epoch / rank: recorded as attributes (a Recorder passes its current ones).
 
     Returns:
-        Path of the finished capture file ``RUN/captures/capture-NNNNNN.h5``.
+        Path of the finished capture file ``RUN/captures/capture-NNNNNN.h5``. A target whose stored
+        gradients are 0 everywhere (its gradient-based maps would be 0) is reported with a RecorderWarning.
     """
     if dtype not in _NP_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_NP_DTYPES)}")
@@ -156,6 +174,7 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
         device = torch.device("cpu")
     modes = {m: m.training for m in model.modules()}
     box: dict = {}
+    seen = {t["name"]: [False, False] for t in tlist}   # target -> [any gradient != 0, any after reshape]
 
     def hook(mod, inp, out):
         a = first_tensor(out)
@@ -196,7 +215,10 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
                     grads.append(g)
                 with torch.no_grad():
                     A = reshape(a.detach()) if reshape is not None else a.detach()
+                    raw = [bool((g != 0).any()) for g in grads]   # off the hot path: one sync per batch
                     grads = [reshape(g) if reshape is not None else g for g in grads]
+                    for t, r, g in zip(tlist, raw, grads):
+                        seen[t["name"]] = [seen[t["name"]][0] or r, seen[t["name"]][1] or bool((g != 0).any())]
                 if A.ndim != 4:
                     raise ValueError(f"target layer output must be (B, K, h, w) (pass reshape= for transformers), "
                                      f"not {tuple(A.shape)}")
@@ -227,6 +249,7 @@ def capture_attention(model: torch.nn.Module, loader, run_dir: str | os.PathLike
                 writer.append(rows, B, b)
         if not writer.n:
             raise ValueError("the loader yielded no images")
+        _warn_zero_grads(seen, lname, reshape is not None)
         return writer.finish(step=step, epoch=epoch, rank=rank, target_layer=lname, image_size=image_size,
                           dtype=dtype, targets=[{k: t[k] for k in ("name", "key", "kind", "index")} for t in tlist],
                           mask_names=mnames, group_names=gnames or [])

@@ -37,6 +37,7 @@ class Lifecycle:
         try:
             self._release(end=True)   # an open activation window ends here
             self._writer.flush(timeout)
+            self._casts.warn_once()   # values lost to float16 storage, seen by the writer (once)
         except WriterError as e:
             self._fail(e.__cause__ or e, surfaced=True)
         except Exception as e:
@@ -60,10 +61,13 @@ class Lifecycle:
                 held_err = e
         if self._tracker is not None:
             self._tracker.remove()
+        if getattr(self, "_watch", None) is not None:
+            self._watch.remove()
         if getattr(self, "_graph_hook", None) is not None:
             self._graph_hook.remove()
         self._writer.close(status, raise_error=False)
         err = self._writer.take_error() or held_err
+        self._casts.warn_once()
         if self._writer.error is not None:
             status = fmt.STATUS_FAILED
         if self.rank == 0:

@@ -3,11 +3,12 @@
     from bbdecoder.recorder.prune import apply_plan
     summary = apply_plan(model, "plan.json")     # or the plan dict from run.pruning_plan(...)
 
-Structured entries mask the producer's weight rows (and bias entries) of the removed units, the rows
-of per-channel normalisations that depend on them (axis 0), and the consumer's weight columns
-(axis 1; with group k each unit is k consecutive input features). Magnitude entries mask every weight
-with |w| <= the plan's threshold in the model's current weights. Masks only zero weights (no
-speed-up); ``permanent=True`` folds them into the weights (torch.nn.utils.prune.remove).
+Structured entries mask the producer's weight rows (and bias entries) of the removed units (columns
+for a weight stored (in, out), entry axis 1: HF ``Conv1D``), the rows of per-channel normalisations that
+depend on them (axis 0), and the consumer's input units: weight columns (axis 1), or rows of an (in, out)
+weight (axis 0, role "consumer"); with group k each unit is k consecutive input features. Magnitude
+entries mask every weight with |w| <= the plan's threshold in the model's current weights. Masks only
+zero weights (no speed-up); ``permanent=True`` folds them into the weights (torch.nn.utils.prune.remove).
 """
 
 from __future__ import annotations
@@ -45,15 +46,27 @@ def _weight(m: nn.Module, name: str) -> torch.Tensor:
     return getattr(m, name)
 
 
+def _own_weights(model: nn.Module):
+    """``(name, module, effective weight)`` of every module with a ``weight`` parameter (or a pruned
+    ``weight_orig``), each parameter object once: a weight tied to an earlier module's (GPT-2's
+    ``lm_head`` and ``transformer.wte``) is counted there only."""
+    seen = set()
+    for mname, m in model.named_modules():
+        p = m._parameters.get("weight_orig", m._parameters.get("weight"))
+        w = getattr(m, "weight", None)
+        if p is None or not isinstance(w, torch.Tensor) or id(p) in seen:
+            continue
+        seen.add(id(p))
+        yield mname, m, w
+
+
 def model_sparsity(model: nn.Module) -> dict:
     """Fraction of zero weights per module with a ``weight`` (effective values, masks applied) and over
-    all of them: ``{"layers": {name: fraction}, "overall": fraction, "zeros": int, "weights": int}``."""
+    all of them: ``{"layers": {name: fraction}, "overall": fraction, "zeros": int, "weights": int}``
+    (a tied weight once, under the first module that holds it)."""
     layers, zeros, total = {}, 0, 0
     with torch.no_grad():
-        for mname, m in model.named_modules():
-            w = getattr(m, "weight", None)
-            if not isinstance(w, torch.Tensor) or not ("weight" in m._parameters or "weight_orig" in m._parameters):
-                continue
+        for mname, m, w in _own_weights(model):
             z = int((w == 0).sum())
             layers[mname] = z / w.numel() if w.numel() else 0.0
             zeros += z
@@ -103,12 +116,13 @@ def apply_plan(model: nn.Module, plan: Any, permanent: bool = False) -> dict:
             masks[key] = torch.ones(p.shape, dtype=p.dtype, device=p.device)
         return masks[key]
 
-    def rows(mname: str, units: list[int]) -> None:
+    def rows(mname: str, units: list[int], axis: int = 0) -> None:
+        """Mask the units on weight ``axis`` (rows, or columns of an (in, out) weight) and their biases."""
         w = mask_of(mname, "weight")
         idx = torch.as_tensor(units, dtype=torch.long, device=w.device)
-        w.index_fill_(0, idx, 0)
+        w.index_fill_(axis, idx, 0)
         b = getattr(modules[mname], "bias", None)
-        if isinstance(b, torch.Tensor) and b.dim() == 1 and b.shape[0] == w.shape[0]:
+        if isinstance(b, torch.Tensor) and b.dim() == 1 and b.shape[0] == w.shape[axis]:
             mask_of(mname, "bias").index_fill_(0, idx, 0)
 
     with torch.no_grad():
@@ -118,15 +132,15 @@ def apply_plan(model: nn.Module, plan: Any, permanent: bool = False) -> dict:
                 w = _weight(modules[mname], "weight")
                 mask_of(mname, "weight").mul_((w.abs() > float(e["magnitude_threshold"])).to(w.dtype))
                 continue
-            rows(mname, e["units"])
+            rows(mname, e["units"], int(e.get("axis", 0)))
             for nx in e.get("next", []):
-                if nx["axis"] == 0:
+                if nx["axis"] == 0 and "role" not in nx:   # a per-channel normalisation
                     rows(nx["layer"], nx["units"])
-                else:
+                else:   # a consumer: its input units (columns, or rows of an (in, out) weight); no bias
                     k = int(nx.get("group", 1))
                     w = mask_of(nx["layer"], "weight")
                     cols = [u * k + j for u in nx["units"] for j in range(k)]
-                    w.index_fill_(1, torch.as_tensor(cols, dtype=torch.long, device=w.device), 0)
+                    w.index_fill_(int(nx["axis"]), torch.as_tensor(cols, dtype=torch.long, device=w.device), 0)
         for (mname, pname), mk in masks.items():
             _prune.custom_from_mask(modules[mname], pname, mask=mk)
             if permanent:
@@ -136,10 +150,7 @@ def apply_plan(model: nn.Module, plan: Any, permanent: bool = False) -> dict:
     layers = {}
     masked_all, total_all = 0, 0
     with torch.no_grad():
-        for mname, m in modules.items():
-            w = getattr(m, "weight", None)
-            if not isinstance(w, torch.Tensor) or not ("weight" in m._parameters or "weight_orig" in m._parameters):
-                continue
+        for mname, m, w in _own_weights(model):
             mk = getattr(m, "weight_mask", None)
             z = int((mk == 0).sum()) if isinstance(mk, torch.Tensor) else (int((w == 0).sum()) if permanent
                                                                            and mname in touched else 0)

@@ -24,9 +24,10 @@ from .distributed import check_ranks, dist_info, local, unwrap_model, uses_fsdp1
 from .errors import RecorderClosedError, RecorderError, RecorderWarning
 from .gradstats import Scratch
 from .lifecycle import Lifecycle
+from .modules import ForwardWatch
 from .layers import LayerInfo, layer_table, param_targets, select, table_lines
 from .act_window import ActivationWindow
-from .packing import AsyncScalar, GradPlans, Pending, drop_payload, loss_handoff, pack, pack_grad_stats, resolve
+from .packing import AsyncScalar, CastWatch, GradPlans, Pending, drop_payload, loss_handoff, pack, pack_grad_stats, resolve
 from .rundir import new_manifest, prepare_run_dir, write_manifest
 from .schedules import as_schedule
 from .side_captures import SideCaptures
@@ -92,6 +93,9 @@ class Recorder(Lifecycle, SideCaptures):
         activation_unit_axis: ``{site name or glob: axis}`` overrides of the unit axis.
         graph: record the function graph (``RUN/graph.json``, see :mod:`recorder.graph`) once, on the
             first forward pass (an extra forward without gradients; buffers and RNG restored).
+            When the model's own forward never runs (a LightningModule whose ``training_step`` calls
+            ``self.model(...)``), activations and the graph come from the submodules whose forwards
+            do run, under the model's names, with one RecorderWarning at the first ``step()``.
         probe: ``(example_input, layer)``: capture ``layer``'s output for this fixed input into
             ``RUN/features/`` (see :mod:`recorder.features`) on the ``probe_every`` schedule.
         probe_every: "epoch" (default: at every ``epoch_end()``), or a step schedule (int every n /
@@ -126,6 +130,7 @@ class Recorder(Lifecycle, SideCaptures):
         self._gstat_sched = as_schedule(grad_stats_every)
         self._gstat_plans = GradPlans()   # plans and static lists, kept between steps
         self._gstat_scratch = Scratch()   # work buffers shared by the plans (allocated at the first step)
+        self._casts = CastWatch()         # values lost to float16 storage: counted, warned about once
         self._weight_sched = as_schedule(weights_every)
         self._grad_dtype, self._weight_dtype = _DTYPES[grad_dtype], _DTYPES[weight_dtype]
         self.rank, self.world_size = dist_info()
@@ -178,6 +183,9 @@ class Recorder(Lifecycle, SideCaptures):
                 self._tracker.remove()
             raise
         self._init_graph_probe(model, graph, probe, probe_every)
+        # ---- which module starts the forward passes (until the first step; see modules.ForwardWatch)
+        self._watch = ForwardWatch(model, self._graph_entry if graph else None) \
+            if (self._tracker is not None or graph) else None
 
     def _setup_run(self, model, table, overwrite, on_error, on_full, queue_items, queue_bytes,
                    flush_steps, flush_secs, max_shard_bytes, grad_dtype, weight_dtype, record_rank,
@@ -257,17 +265,22 @@ class Recorder(Lifecycle, SideCaptures):
         if self._disabled:
             return
         try:
+            if self._watch is not None:   # the first step: did the model's own forward run?
+                self._watch, msg = None, self._watch.finish()
+                if msg is not None:
+                    warnings.warn(msg, RecorderWarning, stacklevel=2)
             self._release(end=False)
+            self._casts.warn_once()
             p = Pending(s, self._epoch, time.time(), loss_handoff(loss))
             with torch.no_grad():
                 if self._grad_targets and self._gstat_sched(s):
                     pack_grad_stats(p, self._grad_targets, self._gstat_plans, self._gstat_scratch)
                 if self._grad_targets and self._grad_sched(s):
                     pack(p, [(fmt.KIND_GRADS, lk, pk, local(q.grad), a) for lk, pk, q, a in self._grad_targets],
-                         self._grad_dtype)
+                         self._grad_dtype, self._casts)
                 if self._weight_targets and self._weight_sched(s):
                     pack(p, [(fmt.KIND_WEIGHTS, lk, pk, local(q), a) for lk, pk, q, a in self._weight_targets],
-                         self._weight_dtype)
+                         self._weight_dtype, self._casts)
                 hold = self._tracker is not None and self._pack_activations(p, s)
             if isinstance(p.loss, AsyncScalar):
                 p.events.extend(p.loss.events)
@@ -323,6 +336,8 @@ class Recorder(Lifecycle, SideCaptures):
             self._sites_dirty = True
         if tr.order_done and "forward_order" not in self._manifest:
             self._manifest["forward_order"] = tr.forward_order
+            if tr.attention_unobserved:   # fused attention in the first training forward (trace-format.md)
+                self._manifest["attention_unobserved"] = list(tr.attention_unobserved)
             self._sites_dirty = True
         if self._sites_dirty and self.rank == 0:
             self._sites_dirty = False

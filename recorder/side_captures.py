@@ -12,7 +12,7 @@ from typing import Any
 
 from bbdecoder.analyzer.trace import format as fmt
 from .errors import RecorderClosedError
-from .modules import resolve_layer
+from .modules import prefix_graph, resolve_layer
 from .schedules import as_schedule
 
 __all__ = ["SideCaptures"]
@@ -43,6 +43,11 @@ class SideCaptures:
         """
         if self._closed:
             raise RecorderClosedError("Recorder.record_graph() called after close()")
+        return self._graph_of(self.model, "", example_input, kwargs)
+
+    def _graph_of(self, module, name: str, example_input: Any, kwargs: dict | None) -> str:
+        """The graph of ``module`` (the model, or its submodule ``name`` that starts the forward pass
+        when the model's own forward does not run: names are the model's, see ``modules.prefix_graph``)."""
         from .graph import record_graph, write_graph
         h, self._graph_hook = self._graph_hook, None  # graph=True is satisfied by this call
         if h is not None:
@@ -51,7 +56,7 @@ class SideCaptures:
         if tr is not None:  # the extra forward must not count as an activation step
             tr.remove()
         try:
-            g = record_graph(self.model, example_input, kwargs)
+            g = prefix_graph(record_graph(module, example_input, kwargs), name)
         finally:
             if tr is not None:
                 tr.install()
@@ -79,6 +84,15 @@ class SideCaptures:
         except OSError as e:   # a write error (full disk): on_error decides, as for the steps
             self._fail(e)
             return None
+
+    def _graph_entry(self, name: str, module, args, kwargs) -> None:
+        """``modules.ForwardWatch``'s first entry below the model: its graph, if still wanted."""
+        if self._graph_hook is None or self._disabled or self._closed:
+            return
+        try:
+            self._graph_of(module, name, args, kwargs)
+        except Exception as e:
+            self._fail(e)
 
     def _graph_pre(self, module, args, kwargs):
         if self._disabled or self._closed:

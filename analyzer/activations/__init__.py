@@ -12,6 +12,8 @@ Definitions (per unit i of a site, over the selected steps):
     APoZ            = 1 - active_fraction (fraction of values <= 0); dead if APoZ >= threshold
     dormant score   = s_i = E|h_i| / mean_k E|h_k|  (Sokar et al. 2023); dead if s_i <= threshold
 A NaN statistic (NaN activations) never makes a unit dead; NaN values count as not active (not > 0).
+Smooth kinds (GELU erf/tanh, QuickGELU, SiLU, Mish): strict also needs min h >= -floor (their flat
+negative tail), APoZ and saturation are not judged (see :mod:`.deadunits` and :func:`.saturation.saturation`).
 
 Modules: :mod:`.sites` (selecting sites, reading and merging their statistics over ranks, raw
 samples, :func:`activation_stats`), :mod:`.deadunits` (criteria, :func:`dead_units`,

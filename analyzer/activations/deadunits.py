@@ -1,5 +1,32 @@
 """Dead and dormant units from the recorded per-unit statistics, at analysis-time thresholds
-(torch-free). See :mod:`analyzer.activations` for the definitions of the criteria."""
+(torch-free). See :mod:`analyzer.activations` for the definitions of the criteria.
+
+Per kind (the statistics are count, sum, sum |h|, sum h^2, min, max and n_pos = count(h > 0) per unit):
+
+* ReLU family, bounded kinds, plain outputs: the criteria as defined (strict: max <= threshold, the
+  "never active" of dead ReLUs, Lu et al. 2019 "Dying ReLU and initialization", arXiv:1903.06733;
+  APoZ: Hu et al. 2016 "Network Trimming", arXiv:1607.03250, the share of zeros, which a ReLU outputs
+  for every input <= 0; dormant: Sokar et al. 2023 "The dormant neuron phenomenon in deep
+  reinforcement learning", arXiv:2302.12902).
+* Smooth kinds (:data:`.sites.SMOOTH_KINDS`: GELU erf/tanh, QuickGELU, SiLU/Swish, Mish; Hendrycks &
+  Gimpel 2016 "Gaussian Error Linear Units", arXiv:1606.08415; Elfwing et al. 2018 "Sigmoid-weighted
+  linear units", arXiv:1702.03118; Ramachandran et al. 2017 "Searching for activation functions",
+  arXiv:1710.05941; Shazeer 2020 "GLU variants improve Transformer", arXiv:2002.05202 for SwiGLU;
+  Misra 2019 "Mish", arXiv:1908.08681). They keep the sign of the input (f(x) > 0 iff x > 0, so
+  n_pos counts the inputs > 0 exactly) but never output exactly zero: a negative input gives a
+  negative output with a non-zero gradient until the flat tail. A unit is **dead** (strict) when
+  every output lies in the dead band ``[-floor, threshold]``: never above ``threshold`` (as for ReLU)
+  *and* ``min >= -floor``, where ``floor`` = |f(x_t)| (:data:`DEAD_FLOOR`) and x_t is where the flat
+  tail begins: |f'(x)| <= 0.01 (1% of the slope of the positive side) for every x <= x_t (GELU:
+  x_t = -3.07, floor 0.00331; SiLU x_t = -6.26, floor 0.0119). Such a unit's inputs were all in the
+  tail (gradient <= 0.01) or within about 2 floor of 0 (a constant unit): either way it passes
+  nothing on. A unit that is merely never positive (inputs in [-1, 0]: outputs down to -0.17, gradient
+  up to 0.5) is not dead. With ``max_active_fraction`` > 0: active in at most that fraction *and*
+  ``min >= -floor``. **APoZ is not judged** for smooth kinds (score NaN, never dead): they output no
+  zeros, and the trace's n_pos tells only the sign of the input (about half the inputs of a healthy
+  GELU layer are negative). **dormant** needs no change: E|h| / layer mean E|h| is defined for any
+  activation.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from ..stats import UnitSums
-from .sites import FIRST, empty_table, iter_merged_site_stats, select_site, select_sites, site_blocks
+from .sites import FIRST, empty_table, iter_merged_site_stats, select_site, select_sites, site_blocks, site_family
 
 CRITERIA = ("strict", "apoz", "dormant")
 
@@ -45,8 +72,19 @@ def check_criterion(criterion, threshold, max_active_fraction):
     return threshold, max_active_fraction
 
 
-def _judge(criterion, threshold, maf, n, npos, sabs, mx):
+#: Smooth kinds: the dead band's floor |f(x_t)|, x_t the start of the flat tail (|f'| <= 0.01 for every
+#: x <= x_t): GELU x_t = -3.067, GELU (tanh form) -3.053, QuickGELU -3.679, SiLU -6.261, Mish -6.264.
+DEAD_FLOOR = {"gelu": 3.311e-3, "gelu_tanh": 3.068e-3, "quick_gelu": 7.008e-3, "silu": 1.193e-2, "mish": 1.191e-2}
+
+
+def dead_floor(S: dict) -> float | None:
+    """The dead band's floor of a site's kind (:data:`DEAD_FLOOR`); None for kinds without one."""
+    return DEAD_FLOOR.get(S.get("kind")) if site_family(S) == "smooth" else None
+
+
+def _judge(criterion, threshold, maf, n, npos, sabs, mx, mn=None, floor=None):
     """``(active_fraction, score, dead)`` from pooled statistics: arrays (..., U); ``n`` broadcasts.
+    ``floor``: a smooth kind's dead-band floor (strict also needs ``mn >= -floor``; APoZ is not judged).
 
     A NaN statistic (a NaN was seen) never makes a unit dead: there is no evidence that it is.
     """
@@ -55,6 +93,11 @@ def _judge(criterion, threshold, maf, n, npos, sabs, mx):
         if criterion == "strict":
             score = mx
             dead = (mx <= threshold) if maf == 0 else (af <= maf)
+            if floor is not None:
+                dead = dead & (mn >= -floor)
+        elif criterion == "apoz" and floor is not None:   # no zeros to count: not judged
+            score = np.full(np.shape(npos), np.nan)
+            dead = np.zeros(np.shape(npos), bool)
         elif criterion == "apoz":
             score = 1.0 - af
             dead = score >= threshold
@@ -69,9 +112,10 @@ def _judge(criterion, threshold, maf, n, npos, sabs, mx):
     return af, score, np.asarray(dead, bool)
 
 
-def _dead_now(criterion, threshold, maf, d):
+def _dead_now(criterion, threshold, maf, d, floor=None):
     """Per-row (step) dead mask (k, U) from one block of statistics."""
-    return _judge(criterion, threshold, maf, d["count"][:, None], d["n_pos"], d["sum_abs"], d["max"])[2]
+    return _judge(criterion, threshold, maf, d["count"][:, None], d["n_pos"], d["sum_abs"], d["max"],
+                  d["min"], floor)[2]
 
 
 DEAD_COLUMNS = ["site", "kind", "unit", "active_fraction", "max", "score", "dead", "died_at", "dead_fraction",
@@ -87,7 +131,9 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
             max <= threshold; or, with max_active_fraction > 0 at threshold 0, dead if
             active_fraction <= max_active_fraction), "apoz" (dead if the fraction of values <= 0 is
             >= threshold), "dormant" (Sokar et al. 2023: dead if s_i = E|h_i| / mean_k E|h_k| <= threshold,
-            E over every value of the steps, the mean over the site's units).
+            E over every value of the steps, the mean over the site's units). Smooth kinds (GELU,
+            SiLU, ...): strict also needs every value >= -:data:`DEAD_FLOOR` (the flat tail), and
+            APoZ is not judged (score NaN, never dead): see the module docstring.
         threshold, max_active_fraction: see criterion (ValueError if out of range).
         steps: None (all), a (start, stop) half-open range, or an iterable of steps.
         sites: site specification (see :func:`select_sites`).
@@ -121,7 +167,7 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
         last_alive = np.full(U, np.iinfo(np.int64).min)   # last step at which the unit was alive
         all_steps: dict = {}                               # a row's (last) step -> its first step
         for st, d in iter_merged_site_stats(run, S, steps=steps):
-            dead_now = _dead_now(criterion, threshold, max_active_fraction, d)
+            dead_now = _dead_now(criterion, threshold, max_active_fraction, d, dead_floor(S))
             all_steps.update(zip(st.tolist(), np.asarray(d.get(FIRST, st), np.int64).tolist()))
             alive = np.where(~dead_now, st[:, None], np.iinfo(np.int64).min)
             if len(st):
@@ -131,7 +177,7 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
             continue
         mx = pooled.max
         af, score, dead = _judge(criterion, threshold, max_active_fraction, pooled.count, pooled.n_pos,
-                                 pooled.sum_abs, mx)
+                                 pooled.sum_abs, mx, pooled.min, dead_floor(S))
         recorded = np.asarray(sorted(all_steps), np.int64)
         first = np.asarray([all_steps[x] for x in recorded.tolist()], np.int64)
         idx = np.searchsorted(recorded, last_alive, side="right")   # first recorded row after it
@@ -164,7 +210,7 @@ def dead_per_step(run, criterion: str = "strict", threshold: float = 0.0, max_ac
     for S in select_sites(run, sites):
         for st, d, rank in site_blocks(run, S, steps=steps, by_rank=by_rank):
             ranks.add(rank)
-            dn = _dead_now(criterion, threshold, max_active_fraction, d)
+            dn = _dead_now(criterion, threshold, max_active_fraction, d, dead_floor(S))
             rows.append(pd.DataFrame({"rank": rank, "step": st.astype(np.int64), "site": S["name"],
                                       "dead_fraction": dn.mean(1)}))
     cols = (["rank"] if len(ranks) > 1 else []) + ["step", "site", "dead_fraction"]
@@ -183,7 +229,7 @@ def dead_mask(run, site: Any, criterion: str = "strict", threshold: float = 0.0,
     st_all, masks = [], []
     for st, d in iter_merged_site_stats(run, S, steps=steps):
         st_all.append(st)
-        masks.append(_dead_now(criterion, threshold, max_active_fraction, d))
+        masks.append(_dead_now(criterion, threshold, max_active_fraction, d, dead_floor(S)))
     if not st_all:
         return np.zeros(0, np.int64), np.zeros((0, S["units"]), bool)
     return np.concatenate(st_all), np.concatenate(masks)

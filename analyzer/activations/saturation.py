@@ -1,5 +1,5 @@
 """Saturation of bounded and ReLU-family activations from the recorded histograms and counts
-(torch-free)."""
+(torch-free). Smooth kinds (GELU, SiLU, ...) are not judged: see :func:`saturation`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .deadunits import as_number
-from .sites import FIRST, empty_table, is_windowed, select_sites, site_blocks
+from .sites import FIRST, empty_table, is_windowed, select_sites, site_blocks, site_family
 
 
 # --------------------------------------------------------------------------- saturation
@@ -25,6 +25,39 @@ def _hist_bins_for_delta(S, delta):
     return nb, nb * width, B
 
 
+def _has_bound_counts(S) -> bool:
+    """A bounded site with near-bound counts (``near``) or, in traces before them, histograms."""
+    return ("near" in S["stats"] and S.get("near_deltas") is not None) or \
+        (S.get("hist_edges") is not None and "hist" in S["stats"])
+
+
+def _bound_stats(S) -> tuple:
+    if "near" in S["stats"]:
+        return ("near", "rows") if S["kind"] == "softmax" else ("near",)
+    return ("hist",)
+
+
+def _bounded_counts(S, delta, d):
+    """``(saturated, total, delta_used)`` of one block of a bounded site: from the near-bound counts,
+    at the largest recorded delta not above ``delta`` (none: 0 saturated, ``delta_used`` 0), the
+    total being the values per unit (softmax: the rows); from the 200-bin histograms of older
+    traces, at ``delta`` rounded down to a bin edge (the total: the values in a bin)."""
+    if "near" in d:
+        deltas = np.asarray(S["near_deltas"], np.float64)
+        j = int(np.searchsorted(deltas, delta + 1e-12, side="right")) - 1
+        near = d["near"]
+        tot = d["rows"] if S["kind"] == "softmax" else np.broadcast_to(d["count"][:, None], near.shape[:2])
+        if j < 0:
+            return np.zeros(tot.shape), tot, 0.0
+        return near[..., j], tot, float(deltas[j])
+    nb, used, B = _hist_bins_for_delta(S, delta)
+    h = d["hist"]
+    tot = h.sum(-1)
+    sat = (h[..., :nb].sum(-1) if S["kind"] != "softmax" else 0.0) + h[..., B - nb:].sum(-1) \
+        if nb else np.zeros(tot.shape)
+    return sat, tot, used
+
+
 def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit: bool = False,
                by_rank: bool = False) -> pd.DataFrame:
     """Fraction of saturated values per (step, site[, unit]).
@@ -33,10 +66,20 @@ def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit
     [lo, hi] (sigmoid [0, 1]; hardtanh its min_val/max_val; relu6 [0, 6]); ``delta`` is in value
     units; tanh: |a| > 1 - delta; softmax: the row's largest probability > 1 - delta (one value per
     row, so softmax rows have no unit even with ``per_unit``: <NA>); ReLU family (relu, leaky_relu,
-    elu, gelu, silu, softplus): the fraction at or below zero (``delta`` does not apply:
-    ``delta_used`` is NaN). Bounded kinds are read from the fixed-edge histograms recorded every
-    step: ``delta`` is rounded down to a bin edge (``delta_used``; the default 200 bins give steps of
-    0.005 for sigmoid, 0.01 for tanh, 0.03 for relu6); NaN values count in no bin.
+    elu, softplus): the fraction at or below zero (``delta`` does not apply: ``delta_used`` is NaN).
+    Smooth kinds (GELU erf and tanh forms, QuickGELU, SiLU, Mish) are **not judged** (no rows; the
+    kind decides, also for traces that called them family "relu"): they are unbounded above (linear
+    for large inputs: Hendrycks & Gimpel 2016, Elfwing et al. 2018), so they have no upper saturation,
+    and their only flat region, the negative tail, cannot be told from small negative inputs by the
+    trace's output statistics (f is not monotonic below 0; no histogram is kept for them); a unit
+    stuck in the tail is a dead unit (:func:`dead_units`, strict, with the kind's dead band). The
+    ReLU rule would call about half the values of a healthy GELU layer saturated. (SageMaker
+    Debugger's SaturatedActivation rule likewise judges tanh and sigmoid only.)
+    Bounded kinds are read from the near-bound counts recorded every step at the deltas 0.01, 0.03
+    and 0.1 (value units; ``near_deltas`` of the site): ``delta`` is rounded down to one of them
+    (``delta_used``; below 0.01: 0, nothing saturated); NaN values are never saturated but count in
+    the total. Traces written before (200-bin histograms): ``delta`` is
+    rounded down to a bin edge (steps of 0.005 for sigmoid, 0.01 for tanh, 0.03 for relu6).
     Sites of other kinds (plain module outputs) are not included. The site's fraction pools its
     units (saturated values / values). Several ranks: over every rank's values at that step, unless
     ``by_rank`` (then per rank, with a leading ``rank`` column). Windows of several steps
@@ -51,12 +94,12 @@ def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit
     chosen = select_sites(run, sites)
     windowed = any(is_windowed(S) for S in chosen)
     for S in chosen:
-        fam = S.get("family")
-        if fam == "bounded" and (S.get("hist_edges") is None or "hist" not in S["stats"]):
+        fam = site_family(S)   # per kind: smooth kinds (GELU, SiLU, ...) are not judged
+        if fam == "bounded" and not _has_bound_counts(S):
             continue
         if fam not in ("relu", "bounded"):
             continue
-        need = ("count", "n_pos") if fam == "relu" else ("count", "hist")
+        need = ("count", "n_pos") if fam == "relu" else ("count",) + _bound_stats(S)
         for st, d, rank in site_blocks(run, S, stats=need, steps=steps, by_rank=by_rank):
             ranks.add(rank)
             ep = run.catalog.epoch_of(st)
@@ -65,11 +108,7 @@ def saturation(run, delta: float = 0.03, steps=None, sites: Any = None, per_unit
                 sat = tot - d["n_pos"]
                 used = np.nan
             else:
-                nb, used, B = _hist_bins_for_delta(S, delta)
-                h = d["hist"]
-                tot = h.sum(-1)
-                sat = (h[..., :nb].sum(-1) if S["kind"] != "softmax" else 0.0) + h[..., B - nb:].sum(-1) \
-                    if nb else np.zeros(tot.shape)
+                sat, tot, used = _bounded_counts(S, delta, d)
             with np.errstate(invalid="ignore", divide="ignore"):
                 site_frac = sat.sum(1) / tot.sum(1) if sat.ndim == 2 else sat / tot
                 unit_frac = sat / tot if sat.ndim == 2 else None

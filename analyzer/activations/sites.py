@@ -26,6 +26,40 @@ def _rule(stat: str) -> str:
     return "min" if stat == FIRST else UnitSums.rule(stat)
 
 
+#: smooth sign-preserving kinds (GELU erf and tanh forms, QuickGELU, SiLU/Swish, Mish): family
+#: "smooth". Traces written before it called GELU and SiLU family "relu": :func:`site_family` corrects.
+SMOOTH_KINDS = ("gelu", "gelu_tanh", "quick_gelu", "silu", "mish")
+#: kinds whose values at or below 0 are read as zero-gradient (saturation: the share <= 0)
+RELU_KINDS = ("relu", "leaky_relu", "elu", "softplus")
+
+
+def site_family(S: dict) -> str:
+    """The family a site is judged by: "relu", "smooth" (:data:`SMOOTH_KINDS`, by kind whatever the
+    trace says), "bounded" or "other"."""
+    kind = S.get("kind")
+    if kind in SMOOTH_KINDS:
+        return "smooth"
+    if kind in RELU_KINDS:
+        return "relu"
+    fam = S.get("family")
+    return fam if fam in ("relu", "bounded") else "other"
+
+
+def attention_note(run) -> str | None:
+    """Why attention probabilities are missing from the trace, with how to get them; None when the
+    recorder saw no fused attention (the manifest's optional ``attention_unobserved``: module paths
+    that called ``F.scaled_dot_product_attention`` in the first training forward, or
+    ``attn_implementation=<name>`` of a Hugging Face config naming a fused kernel)."""
+    where = run.catalog.manifest.get("attention_unobserved")
+    if not where:
+        return None
+    shown = ", ".join(w or "(model)" for w in where[:4]) + (f" and {len(where) - 4} more" if len(where) > 4 else "")
+    return (f"attention probabilities were not observable: attention ran in a fused kernel "
+            f"(scaled_dot_product_attention or flash) in {shown}, so there is no softmax site. To record them, "
+            "use eager attention on a probe batch or a few steps: attn_implementation=\"eager\" in transformers "
+            "(from_pretrained(...) or model.set_attn_implementation(\"eager\"))")
+
+
 def is_windowed(site: dict) -> bool:
     """True when the site's rows cover windows of steps (``Recorder(activation_window=N)``, N > 1)."""
     return FIRST in site["stats"]
@@ -34,9 +68,11 @@ def is_windowed(site: dict) -> bool:
 # --------------------------------------------------------------------------- selection and reading
 
 def site_table(run) -> pd.DataFrame:
-    """One row per activation site: name, key, kind, family, source, module, units, unit_axis."""
+    """One row per activation site: name, key, kind, family (as judged: :func:`site_family`), source,
+    module, units, unit_axis."""
     cols = ["name", "key", "kind", "family", "source", "module", "units", "unit_axis"]
-    return pd.DataFrame([{c: S.get(c) for c in cols} for S in run.catalog.sites], columns=cols)
+    return pd.DataFrame([{c: S.get(c) for c in cols} | {"family": site_family(S)} for S in run.catalog.sites],
+                        columns=cols)
 
 
 def select_sites(run, spec: Any = None) -> list[dict]:
@@ -52,7 +88,7 @@ def select_sites(run, spec: Any = None) -> list[dict]:
     for it in items:
         hit = [S for S in sites if S["name"] == it] or \
               ([S for S in sites if fnmatch.fnmatchcase(S["name"], it)] if any(c in it for c in "*?[") else []) or \
-              [S for S in sites if S["kind"] == it or S.get("family") == it or S.get("module") == it]
+              [S for S in sites if S["kind"] == it or site_family(S) == it or S.get("module") == it]
         if not hit:
             known = ", ".join(repr(S["name"]) for S in sites[:6]) or "none recorded"
             raise TraceError(f"unknown activation site {it!r} (known: {known})")

@@ -51,6 +51,11 @@ def dead(run_dir: str, criterion: str, threshold: float, max_active_fraction: fl
         echo("no dead units" if per_unit and len(du) else "no activation statistics recorded")
     else:
         echo(df.to_string(index=False, na_rep="-"))
+    if not as_json and criterion == "apoz":
+        from ..activations.sites import SMOOTH_KINDS
+        kinds = sorted({k for k in du["kind"] if k in SMOOTH_KINDS})
+        if kinds:
+            echo(f"not judged: APoZ counts zeros, which {', '.join(kinds)} never output (use strict or dormant)")
 
 
 @click.command()
@@ -76,8 +81,26 @@ def saturation(run_dir: str, delta: float, unit_fraction: float, layer_share: fl
     _no_sites(run)
     if as_json:
         echo(records_json(df))
-    elif not len(df):
-        echo("no activation site of a saturating kind (ReLU family, sigmoid, tanh, hardtanh, softmax) "
-                   "selected")
+        return
+    if not len(df):
+        echo("no activation site of a saturating kind (ReLU family, sigmoid, tanh, hardtanh, relu6, softmax) "
+             "selected")
     else:
         echo(df.to_string(index=False, na_rep="-"))
+    for line in _notes(run, site_spec):
+        echo(line)
+
+
+def _notes(run, site_spec) -> list[str]:
+    """Lines under `saturation`: smooth sites not judged, and attention probabilities not observable."""
+    from ..activations.sites import attention_note, select_sites, site_family
+    smooth = [S for S in select_sites(run, site_spec) if site_family(S) == "smooth"]
+    out = []
+    if smooth:
+        kinds = ", ".join(sorted({S["kind"] for S in smooth}))
+        out.append(f"not judged: {len(smooth)} site(s) of kind {kinds} (unbounded above; the flat negative tail "
+                   "is judged as dead units: bbdecoder dead, strict)")
+    note = attention_note(run)
+    if note:
+        out.append("note: " + note)
+    return out

@@ -3,11 +3,19 @@ Never imports torch."""
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
 from ..attention_iou import RESOLUTIONS, SCORES
 from ..cam import METHODS
+from ..cam_notes import AttentionWarning
 from .main import UsageProblem, echo, open_run, records_json
+
+
+class NothingScored(click.ClickException):
+    """No image got a score (exit status 1): the maps or masks are zero everywhere; the message says why."""
+    exit_code = 1
 
 
 def score_table(df) -> str:
@@ -41,7 +49,9 @@ def score_table(df) -> str:
 def attention_iou_cmd(run_dir, target, mask_group, protected, method, n_boot, seed, capture, resolution,
                       score_names, by, as_json) -> None:
     """Attention-IoU of TARGET's attention maps in RUN_DIR against a mask group (--mask-group) or another
-    target's maps (--protected), per split (all, correct, incorrect, group labels), with bootstrap."""
+    target's maps (--protected), per split (all, correct, incorrect, group labels), with bootstrap.
+    Maps that are 0 everywhere are reported on stderr with their likely cause; exit status 1 when no
+    image was scored at all."""
     if (mask_group is None) == (protected is None):
         raise UsageProblem("give exactly one of --mask-group and --protected")
     scores = list(SCORES) if score_names.strip() == "all" else [s.strip() for s in score_names.split(",") if s.strip()]
@@ -55,8 +65,15 @@ def attention_iou_cmd(run_dir, target, mask_group, protected, method, n_boot, se
             raise UsageProblem(f"--capture must be an integer position or 'all', not {capture!r}") from None
     by_spec = "all" if by == "all" else ([] if by == "none" else [b.strip() for b in by.split(",") if b.strip()])
     run = open_run(run_dir)
-    df = run.attention_iou(target, mask_group=mask_group, protected=protected, method=method, bootstrap=n_boot,
-                           seed=seed, resolution=resolution, capture=capture, scores=scores, by=by_spec)
+    with warnings.catch_warnings():   # the notes come back in df.attrs and are printed below
+        warnings.simplefilter("ignore", AttentionWarning)
+        df = run.attention_iou(target, mask_group=mask_group, protected=protected, method=method, bootstrap=n_boot,
+                               seed=seed, resolution=resolution, capture=capture, scores=scores, by=by_spec)
+    notes = df.attrs.get("notes") or []
+    if not len(df) or not (df["n"] > 0).any():
+        raise NothingScored(notes[0] if notes else f"no image of target {target!r} was scored")
+    for n in notes:
+        echo(f"bbdecoder: warning: {n}", err=True)
     if as_json:
         echo(records_json(df))
         return

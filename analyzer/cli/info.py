@@ -22,6 +22,8 @@ def info(run_dir: str, as_json: bool, scan_nonfinite: bool = False) -> None:
     if scan_nonfinite:
         from ..report import nonfinite_findings
         d["nonfinite"] = nonfinite_findings(run, run.grad_stats(), run.weight_stats())
+    from ..activations.sites import attention_note
+    d["attention_note"] = attention_note(run)   # None unless attention ran in a fused kernel
     if as_json:
         echo(json.dumps(json_safe(d), indent=1, sort_keys=True, allow_nan=False))
         return
@@ -31,7 +33,7 @@ def info(run_dir: str, as_json: bool, scan_nonfinite: bool = False) -> None:
         f"status    {d['status']}" + (f" ({d['status_reason']})" if d["status_reason"] else ""),
         f"steps     {d['steps']}" + (f" ({d['first_step']}..{d['last_step']})" if d["steps"] else ""),
         f"epochs    {d['epochs']}",
-        f"layers    {d['layers']}",
+        f"layers    {d['layers']}, {d['params']:,} parameter(s)",
         f"ranks     {', '.join(map(str, d['ranks'])) or '-'} (world size {d['world_size']})",
         f"bytes     {d['bytes']:,} in {d['shards']} shard(s)",
         f"grads     {rec['grad_stats']['steps']} step(s) of statistics, {rec['grads']['steps']} of raw tensors, "
@@ -39,12 +41,17 @@ def info(run_dir: str, as_json: bool, scan_nonfinite: bool = False) -> None:
         f"weights   {rec['weights']['steps']} snapshot(s), {rec['weights']['layers']} layer(s)",
         f"dropped   {d['dropped']}",
     ]
-    lines[6:6] = _rank_lines(d)   # under the "ranks" line
+    lines[5:5] = [f"shared    {e['name']} = {', '.join(e['aliases'])}"
+                  + (f" ({e['numel']:,} parameters, recorded and counted once)" if e["kind"] == "param" else
+                     " (one module, recorded once)") for e in d["shared"]]
+    lines[5 + len(d["shared"]) + 1:5 + len(d["shared"]) + 1] = _rank_lines(d)   # under the "ranks" line
     for e in d["errors"]:
         lines.append(f"error     {e}")
     for p in d["problems"]:
         lines.append(f"problem   {p}")
     lines += _nonfinite_lines(d.get("nonfinite"))
+    if d["attention_note"]:
+        lines.append(f"note      {d['attention_note']}")
     echo("\n".join(lines))
 
 

@@ -122,10 +122,15 @@ def test_attention_iou_table_against_direct(tmp_path):
     from bbdecoder.analyzer.cam import get_cam
     run = _run(tmp_path)
     A, G, M, logits, labels, groups = write_capture(str(run / "captures" / "capture-000000.h5"))
-    df = analyzer.open(run).attention_iou("bird", mask_group="object", bootstrap=50, seed=1,
-                                          scores=("iou", "topk"))
+    from bbdecoder.analyzer.cam_notes import AttentionWarning
+    with pytest.warns(AttentionWarning, match="0 everywhere for 1 of 6 images"):
+        df = analyzer.open(run).attention_iou("bird", mask_group="object", bootstrap=50, seed=1,
+                                              scores=("iou", "topk"))
     maps = get_cam("gradcam")(A, G, size=(16, 16))
     per = AI.iou_score(maps, M.astype(float))
+    zero = ~(get_cam("gradcam")(A, G) > 0).any(axis=(1, 2))   # maps 0 everywhere: told in the notes
+    assert zero.sum() == 1 and df.attrs["notes"][0].startswith(
+        "gradcam maps of target 'bird' at layer 'conv' (captures/capture-000000.h5) are 0 everywhere for 1 of 6")
     ok = logits.argmax(1) == labels
     want = {"all": per, "correct": per[ok], "incorrect": per[~ok]}
     for y in (0, 1):
@@ -139,7 +144,8 @@ def test_attention_iou_table_against_direct(tmp_path):
             assert d.loc[k, "mean"] == pytest.approx(np.nanmean(v), rel=1e-6)
             assert d.loc[k, "boot_std"] == pytest.approx(AI.bootstrap(v, 50, 1)["boot_std"], rel=1e-6)
     # map resolution: masks downsampled to 4x4 and max-normalised
-    dm = analyzer.open(run).attention_iou("bird", mask_group="object", bootstrap=0, resolution="map", by=None)
+    with pytest.warns(AttentionWarning, match="1 of 6"):
+        dm = analyzer.open(run).attention_iou("bird", mask_group="object", bootstrap=0, resolution="map", by=None)
     want_m = AI.iou_score(get_cam("gradcam")(A, G), AI.downsample_mask(M, (4, 4)))
     assert dm.set_index("split").loc["all", "mean"] == pytest.approx(np.nanmean(want_m), rel=1e-6)
     assert list(dm["split"]) == ["all", "correct", "incorrect"]

@@ -301,3 +301,73 @@ def test_failed_constructor_leaves_no_hooks_on_the_model(tmp_path):
     with pytest.raises(FileExistsError):
         Recorder(m, tmp_path / "r", activations="all")
     assert hooks() == before == 0
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _Lit(nn.Module):
+    """A LightningModule's shape: training_step calls self.model(...) (and self.head(...)), never self(...)."""
+
+    def __init__(self, head=False):
+        super().__init__()
+        self.model = _Net()
+        self.head = nn.Sequential(nn.Linear(2, 3), nn.Tanh()) if head else None
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, x):
+        y = self.model(x)
+        return (self.head(y) if self.head is not None else y).pow(2).mean()
+
+
+def test_forward_entering_below_the_model_warns_once_and_records_from_there(tmp_path):
+    torch.manual_seed(0)
+    lit = _Lit()
+    xs = [torch.randn(5, 4) for _ in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Recorder(lit, tmp_path / "r", activations=True, graph=True) as rec:
+            for x in xs:
+                lit.training_step(x).backward()
+                rec.step()
+                lit.zero_grad()
+    with torch.no_grad():   # the site's values at the last step, by hand
+        want = torch.relu(x @ lit.model.fc1.weight.T + lit.model.fc1.bias)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RecorderWarning)]
+    assert len(msgs) == 1 and "'model'" in msgs[0] and "Recorder(model.model" in msgs[0] and "_Lit" in msgs[0]
+    run = analyzer.open(tmp_path / "r")
+    assert run.sites["name"].tolist() == ["model/relu#0"]          # the model's names
+    last = run.activation_stats().query("step == 2").sort_values("unit")
+    np.testing.assert_allclose(last["mean"], want.mean(0).numpy(), rtol=1e-6)
+    assert (last["count"] == 5).all()
+    graph = json.loads((tmp_path / "r" / "graph.json").read_text())
+    lin = [n for n in graph["nodes"] if n["op"] == "linear"]
+    assert [n["module"] for n in lin] == ["model.fc1", "model.fc2"]
+    assert lin[0]["params"] == ["model.fc1.weight", "model.fc1.bias"]
+    assert {m["name"]: m["depth"] for m in graph["modules"]} == {"model": 1, "model.fc1": 2, "model.fc2": 2}
+
+
+def test_several_entries_are_named_and_a_root_forward_does_not_warn(tmp_path):
+    lit = _Lit(head=True)
+    with pytest.warns(RecorderWarning, match=r"'model', 'head'") as caught:
+        with Recorder(lit, tmp_path / "a", activations=True) as rec:
+            for _ in range(2):
+                lit.training_step(torch.randn(3, 4)).backward()
+                rec.step()
+    assert len([w for w in caught if issubclass(w.category, RecorderWarning)]) == 1
+    assert set(analyzer.open(tmp_path / "a").sites["name"]) == {"model/relu#0", "head.1"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecorderWarning)
+        with Recorder(lit, tmp_path / "b", activations=True, graph=True, overwrite=True) as rec:
+            lit(torch.randn(3, 4)).sum().backward()    # the root's own forward
+            rec.step()
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lit.modules())
+    assert hooks == 0 and "compile" not in vars(lit)

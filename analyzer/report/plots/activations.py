@@ -12,6 +12,9 @@ import pandas as pd
 
 from .common import MAX_HEATMAP_COLUMNS, MAX_LEGEND, bin_columns, integer_x, mpl, plot, positive, text, value_ticks
 
+#: kinds whose saturation is the share at or below zero (as analyzer.activations.sites.RELU_KINDS)
+RELU_KINDS = ("relu", "leaky_relu", "elu", "softplus")
+
 #: Most rows (units) the unit x step raster draws; more units are grouped (fraction dead per group).
 MAX_RASTER_ROWS = 256
 
@@ -132,7 +135,7 @@ def saturation_lines(df: pd.DataFrame, fig, order: Iterable[str] | None = None, 
     below zero), whichever are present; one line per site."""
     d = df[np.isfinite(df["saturated"].to_numpy(np.float64))].copy()
     d["site"] = d["site"].astype(str)
-    relu = d["kind"].isin(("relu", "leaky_relu", "elu", "gelu", "silu", "softplus"))
+    relu = d["kind"].isin(RELU_KINDS)   # smooth kinds (GELU, SiLU) are not judged: no rows
     parts = [(p, t, y) for p, t, y in (
         (d[~relu], "Bounded activations: values within delta of a bound", "fraction saturated"),
         (d[relu], "ReLU family: values at or below zero", "fraction <= 0")) if len(p)]

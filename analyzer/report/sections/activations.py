@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ... import activations as A
+from ...activations.sites import RELU_KINDS, attention_note
 from .. import plots
 from ..data import dead_layer_table, dead_sweep
 from ..page import cell_html
@@ -42,10 +43,14 @@ def add(rep) -> None:
               f"{share:g}) under {crit_text}")
     rep.table("dead_per_step", dps, f"per (step, site): fraction of units dead at that step ({crit_text})")
     rep.table("saturation", sat, f"per (step, site): saturated fraction at delta {a['delta']:g} "
-              "(ReLU family: fraction <= 0)")
+              "(ReLU family: fraction <= 0; GELU/SiLU and other smooth kinds not judged)")
     rep.table("saturation_layers", satl, f"per site: saturated fraction, share of saturated units (> "
               f"{a['unit_fraction']:g} of their values), flagged (share > {share:g})")
     rep.extra["activations"] = _headline(a, sites, dl, satl)
+    note = attention_note(run)
+    rep.extra["activations"]["attention_note"] = note
+    if note:
+        rep.not_recorded.append(note[0].upper() + note[1:])
     if not len(sites):
         why = ("the trace has no activation sites (record with Recorder(..., activations='all') or a "
                "selection of modules and functional activations)")
@@ -105,7 +110,8 @@ def _headline(a: dict, sites: pd.DataFrame, dl: pd.DataFrame, satl: pd.DataFrame
             "dead_fraction": "share of the site's units dead over the whole run under the criterion",
             "dead_flagged": "dead_fraction > layer_share",
             "saturated": "mean over steps (and units) of the fraction of saturated values: bounded kinds "
-                         "within delta of a bound (softmax: row max > 1 - delta), ReLU family <= 0",
+                         "within delta of a bound (softmax: row max > 1 - delta), ReLU family <= 0; "
+                         "smooth kinds (GELU, SiLU) not judged (null)",
             "saturated_units": "share of units saturated in more than unit_fraction of their values",
             "saturation_flagged": "saturated_units > layer_share",
         },
@@ -178,8 +184,7 @@ def _saturation(rep, sat, order) -> None:
     note = (f" delta is rounded down to the stored histogram's bin edges: used {', '.join(f'{u:g}' for u in used)}."
             if any(abs(u - a["delta"]) > 1e-12 for u in used if u) else "")
     kinds = set(sat["kind"]) if len(sat) else set()
-    panels = 1 + (len(kinds & {"relu", "leaky_relu", "elu", "gelu", "silu", "softplus"}) > 0
-                  and len(kinds - {"relu", "leaky_relu", "elu", "gelu", "silu", "softplus"}) > 0)
+    panels = 1 + (len(kinds & set(RELU_KINDS)) > 0 and len(kinds - set(RELU_KINDS)) > 0)
 
     def draw():
         fig = plots.figure(7.5 * panels, 4.5)
@@ -187,12 +192,15 @@ def _saturation(rep, sat, order) -> None:
         return fig
     why = plots.check(sat, plots.saturation_lines)
     if why == "no data":
-        why = "no activation site of a saturating kind (ReLU family, sigmoid, tanh, hardtanh, softmax)"
+        why = ("no activation site of a saturating kind (ReLU family, sigmoid, tanh, hardtanh, softmax; "
+               "GELU and SiLU are not judged)")
     _act_figure(rep, "saturation", "act_saturation", "Saturation per site",
                     f"Fraction of saturated values at every recorded step, one line per site. Bounded "
                     f"activations: sigmoid/hardtanh values within delta = {a['delta']:g} of a bound, tanh "
                     f"|a| > 1 − delta, softmax rows whose largest probability exceeds 1 − delta. ReLU "
                     "family: the fraction of values at or below zero (no gradient flows there). "
+                    "GELU, SiLU and the other smooth kinds are not judged here (unbounded above; a unit "
+                    "stuck in their flat negative tail counts as dead under strict). "
                     "Saturation near 1 means a layer has stopped passing gradient." + note,
                     draw, why)
 
