@@ -82,11 +82,18 @@ def parse_channels(text: str | Sequence[int] | None, n_channels: int, default: i
         try:
             if ":" in text:
                 a, b = text.split(":", 1)
-                ch = list(range(int(a) if a.strip() else 0, int(b) if b.strip() else n_channels))
+                lo, hi = int(a) if a.strip() else 0, int(b) if b.strip() else n_channels
+                if not 0 <= lo < n_channels or hi > n_channels:   # checked before a list is built
+                    bad = lo if not 0 <= lo < n_channels else hi - 1
+                    raise IndexError(bad)
+                ch = list(range(lo, hi))
             else:
                 ch = [int(s) for s in text.split(",") if s.strip()]
         except ValueError:
-            raise ValueError(f"channels must be like 0,1,2 or 0:8, not {text!r}") from None
+            raise ValueError(f"channels must be like 0,1,2 or 0:8, not {text!r:.60}") from None
+        except IndexError as e:
+            raise ValueError(f"channel {e.args[0]} out of range: the layer has {n_channels} channels "
+                             f"(0..{n_channels - 1})") from None
     else:
         ch = [int(c) for c in text]
     if not ch:

@@ -30,10 +30,81 @@ def read_graph(run_dir: str | os.PathLike) -> dict:
         TraceError: no graph recorded (one line saying how to record one), or a malformed file.
     """
     path = os.path.join(os.fspath(run_dir), fmt.GRAPH_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):   # anything else there (a FIFO, a link) is refused by read_json
         raise TraceError(f"{os.fspath(run_dir)} has no function graph ({fmt.GRAPH_FILE}); record one with "
                          "Recorder(..., graph=True) or rec.record_graph(example_input)")
-    return fmt.validate_graph(files.read_json(path, "function graph", root=run_dir), path)
+    raw = files.read_json(path, "function graph", root=run_dir)
+    try:
+        g = fmt.validate_graph(raw, path)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:   # a field of the wrong JSON type
+        raise TraceError(f"{path}: malformed function graph ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    _check_fields(g, path)
+    return g
+
+
+_INT64_MAX = (1 << 63) - 1
+
+
+def _count(v) -> bool:
+    """A JSON integer that fits int64 and is >= 0 (true is not a count)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _INT64_MAX
+
+
+def _texts(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _dims(v) -> bool:
+    return isinstance(v, list) and all(_count(x) for x in v)
+
+
+def _node_problem(n: dict) -> str | None:
+    if not all(isinstance(n[k], list) and all(_dims(s) for s in n[k]) for k in ("inputs", "outputs")):
+        return "inputs or outputs that are not lists of shapes"
+    if not _count(n["flops"]):
+        return "flops that are not an int64 count"
+    if any(k in n and not isinstance(n[k], str) for k in ("func", "module_type")) \
+            or (n.get("kind") is not None and not isinstance(n["kind"], str)):
+        return "a func, module_type or kind that is not a string"
+    if any(k in n and not _texts(n[k]) for k in ("input_dtypes", "output_dtypes")):
+        return "dtypes that are not a list of strings"
+    return None
+
+
+def _module_problem(m: dict) -> str | None:
+    if not isinstance(m["type"], str) or (m.get("kind") is not None and not isinstance(m["kind"], str)):
+        return "a type or kind that is not a string"
+    if not all(_count(m[k]) for k in ("depth", "calls", "flops")) or ("n_params" in m and not _count(m["n_params"])):
+        return "depth, calls, flops or n_params that are not int64 counts"
+    t = m.get("time_s")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1e300):
+        return "a time_s that is not a finite number of seconds"
+    return None
+
+
+def _check_fields(g: dict, where: str) -> None:
+    """What :func:`analyzer.trace.format.validate_graph` leaves to the readers, checked before any
+    table is built: every field the tables, the DOT text and the drawings use has its JSON type,
+    counts fit int64 (a stranger's graph.json is data, not a way to an internal error).
+
+    Raises:
+        TraceError: the first problem, in one line.
+    """
+    for i, n in enumerate(g["nodes"]):
+        why = _node_problem(n)
+        if why:
+            raise TraceError(f"{where}: node {i} has {why}")
+    for e in g["edges"]:
+        if ("arg" in e and not _count(e["arg"])) or ("shape" in e and not _dims(e["shape"])):
+            raise TraceError(f"{where}: edge {e['src']} -> {e['dst']} has a malformed arg or shape")
+    for m in g["modules"]:
+        why = _module_problem(m)
+        if why:
+            raise TraceError(f"{where}: module {m['name']!r:.80} has {why}")
+    t = g.get("total_flops", 0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1e300:
+        raise TraceError(f"{where}: total_flops is not a number")
 
 
 def _shape(s) -> str:

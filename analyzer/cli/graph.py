@@ -3,6 +3,7 @@ Never imports torch."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -20,12 +21,16 @@ from .main import UsageProblem, echo, open_run, out_dir, out_errors
 def graph_cmd(run_dir: str, out: str, force: bool, engine: str) -> None:
     """Function graph of RUN_DIR into --out: graph.dot, graph.png, ops.csv, edges.csv, modules.csv,
     module_flops.png and module_time.png."""
-    from ..graph import fmt_flops
+    from ..graph import fmt_flops, read_graph
     from ..report.graph_files import render
     run = open_run(run_dir)  # a missing or malformed run fails here, before anything is written
+    if engine == "dot" and shutil.which("dot") is None:
+        raise UsageProblem("Graphviz 'dot' is not on PATH (use --engine matplotlib)")
+    read_graph(run.path)     # so does a missing or malformed graph
+    out = out_dir(out, force=force)
     try:
-        with out_errors(out):  # render prepares --out after reading the graph
-            files = render(run.path, out, force=force, engine=engine)
+        with out_errors(out):
+            files = render(run.path, out, force=True, engine=engine)
     except FileNotFoundError:
         if engine == "dot" and shutil.which("dot") is None:   # render's Graphviz check, worded for the option
             raise UsageProblem("Graphviz 'dot' is not on PATH (use --engine matplotlib)") from None
@@ -54,6 +59,8 @@ def features_cmd(run_dir: str, layer: str, channels: str | None, sample: int, fp
     from ..features import parse_channels
     from ..report.plots.features import render_gif, render_grid
     from ..trace.format import sanitize
+    if not math.isfinite(fps):   # click's range lets NaN through
+        raise UsageProblem(f"--fps must be a number in [0.01, 100], not {fps}")
     run = open_run(run_dir)
     maps, steps = run.feature_maps(layer, sample=sample)
     ch = parse_channels(channels, maps.shape[1])

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import click
 
-from ..outdir import OutputDirError, prepare_out_dir
+from ..outdir import OutputDirError, out_lock, prepare_out_dir
 from ..progress import null_progress
 from ..trace.format import TraceError
 from ..values import json_safe, terminal_safe
@@ -88,19 +88,33 @@ def out_errors(out: str, flag: str = "--out") -> Iterator[None]:
         raise UsageProblem(msg) from None
 
 
-def out_dir(out: str, force: bool | None = None) -> str:
-    """Create the ``--out`` directory if needed and check that it is writable; returns its absolute path.
+def out_dir(out: str, force: bool | None = None, subdirs: tuple[str, ...] = ()) -> str:
+    """Create the ``--out`` directory (and ``subdirs``) if needed, check that it is a writable real
+    directory without symbolic links where outputs go, and lock it until the command ends (a second
+    command writing the same --out stops with one line); returns its absolute path.
 
     Args:
         out: the directory given to ``--out``.
         force: None: an existing non-empty directory is fine; False: refused unless empty;
             True: written into.
+        subdirs: subdirectories the command writes into (see ``analyzer.outdir.prepare_out_dir``).
 
     Raises:
-        UsageProblem: the directory is unusable (message worded for ``--out`` and ``--force``).
+        UsageProblem: the directory is unusable or busy (message worded for ``--out`` and ``--force``).
     """
     with out_errors(out):
-        return prepare_out_dir(out, force)
+        path = prepare_out_dir(out, force, subdirs)
+        lock = out_lock(path)
+        lock.__enter__()
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(lambda: lock.__exit__(None, None, None))
+    else:   # outside a command (a direct call): held until the process ends
+        _open_locks.append(lock)
+    return path
+
+
+_open_locks: list = []
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -10,6 +10,7 @@ import os
 import click
 
 from ..pruning import CRITERIA, OVERALL
+from ..trace.files import atomic_write
 from ..values import csv_safe
 from .main import UsageProblem, echo, open_run, out_dir
 
@@ -39,8 +40,12 @@ def _steps(text: str | None):
     try:
         if ":" in text:
             a, b = text.split(":", 1)
-            return (int(a) if a.strip() else None, int(b) if b.strip() else None)
-        return [int(s) for s in text.split(",") if s.strip()]
+            out = (int(a) if a.strip() else None, int(b) if b.strip() else None)
+        else:
+            out = [int(s) for s in text.split(",") if s.strip()]
+        if any(v is not None and not -(1 << 63) <= v < 1 << 63 for v in out):   # steps are int64
+            raise ValueError
+        return out
     except ValueError:
         raise UsageProblem(f"--steps must be START:STOP or a comma-separated list of steps, not {text!r}") from None
 
@@ -106,7 +111,7 @@ def sweep_table(df) -> str:
 @click.option("--thresholds", default=None, help="--sweep: comma-separated thresholds (default: from the data).")
 @click.option("--out", "out", required=True, type=click.Path(),
               help="The plan file (JSON), or with --sweep the output directory.")
-@click.option("--force", is_flag=True, help="Replace an existing plan file.")
+@click.option("--force", is_flag=True, help="Replace an existing plan file (--sweep: write into a non-empty --out).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def prune(run_dir, criterion, threshold, max_active_fraction, layer_spec, steps_spec, sweep, thresholds, out,
           force, as_json) -> None:
@@ -123,9 +128,9 @@ def prune(run_dir, criterion, threshold, max_active_fraction, layer_spec, steps_
         ts = _parse_thresholds(thresholds) if thresholds is not None else None
         run = open_run(run_dir)
         df = _sweep(run, criterion, ts, layers=layer_spec, steps=steps, max_active_fraction=max_active_fraction)
-        out = out_dir(out)
+        out = out_dir(out, force=force)
         csv = os.path.join(out, "sweep.csv")
-        csv_safe(df).to_csv(csv, index=False)
+        atomic_write(csv, lambda p: csv_safe(df).to_csv(p, index=False))
         from ..report.plots import sweep_figure
         png = sweep_figure(df, os.path.join(out, "sweep.png"), criterion)
         if as_json:

@@ -9,8 +9,8 @@ import subprocess
 from typing import Any
 
 from ..graph import edge_frame, module_frame, node_frame, read_graph, to_dot
-from ..outdir import prepare_out_dir
-from ..trace.files import write_text_atomic
+from ..outdir import out_lock, prepare_out_dir
+from ..trace.files import atomic_write, write_text_atomic
 from ..values import csv_safe
 from .plots.graph import cost_bars, draw
 
@@ -43,6 +43,12 @@ def render(run_dir: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
     if engine == "dot" and dot_bin is None:
         raise FileNotFoundError("Graphviz 'dot' is not on PATH (use the matplotlib engine)")
     out = prepare_out_dir(out, force=bool(force))
+    with out_lock(out):
+        return _write(g, out, dot_bin, engine)
+
+
+def _write(g: dict, out: str, dot_bin: str | None, engine: str) -> dict:
+    """The files of :func:`render`, each written through atomic_write (never through a link)."""
     files: dict[str, Any] = {}
     p = os.path.join(out, "graph.dot")
     write_text_atomic(p, to_dot(g))
@@ -50,15 +56,21 @@ def render(run_dir: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
     png = os.path.join(out, "graph.png")
     files["engine"] = "matplotlib"
     if dot_bin is not None and engine != "matplotlib":
-        r = subprocess.run([dot_bin, "-Tpng", "-o", png, p], capture_output=True, timeout=300)
-        if r.returncode == 0 and os.path.isfile(png):
+        def dot(tmp: str) -> None:
+            r = subprocess.run([dot_bin, "-Tpng", "-o", tmp, p], capture_output=True, timeout=300)
+            if r.returncode != 0 or not os.path.getsize(tmp):
+                raise RuntimeError("dot failed")
+        try:
+            atomic_write(png, dot)
             files["engine"] = "dot"
+        except (RuntimeError, OSError, subprocess.SubprocessError):
+            pass
     if files["engine"] == "matplotlib":
         draw(g, png)
     files["picture"] = png
     for name, df in (("ops", node_frame(g)), ("edges", edge_frame(g)), ("modules", module_frame(g))):
         p = os.path.join(out, f"{name}.csv")
-        csv_safe(df).to_csv(p, index=False)
+        atomic_write(p, lambda tmp, df=df: csv_safe(df).to_csv(tmp, index=False))
         files[name] = p
     mods = module_frame(g)
     for col, name in (("flops", "module_flops.png"), ("time_s", "module_time.png")):

@@ -28,7 +28,7 @@ import numpy as np
 from . import files
 from .format import (FORMAT_NAME, FORMAT_VERSION, LIVE_SUFFIX, SHARD_SUFFIX, TraceError, check_version,
                      is_safe_key)
-from .h5safe import foreign_storage, hard_child, no_filter_plugins
+from .h5safe import check_storage, hard_child, no_filter_plugins
 from .hdf5 import abort_h5, attr_value, error_line
 
 # --------------------------------------------------------------------------- attention captures: names
@@ -37,8 +37,13 @@ CAPTURE_KIND = "attention-capture"
 CAPTURE_TARGET_KINDS = ("class", "predicted", "multilabel", "callable")
 CAPTURE_DTYPES = ("float32", "float16")
 _CAPTURE_RE = re.compile(r"^capture-(\d{6})\.h5\Z")
-#: Largest number of elements of one image's activation map accepted on read (sanity bound).
-CAPTURE_MAX_ELEMENTS = 1 << 28
+#: Largest number of elements of one image's activation map (K*h*w), of one mask (Hm*Wm) and of one
+#: image (H*W) accepted on read: one image's map at float64 is then at most 128 MiB.
+CAPTURE_MAX_ELEMENTS = 1 << 24
+#: image_size (H*W) at most this many times the maps (h*w): a map is upsampled to the image size, so
+#: an image_size attribute alone (no data behind it) cannot ask for unbounded work per image
+#: (a 224x224 image over 7x7 maps is 1024; 65536 allows 512x512 over 2x2).
+MAX_UPSAMPLING = 1 << 16
 #: Bytes of activations + gradients read per block of images.
 BLOCK_BYTES = 32 << 20
 
@@ -91,7 +96,7 @@ def validate_capture(attrs: dict, shapes: dict, where: str) -> dict:
             return default
         try:
             return json.loads(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise TraceError(f"{where}: attribute {name!r} is not valid JSON") from None
 
     targets = _json("targets", None)
@@ -136,21 +141,43 @@ def validate_capture(attrs: dict, shapes: dict, where: str) -> dict:
     size = _json("image_size", None) if isinstance(attrs.get("image_size"), str) else attrs.get("image_size")
     try:
         H, W = (int(x) for x in size)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TraceError(f"{where}: 'image_size' must be [H, W]") from None
-    if not (1 <= H < 1 << 16 and 1 <= W < 1 << 16):
+    if not (1 <= H < 1 << 16 and 1 <= W < 1 << 16) or H * W > CAPTURE_MAX_ELEMENTS:
         raise TraceError(f"{where}: image_size {size} is not sane")
+    if H * W > MAX_UPSAMPLING * h * w:   # maps are upsampled to it: bounded work per stored byte
+        raise TraceError(f"{where}: image_size {H}x{W} is more than {MAX_UPSAMPLING} times the maps' {h}x{w}")
+    declared = attrs.get("n_images")
+    if declared is not None and _int(declared, None) != n:
+        raise TraceError(f"{where}: attribute n_images ({str(declared)[:40]}) does not match the {n} rows stored")
+    step, epoch = _int(attrs.get("step", -1), None), _int(attrs.get("epoch", -1), None)
+    if step is None or epoch is None:
+        raise TraceError(f"{where}: attributes 'step' and 'epoch' must be integers")
     return {"n": n, "K": K, "h": h, "w": w, "image_size": (H, W), "targets": targets,
             "mask_keys": mask_keys, "mask_names": {k: str(mask_names.get(k, k)) for k in mask_keys},
-            "group_names": [str(g) for g in group_names], "step": int(attrs.get("step", -1)),
-            "epoch": int(attrs.get("epoch", -1)), "target_layer": str(attrs.get("target_layer", ""))}
+            "group_names": [str(g) for g in group_names], "step": step,
+            "epoch": epoch, "target_layer": str(attrs.get("target_layer", ""))}
+
+
+def _int(v: Any, default: Any) -> Any:
+    """``v`` as an int when it is an integer (or an integral float) within int64, else ``default``."""
+    if isinstance(v, (bool, np.bool_)):
+        return default
+    if isinstance(v, (float, np.floating)):
+        if not np.isfinite(v) or v != int(v):
+            return default
+        v = int(v)
+    if not isinstance(v, (int, np.integer)) or not -(1 << 63) <= int(v) < 1 << 63:   # int64
+        return default
+    return int(v)
 
 
 # --------------------------------------------------------------------------- feature captures: names
 FEATURES_DIR = "features"
 FEATURE_KIND = "feature-capture"
 _FEATURE_RE = re.compile(r"^features-(\d{6})\.h5\Z")
-FEATURE_MAX_ELEMENTS = 1 << 28
+#: Largest number of elements of one probe sample's output (C*H*W) accepted on read (64 MiB float32).
+FEATURE_MAX_ELEMENTS = 1 << 24
 
 
 def feature_filename(index: int, live: bool = False) -> str:
@@ -185,10 +212,9 @@ def validate_feature_capture(attrs: dict, shape: Any, where: str) -> dict:
     layer = attrs.get("layer")
     if not isinstance(layer, str):
         raise TraceError(f"{where}: attribute 'layer' must be a string")
-    try:
-        step, epoch = int(attrs.get("step")), int(attrs.get("epoch"))
-    except (TypeError, ValueError):
-        raise TraceError(f"{where}: attributes 'step' and 'epoch' must be integers") from None
+    step, epoch = _int(attrs.get("step"), None), _int(attrs.get("epoch"), None)
+    if step is None or epoch is None:
+        raise TraceError(f"{where}: attributes 'step' and 'epoch' must be integers")
     if shape is None or len(shape) < 2 or min(int(x) for x in shape) < 1:
         raise TraceError(f"{where}: 'values' must be a dataset of shape (N, C, ...), not {shape}")
     n = 1
@@ -367,21 +393,15 @@ class Capture:
                 shapes: dict = {}
                 # visititems follows hard links only: a soft or external link is not a dataset here
                 f.visititems(lambda k, o: shapes.__setitem__(k, o.shape) if isinstance(o, h5py.Dataset) else None)
-                dtypes = {k: f[k].dtype for k in shapes}
-                for k in shapes:
-                    foreign = foreign_storage(f[k])
-                    if foreign:
-                        raise TraceError(f"capture {self.name}: dataset {k!r} keeps its data in other files "
-                                         f"({foreign}), refused in a trace")
+                d = validate_capture(attrs, shapes, self.name)   # shapes agree before any layout is checked
+                for k in shapes:   # declared sizes backed by stored bytes, chunks bounded, before any read
+                    check_storage(f[k], f"capture {self.name}: dataset {k!r}")
         except TraceError:
             raise
         except Exception as e:  # truncated or random file
             raise TraceError(f"corrupt or unreadable capture {self.name}: {error_line(e)}") from None
-        d = validate_capture(attrs, shapes, self.name)
-        for k, dt in dtypes.items():
-            if dt.kind not in "fiub":
-                raise TraceError(f"{self.name}: dataset {k!r} has a non-numeric dtype {dt}")
         self.__dict__.update(d)
+        self.mask_shapes = {k: tuple(shapes[f"masks/{k}"][1:]) for k in self.mask_keys}
         self.n_classes = int(shapes["logits"][1])
         self.label_shape = tuple(shapes["labels"][1:])
         self.has_groups = "groups" in shapes
@@ -404,8 +424,11 @@ class Capture:
         raise TraceError(f"unknown mask group {group!r} in {self.name} (captured: {known})")
 
     def block_size(self, n_grads: int = 1) -> int:
-        """Images per block so that activations and ``n_grads`` gradients take about BLOCK_BYTES (float64)."""
-        per = (1 + n_grads) * self.K * self.h * self.w * 8
+        """Images per block so that activations and ``n_grads`` gradients, and the maps made of them at
+        the image or mask size (a few float64 copies), take about BLOCK_BYTES."""
+        out = max([self.image_size[0] * self.image_size[1]]
+                  + [int(s[0]) * int(s[1]) for s in self.mask_shapes.values()])
+        per = (1 + n_grads) * self.K * self.h * self.w * 8 + 4 * out * 8
         return int(max(1, min(self.n, BLOCK_BYTES // max(per, 1))))
 
     def read(self, names: list[str], start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
@@ -458,9 +481,25 @@ class Capture:
         return self.read(["groups"])["groups"]
 
 
-def open_captures(run_dir: str) -> list[Capture]:
-    """Every finished capture of a run, opened and validated, in index order."""
-    return [Capture(files.check_trace_file(p, run_dir, "capture"), i) for i, p in list_captures(run_dir)]
+def open_captures(run_dir: str, problems: list[str] | None = None) -> list[Capture]:
+    """Every finished capture of a run, opened and validated, in index order.
+
+    Args:
+        run_dir: the run. problems: None: a malformed capture raises. A list: a malformed capture is
+            left out and its one-line reason appended here (a report skips it with a note).
+
+    Raises:
+        TraceError: a malformed capture (``problems`` None).
+    """
+    out = []
+    for i, p in list_captures(run_dir):
+        try:
+            out.append(Capture(files.check_trace_file(p, run_dir, "capture"), i))
+        except TraceError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+    return out
 
 
 def pick(captures: list[Capture], capture: int, run_dir: str) -> Capture:
@@ -479,23 +518,30 @@ def read_feature_info(path: str) -> dict:
     (tuple, N first). Raises TraceError (one line) for a malformed or unreadable file."""
     import h5py
     no_filter_plugins()
+    where = os.path.basename(path)
     try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
+        with h5py.File(path, "r", locking=False) as f:
+            attrs = {k: attr_value(v) for k, v in f.attrs.items()}
             ds = hard_child(f, "values")
             shape = ds.shape if isinstance(ds, h5py.Dataset) else None
-            foreign = foreign_storage(ds) if shape is not None else None
-            if foreign:
-                raise TraceError(f"feature capture {os.path.basename(path)}: values keep their data in other "
-                                 f"files ({foreign}), refused in a trace")
-    except OSError as e:
-        raise TraceError(f"cannot read feature capture {path}: {e}") from None
-    return validate_feature_capture(attrs, shape, os.path.basename(path))
+            info = validate_feature_capture(attrs, shape, where)   # shape and attributes first
+            check_storage(ds, f"feature capture {where}: values")  # then declared against stored bytes
+    except TraceError as e:
+        msg = str(e)
+        raise TraceError(msg if msg.startswith("feature capture") else f"feature capture {msg}"
+                         if msg.startswith(where) else f"feature capture {where}: {msg}") from None
+    except Exception as e:   # truncated, random or unreadable
+        raise TraceError(f"cannot read feature capture {where}: {error_line(e)}") from None
+    return info
 
 
 def read_feature_sample(path: str, sample: int) -> np.ndarray:
     """Row ``sample`` of a feature capture's ``values`` as float32 (C, ...)."""
     import h5py
-    with h5py.File(path, "r") as f:
-        return np.asarray(f["values"][int(sample)], dtype=np.float32)
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return np.asarray(hard_child(f, "values")[int(sample)], dtype=np.float32)
+    except TraceError:
+        raise
+    except Exception as e:   # changed or truncated since it was validated
+        raise TraceError(f"corrupt or truncated feature capture {os.path.basename(path)}: {error_line(e)}") from None

@@ -90,7 +90,10 @@ def load_plan(path: str | os.PathLike) -> dict:
 
 
 def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    try:   # an int beyond a float's range (10**400) is not a number a plan holds
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def _int(x) -> bool:
@@ -168,9 +171,9 @@ def validate_plan(p: Any, where: str = "pruning plan") -> dict:
             if e.get("next"):
                 bad(f"{w}: a magnitude entry has no next layers")
             continue
-        if e.get("axis") != 0:
-            bad(f"{w}.axis must be 0 (output units)")
-        _check_units(e.get("units"), shp[0] if shp else 0, f"{w}.units", bad)
+        if e.get("axis") not in (0, 1) or (e["axis"] == 1 and len(shp) != 2):
+            bad(f"{w}.axis must be 0 (output units), or 1 for a 2-d weight stored (in, out)")
+        _check_units(e.get("units"), shp[e["axis"]] if shp else 0, f"{w}.units", bad)
         for j, nx in enumerate(e.get("next", [])):
             wn = f"{w}.next[{j}]"
             if not isinstance(nx, dict) or not isinstance(nx.get("layer"), str) or not _int(nx.get("layer_id")):
@@ -184,7 +187,13 @@ def validate_plan(p: Any, where: str = "pruning plan") -> dict:
             k = nx.get("group", 1)
             if not _int(k) or k < 1:
                 bad(f"{wn}.group must be an integer >= 1")
-            if nx.get("axis") == 0:
+            if nx.get("role", "consumer") != "consumer":
+                bad(f"{wn}.role must be 'consumer' when given")
+            if nx.get("axis") == 0 and "role" in nx:   # the input units of a weight stored (in, out)
+                if len(nshp) != 2 or nshp[0] % k:
+                    bad(f"{wn}: group {k} does not divide the {nshp[0] if nshp else 0} input features")
+                _check_units(nx.get("units"), nshp[0] // k, f"{wn}.units", bad)
+            elif nx.get("axis") == 0:
                 if k != 1:
                     bad(f"{wn}: group must be 1 on axis 0")
                 _check_units(nx.get("units"), nshp[0] if nshp else 0, f"{wn}.units", bad)

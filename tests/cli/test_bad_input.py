@@ -507,8 +507,7 @@ def test_nan_and_inf_filled_tensors_are_analysed_and_flagged(act_run, tmp_path, 
             want[path] = (int(f[path + "/steps"][0]), int(np.isnan(data).sum() + np.isinf(data).sum()),
                           len(data))
         # the gradient statistics recorded beside the raw rows: NaN-filled too (every element unknown)
-        v = f["grad_stats/head/weight/values"]
-        v[...] = np.full(v.shape, np.nan)
+        helpers.fill_grad_stats(f, "head", "weight", np.nan)
     out_dir = tmp_path / "out"
     before = tree_snapshot(tmp_path)
     for cmd in COMMANDS:

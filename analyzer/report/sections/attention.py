@@ -11,6 +11,7 @@ import pandas as pd
 from ...attention_iou import attention_iou, capture_maps, splits
 from ...cam import resize_bilinear
 from ...trace import format as fmt
+from ...trace.captures import open_captures
 from .. import plots
 
 #: Images drawn in the overlay figure.
@@ -19,7 +20,7 @@ N_OVERLAYS = 6
 REPORT_BOOTSTRAP = 1000
 
 
-def section_data(run, n_boot: int = REPORT_BOOTSTRAP, seed: int = 0) -> dict:
+def section_data(run, n_boot: int = REPORT_BOOTSTRAP, seed: int = 0, caps: list | None = None) -> dict:
     """Everything the report's attention section draws, from the latest capture (and every capture for
     the time series). Returns {} when the run has no capture.
 
@@ -28,7 +29,7 @@ def section_data(run, n_boot: int = REPORT_BOOTSTRAP, seed: int = 0) -> dict:
         the first two targets when no masks were captured), time (DataFrame over captures or None),
         avg_maps {split: (H, W) float32}, overlays (k, H, W) float32, overlay_masks (k, H, W) or None.
     """
-    caps = run.catalog.captures()
+    caps = run.catalog.captures() if caps is None else caps
     if not caps:
         return {}
     cap = caps[-1]
@@ -74,16 +75,21 @@ def section_data(run, n_boot: int = REPORT_BOOTSTRAP, seed: int = 0) -> dict:
 def add(rep) -> None:
     """Attention-IoU section: scores per split, average maps, overlays, score over capture steps, from
     the latest attention capture; summary.json's "attention"."""
+    bad: list[str] = []
     try:
-        data = section_data(rep.run)
+        caps = open_captures(rep.run.path, bad)     # a malformed capture is skipped with a note
+        data = section_data(rep.run, caps=caps)
     except fmt.TraceError as e:
         rep.skip("attention section", str(e))
         return
+    finally:
+        for why in bad:
+            rep.skip("attention capture", why)
     if not data:   # noted in summary.json only: a run without captures is the normal case
         rep.extra["attention"] = {"captures": 0, "note": "no attention captures (recorder.capture_attention)"}
         return
     cap, target = data["capture"], data["target"]
-    rep.extra["attention"] = {"captures": len(rep.run.catalog.captures()), "capture": cap.index, "step": cap.step,
+    rep.extra["attention"] = {"captures": len(caps), "capture": cap.index, "step": cap.step,
                       "target": target, "method": "gradcam", "bootstrap": REPORT_BOOTSTRAP,
                       "scores": [] if data["scores"] is None else data["scores"][
                           ["reference", "split", "n", "mean", "boot_mean", "boot_std"]].to_dict(orient="records")}
