@@ -24,8 +24,9 @@ _LAZY = {
     "WeightHistograms": ("weights", "WeightHistograms"),
     "TraceError": ("trace.format", "TraceError"),
     "FORMAT_VERSION": ("trace.format", "FORMAT_VERSION"),
+    "compare": ("compare", "compare"),
 }
-__all__ = ["open", "Run", "WeightHistograms", "TraceError", "FORMAT_VERSION"]
+__all__ = ["open", "Run", "WeightHistograms", "TraceError", "FORMAT_VERSION", "compare"]
 
 
 def __getattr__(name: str):

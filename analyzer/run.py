@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 
 from . import activations, pruning, slices
-from .catalog import RANK_COLUMNS, Catalog, rank_rows, recorded_summary
+from .catalog import RANK_COLUMNS, Catalog, rank_rows, recorded_summary, shared_names, unique_params
 from .engine import check_engine
-from .gradients import grad_pass, pool_params
+from .gradients import float16_losses, grad_pass, pool_params
 from .progress import null_progress
 from .trace.format import TraceError
 from .weights import WeightHistograms, weight_histograms, weight_stats
@@ -104,7 +104,7 @@ class Run:
 
     @property
     def layers(self) -> pd.DataFrame:
-        """Layer table: id, name, type, n_params (plus key and whether it was selected for recording)."""
+        """Layer table: id, name, type, n_params (tied ones counted once), key, selected, aliases (or "")."""
         return layer_table(self.catalog)
 
     @property
@@ -123,6 +123,11 @@ class Run:
     def recorded(self) -> dict:
         """What the trace holds: per payload kind, the steps recorded and the layers covered."""
         return recorded_summary(self.catalog)
+
+    def float16_losses(self) -> dict:
+        """Raw values lost to float16 storage, per kind: {"grads": {"underflow", "overflow", "shards"}, ...}
+        (see :func:`analyzer.gradients.float16_losses`); {} when nothing was stored as float16."""
+        return float16_losses(self.catalog)
 
     def info(self) -> dict:
         """Summary for `bbdecoder info`: status, steps, epochs, layers, ranks, bytes and more."""
@@ -198,11 +203,11 @@ class Run:
                       capture: Any = -1, scores=("iou",), by: Any = "all") -> pd.DataFrame:
         """Attention-IoU mask score (``mask_group``) or heatmap score (``protected``) with bootstrap, per
         split (all / correct / incorrect / group labels); ``capture="all"`` scores every capture (over time).
-        See :func:`analyzer.attention_iou.attention_iou` for the columns."""
-        from .attention_iou import attention_iou, chosen_captures
-        return pd.concat([attention_iou(c, target, mask_group, protected, method, resolution, scores, bootstrap,
-                                        seed, by) for c in chosen_captures(self.catalog.captures(), capture,
-                                                                           self.path)], ignore_index=True)
+        See :func:`analyzer.attention_iou.attention_iou` for the columns and ``attrs["notes"]`` (why
+        images went unscored; also issued as AttentionWarning)."""
+        from .attention_iou import attention_iou_captures, chosen_captures
+        return attention_iou_captures(chosen_captures(self.catalog.captures(), capture, self.path), target,
+                                      mask_group, protected, method, resolution, scores, bootstrap, seed, by)
 
     # ------------------------------------------------------------------ function graph and feature evolution
     def graph(self) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -237,6 +242,26 @@ class Run:
         from .features import feature_maps
         maps, steps, _ = feature_maps(self.path, layer, sample)
         return maps, steps
+
+    # ------------------------------------------------------------------ health rules (see analyzer.findings)
+    def findings(self, rules: Any = None, **thresholds: dict) -> pd.DataFrame:
+        """Health rules on the run's statistics (docs/findings.md: rules, defaults, sources).
+
+        ``rules``: None (every enabled rule), a name or a list of names; ``thresholds``: per rule a dict
+        over its defaults, e.g. ``vanishing_gradient={"relative": 1e-5}, gradient_spike={"severity": "error"}``.
+        Returns a DataFrame of rule, severity (error, warning, info; "skipped" rows say why in
+        ``message``), layer (or site), param, first_step, last_step, n_steps, value, threshold, message.
+        Statistics are read once per run: a call at other thresholds reads nothing again."""
+        from .findings import evaluate
+        with self:      # shard readers kept open: the activation passes visit every shard more than once
+            return evaluate(self.findings_tables(), rules, thresholds)
+
+    def findings_tables(self):
+        """The statistics tables of the rules and of ``analyzer.compare`` (:class:`analyzer.findings.Tables`), kept."""
+        from .findings import Tables
+        if "findings" not in self._cache:
+            self._cache["findings"] = Tables(self)
+        return self._cache["findings"]
 
     # ------------------------------------------------------------------ selection
     def select(self, layers: Any = None) -> list[int]:
@@ -325,7 +350,8 @@ class Run:
         pk = next((q["key"] for q in L["params"] if q["name"] == param), None)
         if pk is None:
             raise TraceError(f"layer {L['name']!r} has no parameter {param!r}")
-        return slices.raw_tensor(self.catalog, kind, L["key"], pk, int(step), rank)
+        lk, pk = self.catalog.owner_key.get((L["key"], pk), (L["key"], pk))   # a tied one: its owner's
+        return slices.raw_tensor(self.catalog, kind, lk, pk, int(step), rank)
 
 
 def layer_table(catalog: Catalog) -> pd.DataFrame:
@@ -337,7 +363,20 @@ def layer_table(catalog: Catalog) -> pd.DataFrame:
                      for L in catalog.layers],
         "key": [L["key"] for L in catalog.layers],
         "selected": [bool(L.get("selected", True)) for L in catalog.layers],
+        "aliases": [layer_aliases(L) for L in catalog.layers],
     })
+
+
+def layer_aliases(L: dict) -> str:
+    """A layer's other names, for the layer table: ``"= other.path"`` for a shared module, and per tied
+    parameter ``"weight = owner.weight"`` or ``"weight also other.weight"``; "" when none."""
+    out = [f"= {a}" for a in L.get("aliases", [])]
+    for q in L["params"]:
+        if "tied_to" in q:
+            out.append(f"{q['name']} = {q['tied_to']}")
+        elif q.get("aliases"):
+            out.append(f"{q['name']} also {', '.join(q['aliases'])}")
+    return "; ".join(out)
 
 
 def step_table(catalog: Catalog) -> pd.DataFrame:
@@ -361,7 +400,8 @@ def run_info(run: Run) -> dict:
         "format_version": m["format_version"], "steps": int(len(st)), "epochs": run.epochs,
         "first_step": int(st["step"].iloc[0]) if len(st) else None,
         "last_step": int(st["step"].iloc[-1]) if len(st) else None,
-        "layers": len(run.catalog.layers), "ranks": run.ranks, "world_size": m.get("world_size", 1),
+        "layers": len(run.catalog.layers), "params": unique_params(run.catalog), "shared": shared_names(run.catalog),
+        "ranks": run.ranks, "world_size": m.get("world_size", 1),
         "shards": len(run.catalog.shards), "bytes": run.nbytes, "recorded": run.recorded(),
         "dropped": int(st["dropped"].sum()) if len(st) else 0,
         "errors": [e for s in run.rank_states.values() for e in s.get("errors", [])],

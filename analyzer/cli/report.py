@@ -12,6 +12,10 @@ from .main import echo, open_run, out_dir
 @click.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(), help="Directory for the report.")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out (files of the same names are replaced).")
+@click.option("--detail", "detail", default=None,
+              help="Layers that get per-layer figures on layers.html: ids, names, globs or types, 'all' or 'none' "
+                   "(default: the --layers selection when given, else the layers a finding points at).")
 @click.option("--layers", "layer_spec", default=None,
               help="Layers: ids, dotted names, globs or type names, comma-separated (default: all).")
 @click.option("--bins", default=64, show_default=True, type=click.IntRange(1, 10000),
@@ -44,7 +48,8 @@ from .main import echo, open_run, out_dir
                    "of its own, about 20 MB in the out-of-core benchmark; 1: no extra process).")
 def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_criterion: str, dead_threshold: float,
            max_active_fraction: float, layer_share: float, delta: float, unit_fraction: float, sim_dim: int,
-           sim_method: str, raster_site: str | None, engine: str = "local", jobs: int | None = None) -> None:
+           sim_method: str, raster_site: str | None, engine: str = "local", jobs: int | None = None,
+           force: bool = False, detail: str | None = None) -> None:
     """Write an HTML report with figures, tables and summary.json for RUN_DIR into --out.
 
     Every threshold is an analysis-time option, written to summary.json: a rerun with other thresholds
@@ -54,12 +59,15 @@ def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_crite
                                    unit_fraction, sim_dim, sim_method, raster_site)
     run = open_run(run_dir, engine)
     run.select(layer_spec)  # unknown layers fail before anything is written
+    if detail is not None and detail.strip() not in ("all", "none"):
+        run.select(detail)
     if raster_site is not None:
         from ..activations import select_site
         select_site(run, raster_site)  # likewise an unknown or ambiguous site
-    out = out_dir(out)
+    from ..report.build import FIG_DIR, TAB_DIR
+    out = out_dir(out, force=force, subdirs=(FIG_DIR, TAB_DIR))
     try:
-        summary = build_report(run, out, layers=layer_spec, bins=bins, jobs=jobs, **act)
+        summary = build_report(run, out, layers=layer_spec, bins=bins, jobs=jobs, detail=detail, **act)
     finally:
         if engine == "dask":
             from ..engine import close_owned_client

@@ -16,14 +16,17 @@ import numpy as np
 import pandas as pd
 
 from ..activations import select_site
+from ..outdir import out_lock, prepare_out_dir
 from ..progress import silenced
 from ..trace.files import atomic_write, write_text_atomic
+from ..trace.format import TraceError
 from ..values import csv_safe, json_safe
 from . import figures as F
 from .data import load_frames
 from .options import check_activation_options
-from .page import render_page
+from .page import DETAIL_PAGE, render_detail_page, render_page
 from .sections import GROUPS, SECTIONS
+from .sections.findings import findings_html
 from .sections.nonfinite import nonfinite_html
 
 FIG_DIR = F.FIG_DIR
@@ -52,8 +55,9 @@ class Report:
     """
 
     def __init__(self, run, out_dir: str, layers: Any, bins: int, progress: Callable | None,
-                 act: dict | None = None, jobs: int | None = None):
+                 act: dict | None = None, jobs: int | None = None, detail: Any = None):
         self.run = run
+        self.detail_spec = detail
         self.jobs = F.default_jobs() if jobs is None else max(1, int(jobs))
         self.pending: list[F.FigureSpec] = []   # figures to draw once every section has been computed
         self.figure_processes = 1
@@ -88,16 +92,37 @@ class Report:
         atomic_write(os.path.join(self.out, TAB_DIR, f"{name}.csv"), lambda p: csv_safe(df).to_csv(p, index=False))
         self.tables.append({"file": rel, "rows": int(len(df)), "description": description})
 
+    def detail_ids(self) -> set:
+        """Ids of the layers that get per-layer figures (the detail page): the ``detail`` option's
+        layers ("all": every layer of the report); by default the layers a user selected with
+        ``layers``, else those a finding points at (``extra["finding_layers"]``, set by the findings
+        section), else none."""
+        ids = {int(i) for i in self.data.ids}
+        if self.detail_spec is None:
+            if self.layers_spec is not None:
+                return ids
+            return ids & {int(i) for i in self.extra.get("finding_layers", ())}
+        if isinstance(self.detail_spec, str) and self.detail_spec.strip() in ("all", "none"):
+            return ids if self.detail_spec.strip() == "all" else set()
+        return ids & {int(i) for i in self.run.select(self.detail_spec)}
+
+    def detail_reason(self) -> str:
+        """Plain text: which layers have per-layer figures, and why (the detail page's note)."""
+        if self.detail_spec is not None:
+            return f"Layers chosen with detail={self.detail_spec!r}."
+        if self.layers_spec is not None:
+            return f"The layers selected for this report ({self.layers_spec!r})."
+        return "The layers that a finding points at."
+
     # ------------------------------------------------------------------ pipeline
     def build(self) -> dict:
         """Write the report; returns the summary (as in summary.json)."""
-        with self.run.keep_open():      # shard files stay open across the per-layer passes
+        prepare_out_dir(self.out, None, (FIG_DIR, TAB_DIR))   # no links where outputs go
+        with out_lock(self.out), self.run.keep_open():   # one writer; shard files stay open across passes
             return self._build()
 
     def _build(self) -> dict:
         t0 = time.perf_counter()
-        os.makedirs(os.path.join(self.out, FIG_DIR), exist_ok=True)
-        os.makedirs(os.path.join(self.out, TAB_DIR), exist_ok=True)
         before = self._existing()
         self.data = d = load_frames(self.run, self.layers_spec)
         if not len(d.gl):
@@ -106,23 +131,41 @@ class Report:
             self.missing.append("no weight snapshots")
         with silenced(self.run):    # the run's own bars would nest inside the report's
             for section in SECTIONS:
-                section.add(self)
+                self._add(section)
         self._render()
         if self.missing:
             warnings.warn(f"bbdecoder report: the trace has {' and '.join(self.missing)}; the figures that "
                           "need them are skipped (see the report's skipped list)", stacklevel=3)
         summary = self._summary()
+        summary["findings"] = self.extra.get("findings")
         summary["nonfinite"] = self.extra.get("nonfinite")
         summary["attention"] = self.extra.get("attention", {})
         written = {f["file"] for f in self.figures} | {t["file"] for t in self.tables}
+        if any(f["section"] == "layers" for f in self.figures):
+            written.add(DETAIL_PAGE)
         summary["stale_files"] = sorted(p for p in before if p not in written)
         summary["figure_processes"] = self.figure_processes
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         write_text_atomic(os.path.join(self.out, "summary.json"),
                           json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
         write_text_atomic(os.path.join(self.out, "index.html"),
-                          render_page(summary, self.figures, self.tables, GROUPS, nonfinite_html))
+                          render_page(summary, self.figures, self.tables, GROUPS, lambda nf: findings_html(
+                              summary["findings"], self.figures) + nonfinite_html(nf)))
+        if any(f["section"] == "layers" for f in self.figures):
+            write_text_atomic(os.path.join(self.out, DETAIL_PAGE),
+                              render_detail_page(summary, self.figures, GROUPS, self.detail_reason()))
         return json_safe(summary)
+
+    def _add(self, section) -> None:
+        """Run one section; one that fails on this trace (a hostile or damaged file the readers let
+        through) is listed as skipped with its error, and the rest of the report is written."""
+        try:
+            section.add(self)
+        except Exception as e:   # noqa: BLE001 - a trace is data: one bad part never sinks the report
+            name = section.__name__.rsplit(".", 1)[-1]
+            why = " ".join(str(e).split())[:300] or type(e).__name__
+            self.skip(f"{name} section", why if isinstance(e, TraceError) else f"{type(e).__name__}: {why}")
+            warnings.warn(f"bbdecoder report: the {name} section was skipped: {why}", stacklevel=4)
 
     def _render(self) -> None:
         """Draw the queued figures (see :func:`analyzer.report.figures.render`). A figure that cannot
@@ -140,7 +183,7 @@ class Report:
                 warnings.warn(f"bbdecoder report: figure {spec.name} could not be drawn: {err}", stacklevel=4)
 
     def _existing(self) -> set:
-        out = set()
+        out = {DETAIL_PAGE} if os.path.isfile(os.path.join(self.out, DETAIL_PAGE)) else set()
         for sub in (FIG_DIR, TAB_DIR):
             try:
                 names = os.listdir(os.path.join(self.out, sub))
@@ -171,6 +214,8 @@ class Report:
             "parameters": {"run": run.path, "out_dir": self.out,
                            "layers": self.layers_spec if self.layers_spec is None
                            or isinstance(self.layers_spec, (str, int)) else repr(self.layers_spec),
+                           "detail": self.detail_spec if self.detail_spec is None
+                           or isinstance(self.detail_spec, (str, int)) else repr(self.detail_spec),
                            "bins": self.bins, **self.act},
             "run": {"path": run.path, "status": run.status, "status_reason": run.status_reason,
                     "format_version": run.manifest.get("format_version"), "ranks": run.ranks,
@@ -199,9 +244,12 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
                  progress: Callable | None = None, *, dead_criterion: str = "strict", dead_threshold: float = 0.0,
                  max_active_fraction: float = 0.0, layer_share: float = 0.5, delta: float = 0.03,
                  unit_fraction: float = 0.5, sim_dim: int = 1, sim_method: str = "cosine",
-                 raster_site: Any = None, jobs: int | None = None) -> dict:
+                 raster_site: Any = None, jobs: int | None = None, detail: Any = None) -> dict:
     """Write the report of ``run`` into ``out_dir``: ``index.html``, ``summary.json``,
-    ``figures/*.png`` and ``tables/*.csv``.
+    ``figures/*.png``, ``tables/*.csv`` and, when some layers get per-layer figures, ``layers.html``.
+
+    index.html shows every layer at once (overview heatmaps, layer x step, grouped by block); the
+    per-layer figures are drawn only for the ``detail`` layers, on layers.html.
 
     Args:
         run: an :class:`analyzer.run.Run`.
@@ -219,6 +267,8 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
         sim_dim, sim_method: dimension (sample axis = 0) and method ("cosine" or "kl") of the variance
             and similarity figure (sites with raw samples).
         raster_site: the site of the unit x step raster; None = the site with the most dead units.
+        detail: layers that get per-layer figures (same specification as ``layers``, "all" or "none"); None =
+            the layers selected with ``layers`` when given, else the layers a finding points at.
         jobs: processes drawing the figures (forked after the statistics are computed; 1 = in this
             process); None = the CPUs available, at most 4 (see :func:`default_jobs`).
 
@@ -239,4 +289,6 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
         raise FileNotFoundError(f"report directory {out} does not exist")
     if jobs is not None and (not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= 256):
         raise ValueError(f"jobs must be an int in [1, 256], not {jobs!r}")
-    return Report(run, out, layers, bins, progress, act, jobs).build()
+    if detail is not None and not (isinstance(detail, str) and detail.strip() in ("all", "none")):
+        run.select(detail)   # an unknown layer: TraceError before anything is written
+    return Report(run, out, layers, bins, progress, act, jobs, detail).build()

@@ -15,12 +15,17 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "template.html")
+DETAIL_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "detail.html")
+#: the per-layer detail page, beside index.html
+DETAIL_PAGE = "layers.html"
+#: the layer table of index.html starts folded past this many layers
+OPEN_LAYER_TABLE = 30
 
 
-@lru_cache(maxsize=1)
-def template() -> string.Template:
-    """The page template (read once)."""
-    with open(TEMPLATE, encoding="utf-8") as f:
+@lru_cache(maxsize=2)
+def template(path: str = TEMPLATE) -> string.Template:
+    """A page template (read once)."""
+    with open(path, encoding="utf-8") as f:
         return string.Template(f.read())
 
 
@@ -76,13 +81,16 @@ def layer_rows_html(layers: list[dict]) -> str:
         for L in layers)
 
 
-def figures_html(s: dict, figures: list[dict], groups: Iterable[tuple[str, str, Callable | None]]) -> str:
-    """The figure groups of the page, in ``groups`` order: a heading, the group's intro (its
-    ``intro_html(summary)``), then its figures; the "layers" group sorted by layer id, with a heading
-    per layer."""
+def figures_html(s: dict, figures: list[dict], groups: Iterable[tuple[str, str, Callable | None]],
+                 detail: bool = False) -> str:
+    """The figure groups of a page, in ``groups`` order: a heading, the group's intro (its
+    ``intro_html(summary)``), then its figures; the "layers" group (only on the detail page,
+    ``detail=True``) sorted by layer id, with a heading per layer."""
     e = html.escape
     figs = []
     for key, title, intro_html in groups:
+        if key == "layers" and not detail:
+            continue
         fs = [f for f in figures if f["section"] == key]
         if not fs:
             continue
@@ -98,7 +106,8 @@ def figures_html(s: dict, figures: list[dict], groups: Iterable[tuple[str, str, 
                 last = L.id
                 figs.append(f'<h3 id="layer-{int(L.id)}">Layer {int(L.id)}: <code>{e(L.name or "(model)")}</code> '
                             f"({e(L.type)})</h3>")
-            figs.append(f'<figure><img src="{e(f["file"])}" alt="{e(f["title"])}" loading="lazy">'
+            stem = os.path.splitext(os.path.basename(f["file"]))[0]
+            figs.append(f'<figure><img id="fig-{e(stem)}" src="{e(f["file"])}" alt="{e(f["title"])}" loading="lazy">'
                         f'<figcaption><strong>{e(f["title"])}.</strong> {f["caption_html"]}</figcaption></figure>')
     return "\n".join(figs)
 
@@ -142,6 +151,7 @@ def render_page(s: dict, figures: list[dict], tables: list[dict], groups: Iterab
     """
     e = html.escape
     run = s["run"]
+    n_detail = len({int(f["layer"].id) for f in figures if f["section"] == "layers"})
     last_epoch = next((L["last_epoch"] for L in s["layers"] if L["last_epoch"] is not None), None)
     return template().substitute(
         title=e(os.path.basename(run["path"]) or run["path"]),
@@ -149,4 +159,23 @@ def render_page(s: dict, figures: list[dict], tables: list[dict], groups: Iterab
         status_html=status_html(run), nonfinite_html=nonfinite_html(s.get("nonfinite")),
         head_rows_html=head_rows_html(s), layer_rows_html=layer_rows_html(s["layers"]),
         last_epoch_html=cell_html(last_epoch), figures_html=figures_html(s, figures, groups),
+        n_layers=str(len(s["layers"])), layers_open=" open" if len(s["layers"]) <= OPEN_LAYER_TABLE else "",
+        detail_link_html=(f'<p><a href="{DETAIL_PAGE}">Per-layer detail</a>: the figures of {n_detail} '
+                          f'layer{"s" if n_detail != 1 else ""}.</p>' if n_detail else ""),
         tables_html=tables_html(tables), stale_html=stale_html(s), skipped_html=skipped_html(s))
+
+
+def render_detail_page(s: dict, figures: list[dict], groups: Iterable[tuple[str, str, Callable | None]],
+                       why: str) -> str:
+    """layers.html of a report: the per-layer figures (the "layers" group), a heading per layer.
+
+    Args:
+        s: the summary. figures: as for :func:`render_page`. groups: the figure groups.
+        why: plain text saying which layers have detail and why (escaped here).
+    """
+    e = html.escape
+    run = s["run"]
+    return template(DETAIL_TEMPLATE).substitute(
+        title=e(os.path.basename(run["path"]) or run["path"]), run_path=e(run["path"]), why_html=e(why),
+        figures_html=figures_html(s, [f for f in figures if f["section"] == "layers"],
+                                  [g for g in groups if g[0] == "layers"], detail=True))

@@ -46,7 +46,20 @@ PAYLOAD_KINDS = (KIND_GRADS, KIND_GRAD_STATS, KIND_WEIGHTS, KIND_ACT_STATS, KIND
 RAW_PARAM_KINDS = (KIND_GRADS, KIND_WEIGHTS)
 #: Kinds whose per-step payload holds several rows (the step index repeats).
 MULTIROW_KINDS = (KIND_ACTIVATIONS,)
+#: Kinds that may also be stored *packed* (optional, format version 1): every parameter of a shard in
+#: one dataset per group of parameters, ``/packed/<kind>/<n>/{values (k, P, *shape), steps (k,),
+#: index (uint8: UTF-8 JSON [[layer_key, param_key, attrs], ...], P entries)}``.
+PACKED_GROUP = "packed"
+PACKED_KINDS = (KIND_GRAD_STATS,)
+#: Optional root attributes of a shard written with a float16 storage dtype: values of that kind stored
+#: in the shard that were non-zero and became 0 (underflow) or finite and became inf (overflow) in float16.
+CAST_COUNT_ATTRS = {KIND_GRADS: ("f16_underflow_grads", "f16_overflow_grads"),
+                    KIND_WEIGHTS: ("f16_underflow_weights", "f16_overflow_weights")}
 
+#: Optional manifest list (format version 1): where the first training forward computed attention in a
+#: fused kernel (module paths that called F.scaled_dot_product_attention; "attn_implementation=<name>"
+#: from a Hugging Face config): attention probabilities were not observable (no softmax site).
+ATTENTION_UNOBSERVED = "attention_unobserved"
 #: Columns of the per-shard step table (group ``/steps``).
 STEP_COLUMNS = ("step", "epoch", "loss", "time", "dropped")
 
@@ -131,6 +144,11 @@ def payload_path(kind: str, layer_key: str, param_key: str) -> str:
     return f"/{kind}/{layer_key}/{param_key}"
 
 
+def packed_path(kind: str, index: int) -> str:
+    """HDF5 group of packed group ``index`` of ``kind``: datasets ``values``, ``steps`` and ``index``."""
+    return f"/{PACKED_GROUP}/{kind}/{int(index)}"
+
+
 # --------------------------------------------------------------------------- layer selection
 
 def _is_glob(s: str) -> bool:
@@ -208,6 +226,16 @@ def check_version(version: Any, where: str) -> int:
     return version
 
 
+#: a layer's optional ``weight_layout``: torch's (out, in, ...) (the default), or (in, out) (HF ``Conv1D``)
+WEIGHT_OUT_IN, WEIGHT_IN_OUT = "out_in", "in_out"
+WEIGHT_LAYOUTS = (WEIGHT_OUT_IN, WEIGHT_IN_OUT)
+
+
+def _names_ok(v) -> bool:
+    """A list of at most 1000 strings (the ``aliases`` of a layer or parameter)."""
+    return isinstance(v, list) and len(v) <= 1000 and all(isinstance(a, str) for a in v)
+
+
 def validate_manifest(m: dict, where: str) -> dict:
     """Check the fields the analyzer relies on; returns ``m``. Raises :class:`TraceError`."""
     if m.get("format") != FORMAT_NAME:
@@ -233,6 +261,8 @@ def validate_manifest(m: dict, where: str) -> dict:
                                     and 0 <= L["n_params"] < 2**50):
             raise TraceError(f"{where}: layer #{i} has an invalid 'n_params' {L['n_params']!r}")
         seen.add(L["id"])
+        if not _names_ok(L.get("aliases", [])) or L.get("weight_layout", WEIGHT_OUT_IN) not in WEIGHT_LAYOUTS:
+            raise TraceError(f"{where}: layer #{i} has malformed aliases or an unknown weight_layout")
         for p in L["params"]:
             if not (isinstance(p, dict) and isinstance(p.get("name"), str)
                     and isinstance(p.get("key"), str) and isinstance(p.get("shape"), list)
@@ -243,6 +273,8 @@ def validate_manifest(m: dict, where: str) -> dict:
             if "shard_dim" in p and not (p["shard_dim"] == 0 and type(p["shard_dim"]) is int and p["shape"]):
                 raise TraceError(f"{where}: parameter {L['name']}.{p['name']} declares an unsupported "
                                  f"shard_dim {p['shard_dim']!r:.40} (this bbdecoder reads 0)")
+            if not (_names_ok(p.get("aliases", [])) and isinstance(p.get("tied_to", ""), str)):
+                raise TraceError(f"{where}: parameter {L['name']}.{p['name']} has malformed aliases or tied_to")
             n = 1
             for s in p["shape"]:
                 n *= s
@@ -265,6 +297,9 @@ def validate_manifest(m: dict, where: str) -> dict:
             raise TraceError(f"{where}: duplicate activation site key {S['key']!r}")
         skeys.add(S["key"])
         _check_site_stats(S, where)
+    au = m.get(ATTENTION_UNOBSERVED, [])
+    if not (isinstance(au, list) and len(au) <= 100_000 and all(isinstance(x, str) for x in au)):
+        raise TraceError(f"{where}: {ATTENTION_UNOBSERVED!r} must be a list of strings")
     ws = m.get("world_size", 1)
     if not isinstance(ws, int) or isinstance(ws, bool) or not 1 <= ws <= 99_999:
         raise TraceError(f"{where}: invalid world_size {ws!r}")

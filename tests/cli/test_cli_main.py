@@ -69,7 +69,8 @@ def test_terminal_progress_off_a_tty_is_the_null_progress():
 
 def test_commands_register_in_one_place():
     assert sorted(cli.commands) == sorted(c.name for c in COMMANDS) == [
-        "attention-iou", "dead", "demo", "features", "graph", "info", "layers", "prune", "report", "saturation"]
+        "attention-iou", "check", "compare", "dead", "demo", "features", "graph", "info", "layers", "prune",
+        "report", "saturation"]
 
 
 def test_graph_words_a_missing_graphviz_for_the_engine_option(tmp_path, capsys, monkeypatch):

@@ -83,7 +83,7 @@ def report(recorded, tmp_path_factory):
     run = analyzer.open(recorded[0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")           # a complete trace: no warning
-        summary = build_report(run, str(out))
+        summary = build_report(run, str(out), detail="all")
     return run, str(out), summary
 
 
@@ -97,11 +97,13 @@ def _load_json(path):
 def test_files_figures_and_links(report):
     run, out, summary = report
     html_text = open(os.path.join(out, "index.html"), encoding="utf-8").read()
+    detail_text = open(os.path.join(out, "layers.html"), encoding="utf-8").read()
     pngs = sorted(os.listdir(os.path.join(out, "figures")))
+    per_layer = [n for n in pngs if n.startswith(("grad_norms_", "weight_dist_"))]
     csvs = sorted(os.listdir(os.path.join(out, "tables")))
     assert pngs and all(n.endswith(".png") for n in pngs)
-    for n in pngs:
-        assert f'src="figures/{n}"' in html_text, n
+    for n in pngs:   # per-layer figures on the detail page only, the others on index.html only
+        assert (f'src="figures/{n}"' in detail_text) == (n in per_layer) != (f'src="figures/{n}"' in html_text), n
         with open(os.path.join(out, "figures", n), "rb") as f:
             assert f.read(8) == PNG, n
     for n in csvs:
@@ -115,7 +117,11 @@ def test_files_figures_and_links(report):
         assert f"grad_norms_{k}.png" in pngs and f"weight_dist_{k}.png" in pngs
     for n in ("loss.png", "grad_variance.png", "weight_magnitude.png", "update_ratio.png"):
         assert n in pngs
-    assert html_text.count("<figure>") == len(pngs) and html_text.count("<figcaption>") == len(pngs)
+    assert html_text.count("<figure>") == len(pngs) - len(per_layer) == html_text.count("<figcaption>")
+    assert detail_text.count("<figure>") == len(per_layer) == 2 * len(keys)
+    assert 'href="layers.html"' in html_text and 'href="index.html"' in detail_text
+    for n in ("update_ratio_heatmap.png", "weight_l2_heatmap.png"):
+        assert n in pngs
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", html_text), "no external URLs"
     assert "<script" not in html_text.lower()
     s = _load_json(os.path.join(out, "summary.json"))
@@ -124,6 +130,7 @@ def test_files_figures_and_links(report):
     assert s["skipped"] == [] and s["stale_files"] == []
     assert s == json.loads(json.dumps(summary))   # the return value is what was written
     assert s["parameters"]["bins"] == 64 and s["parameters"]["run"] == run.path
+    assert s["parameters"]["detail"] == "all"
     assert s["parameters"]["layers"] is None and s["bbdecoder_version"] == analyzer.__version__
     assert s["run"]["status"] == "complete" and "Status: complete" in html_text
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
@@ -189,7 +196,7 @@ def test_no_gradients_no_loss_and_odd_names(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.warns(UserWarning, match="no gradients") as rec:
-        s = build_report(run, str(out))
+        s = build_report(run, str(out), detail="all")
     assert len([w for w in rec if "bbdecoder report" in str(w.message)]) == 1
     skipped = "\n".join(s["skipped"])
     for item in ("gradient flow", "gradient heatmap", "gradient variance", "per-layer gradient norms", "loss"):
@@ -201,6 +208,8 @@ def test_no_gradients_no_loss_and_odd_names(tmp_path):
     html_text = (out / "index.html").read_text(encoding="utf-8")
     assert "<h2>Skipped</h2>" in html_text and "gradient flow" in html_text
     assert "<b>&head" not in html_text and "&lt;b&gt;&amp;head" in html_text
+    detail_text = (out / "layers.html").read_text(encoding="utf-8")
+    assert "<b>&head" not in detail_text and "&lt;b&gt;&amp;head" in detail_text
     summ = _load_json(out / "summary.json")
     L = next(L for L in summ["layers"] if L["name"] == "<b>&head")
     assert L["mean_abs_grad"] is None and L["grad_steps"] == 0 and L["weight_l2_final"] > 0
@@ -225,7 +234,7 @@ def test_twice_into_same_dir_keeps_other_files(recorded, tmp_path):
     assert (out / "keep.txt").read_text() == "mine\n"
     assert (out / "figures" / "old.png").read_bytes() == PNG + b"old"
     assert s2["stale_files"] == ["figures/old.png"] and "figures/old.png" in (out / "index.html").read_text()
-    assert sorted(os.listdir(out)) == ["figures", "index.html", "keep.txt", "summary.json", "tables"]
+    assert sorted(os.listdir(out)) == ["figures", "index.html", "keep.txt", "layers.html", "summary.json", "tables"]
 
 
 def test_layer_selection_and_progress(recorded, tmp_path):

@@ -4,6 +4,7 @@
   style, saving (atomic), labels and axis helpers;
 - :mod:`.loss`, :mod:`.gradients`, :mod:`.weights`, :mod:`.activations`, :mod:`.attention`,
   :mod:`.pruning`: the plots of each topic;
+- :mod:`.overview`: every layer at once, layer x step heatmaps grouped by block;
 - :mod:`.graph` (function graph drawings) and :mod:`.features` (feature evolution grid and GIF).
 
 The names of the first two groups are re-exported here (``plots.grad_flow``, ``plots.new_figure``).
@@ -18,9 +19,11 @@ from .attention import attention_average_maps, attention_over_time, attention_ov
 from .common import (MAX_HEATMAP_COLUMNS, MAX_LEGEND, PLOTS, bin_columns, check, close, epoch_spans, figure,
                      fixed_margins, integer_x, layer_label, layer_order, legend_outside, mpl, new_figure,
                      overlay_epoch_means, plot, positive, save, text, value_ticks, with_labels)
-from .gradients import (grad_flow, grad_heatmap, grad_norm_series, grad_norms, grad_variance_epoch,
+from .gradients import (grad_flow, grad_norm_series, grad_norms, grad_variance_epoch,
                         grad_variance_step, gradient_flow_table)
 from .loss import loss_curve
+from .overview import (block_of, common_prefix, grad_heatmap, heatmap_figure, heatmap_height, short_names,
+                       update_ratio_heatmap, weight_l2_heatmap)
 from .pruning import pruning_sweep, sweep_figure
 from .weights import update_ratio, weight_distribution, weight_magnitude
 
@@ -31,6 +34,7 @@ __all__ = [
     "close", "epoch_spans", "figure", "fixed_margins", "integer_x", "layer_label", "layer_order", "legend_outside",
     "mpl", "new_figure", "overlay_epoch_means", "plot", "positive", "save", "text", "value_ticks", "with_labels",
     "grad_flow", "grad_heatmap", "grad_norm_series", "grad_norms", "grad_variance_epoch", "grad_variance_step",
-    "gradient_flow_table", "loss_curve", "pruning_sweep", "sweep_figure", "update_ratio", "weight_distribution",
+    "gradient_flow_table", "loss_curve", "block_of", "common_prefix", "heatmap_figure", "heatmap_height",
+    "short_names", "update_ratio_heatmap", "weight_l2_heatmap", "pruning_sweep", "sweep_figure", "update_ratio", "weight_distribution",
     "weight_magnitude",
 ]

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from ...stats import stats_from_sums
-from .common import (MAX_HEATMAP_COLUMNS, MAX_LEGEND, bin_columns, integer_x, layer_order, legend_outside, mpl,
-                     overlay_epoch_means, plot, positive, value_ticks, with_labels)
+from .common import (MAX_LEGEND, integer_x, layer_order, legend_outside, mpl,
+                     overlay_epoch_means, plot, positive, with_labels)
 
 
 def _layer_hue(ax, d: pd.DataFrame, legend: bool = True, **lineplot_kw):
@@ -158,35 +158,4 @@ def grad_variance_epoch(df: pd.DataFrame, ax, **opts):
     ax.set_xlabel("epoch")
     ax.set_ylabel("variance (g²)")
     ax.set_title(opts.get("title", "Gradient variance per epoch"))
-    return ax
-
-
-@plot(requires=("step", "layer_id", "layer", "l2"))
-def grad_heatmap(df: pd.DataFrame, ax, max_columns: int = MAX_HEATMAP_COLUMNS, **opts):
-    """Layer x step heatmap of log10 of each layer's gradient L2 norm (rows: layers in id order;
-    columns: steps, averaged (in log10) over bins of consecutive steps when there are more than
-    ``max_columns``)."""
-    _, sns = mpl()
-    d = with_labels(df)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d["log_l2"] = np.log10(positive(d["l2"]))
-    steps = np.sort(d["step"].unique())
-    col = bin_columns(steps, max_columns)
-    d["col"] = col[np.searchsorted(steps, d["step"].to_numpy())]
-    order = layer_order(d)
-    m = d.pivot_table(index="layer_label", columns="col", values="log_l2", aggfunc="mean", dropna=False)
-    m = m.reindex(index=order, columns=np.arange(col[-1] + 1 if len(col) else 0))
-    first_step = pd.Series(steps).groupby(col).min().to_numpy()
-    ncol = m.shape[1]
-    sns.heatmap(m.to_numpy(), ax=ax, cmap="magma", cbar_kws={"label": "log10 ‖g‖₂"},
-                xticklabels=False, yticklabels=False, mask=~np.isfinite(m.to_numpy()))
-    value_ticks(ax, first_step, 10)
-    nl = len(order)
-    ys = max(1, math.ceil(nl / 40))
-    ax.set_yticks(np.arange(0, nl, ys) + 0.5)
-    ax.set_yticklabels(order[::ys], rotation=0, fontsize="small" if nl > 15 else None)
-    binned = len(steps) > ncol
-    ax.set_xlabel("step" + (f" ({len(steps)} steps averaged into {ncol} columns)" if binned else ""))
-    ax.set_ylabel("layer (id: name)")
-    ax.set_title(opts.get("title", "Gradient L2 norm per layer and step (log10)"))
     return ax

@@ -1,5 +1,6 @@
-"""The gradients section: gradient flow, the layer x step heatmap, the variance panel and one figure of
-gradient norms per layer (the "layers" group)."""
+"""The gradients section: gradient flow, the variance panel and, for the detail layers
+(:meth:`Report.detail_ids <analyzer.report.build.Report.detail_ids>`), one figure of gradient norms per
+layer (the "layers" group). The layer x step heatmap is in the overview."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def add(rep) -> None:
     lt, gs, ge, gl = rep.data.lt, rep.data.gs, rep.data.ge, rep.data.gl
     no = ("no gradients in the trace (grad_stats_every=0 and grads_every=0, or no recorded layer has a "
           "gradient)")
-    names = ["gradient flow", "gradient heatmap", "gradient variance", "per-layer gradient norms"]
+    names = ["gradient flow", "gradient variance", "per-layer gradient norms"]
     if not len(gl):
         for n in names:
             rep.skip(f"figure {n}", no)
@@ -35,25 +36,6 @@ def add(rep) -> None:
                    "over all steps, max |g| = largest element ever seen. Bars falling by orders of "
                    "magnitude towards the input layers suggest vanishing gradients; a very large max "
                    "next to a small mean points to rare exploding elements.", draw, "gradients")
-    why = plots.check(gl, plots.grad_heatmap)
-    if why:
-        rep.skip("figure gradient heatmap", why)
-    else:
-        def draw():
-            n = gl["layer_id"].nunique()
-            fig, ax = plots.new_figure(11, max(3.0, min(14.0, 1.2 + 0.3 * n)))
-            plots.grad_heatmap(gl, ax[0, 0])
-            return fig
-        nsteps = gl["step"].nunique()
-        binned = (f" The {nsteps} steps are averaged into {plots.MAX_HEATMAP_COLUMNS} columns of "
-                  "consecutive steps." if nsteps > plots.MAX_HEATMAP_COLUMNS
-                  else "")
-        rep.figure("grad_heatmap", "Gradient norm heatmap",
-                   "log10 of each layer's gradient L2 norm (all parameters of the layer together) at "
-                   "every recorded step: rows are layers in id order, columns are steps, brighter = "
-                   "larger. Dark rows are layers whose gradient is orders of magnitude smaller than the "
-                   "others; vertical bright stripes are steps with a gradient spike across layers; "
-                   "blank cells were not recorded or were zero." + binned, draw, "gradients")
     gv = grad_variance_epoch_table(gl, ge, gs[["layer_id", "param", "numel"]].drop_duplicates())
     why_s = plots.check(gl, plots.grad_variance_step)
     why_e = plots.check(gv, plots.grad_variance_epoch)
@@ -81,7 +63,8 @@ def add(rep) -> None:
                    "hence not drawn for an epoch with one recorded step). Noise large next to the "
                    "per-iteration spread means the mini-batch gradient direction is unstable.",
                    draw, "gradients")
-    rows = [r for r in lt.itertuples(index=False)]
+    detail = rep.detail_ids()
+    rows = [r for r in lt.itertuples(index=False) if int(r.id) in detail]
     with rep.progress("report: gradient norms per layer", len(rows)) as bar:
         for L in rows:
             d = gl[gl["layer_id"] == L.id]

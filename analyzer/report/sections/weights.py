@@ -1,5 +1,5 @@
-"""The weights section: weight magnitude, update ratio and one weight distribution per layer (the
-"layers" group)."""
+"""The weights section: weight magnitude, update ratio and, for the detail layers, one weight
+distribution per layer (the "layers" group)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def add(rep) -> None:
                    "accumulates all optimizer steps between two snapshots. Ratios around 1e-3 per step "
                    "are typical; far below means the parameter barely learns, far above means it is "
                    "unstable (SageMaker's rule flags > 10 or < 1e-8).", draw, "weights")
-    rows = [r for r in lt.itertuples(index=False)]
+    detail = rep.detail_ids()
+    rows = [r for r in lt.itertuples(index=False) if int(r.id) in detail]
     with rep.progress("report: weight distributions per layer", len(rows)) as bar:
         for L in rows:
             name = f"weight_dist_{file_key(L)}"

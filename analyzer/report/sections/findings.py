@@ -1,0 +1,87 @@
+"""The findings of the health rules (:mod:`analyzer.findings`, default thresholds): summary.json's
+"findings", the table findings.csv, and the box that opens the page (severity first, each finding
+linked to the figure that shows it where the report has one)."""
+
+from __future__ import annotations
+
+import html
+import os
+
+from ..page import DETAIL_PAGE
+
+#: rule -> figure names (report/figures/<name>.png) that show it, best first; layer rules link first to
+#: the layer's own figures (the per-layer heading "layer-<id>")
+FIGURES = {
+    "vanishing_gradient": ("grad_flow", "grad_heatmap"), "exploding_gradient": ("grad_heatmap", "grad_flow"),
+    "gradient_spike": ("grad_heatmap", "grad_flow"), "all_zero": ("grad_flow", "act_dead_heatmap"),
+    "weight_update_ratio": ("update_ratio", "update_ratio_heatmap"),
+    "unchanged_weights": ("update_ratio", "weight_magnitude"),
+    "dead_units": ("act_dead_heatmap", "act_dead_raster"), "saturated_activations": ("act_saturation",),
+    "poor_initialization": ("act_distributions",), "tensor_variance": ("act_distributions",),
+    "loss_not_decreasing": ("loss",), "loss_spike": ("loss",),
+}
+#: rules that link to the per-layer figures of their layer
+LAYER_RULES = ("vanishing_gradient", "exploding_gradient", "gradient_spike", "all_zero", "weight_update_ratio",
+               "unchanged_weights")
+
+
+def add(rep) -> None:
+    """Evaluate every rule at its defaults; summary.json's "findings" and tables/findings.csv."""
+    try:
+        df = rep.run.findings()
+    except Exception as e:  # noqa: BLE001 - a rule that cannot run must not cost the report
+        rep.skip("findings", f"the health rules could not be evaluated ({type(e).__name__}: {e})")
+        rep.extra["findings"] = None
+        return
+    rep.table("findings", df, "health rules at their default thresholds (docs/findings.md): rule, severity, "
+              "layer or site, param, first_step, last_step, n_steps, value, threshold, message")
+    counts = {s: int((df["severity"] == s).sum()) for s in ("error", "warning", "info", "skipped")}
+    rep.extra["findings"] = {"counts": counts, "findings": df.to_dict(orient="records")}
+    rep.extra["finding_layers"] = finding_layers(rep.run, df)
+
+
+def finding_layers(run, df) -> list[int]:
+    """Ids of the layers the findings point at (a layer by name, or the module of an activation site)."""
+    ids = {L["name"]: int(L["id"]) for L in run.catalog.layers}
+    module = {S["name"]: S.get("module") for S in run.catalog.sites}
+    hit = df[df["severity"] != "skipped"]["layer"].dropna()
+    return sorted({ids[n] for x in hit for n in (x, module.get(x)) if n in ids})
+
+
+def _target(f: dict, figures: list[dict]) -> str | None:
+    """The link target of the figure that shows finding ``f``: an anchor of index.html, or a layer's
+    heading on the detail page (None: the report has no such figure)."""
+    if f["rule"] == "nonfinite":
+        return "nonfinite"
+    if f["rule"] in LAYER_RULES and f.get("layer") is not None:
+        for g in figures:
+            L = g.get("layer")
+            if L is not None and str(L.name) == f["layer"]:
+                return f"{DETAIL_PAGE}#layer-{int(L.id)}"
+    names = {os.path.splitext(os.path.basename(g["file"]))[0] for g in figures}
+    return next((f"fig-{n}" for n in FIGURES.get(f["rule"], ()) if n in names), None)
+
+
+def findings_html(fd: dict | None, figures: list[dict]) -> str:
+    """The page's findings box: errors, warnings and info in that order (skipped rules in one line),
+    each linked to its figure's anchor. Empty string when the findings were not evaluated."""
+    if not fd:
+        return ""
+    e = html.escape
+    rows = [f for f in fd["findings"] if f["severity"] != "skipped"]
+    skipped = [f for f in fd["findings"] if f["severity"] == "skipped"]
+    items = []
+    for f in rows:
+        where = ".".join(str(x) for x in (f["layer"], f["param"]) if x is not None) or "(model)"
+        t = _target(f, figures)
+        link = f' (<a href="{e(t if DETAIL_PAGE in t else "#" + t)}">figure</a>)' if t else ""
+        items.append(f'<li class="{e(f["severity"])}"><strong>{e(f["severity"])}</strong> '
+                     f'<code>{e(f["rule"])}</code> <code>{e(where)}</code>: {e(str(f["message"]))}{link}</li>')
+    c = fd["counts"]
+    head = (f"<strong>Findings</strong> — {c['error']} error(s), {c['warning']} warning(s), {c['info']} info "
+            "(health rules at their default thresholds; <code>bbdecoder check</code> re-evaluates them at others)")
+    skip = ("<p class=\"note\">Not evaluated: " + "; ".join(f"<code>{e(f['rule'])}</code> ({e(str(f['message']))})"
+                                                         for f in skipped) + "</p>") if skipped else ""
+    cls = "bad" if c["error"] or c["warning"] else "ok"
+    body = f"<ul>\n{chr(10).join(items)}\n</ul>" if items else "<p>No rule fired.</p>"
+    return f'<div class="{cls}" id="findings"><p>{head}</p>\n{body}\n{skip}</div>'
