@@ -16,6 +16,7 @@ import numpy as np
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "template.html")
 DETAIL_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "detail.html")
+STYLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.css")
 #: the per-layer detail page, beside index.html
 DETAIL_PAGE = "layers.html"
 #: the layer table of index.html starts folded past this many layers
@@ -24,9 +25,10 @@ OPEN_LAYER_TABLE = 30
 
 @lru_cache(maxsize=2)
 def template(path: str = TEMPLATE) -> string.Template:
-    """A page template (read once)."""
-    with open(path, encoding="utf-8") as f:
-        return string.Template(f.read())
+    """A page template (read once), with the pages' shared style sheet (report.css) put in its
+    ``<style>`` element."""
+    with open(path, encoding="utf-8") as f, open(STYLE, encoding="utf-8") as g:
+        return string.Template(string.Template(f.read()).safe_substitute(style_css=g.read()))
 
 
 def cell_html(v: Any) -> str:

@@ -30,7 +30,7 @@ def report(tmp_path_factory):
     helpers.record_tiny(tmp / "run", activations=True)
     out = tmp / "report"
     out.mkdir()
-    summary = build_report(analyzer.open(str(tmp / "run")), str(out))
+    summary = build_report(analyzer.open(str(tmp / "run")), str(out), detail="all")
     return out, summary
 
 
@@ -38,8 +38,12 @@ def test_report_loads_in_chromium_with_every_figure(report):
     out, summary = report
     code, text = _check(out, "--screenshot")
     assert code == 0, text
-    n_img = int(text.split("index.html: ")[1].split(" images")[0])
-    assert n_img == len(summary["figures"]) > 0          # every figure the summary lists is on the page
+    n_index = int(text.split("index.html: ")[1].split(" images")[0])
+    n_detail = int(text.split("layers.html: ")[1].split(" images")[0])
+    per_layer = [f for f in summary["figures"] if f.startswith(("figures/grad_norms_", "figures/weight_dist_"))]
+    assert n_detail == len(per_layer) > 0                # every figure the summary lists is on a page
+    assert n_index + n_detail == len(summary["figures"])
+    assert (out / "screenshots" / "layers.png").is_file()
     png = (out / "screenshots" / "index.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width = int.from_bytes(png[16:20], "big")
