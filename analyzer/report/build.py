@@ -112,7 +112,7 @@ class Report:
             return f"Layers chosen with detail={self.detail_spec!r}."
         if self.layers_spec is not None:
             return f"The layers selected for this report ({self.layers_spec!r})."
-        return "The layers that a finding points at."
+        return "The layers that a finding points at (the most severe first, at most 12)."
 
     # ------------------------------------------------------------------ pipeline
     def build(self) -> dict:

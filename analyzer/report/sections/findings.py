@@ -40,12 +40,18 @@ def add(rep) -> None:
     rep.extra["finding_layers"] = finding_layers(rep.run, df)
 
 
+#: most layers that get per-layer figures because a finding points at them (the most severe first)
+MAX_FINDING_LAYERS = 12
+
+
 def finding_layers(run, df) -> list[int]:
-    """Ids of the layers the findings point at (a layer by name, or the module of an activation site)."""
+    """Ids of the layers the findings point at (a layer by name, or the module of an activation site),
+    in the findings' order (most severe first), at most :data:`MAX_FINDING_LAYERS` of them."""
     ids = {L["name"]: int(L["id"]) for L in run.catalog.layers}
     module = {S["name"]: S.get("module") for S in run.catalog.sites}
     hit = df[df["severity"] != "skipped"]["layer"].dropna()
-    return sorted({ids[n] for x in hit for n in (x, module.get(x)) if n in ids})
+    out = list(dict.fromkeys(ids[n] for x in hit for n in (x, module.get(x)) if n in ids))
+    return out[:MAX_FINDING_LAYERS]
 
 
 def _target(f: dict, figures: list[dict]) -> str | None:
