@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 
 from ..activations import dead_units, saturation, saturation_layers
+from ..activations.sites import site_family
 from .base import Rule, Threshold, finding
 
 _PROJECT = "this project's choice"
@@ -15,7 +16,7 @@ _REPORT = "the report's default (bbdecoder report --delta/--unit-fraction)"
 
 
 def _sites(t, family: str) -> list[str]:
-    return [S["name"] for S in t.run.catalog.sites if S.get("family") == family]
+    return [S["name"] for S in t.run.catalog.sites if site_family(S) == family]   # by kind, as the analyses judge
 
 
 def _site_steps(t, site: str, start=None):
