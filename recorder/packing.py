@@ -5,7 +5,8 @@ The training thread (:meth:`recorder.recorder.Recorder.step`) gathers a step's t
 copy into pinned memory plus an event (:func:`pack`, :func:`to_host`); the gradient statistics are
 reduced on the device first (:func:`pack_grad_stats`). No ``.item()``, no ``.cpu()``, no loop over
 elements. The writer thread turns a Pending into a :class:`~analyzer.trace.series.StepRecord`
-(:func:`resolve`): it waits on the events and views the host buffers as numpy arrays.
+(:func:`resolve`): it waits on the events and views the host buffers as numpy arrays (a group of raw
+gradients or weights stays one flat row with its :class:`~analyzer.trace.packed.FlatLayout`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.trace.packed import FlatLayout
 from bbdecoder.analyzer.trace.series import StepRecord
 from .distributed import local
 from .errors import RecorderWarning
@@ -90,6 +92,10 @@ def resolve(p: Pending) -> StepRecord:
         p.watch.note(p.step, casts)
     for flat, layout in p.groups:
         arr = flat.numpy()
+        kind = layout[0][0]
+        if kind in fmt.FLAT_KINDS and all(e[0] == kind for e in layout):   # raw snapshots: one flat row
+            payloads.append((kind, None, FlatLayout([e[1:] for e in layout]), arr, None))
+            continue
         for kind, lk, pk, off, n, shape, attrs in layout:
             payloads.append((kind, lk, pk, arr[off:off + n].reshape(shape), attrs))
     for host, plan in p.stats:   # one packed payload: the writer's cost does not grow with the parameters

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Writer-thread time of a shard close against the number of parameter tensors: gradient statistics
-stored packed (``/packed/grad_stats``, the default) or one dataset per parameter (older traces).
+stored packed (``/packed/grad_stats``, the default) or one dataset per parameter (older traces); with
+``--raw``, raw snapshots stored flat (``/flat/<kind>``, the default) or one group per tensor.
 
 What the writer thread does with the default settings: 100 steps (``flush_steps``), each one packed
 gradient-statistics payload of P parameters ((P, 6) float64, as :func:`recorder.packing.resolve`
@@ -12,8 +13,10 @@ alone and of the 100 writes plus the close, in ms; and the HDF5 objects a shard 
 
 With ``--raw``, the first step of the shard also carries a raw gradient and weight snapshot of every
 tensor (64 float32 values each), as the default ``grads_every=50, weights_every=50`` puts in every
-shard of 100 steps: those stay one dataset per tensor (each has its own shape), so they show the
-per-tensor work that remains.
+shard of 100 steps, and the settings are ``per-tensor`` (the snapshots handed over one payload per
+tensor and stored one group per tensor, as up to 2.0.0.dev's flat snapshots: ``/grads/<layer>/<param>``)
+against ``flat-A`` and ``flat-B`` (one flat row per kind, as :func:`recorder.packing.resolve` hands
+them over now: ``/flat/<kind>/0``); the gradient statistics are packed in all three.
 
 Usage::
 
@@ -33,6 +36,7 @@ import h5py
 import numpy as np
 
 from bbdecoder.analyzer.trace.hdf5 import HDF5Backend
+from bbdecoder.analyzer.trace.packed import FlatLayout
 from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord
 
 
@@ -42,9 +46,13 @@ def _records(P: int, steps: int, raw: bool = False) -> list[StepRecord]:
     rng = np.random.default_rng(0)
     recs = [StepRecord(s, 0, 1.0, 1e9 + s, 0, [("grad_stats", None, keys, rng.random((P, 6)), attrs)])
             for s in range(steps)]
-    if raw:
+    if raw == "per-tensor":
         recs[0].payloads += [(kind, lk, pk, rng.random(64).astype(np.float32), a)
                              for kind in ("grads", "weights") for (lk, pk), a in zip(keys, attrs)]
+    elif raw:
+        layout = FlatLayout([(lk, pk, 64 * i, 64, (64,), a) for i, ((lk, pk), a) in enumerate(zip(keys, attrs))])
+        recs[0].payloads += [(kind, None, layout, rng.random(64 * P).astype(np.float32), None)
+                             for kind in ("grads", "weights")]
     return recs
 
 
@@ -71,24 +79,26 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--raw", action="store_true", help="one raw gradient and weight row per tensor in the shard")
     args = ap.parse_args(argv)
-    names = {"per-param": False, "packed-A": True, "packed-B": True}
+    names = {"per-param": (False, False), "packed-A": (True, False), "packed-B": (True, False)}
+    if args.raw:   # (packed, how the snapshots are handed over)
+        names = {"per-tensor": (True, "per-tensor"), "flat-A": (True, "flat"), "flat-B": (True, "flat")}
     print(f"{args.steps} steps per shard{' + one raw grads/weights row per tensor' if args.raw else ''}, "
           f"{args.rounds} rounds, settings interleaved (rotated order); ms")
-    print(f"{'tensors':>7} {'setting':>9} {'close':>9} {'write+close':>12} {'objects':>8}")
+    print(f"{'tensors':>7} {'setting':>10} {'close':>9} {'write+close':>12} {'objects':>8}")
     with tempfile.TemporaryDirectory(prefix="bbd-close-") as tmp:
         n = 0
         for P in args.tensors:
-            recs = _records(P, args.steps, args.raw)
+            recs = {k: _records(P, args.steps, raw) for k, (_, raw) in names.items()}
             res = {k: [] for k in names}
             for r in range(args.rounds + 1):
                 order = list(names)[r % 3:] + list(names)[:r % 3]
                 for k in order:
-                    out = _one(tmp, names[k], recs, n)
+                    out = _one(tmp, names[k][0], recs[k], n)
                     n += 1
                     if r:   # round 0 warms up
                         res[k].append(out)
             for k, v in res.items():
-                print(f"{P:>7} {k:>9} {statistics.median(x[0] for x in v):9.2f} "
+                print(f"{P:>7} {k:>10} {statistics.median(x[0] for x in v):9.2f} "
                       f"{statistics.median(x[1] for x in v):12.2f} {v[0][2]:>8}")
     return 0
 

@@ -109,7 +109,9 @@ def main(argv=None):
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     paired = statistics.median(a - b for a, b in zip(block_meds["rec.step"], block_meds["noop-A"])) * 1e3
     aa = statistics.median(a - b for a, b in zip(block_meds["noop-B"], block_meds["noop-A"])) * 1e3
-    print(f"rec.step: median {med['rec.step']:.3f} ms per call; paired (minus noop-A, per round) "
+    mean = statistics.fmean(times["rec.step"]) * 1e3   # with the snapshot steps (grads/weights every 50)
+    print(f"rec.step: median {med['rec.step']:.3f} ms per call (mean {mean:.3f} ms, with the raw snapshot "
+          f"steps); paired (minus noop-A, per round) "
           f"{paired:.3f} ms; A/A control noop-B - noop-A {aa * 1e3:+.1f} us (noop medians "
           f"{med['noop-A'] * 1e3:.2f} / {med['noop-B'] * 1e3:.2f} us)")
     if nsteps:

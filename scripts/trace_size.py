@@ -11,7 +11,11 @@ Every figure comes from what the recorder writes (docs/trace-format.md), not fro
   one int64 step for all of them (the packed layout, ``/packed/grad_stats``), every step
   (``grad_stats_every=1``), on every rank that holds a slice (FSDP2);
 * raw gradients and weight snapshots: float32 every 50 steps (``grads_every=50``,
-  ``weights_every=50``), each rank its slice (FSDP2: 1/world of the elements);
+  ``weights_every=50``), each rank its slice (FSDP2: 1/world of the elements), stored flat (one row of
+  all tensors and one int64 step per snapshot, ``/flat/<kind>``);
+* the indexes of the packed and flat groups (UTF-8 JSON of every tensor's keys, attributes and place,
+  built by the writer's own encoders) once per shard and kind, a shard every 100 steps (``flush_steps``;
+  a job whose steps take longer than ``flush_secs / 100`` = 0.1 s closes shards more often: more index bytes);
 * raw activation samples: the first 8 inputs (``activation_samples=8``) of every site, float32, every
   50 steps (``activations_every=50``);
 * the step table: step, epoch (int64), loss, time (float64), dropped (int32).
@@ -40,6 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bbdecoder.analyzer.trace import format as fmt
+from bbdecoder.analyzer.trace.packed import FlatLayout, encode_index
 from bbdecoder.recorder.act_window import ActivationWindow, row_bytes
 from bbdecoder.recorder.activations import ActivationTracker
 from bbdecoder.recorder.demo import make_reference_cnn
@@ -49,6 +54,7 @@ RAW_EVERY = 50               # grads_every, weights_every, activations_every def
 SAMPLES = 8                  # activation_samples default
 F32, F64, I64 = 4, 8, 8
 STEP_TABLE = 8 + 8 + 8 + 8 + 4   # step, epoch, loss, time, dropped
+SHARD_STEPS = 100            # flush_steps default
 
 
 class Block(nn.Module):
@@ -115,6 +121,27 @@ def sites_of(model, example) -> list[dict]:
         torch.is_autocast_enabled = plain
 
 
+def index_bytes(model, world=1) -> tuple[int, int]:
+    """(bytes of the packed gradient-statistics index, of one flat snapshot index) of one shard: the
+    writer's own encoders on every parameter tensor's keys and attributes (an FSDP2 slice also carries
+    ``offset`` and ``global_shape``; its local shape is 1/world of dim 0)."""
+    keys, attrs, entries, off = [], [], [], 0
+    named = list(model.named_parameters())
+    for i, (name, p) in enumerate(named):
+        lk, _, pk = name.rpartition(".")
+        shape = list(p.shape)
+        a = {"layer": lk, "layer_id": i, "param": pk}
+        if world > 1 and shape:
+            shape[0] = math.ceil(shape[0] / world)
+            a.update(offset=shape[0] * (world - 1), global_shape=list(p.shape))
+        n = math.prod(shape)
+        keys.append((fmt.sanitize(lk), pk))
+        attrs.append(a)
+        entries.append((fmt.sanitize(lk), pk, off, n, tuple(shape), a))
+        off += n
+    return (len(encode_index(fmt.KIND_GRAD_STATS, tuple(keys), attrs)), len(FlatLayout(entries).index()))
+
+
 def sizes(name, model, example, world=1) -> dict:
     params = list(model.parameters())
     P = sum(p.numel() for p in params)
@@ -122,10 +149,12 @@ def sizes(name, model, example, world=1) -> dict:
     n = ActivationWindow("auto").choose(sites)
     act_row = row_bytes(sites, window=n > 1)
     grad_row = len(params) * len(fmt.GRAD_STAT_FIELDS) * F64 + I64   # packed: one step index per row
-    raw = 2 * (math.ceil(P / world) * F32 + len(params) * I64)           # grads + weights, per snapshot
+    raw = 2 * (math.ceil(P / world) * F32 + I64)                        # grads + weights flat, per snapshot
     samples = sum(SAMPLES * math.prod(S["sample_shape"]) * F32 + SAMPLES * I64 for S in sites)
+    gidx, fidx = index_bytes(model, world)
     per_step = {"step table": STEP_TABLE, "grad stats": grad_row, "act stats": act_row / n,
-                "raw grads+weights": raw / RAW_EVERY, "act samples": samples / RAW_EVERY}
+                "raw grads+weights": raw / RAW_EVERY, "act samples": samples / RAW_EVERY,
+                "indexes": (gidx + 2 * fidx) / SHARD_STEPS}
     return {"model": name, "params": P, "tensors": len(params), "units": sum(S["units"] for S in sites),
             "sites": len(sites), "N": n, "act_row": act_row, "per_step": per_step, "world": world}
 
@@ -146,7 +175,7 @@ def main() -> None:
     rows.append(sizes("GPT-2 small, T=1024", gpt2, torch.zeros(8, 1024, dtype=torch.long, device="meta")))
     rows.append(sizes("7B (Llama-2-like), T=4096, FSDP2 x64, per rank", llama,
                       torch.zeros(8, 4096, dtype=torch.long, device="meta"), world=64))
-    cols = ["step table", "grad stats", "act stats", "raw grads+weights", "act samples"]
+    cols = ["step table", "grad stats", "act stats", "raw grads+weights", "act samples", "indexes"]
     print("| model | params | param tensors | act sites / units | window N | act row |"
           + "".join(f" {c} /step |" for c in cols) + " total /step | total /100k steps |")
     print("|" + " --- |" * (7 + len(cols) + 1))

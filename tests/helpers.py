@@ -175,27 +175,81 @@ def unpack_grad_stats(run_dir) -> int:
 def split_payloads(data: dict) -> dict:
     """{payload path: (values, steps)} from {dataset path: array} of one shard read with h5py: the
     per-parameter groups ``<kind>/<lk>/<pk>`` as they are, and each packed group
-    ``packed/<kind>/<n>`` split by its ``index`` into ``<kind>/<lk>/<pk>`` (rows of several groups
-    joined in step order)."""
+    ``packed/<kind>/<n>`` (or flat group ``flat/<kind>/<n>``) split by its ``index`` into
+    ``<kind>/<lk>/<pk>`` (rows of several groups joined in step order)."""
     import json
     out: dict = {}
     for k, v in data.items():
         if not k.endswith("/values"):
             continue
         base = k[:-len("values")]
-        if not k.startswith("packed/"):
+        if not k.startswith(("packed/", "flat/")):
             out[k[:-len("/values")]] = (v, data[base + "steps"])
             continue
         kind = k.split("/")[1]
-        for j, (lk, pk, *_) in enumerate(json.loads(data[base + "index"].tobytes().decode())):
+        for j, (lk, pk, *place) in enumerate(json.loads(data[base + "index"].tobytes().decode())):
             key = f"{kind}/{lk}/{pk}"
-            vals, steps = v[:, j], data[base + "steps"]
+            if k.startswith("flat/"):   # [attrs, start, numel, shape]: columns start .. start + numel
+                vals = v[:, place[1]:place[1] + place[2]].reshape((-1, *place[3]))
+            else:
+                vals = v[:, j]
+            steps = data[base + "steps"]
             if key in out:
                 vals, steps = np.concatenate([out[key][0], vals]), np.concatenate([out[key][1], steps])
                 order = np.argsort(steps, kind="stable")
                 vals, steps = vals[order], steps[order]
             out[key] = (vals, steps)
     return out
+
+
+def unflatten_snapshots(run_dir) -> int:
+    """Rewrite every shard of ``run_dir`` in place from the flat layout of raw gradients and weights
+    (``/flat/<kind>/<n>/{values (k, N), steps, index}``) into the per-tensor layout of older traces
+    (``/<kind>/<layer key>/<param key>/{values (k, *shape), steps}`` with the index's attributes), with
+    h5py and json only (independent of the analyzer's reader). Returns the number of flat groups rewritten."""
+    import glob
+    import json
+    import h5py
+    n = 0
+    for path in glob.glob(_os.path.join(str(run_dir), "rank-*", "shard-*.h5")):
+        with h5py.File(path, "r+") as f:
+            if "flat" not in f:
+                continue
+            data: dict = {}
+            f["flat"].visititems(lambda k, o: data.__setitem__(f"flat/{k}", o[()]) if isinstance(o, h5py.Dataset)
+                                 else None)
+            n += sum(k.endswith("/index") for k in data)
+            attrs = {}
+            for k, v in data.items():
+                if k.endswith("/index"):
+                    for lk, pk, at, *_ in json.loads(v.tobytes().decode()):
+                        attrs[(k.split("/")[1], lk, pk)] = at
+            del f["flat"]
+            for key, (vals, steps) in split_payloads(data).items():
+                g = f.create_group(key)
+                g.create_dataset("values", data=vals)
+                g.create_dataset("steps", data=steps)
+                for a, v in attrs[tuple(key.split("/"))].items():
+                    g.attrs[a] = np.asarray(v, np.int64) if isinstance(v, list) else v
+    return n
+
+
+def set_payload_attr(f, kind: str, layer_key: str, param_key: str, name: str, value) -> None:
+    """Set attribute ``name`` of one payload in the open (writable) h5py shard ``f``, in whichever
+    layout the shard stores it (flat, packed: the entry of its ``index``; else its group's attributes)."""
+    import json
+    for root in ("flat", "packed"):
+        if f"{root}/{kind}" not in f:
+            continue
+        for g in f[f"{root}/{kind}"].values():
+            entries = json.loads(g["index"][()].tobytes().decode())
+            for e in entries:
+                if (e[0], e[1]) == (layer_key, param_key):
+                    e[2][name] = value
+            del g["index"]
+            g["index"] = np.frombuffer(json.dumps(entries).encode(), np.uint8)
+        return
+    f[f"{kind}/{layer_key}/{param_key}"].attrs[name] = value
 
 
 def fill_grad_stats(f, layer_key: str, param_key: str, value: float) -> None:

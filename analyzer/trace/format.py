@@ -29,7 +29,7 @@ RANK_FILE = "rank.json"
 SHARD_SUFFIX = ".h5"
 LIVE_SUFFIX = ".part"
 
-#: Payload kinds stored as raw tensors, one HDF5 group each.
+#: Payload kinds stored as raw tensors (one HDF5 group each, or flat: FLAT_KINDS).
 KIND_GRADS = "grads"
 KIND_WEIGHTS = "weights"
 #: Per-step gradient sufficient statistics computed on the device: /grad_stats/<layer>/<param>/values,
@@ -51,6 +51,11 @@ MULTIROW_KINDS = (KIND_ACTIVATIONS,)
 #: index (uint8: UTF-8 JSON [[layer_key, param_key, attrs], ...], P entries)}``.
 PACKED_GROUP = "packed"
 PACKED_KINDS = (KIND_GRAD_STATS,)
+#: Kinds that may also be stored *flat* (optional, format version 1; written by default since 2.0.0.dev):
+#: the tensors of a step concatenated into one row, ``/flat/<kind>/<n>/{values (k, N), steps (k,),
+#: index (uint8: UTF-8 JSON [[layer_key, param_key, attrs, start, numel, shape], ...])}``.
+FLAT_GROUP = "flat"
+FLAT_KINDS = RAW_PARAM_KINDS
 #: Optional root attributes of a shard written with a float16 storage dtype: values of that kind stored
 #: in the shard that were non-zero and became 0 (underflow) or finite and became inf (overflow) in float16.
 CAST_COUNT_ATTRS = {KIND_GRADS: ("f16_underflow_grads", "f16_overflow_grads"),
@@ -329,6 +334,13 @@ SITE_SCALAR_STATS = ("count", "nonfinite")
 #: (``Recorder(activation_window=N)``): the first step of the row's window (float64, an exact
 #: integer); the row's own step is the window's last. Absent: every row covers its step alone.
 SITE_WINDOW_STAT = "first_step"
+#: Optional transformer-health statistics (absent in traces written before them; see
+#: docs/trace-format.md): softmax sites' per-unit ``entropy`` (sum over the unit's rows of the row
+#: entropy, nats) and ``logit_max`` (largest softmax input), shape [units]; every other site's
+#: scalars ``sum3``, ``sum4`` (sum h^3, h^4), ``n_massive`` (units whose max |h| is above 100x the
+#: sampled median |h|) and ``massive_ratio`` (max |h| / sampled median |h|), shape [].
+SITE_HEALTH_UNIT_STATS = ("entropy", "logit_max")
+SITE_HEALTH_SCALAR_STATS = ("sum3", "sum4", "n_massive", "massive_ratio")
 
 
 def _check_site_stats(S: dict, where: str) -> None:
@@ -341,7 +353,12 @@ def _check_site_stats(S: dict, where: str) -> None:
         if st[k] != [S["units"]]:
             raise TraceError(f"{where}: activation site {S['name']!r} declares {k} of shape {st[k]} for "
                              f"{S['units']} units")
-    for k in SITE_SCALAR_STATS + ((SITE_WINDOW_STAT,) if SITE_WINDOW_STAT in st else ()):
+    for k in SITE_HEALTH_UNIT_STATS:
+        if k in st and st[k] != [S["units"]]:
+            raise TraceError(f"{where}: activation site {S['name']!r} declares {k} of shape {st[k]} for "
+                             f"{S['units']} units")
+    opt = (SITE_WINDOW_STAT,) + SITE_HEALTH_SCALAR_STATS
+    for k in SITE_SCALAR_STATS + tuple(k for k in opt if k in st):
         if st[k] != []:
             raise TraceError(f"{where}: activation site {S['name']!r} declares {k} of shape {st[k]}, not []")
 

@@ -9,8 +9,8 @@ import numpy as np
 from . import files
 from . import format as fmt
 from .format import TraceError
-from .h5safe import foreign_storage, hard_child, no_filter_plugins, storage_problem
-from .packed import encode_index, open_view
+from .h5safe import hard_child, no_filter_plugins, storage_problem
+from .packed import FlatWriter, encode_index, open_view
 from .shards import ShardReader, ShardWriter, check_step_cols
 
 #: Payload chunks aim at about this many bytes (several small rows share a chunk).
@@ -26,9 +26,9 @@ CHUNK_MAX_BYTES = 64 << 20
 #: size is refused instead of being read (terabytes of fill values).
 MAX_SPARSE_RATIO = 1000
 MAX_SPARSE_BYTES = 64 << 20
-#: Whether new shards store the kinds of ``format.PACKED_KINDS`` packed (``/packed/<kind>/<n>``, a fixed
-#: number of datasets per shard) rather than one group per parameter (the layout of older traces,
-#: still read; ``HDF5Backend(packed=False)`` writes it).
+#: Whether new shards store the kinds of ``format.PACKED_KINDS`` packed (``/packed/<kind>/<n>``) and of
+#: ``format.FLAT_KINDS`` flat (``/flat/<kind>/<n>``): a fixed number of datasets per shard, rather than
+#: one group per parameter (the layout of older traces, still read; ``HDF5Backend(packed=False)`` writes it).
 PACKED = True
 
 
@@ -82,6 +82,8 @@ class HDF5ShardWriter(ShardWriter):
         # packed payloads (append_packed): (kind, keys) -> [[row blocks], [step arrays], attrs]
         self._packed: dict[tuple, list] = {}
         self._parents: dict[tuple[str, str], object] = {}   # (kind, layer key) -> h5py group
+        self._flat = FlatWriter(self._f, self.max_rows, SMALL_BUFFER_BYTES,   # raw snapshots, /flat
+                                lambda vds, start, block: self._write(vds, start, block))
         self.nbytes = 0
         self.n_steps = 0
         self.step_range = [None, None]
@@ -158,6 +160,14 @@ class HDF5ShardWriter(ShardWriter):
         self.nbytes += nb
         if self._small_bytes > SMALL_BUFFER_BYTES:
             self._write_packed()
+
+    def append_flat(self, kind, layout, steps, values):
+        """Into ``/flat/<kind>/<n>`` (:class:`~.packed.FlatWriter`: a few datasets per shard whatever
+        the number of tensors); one dataset per tensor with ``packed=False`` or a kind not in
+        ``format.FLAT_KINDS``."""
+        if not self.packed or kind not in fmt.FLAT_KINDS:
+            return super().append_flat(kind, layout, steps, values)
+        self.nbytes += self._flat.append(kind, layout, steps, values)
 
     def _write_packed(self, final: bool = False) -> None:
         """Write the packed rows kept so far: for the kinds of ``format.PACKED_KINDS`` into one
@@ -248,6 +258,7 @@ class HDF5ShardWriter(ShardWriter):
             return
         try:
             self._write_packed(final=True)
+            self._flat.close()
             for key in list(self._small):
                 self._write_small(key, final=True)
             g = self._f.create_group("steps")
@@ -350,29 +361,18 @@ class HDF5ShardReader(ShardReader):
         """Refuse a dataset that is not a real numeric array, or that declares far more data than the
         file stores (a sparse dataset of absurd size: reading it would exhaust memory or time)."""
         try:
-            kind, size, itemsize = ds.dtype.kind, int(ds.size), int(ds.dtype.itemsize)
-            stored = int(ds.id.get_storage_size())
+            kind = ds.dtype.kind
         except Exception as e:
             raise TraceError(f"corrupt shard {self._disp}: unreadable {what} ({error_line(e)})") from None
         if kind not in "biuf":
             raise TraceError(f"corrupt shard {self._disp}: {what} holds {ds.dtype}, not numeric (real) values")
-        try:
-            foreign = foreign_storage(ds)
-        except Exception as e:
-            raise TraceError(f"corrupt shard {self._disp}: unreadable {what} ({error_line(e)})") from None
-        if foreign:
-            raise TraceError(f"corrupt shard {self._disp}: {what} keeps its data in other files ({foreign}), "
-                             "refused in a trace")
-        try:   # filters, chunk sizes, compressed chunks (decompression bombs): see h5safe
+        try:   # other files, filters, chunk sizes, compressed chunks (decompression bombs), a declared
+            # size beyond MAX_SPARSE_BYTES and MAX_SPARSE_RATIO times what is stored: see h5safe
             why = storage_problem(ds, dense=False, max_ratio=MAX_SPARSE_RATIO, slack=MAX_SPARSE_BYTES)
         except Exception as e:
             why = f"has an unreadable layout ({error_line(e)})"
         if why:
             raise TraceError(f"corrupt shard {self._disp}: {what} {why}, refused in a trace")
-        declared = size * itemsize
-        if declared > MAX_SPARSE_BYTES and declared > MAX_SPARSE_RATIO * stored:
-            raise TraceError(f"corrupt shard {self._disp}: {what} declares an absurd size "
-                             f"{tuple(ds.shape)} ({declared:,} bytes) but stores {stored:,} bytes")
 
     def steps(self):
         g = self._get("steps")
@@ -417,8 +417,9 @@ class HDF5ShardReader(ShardReader):
         ``key``, the view only if it holds that payload."""
         if kind not in self._views:
             self._views[kind] = None
-            if kind in fmt.PACKED_KINDS and fmt.PACKED_GROUP in self._f:
-                self._views[kind] = open_view(self._get, self._check_dataset, kind, f"corrupt shard {self._disp}")
+            root = fmt.PACKED_GROUP if kind in fmt.PACKED_KINDS else fmt.FLAT_GROUP if kind in fmt.FLAT_KINDS else None
+            if root is not None and root in self._f:
+                self._views[kind] = open_view(self._get, self._check_dataset, kind, f"corrupt shard {self._disp}", root)
         v = self._views[kind]
         return v if key is None or v is None or key in v else None
 

@@ -8,10 +8,18 @@ packed, it creates three datasets per group of parameters, whatever P is::
     /packed/<kind>/<n>/steps    int64 (k,)      strictly increasing
     /packed/<kind>/<n>/index    uint8 (bytes,)  UTF-8 JSON [[layer_key, param_key, {attrs}], ...] (P entries)
 
+Raw gradient and weight snapshots (tensors of different shapes) are stored *flat* the same way: the
+tensors of a step concatenated into one row, their places listed in the index::
+
+    /flat/<kind>/<n>/values     (k, N)          row i: the N values of every tensor at step steps[i]
+    /flat/<kind>/<n>/steps      int64 (k,)      strictly increasing
+    /flat/<kind>/<n>/index      uint8 (bytes,)  UTF-8 JSON [[layer_key, param_key, {attrs}, start, numel,
+                                                shape], ...]: the tensor is values[:, start:start + numel]
+
 A shard holds one group ``n`` = 0, 1, ... per distinct list of parameters (usually one: a step with
 a parameter without gradient, or gradients on several devices, start another). Readers see each
-column as the payload ``(kind, layer_key, param_key)`` of the per-parameter layout (its rows from
-every group, in step order), so every analysis reads both layouts alike. Torch-free.
+column (each tensor) as the payload ``(kind, layer_key, param_key)`` of the per-parameter layout (its
+rows from every group, in step order), so every analysis reads both layouts alike. Torch-free.
 """
 
 from __future__ import annotations
@@ -23,14 +31,21 @@ import numpy as np
 from . import format as fmt
 from .format import TraceError
 
-#: Largest index (bytes of JSON) a reader accepts: about 100,000 parameters of long names.
-MAX_INDEX_BYTES = 16 << 20
+#: Largest index (bytes of JSON) a reader accepts: about 700,000 parameters (a 100,000-layer model's
+#: 200,000 parameters write 18.5 MB; 16 MiB refused what the recorder wrote; H3)
+MAX_INDEX_BYTES = 64 << 20
 #: A packed ``values`` dataset of at most this many bytes is read once and kept by the reader (all
 #: its columns are read one after the other); a larger one is read a column at a time.
 CACHE_BYTES = 16 << 20
+#: Chunks of a flat ``values`` dataset (k, N): at most this many bytes of one row (a column block)...
+FLAT_CHUNK_COL_BYTES = 256 << 10
+#: ... and about this many bytes in all (several rows of a block, when the writer has them at once).
+FLAT_CHUNK_BYTES = 1 << 20
+#: Most dimensions of a tensor in a flat index.
+MAX_DIMS = 32
 
 _ATTR_TYPES = (str, int, float, bool)
-_index_cache: dict = {}   # (kind, keys) -> (attrs list, encoded index): a shard close encodes nothing new
+_index_cache: dict = {}   # (kind, keys) or a flat layout's key -> (attrs list, encoded index)
 
 
 def _plain(v):
@@ -42,6 +57,14 @@ def _plain(v):
     return v
 
 
+def _attrs_json(at) -> dict:
+    return {a: _plain(v) for a, v in (at or {}).items() if v is not None}
+
+
+def _dumps(entries) -> np.ndarray:
+    return np.frombuffer(json.dumps(entries, separators=(",", ":")).encode("utf-8"), np.uint8)
+
+
 def encode_index(kind: str, keys: tuple, attrs: list) -> np.ndarray:
     """The ``index`` dataset of a packed group: uint8 (bytes,), UTF-8 JSON of
     ``[[layer_key, param_key, {attr: value}], ...]`` (one entry per column of ``values``).
@@ -49,29 +72,91 @@ def encode_index(kind: str, keys: tuple, attrs: list) -> np.ndarray:
     hit = _index_cache.get((kind, keys))
     if hit is not None and hit[0] is attrs:
         return hit[1]
-    entries = [[lk, pk, {a: _plain(v) for a, v in (at or {}).items() if v is not None}]
-               for (lk, pk), at in zip(keys, attrs)]
-    out = np.frombuffer(json.dumps(entries, separators=(",", ":")).encode("utf-8"), np.uint8)
+    out = _dumps([[lk, pk, _attrs_json(at)] for (lk, pk), at in zip(keys, attrs)])
     if len(_index_cache) >= 64:
         _index_cache.clear()
     _index_cache[(kind, keys)] = (attrs, out)
     return out
 
 
-def _decode_index(raw: np.ndarray, cols: int, where: str) -> list[tuple[str, str, dict]]:
+class FlatLayout:
+    """Where each tensor of a flat row is: ``entries`` [(layer_key, param_key, start, numel, shape,
+    attrs)] in row order; ``size`` the row's length N; ``sig`` what identifies the layout (tensors
+    with the same keys and places share a flat group of a shard)."""
+
+    __slots__ = ("entries", "size", "sig")
+
+    def __init__(self, entries: list):
+        self.entries = entries
+        self.size = max((s + n for _, _, s, n, _, _ in entries), default=0)
+        self.sig = tuple((lk, pk, s, n) for lk, pk, s, n, _, _ in entries)
+
+    def index(self) -> np.ndarray:
+        """The ``index`` dataset of a flat group: uint8 (bytes,), UTF-8 JSON of
+        ``[[layer_key, param_key, {attrs}, start, numel, [shape]], ...]``. Cached per layout while the
+        attribute dicts are the same objects (the recorder's targets keep theirs): a shard close
+        encodes nothing new."""
+        key = (self.sig, tuple(tuple(e[4]) for e in self.entries))
+        attrs = [e[5] for e in self.entries]
+        hit = _index_cache.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], attrs)):
+            return hit[1]
+        out = _dumps([[lk, pk, _attrs_json(at), int(s), int(n), [int(d) for d in shape]]
+                      for lk, pk, s, n, shape, at in self.entries])
+        if len(_index_cache) >= 64:
+            _index_cache.clear()
+        _index_cache[key] = (attrs, out)
+        return out
+
+
+def flat_chunks(size: int, itemsize: int, rows: int) -> tuple[int, int]:
+    """Chunk shape of a flat ``values`` dataset (k, ``size``) first written ``rows`` rows at a time:
+    columns in blocks of at most :data:`FLAT_CHUNK_COL_BYTES` (reading one tensor across the steps
+    touches only the blocks that hold it, never the whole row of a large model), rows as many as the
+    first write brings, up to :data:`FLAT_CHUNK_BYTES` a chunk (a small model's shard is a few chunks;
+    rows written one at a time never leave a chunk half written)."""
+    cols = max(1, min(int(size), FLAT_CHUNK_COL_BYTES // max(1, itemsize)))
+    return max(1, min(int(rows), FLAT_CHUNK_BYTES // (cols * itemsize))), cols
+
+
+def _entry_ok(e) -> bool:
+    return isinstance(e, list) and len(e) >= 2 and all(fmt.is_safe_key(k) for k in e[:2])
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _flat_place(e: list, width: int, where: str) -> tuple[int, int, tuple]:
+    """(start, numel, shape) of a flat index entry, checked against the row's ``width`` before any read."""
+    if len(e) != 6 or not _int(e[3]) or not _int(e[4]) or not isinstance(e[5], list) \
+            or len(e[5]) > MAX_DIMS or not all(_int(d) for d in e[5]):
+        raise TraceError(f"{where}: index entry for {e[0]}/{e[1]} is not [layer_key, param_key, attrs, start, "
+                         "numel, shape] with non-negative integers")
+    start, n, shape = e[3], e[4], tuple(e[5])
+    if int(np.prod(shape, dtype=np.int64)) != n or start + n > width:
+        raise TraceError(f"{where}: index places {e[0]}/{e[1]} ({n} values of shape {shape}) at {start}, "
+                         f"outside rows of {width} values")
+    return start, n, shape
+
+
+def _decode_index(raw: np.ndarray, cols: int | None, where: str, width: int | None = None) -> list:
+    """The entries of an index: ``[(layer_key, param_key, attrs)]`` (packed: exactly ``cols``
+    entries), or with ``width`` (flat: rows of that many values) ``[(layer_key, param_key, attrs,
+    (start, numel, shape))]``."""
     try:
         entries = json.loads(np.asarray(raw, np.uint8).tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise TraceError(f"{where}: index is not UTF-8 JSON ({str(e)[:100]})") from None
-    if not isinstance(entries, list) or len(entries) != cols:
+    if not isinstance(entries, list) or (cols is not None and len(entries) != cols):
         raise TraceError(f"{where}: index lists {len(entries) if isinstance(entries, list) else 'no'} "
                          f"parameters for {cols} columns")
     out, seen = [], set()
     for e in entries:
-        if not isinstance(e, list) or len(e) not in (2, 3) or not all(fmt.is_safe_key(k) for k in e[:2]):
+        if not _entry_ok(e) or (width is None and len(e) not in (2, 3)):
             raise TraceError(f"{where}: index entry {str(e)[:80]!r} is not [layer_key, param_key, attrs] "
                              "with valid keys")
-        attrs = e[2] if len(e) == 3 else {}
+        attrs = e[2] if len(e) >= 3 else {}
         if not isinstance(attrs, dict) or not all(
                 isinstance(v, _ATTR_TYPES) or (isinstance(v, list) and all(isinstance(x, int) for x in v))
                 for v in attrs.values()):
@@ -80,47 +165,42 @@ def _decode_index(raw: np.ndarray, cols: int, where: str) -> list[tuple[str, str
         if (e[0], e[1]) in seen:
             raise TraceError(f"{where}: index lists {e[0]}/{e[1]} twice")
         seen.add((e[0], e[1]))
-        out.append((e[0], e[1], {a: (np.asarray(v, np.int64) if isinstance(v, list) else v)
-                                 for a, v in attrs.items()}))
+        item = (e[0], e[1], {a: (np.asarray(v, np.int64) if isinstance(v, list) else v) for a, v in attrs.items()})
+        out.append(item if width is None else item + (_flat_place(e, width, where),))
     return out
 
 
-class PackedView:
-    """The packed groups of one kind in one open shard, as per-parameter payloads.
+class _GroupedView:
+    """Payloads stored in columns of several groups (datasets with a row per step): which group and
+    column hold each payload, its attributes, and its rows merged in step order. Subclasses say how
+    a group's column is read (:meth:`_column`) and what shape a row of a payload has."""
 
-    Args:
-        groups: [(values dataset (k, P, *shape), steps dataset (k,), index dataset (bytes,))], each
-            already checked as a real numeric dataset of sane declared size.
-        where: the group path prefix for messages (``"<shard>: packed/<kind>"``).
-    """
-
-    def __init__(self, groups: list, where: str):
+    def __init__(self, where: str):
         self._vals: list = []
         self._steps: list[np.ndarray] = []
         self._cache: dict[int, np.ndarray] = {}
-        self._cols: dict[tuple[str, str], list[tuple[int, int]]] = {}   # key -> [(group, column)]
+        self._cols: dict[tuple[str, str], list] = {}   # key -> [(group, column)]
         self._attrs: dict[tuple[str, str], dict] = {}
         self._merged: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None]] = {}
         self._where = where
-        shape = None
-        for gi, (v, s, ix) in enumerate(groups):
-            w = f"{where}/{gi}"
-            if v.ndim < 2 or s.ndim != 1 or ix.ndim != 1 or v.shape[0] != s.shape[0]:
-                raise TraceError(f"{w}: values {tuple(v.shape)}, steps {tuple(s.shape)}, index {tuple(ix.shape)} "
-                                 "do not fit (k, P, ...), (k,), (bytes,)")
-            if ix.dtype != np.uint8 or ix.shape[0] > MAX_INDEX_BYTES:
-                raise TraceError(f"{w}: index must be uint8 of at most {MAX_INDEX_BYTES:,} bytes, "
-                                 f"not {ix.dtype} {tuple(ix.shape)}")
-            if shape is not None and tuple(v.shape[2:]) != shape:
-                raise TraceError(f"{w}: rows of shape {tuple(v.shape[2:])}, another group's are {shape}")
-            shape = tuple(v.shape[2:])
-            entries = _decode_index(ix[()], int(v.shape[1]), w)
-            self._vals.append(v)
-            self._steps.append(np.asarray(s[()], np.int64))
-            for j, (lk, pk, attrs) in enumerate(entries):
-                self._cols.setdefault((lk, pk), []).append((gi, j))
-                self._attrs.setdefault((lk, pk), attrs)
-        self.shape = shape or ()
+
+    @staticmethod
+    def _check(v, s, ix, w: str, ndim: str) -> None:
+        if s.ndim != 1 or ix.ndim != 1 or v.shape[0] != s.shape[0]:
+            raise TraceError(f"{w}: values {tuple(v.shape)}, steps {tuple(s.shape)}, index {tuple(ix.shape)} "
+                             f"do not fit {ndim}, (k,), (bytes,)")
+        if ix.dtype != np.uint8 or ix.shape[0] > MAX_INDEX_BYTES:
+            raise TraceError(f"{w}: index must be uint8 of at most {MAX_INDEX_BYTES:,} bytes, "
+                             f"not {ix.dtype} {tuple(ix.shape)}")
+
+    def _add(self, v, s, entries) -> int:
+        gi = len(self._vals)
+        self._vals.append(v)
+        self._steps.append(np.asarray(s[()], np.int64))
+        for lk, pk, attrs, col in entries:
+            self._cols.setdefault((lk, pk), []).append((gi, col))
+            self._attrs.setdefault((lk, pk), attrs)
+        return gi
 
     def keys(self) -> list[tuple[str, str]]:
         """``(layer_key, param_key)`` of every packed payload, in index order."""
@@ -142,9 +222,12 @@ class PackedView:
             got = self._merged[key] = (steps, order)
         return got
 
+    def _shape(self, key) -> tuple:
+        raise NotImplementedError
+
     def info(self, key) -> tuple[int, tuple, int]:
         rows = len(self._order(key)[0])
-        return rows, self.shape, max(1, rows)
+        return rows, self._shape(key), max(1, rows)
 
     def steps(self, key) -> np.ndarray:
         return self._order(key)[0].copy()
@@ -152,28 +235,106 @@ class PackedView:
     def attrs(self, key) -> dict:
         return dict(self._attrs[key])
 
-    def _column(self, g: int, j: int) -> np.ndarray:
+    def _whole(self, g: int):
+        """Group ``g``'s values read once and kept if small enough (else None)."""
         v = self._vals[g]
         whole = self._cache.get(g)
         if whole is None and int(v.size) * v.dtype.itemsize <= CACHE_BYTES:
             whole = self._cache[g] = v[()]
-        return whole[:, j] if whole is not None else v[:, j]
+        return whole
+
+    def _column(self, g: int, col, rows: slice) -> np.ndarray:
+        raise NotImplementedError
 
     def read(self, key, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of the payload ``key`` in step order, (stop - start, *shape)."""
+        cols = self._cols[key]
         try:
-            parts = [self._column(g, j) for g, j in self._cols[key]]
+            if len(cols) == 1:   # one group: only the rows asked for
+                return np.array(self._column(*cols[0], slice(start, stop)))
+            parts = [self._column(g, c, slice(None)) for g, c in cols]
+        except TraceError:
+            raise
         except Exception as e:
             raise TraceError(f"{self._where}: unreadable ({str(e).strip()[:100]})") from None
-        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        rows = np.concatenate(parts)
         order = self._order(key)[1]
         if order is not None:
             rows = rows[order]
         return np.array(rows[start:stop])
 
 
-def open_view(get, check, kind: str, where: str) -> PackedView | None:
-    """The packed groups of ``kind`` of an open shard as a :class:`PackedView` (None if it has none).
+class PackedView(_GroupedView):
+    """The packed groups of one kind in one open shard, as per-parameter payloads.
+
+    Args:
+        groups: [(values dataset (k, P, *shape), steps dataset (k,), index dataset (bytes,))], each
+            already checked as a real numeric dataset of sane declared size.
+        where: the group path prefix for messages (``"<shard>: packed/<kind>"``).
+    """
+
+    def __init__(self, groups: list, where: str):
+        super().__init__(where)
+        shape = None
+        for gi, (v, s, ix) in enumerate(groups):
+            w = f"{where}/{gi}"
+            if v.ndim < 2:
+                raise TraceError(f"{w}: values {tuple(v.shape)}, steps {tuple(s.shape)}, index {tuple(ix.shape)} "
+                                 "do not fit (k, P, ...), (k,), (bytes,)")
+            self._check(v, s, ix, w, "(k, P, ...)")
+            if shape is not None and tuple(v.shape[2:]) != shape:
+                raise TraceError(f"{w}: rows of shape {tuple(v.shape[2:])}, another group's are {shape}")
+            shape = tuple(v.shape[2:])
+            entries = _decode_index(ix[()], int(v.shape[1]), w)
+            self._add(v, s, [(lk, pk, attrs, j) for j, (lk, pk, attrs) in enumerate(entries)])
+        self.shape = shape or ()
+
+    def _shape(self, key) -> tuple:
+        return self.shape
+
+    def _column(self, g: int, j: int, rows: slice) -> np.ndarray:
+        whole = self._whole(g)
+        return whole[rows, j] if whole is not None else self._vals[g][rows, j]
+
+
+class FlatView(_GroupedView):
+    """The flat groups of one kind (raw snapshots) in one open shard, as per-tensor payloads.
+
+    Args:
+        groups: [(values dataset (k, N), steps dataset (k,), index dataset (bytes,))], each already
+            checked as a real numeric dataset of sane declared size; every index entry's place is
+            checked against N here, before anything but the index is read.
+        where: the group path prefix for messages (``"<shard>: flat/<kind>"``).
+    """
+
+    def __init__(self, groups: list, where: str):
+        super().__init__(where)
+        self._shapes: dict[tuple[str, str], tuple] = {}
+        for gi, (v, s, ix) in enumerate(groups):
+            w = f"{where}/{gi}"
+            if v.ndim != 2:
+                raise TraceError(f"{w}: values {tuple(v.shape)}, steps {tuple(s.shape)}, index {tuple(ix.shape)} "
+                                 "do not fit (k, N), (k,), (bytes,)")
+            self._check(v, s, ix, w, "(k, N)")
+            entries = _decode_index(ix[()], None, w, width=int(v.shape[1]))
+            for lk, pk, _, (_, _, shape) in entries:
+                if self._shapes.setdefault((lk, pk), shape) != shape:
+                    raise TraceError(f"{w}: {lk}/{pk} has shape {shape}, in another group {self._shapes[(lk, pk)]}")
+            self._add(v, s, [(lk, pk, attrs, place) for lk, pk, attrs, place in entries])
+
+    def _shape(self, key) -> tuple:
+        return self._shapes[key]
+
+    def _column(self, g: int, place: tuple, rows: slice) -> np.ndarray:
+        start, n, shape = place
+        whole = self._whole(g)
+        block = whole[rows, start:start + n] if whole is not None else self._vals[g][rows, start:start + n]
+        return block.reshape((block.shape[0], *shape))
+
+
+def open_view(get, check, kind: str, where: str, root: str = fmt.PACKED_GROUP) -> _GroupedView | None:
+    """The packed (``root`` = ``format.PACKED_GROUP``) or flat (``format.FLAT_GROUP``) groups of
+    ``kind`` of an open shard as a :class:`PackedView` or :class:`FlatView` (None if it has none).
 
     Args:
         get: ``get(path)`` -> the HDF5 object at ``path`` reached through hard links only (raises
@@ -182,14 +343,14 @@ def open_view(get, check, kind: str, where: str) -> PackedView | None:
             numeric data of sane declared size (see ``HDF5ShardReader._check_dataset``).
         where: prefix of messages (``"corrupt shard <name>"``).
     """
-    root = get(fmt.PACKED_GROUP)
+    node = get(root)
     try:
-        present = kind in root
+        present = kind in node
     except Exception:
         present = False
     if not present:
         return None
-    base = f"{fmt.PACKED_GROUP}/{kind}"
+    base = f"{root}/{kind}"
     try:
         names = sorted(get(base).keys(), key=lambda n: (len(n), n))
     except TraceError:
@@ -207,8 +368,98 @@ def open_view(get, check, kind: str, where: str) -> PackedView | None:
     if not groups:
         return None
     try:
-        return PackedView(groups, f"{where}: {base}")
+        return (FlatView if root == fmt.FLAT_GROUP else PackedView)(groups, f"{where}: {base}")
     except TraceError:
         raise
     except Exception as e:   # h5py read errors of steps or index
         raise TraceError(f"{where}: unreadable {base} ({str(e).strip()[:100]})") from None
+
+
+class FlatWriter:
+    """Writes the flat groups (``/flat/<kind>/<n>``) of one shard being written, for
+    :class:`~.hdf5.HDF5ShardWriter`: rows are kept in memory up to ``buffer_bytes`` (all groups
+    together) and written a block at a time; a row of more than that is written at once, without a
+    copy. :meth:`close` trims each ``values`` to its rows and writes ``steps`` and ``index`` (one
+    group and three datasets per list of tensors, whatever their number). ``write(dataset, row, block)``
+    writes a block of rows (k, N) at ``row`` (default: an h5py slice assignment)."""
+
+    def __init__(self, f, max_rows: int, buffer_bytes: int, write=None):
+        self._f, self.max_rows, self.buffer_bytes = f, max(1, int(max_rows)), int(buffer_bytes)
+        self._put = write or self._assign
+        # (kind, layout sig) -> [layout, dataset or None, rows written, [blocks], [steps arrays], n]
+        self._groups: dict[tuple, list] = {}
+        self._count: dict[str, int] = {}   # kind -> groups created
+        self._buffered = 0
+
+    def append(self, kind: str, layout: FlatLayout, steps, values) -> int:
+        """``values``: (k, N) array or a list of k rows (N,), at ``steps`` (k,). Returns its bytes."""
+        steps = np.asarray(steps, np.int64).reshape(-1)
+        e = self._groups.get((kind, layout.sig))
+        if e is None:
+            e = self._groups[(kind, layout.sig)] = [layout, None, 0, [], [], None]
+        if isinstance(values, list):
+            nb = sum(int(np.asarray(r).nbytes) for r in values)
+        else:
+            values = np.asarray(values)
+            nb = int(values.nbytes)
+        if isinstance(values, list) or nb > self.buffer_bytes:
+            self._write(kind, e)                      # what is kept first: rows stay in step order
+            self._write(kind, e, values, steps)
+            return nb
+        e[3].append(np.array(values, copy=True))      # the caller may reuse its buffer
+        e[4].append(steps)
+        self._buffered += nb
+        if self._buffered > self.buffer_bytes:
+            self.write_all()
+        return nb
+
+    def write_all(self, final: bool = False) -> None:
+        """Write every row kept; ``final`` (the shard closes): a dataset created now has exactly its rows."""
+        for (kind, _), e in self._groups.items():
+            self._write(kind, e, final=final)
+
+    def _write(self, kind: str, e: list, values=None, steps=None, final: bool = False) -> None:
+        if values is None:   # the kept rows
+            if not e[3]:
+                return
+            values = e[3][0] if len(e[3]) == 1 else np.concatenate(e[3])
+            self._buffered -= int(values.nbytes)
+            e[3] = []
+        else:
+            e[4].append(steps)
+        rows = values if isinstance(values, list) else None
+        first = np.asarray(rows[0]) if rows is not None else values[0]
+        k, width = (len(rows) if rows is not None else values.shape[0]), e[0].size
+        if first.shape != (width,) or (rows is not None and any(np.shape(r) != (width,) for r in rows)):
+            raise ValueError(f"flat {kind}: rows of shape {first.shape} for a layout of {width} values")
+        ds, n = e[1], e[2]
+        if ds is None:
+            g = self._count.get(kind, 0)
+            self._count[kind] = g + 1
+            e[5] = self._f.require_group(fmt.FLAT_GROUP).require_group(kind).create_group(str(g))
+            cap = k if final else max(self.max_rows, k)
+            ds = e[1] = e[5].create_dataset("values", shape=(cap, width), maxshape=(None, max(1, width)),
+                                            chunks=flat_chunks(width, first.dtype.itemsize, k), dtype=first.dtype)
+        if n + k > ds.shape[0]:
+            ds.resize((max(n + k, 2 * ds.shape[0]), width))
+        if rows is None:
+            self._put(ds, n, values)
+        else:
+            for i, r in enumerate(rows):
+                self._put(ds, n + i, np.asarray(r)[None])
+        e[2] = n + k
+
+    @staticmethod
+    def _assign(ds, start: int, block: np.ndarray) -> None:
+        ds[start:start + len(block)] = block
+
+    def close(self) -> None:
+        """Write what is kept, trim every ``values``, write every ``steps`` and ``index``."""
+        self.write_all(final=True)
+        for layout, ds, n, _, steps, g in self._groups.values():
+            if ds is None:
+                continue
+            if ds.shape[0] != n:
+                ds.resize((n, ds.shape[1]))
+            g.create_dataset("steps", data=np.concatenate(steps))
+            g.create_dataset("index", data=layout.index())

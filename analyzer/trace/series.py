@@ -13,6 +13,7 @@ import numpy as np
 from . import files
 from . import format as fmt
 from .hdf5 import STACK_MAX_BYTES, HDF5Backend
+from .packed import FlatLayout
 from .shards import ShardWriter
 
 # --------------------------------------------------------------------------- series writer
@@ -27,7 +28,9 @@ class StepRecord:
     time: float
     dropped: int = 0
     #: (kind, layer_key, param_key, array (*shape), attrs); or, for several payloads of one kind
-    #: that arrive together, (kind, None, ((layer_key, param_key), ...), array (P, *shape), [attrs])
+    #: that arrive together, (kind, None, ((layer_key, param_key), ...), array (P, *shape), [attrs]);
+    #: or, for tensors of several shapes concatenated (raw snapshots), (kind, None, layout, array (N,),
+    #: None) with a :class:`~.packed.FlatLayout` saying where each tensor is
     payloads: list = field(default_factory=list)
     #: {payload kind: int64 (2,)}: values of the step's payloads of that kind that their float16 storage
     #: turned into 0 (non-zero before: underflow) and into inf (finite before: overflow); only the kinds
@@ -123,9 +126,26 @@ class ShardSeriesWriter:
             "dropped": np.array([r.dropped for r in recs], np.int32),
         })
         groups: dict[tuple, list] = {}
+        runs, last = [], {}   # flat rows (a step's tensors in one row (N,)): runs of one layout, in step order
         for r in recs:
             for kind, lk, pk, arr, attrs in r.payloads:
-                groups.setdefault((kind, lk, pk), []).append((r.step, arr, attrs))
+                if isinstance(pk, FlatLayout):
+                    run = last.get(kind)
+                    if run is None or (run[0] is not pk and run[0].sig != pk.sig):
+                        run = last[kind] = [pk, kind, [], []]
+                        runs.append(run)
+                    run[2].append(r.step)
+                    run[3].append(arr)
+                else:
+                    groups.setdefault((kind, lk, pk), []).append((r.step, arr, attrs))
+        for layout, kind, steps, rows in runs:
+            if len(rows) == 1:
+                vals = rows[0][None]
+            elif rows[0].nbytes * len(rows) <= STACK_MAX_BYTES:
+                vals = np.stack(rows)
+            else:
+                vals = rows   # large rows: one by one, no extra copy
+            w.append_flat(kind, layout, np.array(steps, np.int64), vals)
         for (kind, lk, pk), rows in groups.items():
             if lk is None:   # packed: pk = ((layer_key, param_key), ...), rows (P, *shape), attrs a list
                 steps = np.array([s for s, _, _ in rows], np.int64)

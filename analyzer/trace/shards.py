@@ -41,6 +41,19 @@ class ShardWriter:
         for i, (lk, pk) in enumerate(keys):
             self.append(kind, lk, pk, steps, values[:, i], attrs[i])
 
+    def append_flat(self, kind: str, layout, steps: np.ndarray, values) -> None:
+        """Append the tensors of ``layout`` (a :class:`~.packed.FlatLayout`) that arrive as one flat
+        row per step: ``values`` (k, N), or a list of k rows (N,), at ``steps`` (k,); tensor i is
+        ``row[start:start + numel]`` reshaped to its shape. Stored exactly as one :meth:`append` per
+        tensor (the default does that)."""
+        rows = values if isinstance(values, list) else None
+        for lk, pk, s, n, shape, attrs in layout.entries:
+            if rows is None:
+                part = np.asarray(values)[:, s:s + n].reshape((-1, *shape))
+            else:
+                part = [np.asarray(r)[s:s + n].reshape(shape) for r in rows]
+            self.append(kind, lk, pk, steps, part, attrs)
+
     def set_attrs(self, attrs: dict) -> None:
         """Set root attributes of the shard (scalars), written when it closes."""
         raise NotImplementedError

@@ -132,7 +132,7 @@ def test_one_run_dir_shards_per_rank(ddp_runs):
         for n in shards:
             with h5py.File(rd / n, "r") as f:
                 steps += f["steps/step"][()].tolist()
-                kinds |= {k for k in ("grads", "weights", "act_stats") if k in f and len(f[k])}
+                kinds |= {k for k in ("grads", "weights", "act_stats") if (k in f and len(f[k])) or f"flat/{k}" in f}
         assert steps == list(range(STEPS))           # every rank has its step table
         # gradients and weights from rank 0 only (identical after the all-reduce); activations on both
         assert kinds == ({"grads", "weights", "act_stats"} if r == 0 else {"act_stats"})

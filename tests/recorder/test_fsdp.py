@@ -182,14 +182,23 @@ def test_fsdp2_grad_stats_equal_unsharded(fsdp_runs):
 
 def test_fsdp2_merge_identical_on_packed_and_per_parameter_layouts(fsdp_runs, tmp_path):
     """The merged slices give the same tables whether the ranks' gradient statistics are stored packed
-    (the default) or per parameter (older traces; the shards rewritten by helpers.unpack_grad_stats)."""
+    (the default) or per parameter (older traces; the shards rewritten by helpers.unpack_grad_stats),
+    and the same reassembled raw tensors whether the snapshots are flat (the default) or per tensor
+    (helpers.unflatten_snapshots)."""
     import pandas as pd
     old = helpers.copy_run(fsdp_runs / "fsdp2", tmp_path)
     assert helpers.unpack_grad_stats(old) >= 2                 # both ranks' shards held packed groups
+    assert helpers.unflatten_snapshots(old) >= 4               # grads and weights of both ranks, flat
     a, b = _open(fsdp_runs, "fsdp2"), _open(old.parent, "copy")
     for kw in ({}, {"per": "epoch"}, {"by": "layer"}):
         pd.testing.assert_frame_equal(a.grad_stats(**kw), b.grad_stats(**kw), rtol=1e-12)
+    pd.testing.assert_frame_equal(a.weight_stats(), b.weight_stats(), rtol=0, atol=0)
     assert a.recorded() == b.recorded()
+    for kind in ("grads", "weights"):
+        for layer, param in (("fc1", "weight"), ("fc2", "bias"), ("head", "weight")):
+            for step in (0, 2, 4):
+                x, y = a.raw_tensor(kind, layer, param, step), b.raw_tensor(kind, layer, param, step)
+                assert x.dtype == y.dtype and np.array_equal(x, y)
 
 
 def test_fsdp2_weight_stats_and_histograms_equal_unsharded(fsdp_runs):
@@ -246,7 +255,7 @@ def test_fsdp2_missing_slice_and_bad_offset(fsdp_runs, tmp_path):
     shutil.copytree(fsdp_runs / "fsdp2", d2)
     lk = analyzer.open(d2).layer("fc1")["key"]
     with h5py.File(d2 / "rank-00001" / "shard-000000.h5", "r+") as f:
-        f[f"weights/{lk}/weight"].attrs["offset"] = 4      # rows 4..5 of a 5-row tensor
+        helpers.set_payload_attr(f, "weights", lk, "weight", "offset", 4)      # rows 4..5 of a 5-row tensor
     with pytest.raises(analyzer.TraceError, match="at offset 4"):
         analyzer.open(d2)
 

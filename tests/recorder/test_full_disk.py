@@ -299,7 +299,7 @@ opt = torch.optim.SGD(m.parameters(), lr=0.01)
 """
 
 FSIZE_CHILD = CHILD_START + f"""
-resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, resource.RLIM_INFINITY))
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     rec = Recorder(m, sys.argv[1], grads_every=1, flush_steps=100, flush_secs=1000, weights_every=at([50]))
@@ -315,9 +315,9 @@ print(json.dumps({{"trained": s + 1, "warnings": [str(x.message) for x in w]}}))
 
 def test_real_write_failure_file_size_limit(tmp_path, capsys):
     """A real failing write, not an injected one: RLIMIT_FSIZE (no root needed) makes the OS refuse
-    to grow any file past 400 kB with EFBIG ("File too large"), which h5py reports buried in a
-    multi-line RuntimeError. Shards 0 and 1 (10 steps each, closed by flush()) fit; shard 2 gets the
-    weight snapshot of step 50 and grows past the limit. Same guarantees as for ENOSPC, the error on
+    to grow any file past 300 kB with EFBIG ("File too large"), which h5py reports buried in a
+    multi-line RuntimeError. Shards 0 and 1 (10 steps each, closed by flush(): 59 kB) fit; shard 2
+    (100 steps of raw gradients and the weight snapshot of step 50: 387 kB) grows past the limit. Same guarantees as for ENOSPC, the error on
     one line led by the OS error, and the process exits 0: closing an HDF5 file after a failed write
     used to leave a half-closed file that crashed the interpreter at exit (SIGSEGV)."""
     import subprocess

@@ -189,3 +189,64 @@ def test_bad_arguments():
         BackgroundWriter(FakeSink(), on_full="maybe")
     with pytest.raises(ValueError):
         BackgroundWriter(FakeSink(), max_items=0)
+
+
+# ------------------------------------------------------------------ raw snapshots stored flat
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_snapshots_round_trip_exactly_in_their_storage_dtype(tmp_path, dtype):
+    """Raw gradients and weights recorded by the Recorder (one flat group per kind and shard) read back
+    bit-identical to the torch tensors of the training loop cast to the storage dtype."""
+    import h5py
+    import numpy as np
+    from helpers import record_tiny
+    from bbdecoder import analyzer
+    d = tmp_path / "r"
+    cap = record_tiny(str(d), epochs=1, steps_per_epoch=4, weights_every=2, flush_steps=3,
+                      grad_dtype=dtype, weight_dtype=dtype)
+    with h5py.File(d / fmt.rank_dirname(0) / fmt.shard_filename(0), "r") as f:
+        assert "grads" not in f and "weights" not in f
+        assert f["flat/grads/0/values"].shape == (3, sum(g[0].size for g in cap["grads"].values()))
+        assert f["flat/grads/0/values"].dtype == np.dtype(dtype) and f["flat/weights/0/steps"][()].tolist() == [0, 2]
+    run = analyzer.open(str(d))
+    for kind in ("grads", "weights"):
+        for (layer, param), per_step in cap[kind].items():
+            assert sorted(per_step) == ([0, 1, 2, 3] if kind == "grads" else [0, 2])
+            for s, want in per_step.items():
+                got = run.raw_tensor(kind, layer, param, s)
+                assert got.dtype == np.dtype(dtype) and np.array_equal(got, want.astype(dtype)), (kind, layer, s)
+
+
+def test_old_per_tensor_snapshots_read_identically(tmp_path):
+    """A recorded run and the same shards rewritten with h5py into the per-tensor layout of older
+    traces (helpers.unflatten_snapshots): raw tensors, weight statistics and histograms, gradient
+    statistics per step and epoch (the gradient noise comes from the raw rows), what is recorded,
+    and every report table are identical."""
+    import numpy as np
+    import pandas as pd
+    from helpers import copy_run, record_tiny, unflatten_snapshots
+    from bbdecoder import analyzer
+    from bbdecoder.analyzer.report.data import load_frames
+    d = tmp_path / "r"
+    cap = record_tiny(str(d), epochs=2, steps_per_epoch=4, grads_every=2, weights_every=3, flush_steps=3)
+    old = copy_run(d, tmp_path)
+    assert unflatten_snapshots(old) == 3 + 3        # grads in 3 shards, weights (steps 0, 3, 6) in 3
+    a, b = analyzer.open(str(d)), analyzer.open(str(old))
+    assert a.problems == b.problems == [] and a.recorded() == b.recorded()
+    for kind in ("grads", "weights"):
+        for (layer, param), per_step in cap[kind].items():
+            for s, want in per_step.items():
+                x, y = a.raw_tensor(kind, layer, param, s), b.raw_tensor(kind, layer, param, s)
+                assert np.array_equal(x, want) and np.array_equal(y, want)
+    pd.testing.assert_frame_equal(a.weight_stats(), b.weight_stats(), rtol=0, atol=0)
+    for kw in ({}, {"per": "epoch"}, {"by": "layer"}):
+        pd.testing.assert_frame_equal(a.grad_stats(**kw), b.grad_stats(**kw), rtol=0, atol=0)
+    assert a.grad_stats(per="epoch")["grad_noise"].notna().all()
+    ha, hb = a.weight_histograms(0, bins=8), b.weight_histograms(0, bins=8)
+    assert np.array_equal(ha.counts, hb.counts) and np.array_equal(ha.edges, hb.edges)
+    fa, fb = load_frames(a), load_frames(b)
+    for name in fa._fields:
+        x, y = getattr(fa, name), getattr(fb, name)
+        if isinstance(x, pd.DataFrame):
+            pd.testing.assert_frame_equal(x, y, rtol=0, atol=0, obj=name)
+        else:
+            assert x == y if not isinstance(x, np.ndarray) else np.array_equal(x, y)

@@ -22,15 +22,17 @@ def small_run(tmp_path_factory):
 
 
 def _tamper(small_run, tmp_path, how):
-    """A copy of the run whose first shard's raw 'weights' values of one parameter (or one step-table
+    """A copy of the run whose first shard's raw 'weights' values (flat: of every parameter; else of one) (or one step-table
     column) are replaced by ``how(group, name, data, outside_file)``; returns (run, data)."""
     run = tmp_path / "copy"
     shutil.copytree(small_run, run)
     outside = tmp_path / "outside.h5"
     with h5py.File(run / "rank-00000" / "shard-000000.h5", "r+") as f:
-        lk = sorted(f[fmt.KIND_WEIGHTS])[0]
-        pk = sorted(f[fmt.KIND_WEIGHTS][lk])[0]
-        g = f[fmt.KIND_WEIGHTS][lk][pk]
+        if fmt.FLAT_GROUP in f:   # flat snapshots (the default): every weight of the step in one dataset
+            g = f[fmt.FLAT_GROUP][fmt.KIND_WEIGHTS]["0"]
+        else:
+            lk = sorted(f[fmt.KIND_WEIGHTS])[0]
+            g = f[fmt.KIND_WEIGHTS][lk][sorted(f[fmt.KIND_WEIGHTS][lk])[0]]
         data = g["values"][()]
         with h5py.File(outside, "w") as o:
             o["secret"] = np.full_like(data, 7.0)
