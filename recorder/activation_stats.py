@@ -13,8 +13,10 @@ Hot path: only torch operations on the device (no ``.item()``, ``.cpu()`` or Pyt
 elements).
 
 Budget (default settings): per unit and step 6 float64 statistics (48 bytes) plus, for bounded
-kinds, 3 int32 near-bound counts (12 bytes), so at most 64 bytes per unit and step with the per-site
-scalars once a site has 22 units or more (``scripts/trace_size.py`` computes it from the format).
+kinds, 3 int32 near-bound counts (12 bytes), plus the health statistics (:mod:`recorder.health`:
+softmax sites 2 float64 per unit, other sites 4 float64 scalars), so at most 64 bytes per unit and
+step with the per-site scalars for sites of usual widths (``scripts/trace_size.py`` computes it from
+the format).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import warnings
 
 import torch
 
+from . import health as H
 from .errors import RecorderWarning
 from .fused_stats import (NEAR_DELTAS, ROWS, acc_layout, eager_update, fused_update, new_acc, reference_update,
                           thresholds)
@@ -55,10 +58,12 @@ class Site:
         samples: raw samples of the current step.
     """
 
-    __slots__ = ("meta", "acc", "samples", "nonneg", "thr", "fresh", "has")
+    __slots__ = ("meta", "acc", "samples", "nonneg", "thr", "fresh", "has", "health")
 
     def __init__(self, meta: dict, nonneg: bool = False):
         self.meta = meta
+        #: the health statistics (:mod:`recorder.health`) are declared: the accumulator holds them
+        self.health = any(k in meta.get("stats", {}) for k in H.SOFTMAX_STATS + H.SCALAR_STATS)
         self.acc: torch.Tensor | None = None
         self.samples: list[torch.Tensor] = []
         self.nonneg = nonneg
@@ -78,12 +83,13 @@ class Site:
     def take(self) -> dict[str, torch.Tensor] | None:
         """The statistics accumulated since the last take (None: no call since), named as in the
         trace: float64 ``(U,)`` per-unit sums and extrema, float64 scalars ``count`` and ``nonfinite``,
-        int32 ``near`` ``(U, K)`` (softmax: ``(K,)`` of rows, and their number ``rows``). The float64 tensors are views of the
+        int32 ``near`` ``(U, K)`` (softmax: ``(K,)`` of rows, and their number ``rows``), and the health
+        statistics (:mod:`recorder.health`) where declared. The float64 tensors are views of the
         accumulator: valid until the next call adds to it (the recorder copies them at once)."""
         if not self.has:
             return None
         U = int(self.meta["units"])
-        lay = acc_layout(U, self.near, self.softmax)
+        lay = acc_layout(U, self.near, self.softmax, self.health)
         rows = self.acc[:lay["rows"] * U].view(lay["rows"], U)
         st = {k: rows[i] for i, k in enumerate(ROWS[:-1])}
         st["count"] = self.acc[lay["count"]]
@@ -91,8 +97,14 @@ class Site:
         if self.near:
             st["near"] = rows[len(ROWS):].t().to(torch.int32)
         elif self.softmax:
-            st["near"] = self.acc[lay["soft"]:-1].to(torch.int32)
-            st["rows"] = self.acc[-1]
+            st["near"] = self.acc[lay["soft"]:lay["health"] - 1].to(torch.int32)
+            st["rows"] = self.acc[lay["health"] - 1]
+        if self.health:
+            h = self.acc[lay["health"]:]
+            if self.softmax:
+                st.update(zip(H.SOFTMAX_STATS, h.view(len(H.SOFTMAX_STATS), U)))
+            else:
+                st.update(zip(H.SCALAR_STATS, h))
         self.fresh, self.has = True, False
         return st
 
@@ -125,17 +137,23 @@ class SiteStats:
             return False
         return self.fused is True or v.device.type != "cpu" or v.numel() >= self.fused_min
 
-    def update(self, site: Site, x: torch.Tensor, axis: int, U: int) -> None:
-        """Add the statistics of ``x`` (units on ``axis``, ``U`` of them) to ``site``'s accumulator."""
+    def update(self, site: Site, x: torch.Tensor, axis: int, U: int, logits: torch.Tensor | None = None) -> None:
+        """Add the statistics of ``x`` (units on ``axis``, ``U`` of them) to ``site``'s accumulator.
+        ``logits``: a softmax site's input, of ``x``'s shape (its largest value per unit is recorded)."""
         v = units_view(x, axis, U)
         meta = site.meta
         if site.acc is None or site.acc.device != v.device:
-            site.acc = new_acc(U, site.near, site.softmax, v.device)
+            site.acc = new_acc(U, site.near, site.softmax, v.device, site.health)
             site.fresh = True
             if meta.get("near_deltas") is not None and site.near:
                 site.thr = thresholds(meta["bounds"], v.device)
-        args = (site.acc, v, site.thr if site.near else None, x if site.softmax else None,
-                meta.get("softmax_dim") if site.softmax else None, site.fresh)
+        soft, lv, sample = site.softmax, None, None
+        if site.health and soft and logits is not None and logits.shape == x.shape:
+            lv = logits
+        elif site.health and not soft:
+            sample = H.sample_of(v)
+        args = (site.acc, v, site.thr if site.near else None, x if soft else None,
+                meta.get("softmax_dim") if soft else None, site.fresh, lv, sample, site.health, axis)
         done = False
         if self.use_fused(v):
             try:

@@ -3,8 +3,10 @@
 Every step, per unit and on the device, sufficient statistics are accumulated for each selected
 *site* (a module's output, or one functional activation call site such as ``features.3/relu#0``):
 count, sum, sum |h|, sum h^2, min, max, count(h > 0), non-finite count, and for bounded activations
-(sigmoid, tanh, hardtanh, relu6, softmax) near-bound counts at fixed deltas (0.01, 0.03, 0.1). With these
-the analyzer answers
+(sigmoid, tanh, hardtanh, relu6, softmax) near-bound counts at fixed deltas (0.01, 0.03, 0.1), and the
+transformer health statistics (:mod:`recorder.health`: attention entropy per head and the largest logit
+of softmax sites, whose input is handed to the pass; sum h^3, h^4 and massive activations elsewhere).
+With these the analyzer answers
 dead units (strict / APoZ / tau-dormant) and saturation at any threshold. Raw activations of the
 first K samples are copied when the raw schedule fires.
 
@@ -33,8 +35,10 @@ from bbdecoder.analyzer.trace import format as fmt
 from .activation_kinds import (ATTENTION, BOUNDS, CONV_STYLE, LINEAR_STYLE, NONNEG_KINDS, NONNEG_MODULES,
                                WATCHED, call_bounds, call_kind, fused_attention_config, module_kind, select_sites,
                                site_family, softmax_dim, valid_bounds)
-from .activation_stats import NEAR_DELTAS, Site, SiteStats
+from .activation_stats import Site, SiteStats
 from .errors import RecorderWarning
+from .health import logits_of, site_stats
+from .modules import redirected
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. activation checkpointing recomputing a forward)."""
@@ -148,11 +152,14 @@ class ActivationTracker:
         self.order_done = False
         self._layer_of = {m: i for i, m in (layer_ids or {}).items()}
         self._mode: _Wrapper | None = None
+        self._skipped_root = False   # the root's call runs another method (modules.redirected): not a forward
         self.module_sites, self.fn_all, self.fn_patterns = select_sites(model, spec, layer_ids or {})
         self.attention_unobserved: list[str] = fused_attention_config(model)   # + paths calling sdpa
         self._fn_hook = _eager(self._functional)
         #: steps per row of statistics (set by the recorder; > 1: new sites declare ``first_step``)
         self.window = 1
+        #: new sites also record the transformer health statistics (:mod:`recorder.health`)
+        self.health = True
         #: training-mode forwards seen so far (tells whether a forward ran since the last step)
         self.forwards = 0
         self.install()
@@ -220,6 +227,9 @@ class ActivationTracker:
     def _root_pre(self, module, args, entry=False):
         if module is not self.model and not entry:   # a copy of the model (copy.deepcopy carries the hooks along)
             return
+        if not entry and redirected(module):   # Lightning's DDP runs training_step through the root's call
+            self._skipped_root = True
+            return
         self._stack = [(module, {})]
         if self._need_fn and self._active() and self._mode is None:
             self._mode = _Wrapper(self)
@@ -227,6 +237,9 @@ class ActivationTracker:
 
     def _root_post(self, module, args, out, entry=False):
         if module is not self.model and not entry:
+            return
+        if not entry and self._skipped_root:
+            self._skipped_root = False
             return
         if self._mode is not None:
             mode, self._mode = self._mode, None
@@ -276,7 +289,8 @@ class ActivationTracker:
                       or (kind == "hardtanh" and bounds is not None and bounds[0] >= 0))
             self._observe(name, t, kind, "module", name, bounds, dim, nonneg=nonneg,
                           style="linear" if isinstance(module, LINEAR_STYLE) else
-                          "conv" if isinstance(module, CONV_STYLE) else None)
+                          "conv" if isinstance(module, CONV_STYLE) else None,
+                          logits=logits_of(args, t) if kind == "softmax" else None)
         except Exception as e:
             self.error = self.error or e
 
@@ -303,7 +317,8 @@ class ActivationTracker:
         if kind == "softplus":   # 1/beta * log(1 + exp(beta * x)) is negative for beta < 0
             beta = kwargs.get("beta", args[1] if len(args) > 1 else 1.0)
             nonneg = isinstance(beta, (int, float)) and beta > 0
-        self._observe(name, out, kind, "function", path, bounds, dim, nonneg=nonneg)
+        self._observe(name, out, kind, "function", path, bounds, dim, nonneg=nonneg,
+                      logits=logits_of(args, out) if kind == "softmax" else None)
 
     # ------------------------------------------------------------------ statistics
     def _axis(self, name: str, t: torch.Tensor, style: str | None) -> int:
@@ -316,7 +331,7 @@ class ActivationTracker:
             return t.dim() - 1
         return 1 if t.dim() >= 4 else t.dim() - 1
 
-    def _observe(self, name, t, kind, source, module, bounds, dim, nonneg=False, style=None):
+    def _observe(self, name, t, kind, source, module, bounds, dim, nonneg=False, style=None, logits=None):
         if not t.is_floating_point() or t.dim() == 0:
             return
         # the statistics' own torch calls must not pass through the activation wrapper (or any
@@ -324,11 +339,11 @@ class ActivationTracker:
         with torch._C.DisableTorchFunction():
             if torch.is_autocast_enabled(t.device.type):   # statistics in float32/64, never autocast's dtype
                 with torch.autocast(t.device.type, enabled=False):
-                    self._observe_now(name, t, kind, source, module, bounds, dim, nonneg, style)
+                    self._observe_now(name, t, kind, source, module, bounds, dim, nonneg, style, logits)
             else:
-                self._observe_now(name, t, kind, source, module, bounds, dim, nonneg, style)
+                self._observe_now(name, t, kind, source, module, bounds, dim, nonneg, style, logits)
 
-    def _observe_now(self, name, t, kind, source, module, bounds, dim, nonneg, style):
+    def _observe_now(self, name, t, kind, source, module, bounds, dim, nonneg, style, logits=None):
         x = t.detach()
         axis = self._axis(name, x, style)
         U = x.shape[axis]
@@ -345,7 +360,10 @@ class ActivationTracker:
             return
         if x.numel() == 0:
             return
-        self._stats(site, x, axis, U)
+        if logits is None:
+            self._stats(site, x, axis, U)
+        else:
+            self._stats(site, x, axis, U, logits)
         if self._want_raw and self.samples > 0 and not site.samples:
             if list(x.shape[1:]) == meta["sample_shape"]:
                 site.samples.append(x[: self.samples].clone())
@@ -365,16 +383,7 @@ class ActivationTracker:
                 "unit_axis": axis, "units": int(U), "sample_shape": list(x.shape[1:]),
                 "bounds": list(bounds) if bounds else None, "softmax_dim": dim,
                 "hist_edges": None, "family": site_family(kind, bounds)}
-        stats = {k: [U] for k in ("sum", "sum_abs", "sumsq", "min", "max", "n_pos")}
-        stats.update(count=[], nonfinite=[])
-        if self.window > 1:   # rows cover windows of steps: each row names its first step
-            stats[fmt.SITE_WINDOW_STAT] = []
-        if bounds is not None:   # near-bound counts at fixed deltas (int32): saturation at those deltas
-            meta["near_deltas"] = list(NEAR_DELTAS)
-            stats["near"] = [len(NEAR_DELTAS)] if kind == "softmax" else [U, len(NEAR_DELTAS)]
-            if kind == "softmax":   # near counts rows (of the largest probability): their number
-                stats["rows"] = []
-        meta["stats"] = stats
+        site_stats(meta, kind, int(U), bounds, self.window, self.health)
         site = Site(meta, nonneg)
         self.sites[name] = site
         if self.on_new_site is not None:

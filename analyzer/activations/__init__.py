@@ -16,7 +16,8 @@ Smooth kinds (GELU erf/tanh, QuickGELU, SiLU, Mish): strict also needs min h >= 
 negative tail), APoZ and saturation are not judged (see :mod:`.deadunits` and :func:`.saturation.saturation`).
 
 Modules: :mod:`.sites` (selecting sites, reading and merging their statistics over ranks, raw
-samples, :func:`activation_stats`), :mod:`.deadunits` (criteria, :func:`dead_units`,
+samples, :func:`activation_stats`), :mod:`.health` (attention entropy per head, kurtosis and massive
+activations: :func:`attention_entropy`, :func:`site_health`), :mod:`.deadunits` (criteria, :func:`dead_units`,
 :func:`dead_per_step`, :func:`dead_mask`), :mod:`.saturation`, :mod:`.dimensions`
 (:func:`dimension_variance`, :func:`similarity`). Their public names are importable from here.
 
@@ -26,11 +27,13 @@ without recorded steps, or a step range that holds none, gives an empty table of
 
 from .deadunits import CRITERIA, DEAD_COLUMNS, as_number, check_criterion, dead_mask, dead_per_step, dead_units
 from .dimensions import dimension_variance, similarity
+from .health import attention_entropy, excess_kurtosis, site_health
 from .saturation import saturation, saturation_layers
 from .sites import (PER_UNIT, STAT_COLUMNS, activation_stats, empty_table, iter_merged_site_stats, iter_site_stats,
                     samples, select_site, select_sites, site_blocks, site_table, steps_filter)
 
 __all__ = ["CRITERIA", "DEAD_COLUMNS", "PER_UNIT", "STAT_COLUMNS", "activation_stats", "as_number", "check_criterion",
+           "attention_entropy", "excess_kurtosis", "site_health",
            "dead_mask", "dead_per_step", "dead_units", "dimension_variance", "empty_table", "iter_merged_site_stats",
            "iter_site_stats", "samples", "saturation", "saturation_layers", "select_site", "select_sites",
            "similarity", "site_blocks", "site_table", "steps_filter"]

@@ -22,8 +22,12 @@ PER_UNIT = ("sum", "sum_abs", "sumsq", "min", "max", "n_pos")
 FIRST = fmt.SITE_WINDOW_STAT
 
 
+#: health statistics merged by their maximum (the others add): see docs/trace-format.md
+MAX_STATS = ("logit_max", "n_massive", "massive_ratio")
+
+
 def _rule(stat: str) -> str:
-    return "min" if stat == FIRST else UnitSums.rule(stat)
+    return "min" if stat == FIRST else "max" if stat in MAX_STATS else UnitSums.rule(stat)
 
 
 #: smooth sign-preserving kinds (GELU erf and tanh forms, QuickGELU, SiLU/Swish, Mish): family

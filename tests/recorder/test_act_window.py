@@ -177,7 +177,8 @@ def _row_bytes(sites, window):
         per_unit = 6 * (U * 8 + 8)
         scalars = (2 + window) * (8 + 8)
         hist = (U * 3 * 4 + 8) if S["kind"] in ("sigmoid", "tanh") else (3 * 4 + 8 + 16) if S["kind"] == "softmax" else 0
-        total += per_unit + scalars + hist
+        health = 2 * (U * 8 + 8) if S["kind"] == "softmax" else 4 * (8 + 8)   # recorder.health statistics
+        total += per_unit + scalars + hist + health
     return total
 
 

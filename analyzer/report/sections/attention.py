@@ -1,5 +1,6 @@
 """The attention section: Attention-IoU scores per split, average maps, overlays and the score over
-training, from the run's attention captures (recorder.capture_attention)."""
+training, from the run's attention captures (recorder.capture_attention); and the attention entropy
+per head over steps of every eager softmax site (:func:`analyzer.activations.health.attention_entropy`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import html
 import numpy as np
 import pandas as pd
 
+from ...activations.health import attention_entropy
 from ...attention_iou import attention_iou, capture_maps, splits
 from ...cam import resize_bilinear
 from ...trace import format as fmt
@@ -72,9 +74,52 @@ def section_data(run, n_boot: int = REPORT_BOOTSTRAP, seed: int = 0, caps: list 
             "overlay_mask_name": cap.mask_names[cap.mask_keys[0]] if cap.mask_keys else None}
 
 
+#: softmax sites drawn in the entropy figure (the first ones of the forward)
+MAX_ENTROPY_SITES = 12
+
+
+def add_entropy(rep) -> None:
+    """Attention entropy per head over steps, one panel per softmax site (the table ``attention_entropy``);
+    nothing for a run without eager softmax sites."""
+    try:
+        df = attention_entropy(rep.run)
+    except fmt.TraceError as e:
+        rep.skip("figure attention_entropy", str(e))
+        return
+    if not len(df):
+        return
+    rep.table("attention_entropy", df, "per (step, site, head): mean row entropy of the attention probabilities "
+              "(nats), normalized by log Tk, and the largest attention logit (docs/findings.md)")
+    sites = list(dict.fromkeys(df["site"]))[:MAX_ENTROPY_SITES]
+
+    def draw():
+        ncols = min(3, len(sites))
+        nrows = -(-len(sites) // ncols)
+        fig, axes = plots.new_figure(4.2 * ncols, 2.8 * nrows, nrows, ncols, sharex=True)
+        for ax, site in zip(axes.flat, sites):
+            d = df[df["site"] == site]
+            for head, g in d.groupby("head"):
+                ax.plot(g["step"], g["norm_entropy"], lw=1.2, label="site" if head < 0 else f"head {head}")
+            ax.set_title(site, fontsize=8)
+            ax.set_ylim(0, 1.05)
+            ax.set_xlabel("step")
+            ax.set_ylabel("entropy / log Tk")
+        for ax in list(axes.flat)[len(sites):]:
+            ax.set_visible(False)
+        axes.flat[0].legend(fontsize=7, ncol=2)
+        return fig
+    more = f" (the first {MAX_ENTROPY_SITES} of {df['site'].nunique()} sites)" if df["site"].nunique() > len(sites) \
+        else ""
+    rep.figure("attention_entropy", "Attention entropy per head", "Mean entropy of each head's attention rows "
+               "divided by log Tk (1: uniform over every key; a causal mask keeps a uniform head near 0.69 at "
+               f"16 tokens), per recorded step{more}. A head whose curve drops towards 0 attends to one key: "
+               "entropy collapse (rule <code>attention_entropy_collapse</code>).", draw, "activations")
+
+
 def add(rep) -> None:
     """Attention-IoU section: scores per split, average maps, overlays, score over capture steps, from
-    the latest attention capture; summary.json's "attention"."""
+    the latest attention capture; summary.json's "attention". Also the attention entropy figure."""
+    add_entropy(rep)
     bad: list[str] = []
     try:
         caps = open_captures(rep.run.path, bad)     # a malformed capture is skipped with a note
