@@ -42,6 +42,9 @@ Plan entries: ``axis`` is the weight axis of the removed units (0, or 1 for an (
 entries of the units are masked too. ``next`` lists the dependents of the removed units: ``axis`` 1
 entries, and ``axis`` 0 entries with ``role`` "consumer" (an (in, out) weight), are consumers (input
 units; ``group`` k), other ``axis`` 0 entries are per-channel normalisations (weight and bias rows).
+A plan that uses the (in, out) axes is format version 2 (an older apply_plan, which reads only version 1,
+refuses it instead of masking the wrong weights); every other plan is version 1
+(:func:`analyzer.trace.plans.plan_version`).
 The mapping reads a chain; models with branches (residual additions, concatenations) can defeat it,
 which is why a plan is a reviewable file and apply_plan checks the model's fingerprint.
 """
@@ -59,13 +62,13 @@ from .pruning_topology import (LINEAR_STYLE, NOT_ROW_LAYERS, PER_CHANNEL_NORMS, 
                                masked_count, out_axis, tied_layers, weight_layers)
 from .trace.format import TraceError
 from .trace.plans import (CRITERIA, PLAN_FORMAT, PLAN_VERSION, SUPPORTED_PLAN_VERSIONS, PlanError, fingerprint,
-                          fingerprint_difference, load_plan, validate_plan, write_plan)
+                          fingerprint_difference, load_plan, plan_version, validate_plan, write_plan)
 
 #: names of the plan format (:mod:`analyzer.trace.plans`) and the topology, importable from here too
 __all__ = ["CRITERIA", "STRUCTURED", "OVERALL", "SWEEP_COLUMNS", "DORMANT_GRID", "PLAN_FORMAT", "PLAN_VERSION",
            "SUPPORTED_PLAN_VERSIONS", "LINEAR_STYLE", "NOT_ROW_LAYERS", "PER_CHANNEL_NORMS", "PlanError",
-           "fingerprint", "fingerprint_difference", "load_plan", "validate_plan", "write_plan", "param_list",
-           "pruning_plan", "default_thresholds", "sweep"]
+           "fingerprint", "fingerprint_difference", "load_plan", "plan_version", "validate_plan", "write_plan",
+           "param_list", "pruning_plan", "default_thresholds", "sweep"]
 
 STRUCTURED = ("dead", "dormant", "l1-channel")
 
@@ -253,7 +256,7 @@ def pruning_plan(run, criterion: str, threshold: float, layers: Any = None, step
     per_layer = {ev.names[lid]: (r["masked"].get(lid, 0) / n if n else 0.0) for lid, n in sorted(r["numel"].items())}
     first, last, count = ev.source_steps
     plan = {
-        "format": PLAN_FORMAT, "version": PLAN_VERSION,
+        "format": PLAN_FORMAT, "version": plan_version(r["entries"]),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "run": run.catalog.path,
         "model_fingerprint": fingerprint(param_list(run)),

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["resolve_layer", "first_tensor", "ForwardWatch", "prefix_graph"]
+__all__ = ["resolve_layer", "first_tensor", "ForwardWatch", "prefix_graph", "redirected"]
 
 
 def resolve_layer(model: torch.nn.Module, target_layer: Any) -> tuple[str, torch.nn.Module]:
@@ -43,6 +43,14 @@ def first_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, dict) and isinstance(x.get("logits"), torch.Tensor):
         return x["logits"]
     raise TypeError(f"cannot find a tensor in a {type(x).__name__}")
+
+
+def redirected(module: torch.nn.Module) -> bool:
+    """Whether this call of ``module`` runs another method through its ``forward``: PyTorch Lightning's
+    DDP strategy runs ``training_step`` by patching the LightningModule's ``forward`` for one call of
+    the DDP wrapper (``_ForwardRedirection``). Such a call is not the model's forward pass."""
+    fwd = vars(module).get("forward")
+    return fwd is not None and "_ForwardRedirection" in getattr(fwd, "__qualname__", "")
 
 
 class ForwardWatch:
@@ -89,7 +97,7 @@ class ForwardWatch:
 
     def _pre(self, module, args, kwargs):
         name = self.names.get(module)
-        if name is None:   # a copy of a module (copy.deepcopy carries hooks along)
+        if name is None or (module is self.root and redirected(module)):   # a copy (deepcopy carries hooks)
             return None
         self._depth += 1
         if self._depth > 1:

@@ -88,8 +88,10 @@ def apply_plan(model: nn.Module, plan: Any, permanent: bool = False) -> dict:
         "expected": the plan's expected_sparsity}`` (fractions of the masks now on the model).
 
     Raises:
-        ValueError: the plan is malformed, or its model fingerprint (parameter names and shapes) does
-            not match ``model``. TraceError: the file cannot be read.
+        ValueError: the plan is malformed, of a format version this bbdecoder does not read (a newer
+            one: upgrade; it reads 1 and 2, see :data:`analyzer.trace.plans.SUPPORTED_PLAN_VERSIONS`), or
+            its model fingerprint (parameter names and shapes) does not match ``model``. TraceError: the
+            file cannot be read.
     """
     from .distributed import unwrap_model
     model = unwrap_model(model)   # plans name layers as the recorder does: without DDP's "module."

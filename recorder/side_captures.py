@@ -12,7 +12,7 @@ from typing import Any
 
 from bbdecoder.analyzer.trace import format as fmt
 from .errors import RecorderClosedError
-from .modules import prefix_graph, resolve_layer
+from .modules import prefix_graph, redirected, resolve_layer
 from .schedules import as_schedule
 
 __all__ = ["SideCaptures"]
@@ -99,6 +99,8 @@ class SideCaptures:
             h, self._graph_hook = self._graph_hook, None
             if h is not None:
                 h.remove()
+            return None
+        if redirected(module):   # not the model's forward: the graph comes from the module that runs
             return None
         try:
             self.record_graph(args, kwargs)

@@ -95,7 +95,7 @@ def sweep_table(df) -> str:
 
 @click.command("prune")
 @click.argument("run_dir", type=click.Path())
-@click.option("--criterion", required=True, type=click.Choice(CRITERIA),
+@click.option("--criterion", default=None, type=click.Choice(CRITERIA),
               help="dead (never active), dormant (E|h| relative to the layer), magnitude (|w|), "
                    "l1-channel (L1 norm of output channels).")
 @click.option("--threshold", type=float, default=None,
@@ -109,18 +109,27 @@ def sweep_table(df) -> str:
               help="Steps to use: START:STOP (half-open) or a comma-separated list (default: all).")
 @click.option("--sweep", is_flag=True, help="Sparsity versus threshold per layer: DIR/sweep.csv and DIR/sweep.png.")
 @click.option("--thresholds", default=None, help="--sweep: comma-separated thresholds (default: from the data).")
-@click.option("--out", "out", required=True, type=click.Path(),
+@click.option("--out", "out", default=None, type=click.Path(),
               help="The plan file (JSON), or with --sweep the output directory.")
+@click.option("--check", "check", default=None, type=click.Path(),
+              help="Validate the plan file CHECK (format version, fields) and that it fits RUN_DIR's model.")
 @click.option("--force", is_flag=True, help="Replace an existing plan file (--sweep: write into a non-empty --out).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def prune(run_dir, criterion, threshold, max_active_fraction, layer_spec, steps_spec, sweep, thresholds, out,
-          force, as_json) -> None:
-    """Write a pruning plan for RUN_DIR (--out plan.json), or a sweep (--sweep --out DIR).
+          force, as_json, check=None) -> None:
+    """Write a pruning plan for RUN_DIR (--out plan.json), or a sweep (--sweep --out DIR), or check a
+    plan file against RUN_DIR (--check plan.json).
 
     Apply a plan to a torch model with recorder.apply_plan(model, "plan.json").
     """
     from ..pruning import pruning_plan, sweep as _sweep
     from ..trace.plans import write_plan
+    if check is not None:
+        if criterion or threshold is not None or sweep or out:
+            raise UsageProblem("--check PLAN takes no --criterion, --threshold, --sweep or --out")
+        return _check_plan(run_dir, check, as_json)
+    if criterion is None or out is None:
+        raise UsageProblem(f"--{'criterion' if criterion is None else 'out'} is required (or --check PLAN)")
     steps = _steps(steps_spec)
     if sweep:
         if threshold is not None:
@@ -170,3 +179,21 @@ def prune(run_dir, criterion, threshold, max_active_fraction, layer_spec, steps_
     for n in plan["notes"]:
         echo(f"note: {n}", err=True)
     echo(f"plan: {path}")
+
+
+def _check_plan(run_dir: str, path: str, as_json: bool) -> None:
+    """``--check``: the plan file validated (format, version, fields) and its fingerprint compared with
+    the parameters recorded in ``run_dir``; one line on stderr and exit 2 when either fails."""
+    from ..pruning import param_list
+    from ..trace.plans import fingerprint_difference, load_plan
+    plan = load_plan(path)                    # a newer or unknown version: PlanError, one line
+    run = open_run(run_dir)
+    diff = fingerprint_difference(plan["model_fingerprint"]["params"], param_list(run))
+    if diff is not None:
+        raise UsageProblem(f"the plan {path} does not fit the model recorded in {run_dir}: {diff}")
+    if as_json:
+        echo(json.dumps({"plan": os.path.abspath(path), "version": plan["version"], "fits": True,
+                         "expected_sparsity": plan["expected_sparsity"]}))
+        return
+    echo(plan_table(plan))
+    echo(f"plan {path}: version {plan['version']}, fits the model recorded in {run_dir}")

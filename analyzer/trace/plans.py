@@ -16,14 +16,29 @@ from typing import Any
 from . import files
 
 PLAN_FORMAT = "bbdecoder-pruning-plan"
-PLAN_VERSION = 1
-SUPPORTED_PLAN_VERSIONS = (1,)
+#: the newest plan format version this module writes. Version 2 adds weights stored (in, out) (HF
+#: ``Conv1D``): an entry's ``axis`` 1 (the producer's units are columns) and ``next`` entries on axis 0
+#: with ``role`` "consumer" (input units are rows). A version-1 reader (bbdecoder before it) would mask
+#: the wrong weights of such a plan (rows as a normalisation's, bias entries included), so a plan that
+#: uses them says 2 (:func:`plan_version`); every other plan stays 1, readable by older releases.
+PLAN_VERSION = 2
+SUPPORTED_PLAN_VERSIONS = (1, 2)
 #: the criteria a plan may name
 CRITERIA = ("dead", "dormant", "magnitude", "l1-channel")
 
 
 class PlanError(ValueError):
     """A pruning plan is malformed, of an unsupported version, or does not fit its model."""
+
+
+def plan_version(entries: list) -> int:
+    """The lowest format version that reads plan ``entries`` right: 2 when one uses the (in, out) axes
+    (an entry's ``axis`` 1, or a ``next`` entry with a ``role``), else 1."""
+    for e in entries:
+        if isinstance(e, dict) and (e.get("axis") == 1 or any(
+                isinstance(nx, dict) and "role" in nx for nx in e.get("next") or ())):
+            return 2
+    return 1
 
 
 def fingerprint(params: list) -> dict:
@@ -113,9 +128,11 @@ def validate_plan(p: Any, where: str = "pruning plan") -> dict:
     v = p.get("version")
     if not _int(v):
         bad(f"missing or invalid version {v!r}")
+    reads = ", ".join(map(str, SUPPORTED_PLAN_VERSIONS))
+    if v > max(SUPPORTED_PLAN_VERSIONS):
+        bad(f"plan version {v} is newer than this bbdecoder reads ({reads}); upgrade bbdecoder to apply it")
     if v not in SUPPORTED_PLAN_VERSIONS:
-        bad(f"plan version {v} is not supported by this bbdecoder (reads "
-            f"{', '.join(map(str, SUPPORTED_PLAN_VERSIONS))}); upgrade bbdecoder")
+        bad(f"unknown plan version {v} (this bbdecoder reads {reads})")
     for k, t in (("created", str), ("run", str), ("model_fingerprint", dict), ("criterion", dict),
                  ("source_steps", list), ("layers", list), ("expected_sparsity", dict)):
         if k not in p:

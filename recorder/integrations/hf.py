@@ -14,7 +14,8 @@ callback runs between the last backward and the clipping, so:
   ``GradientState.sync_gradients`` says this micro-batch ends the window, and run after DDP's own
   end-of-backward reduction): before clipping, what the optimizer's step would see without it.
   Under fp16 with a ``GradScaler`` the gradients are still scaled there, so this falls back to
-  ``clipped=True`` with one warning. ``clipped=True``: in ``on_pre_optimizer_step``, after
+  ``clipped=True`` with one warning (``fp16=True`` on the CPU has no scaler: accelerate trains in
+  float32 there, and the default holds). ``clipped=True``: in ``on_pre_optimizer_step``, after
   unscaling and clipping, what the update uses (the Trainer's logged ``grad_norm`` is the norm
   before clipping);
 - **loss**: from the model's output (``outputs.loss``, a forward hook; no Trainer subclass): the
@@ -28,7 +29,9 @@ callback runs between the last backward and the clipping, so:
 - **model**: the model the Trainer trains (``model`` in the callback arguments, inside any DDP
   wrapper); activation sites and the graph come from whichever module's forward runs;
 - **ranks**: the Recorder is created in ``on_train_begin``, after ``TrainingArguments`` initialised
-  ``torch.distributed``: each process records as its rank.
+  ``torch.distributed`` (torchrun, ``accelerate launch``; ``ddp_backend="gloo"`` on CPUs): each
+  process records as its rank into the same run directory (gradients and weights on
+  ``record_rank`` only, the all-reduced ones; steps, its own loss and activations on every rank).
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ def _sync_state():
     except ImportError:
         return None
     return GradientState()
+
+
+def _scales_loss(args, model) -> bool:
+    """Whether the Trainer back-propagates a loss scaled by a ``GradScaler``: ``fp16=True`` where
+    accelerate runs fp16 natively. On the CPU accelerate creates no scaler (and no autocast: the model
+    trains in float32) unless native AMP was set up, which marks the model: accelerate keeps the
+    plain forward as ``model._original_forward`` when it wraps the forward in autocast."""
+    if not getattr(args, "fp16", False):
+        return False
+    device = getattr(getattr(args, "device", None), "type", "cpu")
+    return device != "cpu" or "_original_forward" in vars(model)
 
 
 def _queue_after_backward(fn) -> None:
@@ -96,7 +110,7 @@ class RecorderCallback(TrainerCallback):
         self._run.start(model)
         self._handles.append(model.register_forward_pre_hook(self._forward_pre, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._forward_out))
-        if not self.clipped and getattr(args, "fp16", False):
+        if not self.clipped and _scales_loss(args, model):
             warnings.warn("bbdecoder: fp16 with a GradScaler: gradients are recorded after the Trainer's "
                           "unscaling and clipping (before clipping they are still scaled)", RecorderWarning,
                           stacklevel=2)

@@ -22,8 +22,16 @@ AMP's ``GradScaler`` unscales, then ``on_before_optimizer_step`` runs, then
   name (``model.encoder.0.weight``); activation sites and the graph come from the submodule whose
   forward actually runs when ``training_step`` calls ``self.model(...)`` rather than ``self(...)``;
 - **ranks**: the Recorder is created in ``on_train_start``, after the strategy has initialised
-  ``torch.distributed`` (DDP, FSDP2 through ``ModelParallelStrategy``): each process records as its
-  rank. FSDP1 (``FSDPStrategy``) is the Recorder's own limitation: one warning, no gradients.
+  ``torch.distributed`` (``strategy="ddp"``, FSDP2 through ``ModelParallelStrategy``), whether
+  Lightning launched the processes or torchrun did: each process records as its rank into the same
+  run directory (gradients and weights on ``record_rank`` only, every rank its slice under FSDP2;
+  steps, its own loss and activations on every rank). Under DDP Lightning runs ``training_step``
+  through the LightningModule's patched ``forward``; the Recorder does not take that call for the
+  model's forward (see ``recorder.modules.redirected``), so activations and the graph come from the
+  submodule that runs, as in one process. FSDP1 (``FSDPStrategy``, which wraps the LightningModule
+  itself) is the Recorder's own limitation: the callback hands the Recorder Lightning's wrapper, so
+  it refuses it with one warning and records no gradients or weights (Lightning runs FSDPStrategy
+  on GPUs only).
 
 The run is closed at ``on_train_end`` (or marked aborted by ``on_exception``); the Recorder is
 ``callback.recorder`` (``None`` before training starts).
@@ -35,6 +43,9 @@ import os
 import sys
 from typing import Any
 
+import torch
+
+from ..distributed import uses_fsdp1
 from .common import Recording
 
 if "lightning.pytorch" in sys.modules and "pytorch_lightning" not in sys.modules:
@@ -71,7 +82,12 @@ class RecorderCallback(pl.Callback):
         return self._run.recorder
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._run.start(pl_module)
+        model = pl_module
+        wrapped = getattr(trainer.strategy, "model", None)
+        if isinstance(wrapped, torch.nn.Module) and wrapped is not pl_module and uses_fsdp1(wrapped) \
+                and not uses_fsdp1(pl_module):
+            model = wrapped   # FSDPStrategy wraps the LightningModule itself: the Recorder must see it (and refuse it)
+        self._run.start(model)
         if self.clipped and pl_module.automatic_optimization and self._module is None:
             plain = pl_module.configure_gradient_clipping
 

@@ -248,7 +248,9 @@ def test_plan_file_round_trip_and_validation(lin, tmp_path):
             load_plan(f)
 
     broken(lambda b: b.update(format="something"), "not a bbdecoder pruning plan")
-    broken(lambda b: b.update(version=2), "plan version 2 is not supported")
+    broken(lambda b: b.update(version=3), r"plan version 3 is newer than this bbdecoder reads \(1, 2\); upgrade "
+           r"bbdecoder to apply it$")
+    broken(lambda b: b.update(version=0), r"unknown plan version 0 \(this bbdecoder reads 1, 2\)$")
     broken(lambda b: b.update(version="1"), "invalid version")
     broken(lambda b: b.pop("criterion"), "missing field 'criterion'")
     broken(lambda b: b.update(layers={}), "field 'layers' must be a list")

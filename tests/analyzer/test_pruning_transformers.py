@@ -204,3 +204,63 @@ def test_a_trace_without_weight_layout_reads_hf_conv1d_by_its_class(gelu, dead_p
     old = pruning_plan(analyzer.open(d), "dead", 0.0)
     new = dead_plan
     assert old["layers"] == new["layers"] and old["expected_sparsity"] == new["expected_sparsity"]
+
+
+def test_plan_version_2_for_in_x_out_axes_and_older_versions_still_apply(gelu, dead_plan, tmp_path):
+    """Issue 15: a consumer row on axis 0 of a Conv1D would be misread by a version-1 reader (rows and bias
+    entries masked as a normalisation's), so such a plan is version 2; version 1 files still read; a newer
+    version is refused with one line, before anything is masked."""
+    from bbdecoder.analyzer.trace.plans import load_plan, plan_version, write_plan
+    plan = dead_plan
+    assert plan["version"] == 2 == plan_version(plan["layers"])
+    assert plan_version([{"axis": 0, "next": [{"axis": 1}]}]) == 1              # a Linear/conv plan stays 1
+    assert plan_version([{"axis": 0, "next": [{"axis": 0, "role": "consumer"}]}]) == 2
+    x = gelu["xs"]
+    want = _logits(copy.deepcopy(gelu["model"]), x)
+    for version in (2, 1):    # 1: the same plan as written before the bump (its role entries read the same)
+        p = copy.deepcopy(plan)
+        p["version"] = version
+        f = write_plan(p, tmp_path / f"v{version}.json")
+        model = copy.deepcopy(gelu["model"])
+        apply_plan(model, f)
+        assert float((_logits(model, x) - want).abs().max()) <= 1e-6         # outputs kept, as promised
+        proj = model.transformer.h[0].mlp.c_proj
+        assert np.flatnonzero((proj.weight_mask == 0).all(1).numpy()).tolist() == DEAD    # rows of the consumer
+        assert not hasattr(proj, "bias_mask")                                # its bias untouched
+    newer = copy.deepcopy(plan)
+    newer["version"] = 3
+    (tmp_path / "v3.json").write_text(json.dumps(newer))
+    model = copy.deepcopy(gelu["model"])
+    for given in (newer, str(tmp_path / "v3.json")):
+        with pytest.raises(ValueError) as e:
+            apply_plan(model, given)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.endswith("plan version 3 is newer than this bbdecoder reads (1, 2); "
+                                                "upgrade bbdecoder to apply it")
+    assert not any(n.endswith("_mask") for n, _ in model.named_buffers())   # nothing was masked
+    with pytest.raises(PlanError, match="newer than this bbdecoder"):
+        load_plan(tmp_path / "v3.json")
+
+
+def test_cli_checks_plan_versions(gelu, dead_plan, tmp_path, capsys):
+    from bbdecoder.analyzer.trace.plans import write_plan
+    from helpers import run_cli
+    v2 = write_plan(dead_plan, tmp_path / "v2.json")
+    code, o, e = run_cli(["prune", gelu["run"], "--check", v2], capsys)
+    assert code == 0 and "version 2, fits the model" in o and FC in o, e
+    newer = copy.deepcopy(dead_plan)
+    newer["version"] = 3
+    (tmp_path / "v3.json").write_text(json.dumps(newer))
+    code, o, e = run_cli(["prune", gelu["run"], "--check", str(tmp_path / "v3.json")], capsys)
+    assert code == 2 and len(e.strip().splitlines()) == 1 and "Traceback" not in e
+    assert e.strip().endswith("plan version 3 is newer than this bbdecoder reads (1, 2); upgrade bbdecoder to "
+                              "apply it")
+    other = copy.deepcopy(dead_plan)
+    other["model_fingerprint"]["params"][0][1][0] += 1          # another model (sha256 made to match)
+    from bbdecoder.analyzer.trace.plans import fingerprint
+    other["model_fingerprint"] = fingerprint(other["model_fingerprint"]["params"])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    code, o, e = run_cli(["prune", gelu["run"], "--check", str(tmp_path / "other.json")], capsys)
+    assert code == 2 and "does not fit the model recorded in" in e and len(e.strip().splitlines()) == 1
+    code, o, e = run_cli(["prune", gelu["run"], "--check", v2, "--criterion", "dead"], capsys)
+    assert code == 2 and "--check PLAN takes no --criterion" in e
