@@ -186,3 +186,231 @@ def fmt_flops(v: float) -> str:
         if abs(v) >= div:
             return f"{v / div:.3g} {unit}"
     return f"{v:.0f}"
+
+
+# ---------------------------------------------------------------------------------- modules at a depth
+#: columns of :func:`module_table`
+TABLE_COLUMNS = ["name", "type", "depth", "calls", "n_params", "flops", "flops_share", "time_s", "group"]
+#: the row of :func:`module_table` for the ops that run in an expanded module but in none of its children
+OTHER_OPS = "(ops outside these modules)"
+#: a repeated group must hold more than this share of the model's FLOPs to pick the default depth
+MOST_FLOPS = 0.5
+
+
+def _parents(names: list[str]) -> dict[str, str | None]:
+    """Each module's nearest recorded ancestor (its name with components taken off the end until one
+    that ran; "" = the model when it ran), or None for a top-level module."""
+    known = set(names)
+    out: dict[str, str | None] = {}
+    for n in names:
+        if n == "":
+            out[n] = None
+            continue
+        parts = n.split(".")
+        up = next((".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1) if ".".join(parts[:k]) in known), None)
+        out[n] = up if up is not None else ("" if "" in known else None)
+    return out
+
+
+def module_cut(mods: pd.DataFrame, depth: int) -> list[str]:
+    """The modules that split the model at ``depth``, in first-call order: starting from the model, a
+    module shallower than ``depth`` that has recorded children is replaced by its children (the
+    nearest modules inside it that ran, which may be deeper: a ``ModuleList`` never runs itself).
+    Every op inside the model is then in exactly one of them, or in an expanded module's own code."""
+    names = [str(n) for n in mods["name"]]
+    dep = dict(zip(names, (int(d) for d in mods["depth"])))
+    parent = _parents(names)
+    kids: dict[str | None, list[str]] = {}
+    for n in names:
+        kids.setdefault(parent[n], []).append(n)
+    out, todo = [], list(kids.get(None, []))
+    while todo:
+        m = todo.pop()
+        if dep[m] < depth and kids.get(m):
+            todo.extend(kids[m])
+        else:
+            out.append(m)
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(out, key=order.__getitem__)
+
+
+def group_pattern(name: str) -> str:
+    """A module name with its last all-digit component replaced by "#" (``h.3`` -> ``h.#``): the
+    modules of one repeated group share it; a name without a number is its own pattern."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i] + ["#"] + parts[i + 1:])
+    return name
+
+
+def module_table(g: dict, depth: int) -> pd.DataFrame:
+    """FLOPs and time of the modules that split the model at ``depth`` (:func:`module_cut`).
+
+    Columns (:data:`TABLE_COLUMNS`): name, type, depth, calls, n_params (the module's and everything
+    inside it), flops (int, inclusive, a multiply-add counts 2), flops_share (of the model's), time_s
+    (median inclusive forward time per call, s; NaN if not timed), group (:func:`group_pattern` + "/"
+    + type when at least two rows share it, else ""). A last row :data:`OTHER_OPS` holds the FLOPs of
+    ops in expanded modules' own code when there are any, so that the FLOPs sum to the model's.
+    """
+    mods = module_frame(g)
+    cut = module_cut(mods, depth)
+    names = [str(n) for n in mods["name"]]
+    parent = _parents(names)
+    own = dict(zip(names, mods["n_params"].astype(np.int64)))
+    inc = dict(own)
+    for n in sorted(names, key=lambda x: -len(x.split("."))):   # children before parents
+        p = parent[n]
+        while p is not None:
+            inc[p] += own[n]
+            p = parent[p]
+    roots = [n for n in names if parent[n] is None]
+    total = int(mods.loc[mods["name"].isin(roots), "flops"].sum())
+    t = mods.set_index("name").loc[cut].reset_index()
+    t["n_params"] = [int(inc[n]) for n in cut]
+    key = [f"{group_pattern(n)}/{tp}" for n, tp in zip(t["name"], t["type"])]
+    counts = pd.Series(key).value_counts()
+    t["group"] = [k if "#" in k and counts[k] >= 2 else "" for k in key]
+    rest = total - int(t["flops"].sum())
+    if rest:
+        t = pd.concat([t, pd.DataFrame([{"name": OTHER_OPS, "type": "", "depth": -1, "calls": 0, "n_params": 0,
+                                         "flops": rest, "time_s": np.nan, "group": ""}])], ignore_index=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t["flops_share"] = t["flops"] / total if total else np.nan
+    return t[TABLE_COLUMNS].astype({"flops": "int64", "n_params": "int64", "depth": "int64", "calls": "int64"})
+
+
+def repeated_groups(table: pd.DataFrame) -> pd.DataFrame:
+    """The repeated groups of a :func:`module_table`: group, modules (count), flops (sum), flops_share,
+    largest share first."""
+    t = table[table["group"] != ""]
+    out = t.groupby("group", sort=False).agg(modules=("name", "size"), flops=("flops", "sum"),
+                                             flops_share=("flops_share", "sum")).reset_index()
+    return out.sort_values("flops_share", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def default_depth(g: dict) -> int:
+    """The depth with the most informative split, by this rule: the shallowest depth whose split
+    (:func:`module_cut`) holds a repeated group (at least two modules of one type whose names differ
+    only in a number, ``h.0`` ... ``h.11``) with more than :data:`MOST_FLOPS` of the model's FLOPs;
+    else the shallowest depth that splits the model into at least two modules; else 0. Raised to
+    the deepest depth that gives the same split (the blocks' own depth, not their container's).
+    """
+    mods = module_frame(g)
+    if not len(mods):
+        return 0
+    deepest = int(mods["depth"].max())
+    found = None
+    for d in range(1, deepest + 1):
+        t = module_table(g, d)
+        r = repeated_groups(t)
+        if len(r) and float(r["flops_share"].iloc[0]) > MOST_FLOPS:
+            found = d
+            break
+    if found is None:
+        found = next((d for d in range(1, deepest + 1) if len(module_cut(mods, d)) >= 2), 0)
+    cut = module_cut(mods, found)
+    while found < deepest and module_cut(mods, found + 1) == cut:
+        found += 1
+    return found
+
+
+def _structure(name: str, names: list[str], types: dict) -> tuple:
+    """What is inside a module: (relative name, type) of every recorded module below it."""
+    pre = name + "."
+    return tuple((n[len(pre):], types[n]) for n in names if n.startswith(pre))
+
+
+def module_graph(g: dict, depth: int) -> dict:
+    """The data-flow graph between the modules that split the model at ``depth``, with every run of
+    consecutive repeated blocks (same :func:`group_pattern`, type and inner structure) collapsed
+    into one node.
+
+    Ops are mapped to the module of the split they run in; an op in no module of the split (the
+    model's own code between its blocks) is contracted away, its inputs joined to its consumers;
+    the graph's inputs are one node "input".
+
+    Returns:
+        {"nodes": [{"id", "name" (first member, or "input"), "label" (``h.0-11 x12`` for a
+        collapsed run: the members' numbers and count), "type", "members" (full names), "flops",
+        "time_s" (sum over members; NaN when not timed)}], "edges": [(src id, dst id)], "depth"}.
+    """
+    mods = module_frame(g)
+    table = module_table(g, depth)
+    table = table[table["name"] != OTHER_OPS]
+    names = [str(n) for n in mods["name"]]
+    types = dict(zip(names, mods["type"].astype(str)))
+    runs: list[list[int]] = []
+    for i, r in enumerate(table.itertuples(index=False)):
+        key = (group_pattern(r.name), r.type, _structure(r.name, names, types))
+        if runs and "#" in key[0] and runs[-1][0] == key:
+            runs[-1][1].append(i)
+        else:
+            runs.append([key, [i]])
+    nodes = [{"id": 0, "name": "input", "label": "input", "type": "", "members": [], "flops": 0, "time_s": np.nan}]
+    node_of: dict[str, int] = {}
+    rows = table.reset_index(drop=True)
+    for key, idx in runs:
+        sub = rows.iloc[idx]
+        members = [str(n) for n in sub["name"]]
+        label = members[0]
+        if len(members) > 1:
+            nums = [m.split(".")[key[0].split(".").index("#")] for m in members]
+            label = key[0].replace("#", f"{nums[0]}-{nums[-1]}") + f" x{len(members)}"
+        t = sub["time_s"].to_numpy(np.float64)
+        nid = len(nodes)
+        nodes.append({"id": nid, "name": members[0], "label": label, "type": key[1], "members": members,
+                      "flops": int(sub["flops"].sum()), "time_s": float(t.sum()) if np.isfinite(t).all() else np.nan})
+        for m in members:
+            node_of[m] = nid
+    cut = set(node_of)
+
+    def owner(mod: str) -> int | None:
+        parts = mod.split(".") if mod else []
+        for k in range(len(parts), 0, -1):
+            n = ".".join(parts[:k])
+            if n in cut:
+                return node_of[n]
+        return None
+    lab = [0 if n["op"] == "input" else owner(n["module"]) for n in g["nodes"]]
+    preds: dict[int, list[int]] = {}
+    for e in g["edges"]:
+        preds.setdefault(e["dst"], []).append(e["src"])
+    reach: list[frozenset] = [frozenset()] * len(g["nodes"])   # module nodes whose output reaches each op
+    edges: set = set()
+    for i in range(len(g["nodes"])):    # ids are a topological order
+        came = frozenset().union(*(reach[s] for s in preds.get(i, ())))
+        if lab[i] is None:
+            reach[i] = came
+        else:
+            edges.update((s, lab[i]) for s in came if s != lab[i])
+            reach[i] = frozenset((lab[i],))
+    return {"nodes": nodes, "edges": transitive_reduction(len(nodes), sorted(edges)), "depth": int(depth)}
+
+
+def transitive_reduction(n: int, edges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The edges of the DAG on nodes 0..n-1 that no longer path implies (a residual stream that feeds
+    every later block keeps only its edge to the next one); a cycle (never in a recorded graph):
+    the edges unchanged."""
+    succ: dict[int, set] = {}
+    indeg = [0] * n
+    for a, b in edges:
+        if b not in succ.setdefault(a, set()):
+            succ[a].add(b)
+            indeg[b] += 1
+    order, ready = [], [i for i in range(n) if indeg[i] == 0]
+    while ready:
+        u = ready.pop()
+        order.append(u)
+        for v in succ.get(u, ()):
+            indeg[v] -= 1
+            if indeg[v] == 0:
+                ready.append(v)
+    if len(order) < n:
+        return list(edges)
+    below = [0] * n          # bit v set: v is reachable from the node
+    for u in reversed(order):
+        for v in succ.get(u, ()):
+            below[u] |= (1 << v) | below[v]
+    return sorted((u, v) for u in succ for v in succ[u]
+                  if not any(w != v and below[w] >> v & 1 for w in succ[u]))

@@ -46,10 +46,13 @@ from .main import echo, open_run, out_dir
 @click.option("--jobs", default=None, type=click.IntRange(1, 256),
               help="Processes drawing the figures (default: the CPUs available, at most 4; each adds some memory "
                    "of its own, about 20 MB in the out-of-core benchmark; 1: no extra process).")
+@click.option("--depth", default=None, type=click.IntRange(0, 1000),
+              help="Module depth of the FLOPs and time table and of the module graph (runs with a function graph; "
+                   "default: the shallowest depth whose repeated blocks hold most of the FLOPs).")
 def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_criterion: str, dead_threshold: float,
            max_active_fraction: float, layer_share: float, delta: float, unit_fraction: float, sim_dim: int,
            sim_method: str, raster_site: str | None, engine: str = "local", jobs: int | None = None,
-           force: bool = False, detail: str | None = None) -> None:
+           force: bool = False, detail: str | None = None, depth: int | None = None) -> None:
     """Write an HTML report with figures, tables and summary.json for RUN_DIR into --out.
 
     Every threshold is an analysis-time option, written to summary.json: a rerun with other thresholds
@@ -67,7 +70,7 @@ def report(run_dir: str, out: str, layer_spec: str | None, bins: int, dead_crite
     from ..report.build import FIG_DIR, TAB_DIR
     out = out_dir(out, force=force, subdirs=(FIG_DIR, TAB_DIR))
     try:
-        summary = build_report(run, out, layers=layer_spec, bins=bins, jobs=jobs, detail=detail, **act)
+        summary = build_report(run, out, layers=layer_spec, bins=bins, jobs=jobs, detail=detail, depth=depth, **act)
     finally:
         if engine == "dask":
             from ..engine import close_owned_client

@@ -58,6 +58,7 @@ class Report:
                  act: dict | None = None, jobs: int | None = None, detail: Any = None):
         self.run = run
         self.detail_spec = detail
+        self.module_depth = None   # depth of the module table and graph (None: analyzer.graph.default_depth)
         self.jobs = F.default_jobs() if jobs is None else max(1, int(jobs))
         self.pending: list[F.FigureSpec] = []   # figures to draw once every section has been computed
         self.figure_processes = 1
@@ -80,11 +81,11 @@ class Report:
         self.skipped.append(f"{item}: {reason}")
 
     def figure(self, name: str, title: str, caption_html: str, draw: Callable[[], Any], section: str,
-               layer: Any = None) -> None:
+               layer: Any = None, areas: Any = ()) -> None:
         """Queue figures/<name>.png, drawn by ``draw()`` (returns the figure) once every section ran.
         ``caption_html``: HTML built from escaped parts. ``layer``: the layer record (row of the layer
-        table) of a per-layer figure."""
-        self.pending.append(F.FigureSpec(name, title, caption_html, draw, section, layer))
+        table) of a per-layer figure. ``areas``: tooltips over the picture (:mod:`.tooltips`)."""
+        self.pending.append(F.FigureSpec(name, title, caption_html, draw, section, layer, tuple(areas)))
 
     def table(self, name: str, df: pd.DataFrame, description: str) -> None:
         """Write tables/<name>.csv (atomically) and list it."""
@@ -140,6 +141,7 @@ class Report:
         summary["findings"] = self.extra.get("findings")
         summary["nonfinite"] = self.extra.get("nonfinite")
         summary["attention"] = self.extra.get("attention", {})
+        summary["modules"] = self.extra.get("modules")
         written = {f["file"] for f in self.figures} | {t["file"] for t in self.tables}
         if any(f["section"] == "layers" for f in self.figures):
             written.add(DETAIL_PAGE)
@@ -177,7 +179,7 @@ class Report:
             if err is None:
                 self.figures.append({"file": f"{FIG_DIR}/{spec.name}.png", "title": spec.title,
                                      "caption_html": spec.caption_html, "section": spec.section,
-                                     "layer": spec.layer})
+                                     "layer": spec.layer, "areas": spec.areas})
             else:
                 self.skip(f"figure {spec.name}", f"could not be drawn ({err})")
                 warnings.warn(f"bbdecoder report: figure {spec.name} could not be drawn: {err}", stacklevel=4)
@@ -216,7 +218,7 @@ class Report:
                            or isinstance(self.layers_spec, (str, int)) else repr(self.layers_spec),
                            "detail": self.detail_spec if self.detail_spec is None
                            or isinstance(self.detail_spec, (str, int)) else repr(self.detail_spec),
-                           "bins": self.bins, **self.act},
+                           "bins": self.bins, "depth": self.module_depth, **self.act},
             "run": {"path": run.path, "status": run.status, "status_reason": run.status_reason,
                     "format_version": run.manifest.get("format_version"), "ranks": run.ranks,
                     "ranks_used": "lowest rank only" if d.multi_rank else None,
@@ -244,7 +246,8 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
                  progress: Callable | None = None, *, dead_criterion: str = "strict", dead_threshold: float = 0.0,
                  max_active_fraction: float = 0.0, layer_share: float = 0.5, delta: float = 0.03,
                  unit_fraction: float = 0.5, sim_dim: int = 1, sim_method: str = "cosine",
-                 raster_site: Any = None, jobs: int | None = None, detail: Any = None) -> dict:
+                 raster_site: Any = None, jobs: int | None = None, detail: Any = None,
+                 depth: int | None = None) -> dict:
     """Write the report of ``run`` into ``out_dir``: ``index.html``, ``summary.json``,
     ``figures/*.png``, ``tables/*.csv`` and, when some layers get per-layer figures, ``layers.html``.
 
@@ -271,6 +274,8 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
             the layers selected with ``layers`` when given, else the layers a finding points at.
         jobs: processes drawing the figures (forked after the statistics are computed; 1 = in this
             process); None = the CPUs available, at most 4 (see :func:`default_jobs`).
+        depth: module depth of the FLOPs and time table and of the module graph (runs with a function
+            graph); None = :func:`analyzer.graph.default_depth` (the repeated blocks).
 
     The activation sections appear only when the trace has activation sites; otherwise they are
     listed under ``not_recorded``. Every option is written to summary.json's ``parameters``.
@@ -291,4 +296,8 @@ def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int 
         raise ValueError(f"jobs must be an int in [1, 256], not {jobs!r}")
     if detail is not None and not (isinstance(detail, str) and detail.strip() in ("all", "none")):
         run.select(detail)   # an unknown layer: TraceError before anything is written
-    return Report(run, out, layers, bins, progress, act, jobs, detail).build()
+    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth <= 1000):
+        raise ValueError(f"depth must be an int in [0, 1000], not {depth!r}")
+    rep = Report(run, out, layers, bins, progress, act, jobs, detail)
+    rep.module_depth = depth
+    return rep.build()

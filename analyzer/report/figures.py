@@ -28,6 +28,7 @@ class FigureSpec(NamedTuple):
         draw: ``draw()`` -> the matplotlib figure (drawn in a worker process or in this one).
         section: the HTML group the figure goes to ("loss", "gradients", ..., "layers").
         layer: the layer record (a row of the layer table) of a per-layer figure, else None.
+        areas: tooltip areas over the picture (see :func:`analyzer.report.tooltips.areas_html`), or ().
     """
 
     name: str
@@ -36,6 +37,7 @@ class FigureSpec(NamedTuple):
     draw: Callable[[], Any]
     section: str
     layer: Any = None
+    areas: tuple = ()
 
 
 def default_jobs() -> int:

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .tooltips import areas_html
+
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "template.html")
 DETAIL_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "detail.html")
 STYLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.css")
@@ -71,16 +73,26 @@ def head_rows_html(s: dict) -> str:
     return "\n".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in head)
 
 
-def layer_rows_html(layers: list[dict]) -> str:
-    """The rows of the per-layer table (summary.json's "layers")."""
+#: index.html's layer table lists at most this many layers (the first, in id order); all of them are in
+#: tables/layer_summary.csv and summary.json (100,000 rows made a 28 MB page)
+MAX_LAYER_TABLE_ROWS = 300
+
+
+def layer_rows_html(layers: list[dict], limit: int = MAX_LAYER_TABLE_ROWS) -> str:
+    """The rows of the per-layer table (summary.json's "layers"), at most ``limit`` of them, then one
+    row saying how many more there are and where they are."""
     e = html.escape
+    more = (f'\n<tr><td colspan="10">… and {len(layers) - limit:,} more layers: every layer is in '
+            '<a href="tables/layer_summary.csv">tables/layer_summary.csv</a> and summary.json.</td></tr>'
+            if len(layers) > limit else "")
+    layers = layers[:limit]
     return "\n".join(
         "<tr>" + "".join(f"<td>{c}</td>" for c in (
             cell_html(L["id"]), f"<code>{e(L['name'] or '(model)')}</code>", e(L["type"]), cell_html(L["n_params"]),
             "yes" if L["recorded"] else "no", cell_html(L["mean_abs_grad"]), cell_html(L["max_abs_grad"]),
             cell_html(L["last_epoch_mean_l2"]), cell_html(L["weight_l2_final"]),
             cell_html(L["update_ratio_median"]))) + "</tr>"
-        for L in layers)
+        for L in layers) + more
 
 
 def figures_html(s: dict, figures: list[dict], groups: Iterable[tuple[str, str, Callable | None]],
@@ -109,7 +121,8 @@ def figures_html(s: dict, figures: list[dict], groups: Iterable[tuple[str, str, 
                 figs.append(f'<h3 id="layer-{int(L.id)}">Layer {int(L.id)}: <code>{e(L.name or "(model)")}</code> '
                             f"({e(L.type)})</h3>")
             stem = os.path.splitext(os.path.basename(f["file"]))[0]
-            figs.append(f'<figure><img id="fig-{e(stem)}" src="{e(f["file"])}" alt="{e(f["title"])}" loading="lazy">'
+            img = f'<img id="fig-{e(stem)}" src="{e(f["file"])}" alt="{e(f["title"])}" loading="lazy">'
+            figs.append(f'<figure>{areas_html(img, f.get("areas") or ())}'
                         f'<figcaption><strong>{e(f["title"])}.</strong> {f["caption_html"]}</figcaption></figure>')
     return "\n".join(figs)
 

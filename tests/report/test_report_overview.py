@@ -80,6 +80,13 @@ def test_default_report_has_the_overview_and_no_per_layer_figure(gpt2_run, tmp_p
     per_layer = {f for f in figs if f.startswith(("grad_norms_", "weight_dist_"))}
     assert {f.split("_", 2)[2][:-4] for f in per_layer} <= {keys[n] for n in flagged if n in keys}
     assert s["parameters"]["detail"] is None
+    # a run without activation statistics or a function graph: those figures skipped, each with a note
+    notes = s["skipped"] + s["not_recorded"]
+    for what in ("figure dead fraction heatmap: the trace has no activation statistics",
+                 "figure saturation heatmap: the trace has no activation statistics",
+                 "figure module graph: no function graph", "figure module FLOPs and time: no function graph"):
+        assert any(n.startswith(what) for n in notes), what
+    assert s["modules"] is None and "depth" in s["parameters"]
     (tmp_path / "none").mkdir()
     s0 = build_report(analyzer.open(gpt2_run), str(tmp_path / "none"), detail="none")
     assert not [f for f in s0["figures"] if "grad_norms_" in f or "weight_dist_" in f]

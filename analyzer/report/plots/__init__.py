@@ -4,7 +4,9 @@
   style, saving (atomic), labels and axis helpers;
 - :mod:`.loss`, :mod:`.gradients`, :mod:`.weights`, :mod:`.activations`, :mod:`.attention`,
   :mod:`.pruning`: the plots of each topic;
-- :mod:`.overview`: every layer at once, layer x step heatmaps grouped by block;
+- :mod:`.overview`: every layer at once, layer x step heatmaps grouped by block (and activation site x
+  step: dead fraction, saturation), laid out so that the page can put a tooltip over every row;
+- :mod:`.graphview`: the report's module graph (repeated blocks collapsed) and module cost bars;
 - :mod:`.graph` (function graph drawings) and :mod:`.features` (feature evolution grid and GIF).
 
 The names of the first two groups are re-exported here (``plots.grad_flow``, ``plots.new_figure``).
@@ -22,8 +24,9 @@ from .common import (MAX_HEATMAP_COLUMNS, MAX_LEGEND, PLOTS, bin_columns, check,
 from .gradients import (grad_flow, grad_norm_series, grad_norms, grad_variance_epoch,
                         grad_variance_step, gradient_flow_table)
 from .loss import loss_curve
-from .overview import (block_of, common_prefix, grad_heatmap, heatmap_figure, heatmap_height, short_names,
-                       update_ratio_heatmap, weight_l2_heatmap)
+from .overview import (block_of, common_prefix, dead_fraction_heatmap, grad_heatmap, heatmap_areas, heatmap_figure,
+                       heatmap_height, saturation_heatmap, short_names, site_rows, update_ratio_heatmap,
+                       weight_l2_heatmap)
 from .pruning import pruning_sweep, sweep_figure
 from .weights import update_ratio, weight_distribution, weight_magnitude
 
@@ -35,6 +38,6 @@ __all__ = [
     "mpl", "new_figure", "overlay_epoch_means", "plot", "positive", "save", "text", "value_ticks", "with_labels",
     "grad_flow", "grad_heatmap", "grad_norm_series", "grad_norms", "grad_variance_epoch", "grad_variance_step",
     "gradient_flow_table", "loss_curve", "block_of", "common_prefix", "heatmap_figure", "heatmap_height",
-    "short_names", "update_ratio_heatmap", "weight_l2_heatmap", "pruning_sweep", "sweep_figure", "update_ratio", "weight_distribution",
+    "dead_fraction_heatmap", "heatmap_areas", "saturation_heatmap", "site_rows", "short_names", "update_ratio_heatmap", "weight_l2_heatmap", "pruning_sweep", "sweep_figure", "update_ratio", "weight_distribution",
     "weight_magnitude",
 ]

@@ -9,15 +9,15 @@ added to :data:`SECTIONS`; a new figure group of the page is a line of :data:`GR
 
 from __future__ import annotations
 
-from . import activations, attention, findings, gradients, loss, nonfinite, overview, tables, weights
+from . import activations, attention, findings, gradients, loss, modules, nonfinite, overview, tables, weights
 
 #: the sections, in the order they run (their tables and figures are listed in this order)
-SECTIONS = (findings, tables, overview, loss, gradients, weights, activations, attention, nonfinite)
+SECTIONS = (findings, tables, overview, loss, gradients, weights, activations, attention, modules, nonfinite)
 
 #: the page's figure groups in page order: (group, heading, intro_html(summary) or None)
 GROUPS = (("overview", "Overview: every layer", overview.intro_html), ("loss", "Loss", None),
           ("gradients", "Gradients", None), ("weights", "Weights", None),
           ("activations", "Activations", activations.intro_html), ("attention", "Attention-IoU", None),
-          ("layers", "Per layer", None))
+          ("modules", "Modules: FLOPs and time", modules.intro_html), ("layers", "Per layer", None))
 
 __all__ = ["SECTIONS", "GROUPS"]

@@ -15,6 +15,7 @@ from ...activations.sites import RELU_KINDS, attention_note
 from .. import plots
 from ..data import dead_layer_table, dead_sweep
 from ..page import cell_html
+from .overview import activation_frames
 
 #: the activation figures (listed under not_recorded for a trace without activation sites)
 ACT_FIGURES = ("dead fraction heatmap", "dead unit raster", "saturation", "activation distributions",
@@ -31,8 +32,7 @@ def add(rep) -> None:
     order = list(sites["name"])
     du = A.dead_units(run, crit, thr, maf, layer_share=share)
     dl = dead_layer_table(du)
-    dps = A.dead_per_step(run, crit, thr, maf)
-    sat = A.saturation(run, a["delta"])
+    dps, sat = activation_frames(rep)   # A.dead_per_step and A.saturation, shared with the overview
     satl = A.saturation_layers(run, a["delta"], unit_fraction=a["unit_fraction"], layer_share=share)
     ast = A.activation_stats(run, per="epoch")
     crit_text = criterion_text(a)
