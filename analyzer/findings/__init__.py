@@ -21,17 +21,20 @@ from .activations import DeadUnits, PoorInitialization, SaturatedActivations, Te
 from .base import FINDING_COLUMNS, SEVERITIES, SKIPPED, Rule, Threshold
 from .data import Tables
 from .gradients import AllZero, ExplodingGradient, GradientSpike, Nonfinite, VanishingGradient
+from .groups import GROUP_COLUMNS, group_findings
 from .loss import ATTRIBUTION_COLUMNS, LossNotDecreasing, LossSpike, attribute
+from .transformer import ActivationKurtosis, AttentionEntropyCollapse, MassiveActivations
 from .weights import UnchangedWeights, WeightUpdateRatio
 
 __all__ = ["RULES", "FINDING_COLUMNS", "SEVERITIES", "SKIPPED", "ATTRIBUTION_COLUMNS", "Rule", "Threshold",
            "Tables", "evaluate", "check_settings", "load_settings", "parse_assignments", "attribute",
-           "fails", "rule_table"]
+           "fails", "rule_table", "group", "GROUP_COLUMNS"]
 
 #: every rule, by name, in evaluation order
 RULES: dict[str, type[Rule]] = {r.name: r for r in (
     Nonfinite, VanishingGradient, ExplodingGradient, GradientSpike, AllZero, WeightUpdateRatio, UnchangedWeights,
-    DeadUnits, SaturatedActivations, PoorInitialization, TensorVariance, LossNotDecreasing, LossSpike)}
+    DeadUnits, SaturatedActivations, PoorInitialization, TensorVariance, LossNotDecreasing, LossSpike,
+    AttentionEntropyCollapse, MassiveActivations, ActivationKurtosis)}
 
 _ORDER = {s: i for i, s in enumerate(SEVERITIES + (SKIPPED,))}
 
@@ -132,3 +135,9 @@ def rule_table() -> pd.DataFrame:
             rows.append({"rule": name, "severity": R.severity, "key": k, "default": t.default,
                          "source": t.source, "help": t.help})
     return pd.DataFrame(rows, columns=["rule", "severity", "key", "default", "source", "help"])
+
+
+def group(df: pd.DataFrame) -> pd.DataFrame:
+    """The fired findings of ``df`` grouped per (rule, severity, message shape), worst first within each
+    group (:func:`.groups.group_findings`, each rule's :attr:`Rule.worse`); ``df`` keeps every row."""
+    return group_findings(df, {n: R.worse for n, R in RULES.items() if R.worse})

@@ -8,15 +8,18 @@ import warnings
 import numpy as np
 
 from ..activations import dead_units, saturation, saturation_layers
+from ..activations.deadunits import DEAD_FLOOR
 from ..activations.sites import site_family
 from .base import Rule, Threshold, finding
 
 _PROJECT = "this project's choice"
+#: families the dead-unit rule judges (sites.site_family): ReLU kinds, and smooth kinds by the flat-tail rule
+DEAD_FAMILIES = ("relu", "smooth")
 _REPORT = "the report's default (bbdecoder report --delta/--unit-fraction)"
 
 
-def _sites(t, family: str) -> list[str]:
-    return [S["name"] for S in t.run.catalog.sites if site_family(S) == family]   # by kind, as the analyses judge
+def _sites(t, *families: str) -> list[str]:
+    return [S["name"] for S in t.run.catalog.sites if site_family(S) in families]   # by kind, as the analyses judge
 
 
 def _site_steps(t, site: str, start=None):
@@ -28,7 +31,9 @@ def _site_steps(t, site: str, start=None):
 class DeadUnits(Rule):
     name = "dead_units"
     needs = ("acts",)
-    what = "a ReLU-family site where more than layer_share of the units are (almost) never active"
+    what = ("a ReLU-family or smooth (GELU, SiLU, ...) site where more than layer_share of the units are (almost) "
+            "never active; a smooth kind's unit is dead only when also every value lies in the flat tail "
+            "(analyzer.activations.dead_units)")
     thresholds = {
         "max_active_fraction": Threshold(0.01, "SageMaker Debugger DeadRelu threshold_inactivity = 1%",
                                          "a unit active (> 0) in at most this fraction of its values is dead",
@@ -38,20 +43,25 @@ class DeadUnits(Rule):
     }
 
     def unusable(self, t, p):
-        return None if _sites(t, "relu") else "the trace has no ReLU-family activation sites"
+        return None if _sites(t, *DEAD_FAMILIES) else "the trace has no ReLU-family or smooth (GELU, SiLU, ...) " \
+            "activation sites"
 
     def check(self, t, p):
+        # strict at threshold 0: active = value > 0; smooth kinds also need min >= -floor (the flat tail)
         df = t.memo(("dead", p["max_active_fraction"], p["layer_share"]), lambda: dead_units(
-            t.run, "strict", 0.0, p["max_active_fraction"], sites=_sites(t, "relu"), layer_share=p["layer_share"]))
+            t.run, "strict", 0.0, p["max_active_fraction"], sites=_sites(t, *DEAD_FAMILIES),
+            layer_share=p["layer_share"]))
         out = []
         for site, d in df[df["flagged"]].groupby("site", sort=False):
             died = d.loc[d["dead"], "died_at"]
             first = float(died.min()) if died.notna().any() else None
             steps = _site_steps(t, site, first)
             frac = float(d["dead_fraction"].iloc[0])
+            kind = str(d["kind"].iloc[0])
+            tail = (f" and every value in the flat tail, >= -{DEAD_FLOOR[kind]:.3g}" if kind in DEAD_FLOOR else "")
             out.append(finding(site, None, steps, frac, p["layer_share"],
-                               f"site {site!r}: {int(d['dead'].sum())} of {len(d)} units dead (active in at most "
-                               f"{p['max_active_fraction']:g} of their values)"
+                               f"site {site!r} ({kind}): {int(d['dead'].sum())} of {len(d)} units dead (active in "
+                               f"at most {p['max_active_fraction']:g} of their values{tail})"
                                + (f", dead from step {int(first)}" if first is not None else "")))
         return out
 

@@ -75,6 +75,8 @@ class Rule:
             "acts", "loss".
         thresholds: key -> :class:`Threshold`.
         what: one line on what the rule detects.
+        worse: "higher" or "lower": which way a finding's ``value`` is worse (None: away from its
+            threshold), to pick the worst of a group (:mod:`.groups`).
     """
 
     name: ClassVar[str] = ""
@@ -82,6 +84,7 @@ class Rule:
     needs: ClassVar[tuple[str, ...]] = ()
     thresholds: ClassVar[dict[str, Threshold]] = {}
     what: ClassVar[str] = ""
+    worse: ClassVar[str | None] = None
 
     # ------------------------------------------------------------------ settings
     @classmethod
@@ -124,7 +127,8 @@ class Rule:
         if why:
             return [{"rule": self.name, "severity": SKIPPED, "layer": None, "param": None, "first_step": None,
                      "last_step": None, "n_steps": 0, "value": math.nan, "threshold": math.nan, "message": why}]
-        return [dict(f, rule=self.name, severity=p["severity"]) for f in self.check(tables, p)]
+        # a finding may carry its own severity (a band of a rule reported at another level)
+        return [dict(f, rule=self.name, severity=f.get("severity") or p["severity"]) for f in self.check(tables, p)]
 
     def unusable(self, tables, p: dict) -> str | None:
         """A rule-specific reason to skip once the tables exist (e.g. too few steps); None: go on."""

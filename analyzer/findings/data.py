@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..activations import iter_merged_site_stats
-from ..engine import grad_stat_columns, shard_context
+from ..engine import grad_stat_columns, recorded_part, shard_context
 from ..gradients import pool_params
 from ..slices import merge_grad_sums
 from ..trace import format as fmt
@@ -41,7 +41,7 @@ def grad_stat_table(catalog) -> pd.DataFrame:
     kind = fmt.KIND_GRAD_STATS
     ctx = shard_context(catalog)
     rank = catalog.lowest_rank(kind)
-    parts, sliced = [], {}
+    parts, sliced, batch = [], {}, []
     for sh in catalog.shards_with(kind):
         if sh.rank != rank and not any(k[0] == kind and (k[1], k[2]) in ctx.sharded for k in sh.payloads):
             continue
@@ -53,8 +53,13 @@ def grad_stat_table(catalog) -> pd.DataFrame:
                 vec = np.asarray(r.read_payload(k, lk, pk, 0, rows), np.float64).reshape(rows, -1)
                 if (lk, pk) in ctx.sharded:
                     sliced.setdefault((lk, pk), []).append((steps, vec))
-                elif sh.rank == rank:
-                    parts.append(_grad_part(ctx.meta[(lk, pk)], steps, vec))
+                elif sh.rank == rank:   # batched: one frame per 8192 parameters, not one each (H3)
+                    batch.append((lk, pk, steps, vec))
+                    if len(batch) >= 8192:
+                        parts.append(_batch_frame(batch, ctx))
+                        batch = []
+    if batch:
+        parts.append(_batch_frame(batch, ctx))
     for (lk, pk), items in sliced.items():
         meta = ctx.meta[(lk, pk)]
         steps, vec = merge_grad_sums(items, meta[3])
@@ -64,6 +69,11 @@ def grad_stat_table(catalog) -> pd.DataFrame:
                              for c in GRAD_COLUMNS})
     df = pd.concat(parts, ignore_index=True)[GRAD_COLUMNS]
     return df.sort_values(["layer_id", "param", "step"], kind="stable").reset_index(drop=True)
+
+
+def _batch_frame(batch: list, ctx) -> pd.DataFrame:
+    d = recorded_part(batch, ctx, 0)
+    return pd.DataFrame({c: d[c] for c in GRAD_COLUMNS})
 
 
 def _grad_part(meta, steps, vec) -> pd.DataFrame:

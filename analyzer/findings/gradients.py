@@ -147,6 +147,7 @@ class Nonfinite(Rule):
 class AllZero(Rule):
     name = "all_zero"
     what = "a parameter's gradient, or an activation site, that is exactly zero everywhere at some steps"
+    worse = "higher"          # value: the share of steps all zero (the threshold counts steps)
     thresholds = {"min_steps": Threshold(1, "SageMaker Debugger AllZero (fires at any step a tensor is all zero)",
                                          "steps that must be all zero", 1, 10 ** 9)}
 

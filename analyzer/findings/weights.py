@@ -8,19 +8,28 @@ import numpy as np
 from .base import Rule, Threshold, finding
 
 _KARPATHY = "Karpathy, CS231n notes: ||lr * update|| / ||w|| should be about 1e-3 per step"
+_ADAM = ("Kingma & Ba 2015 (Adam), section 2.1: each weight moves by about lr per step, so under Adam the ratio "
+         "is about lr / rms(w) (0.15 at lr 3e-3 on weights of rms 0.02) and cannot tell a healthy from a huge "
+         "learning rate; the trace does not record the optimizer")
 
 
 class WeightUpdateRatio(Rule):
     name = "weight_update_ratio"
     needs = ("weights",)
     what = ("a layer whose median update ratio per step, ||w_t - w_prev|| / ||w_prev|| / (steps between the "
-            "snapshots), its parameters together, is outside [low, high]; layers that never change are left to "
-            "unchanged_weights")
+            "snapshots), its parameters together, is outside [low, high] (above high: high_severity, above "
+            "extreme: the rule's severity); layers that never change are left to unchanged_weights")
     thresholds = {
         "low": Threshold(1e-4, _KARPATHY + "; one decade below (SageMaker's WeightUpdateRatio uses 1e-8)",
                          "median update ratio per step below this is too small", 0.0),
         "high": Threshold(1e-2, _KARPATHY + "; one decade above (SageMaker's WeightUpdateRatio uses 10)",
-                          "median update ratio per step above this is too large", 0.0),
+                          "median update ratio per step above this is large (severity high_severity)", 0.0),
+        "high_severity": Threshold("info", _ADAM, "severity of a median ratio in (high, extreme]: info by default, "
+                                   "as Adam-family optimizers sit there at usual learning rates; \"warning\" for "
+                                   "SGD", choices=("error", "warning", "info")),
+        "extreme": Threshold(1.0, "this project's choice: an update as large as the weights at every step "
+                             "replaces them, under any optimizer (Adam reaches it only at lr >= rms(w))",
+                             "median update ratio per step above this is too large (the rule's severity)", 0.0),
     }
 
     def check(self, t, p):
@@ -32,12 +41,24 @@ class WeightUpdateRatio(Rule):
             if not (r > 0).any():
                 continue
             med = float(r.median())
-            for side, bad, thr in (("small", med < p["low"], p["low"]), ("large", med > p["high"], p["high"])):
-                if bad:
-                    steps = d.loc[(r < thr) if side == "small" else (r > thr), "step"]
-                    out.append(finding(layer, None, steps, med, thr,
-                                       f"layer {layer!r}: median update ratio per step {med:.2g} is too {side} "
-                                       f"(band [{p['low']:g}, {p['high']:g}], {len(d)} snapshot pairs)"))
+            if med < p["low"]:
+                side, thr, sev = "small", p["low"], None
+            elif med > max(p["extreme"], p["high"]):
+                side, thr, sev = "large", max(p["extreme"], p["high"]), None
+            elif med > p["high"]:
+                side, thr, sev = "large", p["high"], p["high_severity"]
+            else:
+                continue
+            steps = d.loc[(r < thr) if side == "small" else (r > thr), "step"]
+            f = finding(layer, None, steps, med, thr,
+                        f"layer {layer!r}: median update ratio per step {med:.2g} is "
+                        + (f"above the band [{p['low']:g}, {p['high']:g}] ({len(d)} snapshot pairs; usual under "
+                           "Adam, where it is about lr / rms(w); too large under SGD)" if sev else
+                           f"too {side} (band [{p['low']:g}, {p['high']:g}]"
+                           + (f", extreme {thr:g}" if side == "large" else "") + f", {len(d)} snapshot pairs)"))
+            if sev:
+                f["severity"] = sev
+            out.append(f)
         return out
 
 

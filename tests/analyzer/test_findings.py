@@ -112,7 +112,8 @@ def fired(df, rule):
 def test_healthy_run_is_quiet(runs):
     df = runs["healthy"].findings()
     assert not len(df[df["severity"].isin(F.SEVERITIES)]), df.to_string()
-    assert not (df["severity"] == F.SKIPPED).any()             # every rule had its data
+    # every rule had its data (attention_entropy_collapse: this net has no softmax site)
+    assert set(df.loc[df["severity"] == F.SKIPPED, "rule"]) <= {"attention_entropy_collapse"}
 
 
 def layer_grads(run):

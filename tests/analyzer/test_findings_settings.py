@@ -145,10 +145,19 @@ def test_report_opens_with_the_findings_and_summary_carries_them(tiny, tmp_path)
     box = page.index('id="findings"')
     assert box < page.index("<h2>Summary</h2>") and box < page.index("<figure")
     fired = want[want["severity"] != F.SKIPPED]
-    assert page.count('<li class="warning">') == len(fired)
+    groups = F.group(want)
+    # one entry per (rule, severity, message shape); summary.json keeps the groups beside every row
+    assert page.count('<li class="warning">') == int((groups["severity"] == "warning").sum())
+    assert groups["n"].sum() == len(fired)                      # every fired row in one group
+    assert [(g["rule"], g["n"], g["worst_where"]) for g in s["findings"]["groups"]] == \
+        list(zip(groups["rule"], groups["n"], groups["worst_where"]))
+    body = page[box:page.index("</div>", box)]
+    for g in groups[groups["n"] > 1].itertuples():
+        assert f"<strong>{g.n} layers</strong>" in body and f"worst {g.worst_value:.3g} at <code>{g.worst_where}</code>" \
+            in body
     # every link of the box points at an element that exists (index.html or the detail page)
-    links = re.findall(r'<a href="([^"]+)">figure</a>', page[box:page.index("</div>", box)])
-    assert links
+    assert re.findall(r'<a href="([^"]+)">figure</a>', body)
+    links = re.findall(r'<a href="([^"]+)">', body)
     for href in links:
         file, _, anchor = href.rpartition("#")
         target = (out / file).read_text() if file else page

@@ -29,12 +29,19 @@ def test_check_exit_codes_follow_fail_on(runs, capsys):
     assert "error" not in worst and "warning" in worst     # Tiny's default init: warnings, no error
     code, out, err = run_cli(["check", runs["ok"]], capsys)   # --fail-on error by default
     assert code == 0 and err == "" and out.strip().endswith("--fail-on error: pass")
-    assert sum(line.startswith("WARNING ") for line in out.splitlines()) == (df["severity"] == "warning").sum()
+    groups = F.group(df)   # grouped by default: one line per rule and message shape, its worst place first
+    assert sum(line.startswith("WARNING ") for line in out.splitlines()) == (groups["severity"] == "warning").sum()
+    for g in groups.itertuples(index=False):
+        assert f"{g.severity.upper():8s}{g.rule} {g.worst_where}" in out
+        assert g.n == 1 or f"{g.worst_where} and {g.n - 1} more" in out
+    code, out, _ = run_cli(["check", runs["ok"], "--each"], capsys)   # one line per finding
+    assert code == 0 and sum(line.startswith("WARNING ") for line in out.splitlines()) == (df["severity"] == "warning").sum()
+    assert sum(line.startswith("SKIPPED ") for line in out.splitlines()) == (df["severity"] == "skipped").sum()
     code, out, _ = run_cli(["check", runs["ok"], "--fail-on", "warning"], capsys)
     assert code == 1 and out.strip().endswith("FAIL")
     code, out, _ = run_cli(["check", runs["nan"]], capsys)
     assert code == 1
-    assert f"ERROR   nonfinite head.weight steps {NAN_AT}-{NAN_AT} (1): gradient NaN/Inf" in out
+    assert f"ERROR   nonfinite head.weight steps {NAN_AT}-{NAN_AT}: gradient NaN/Inf" in out
 
 
 def test_check_json_and_settings(runs, capsys, tmp_path):
