@@ -129,8 +129,15 @@ def part_frame(parts: list[dict], columns: list[str], multi_rank: bool) -> pd.Da
     (rank,) step, layer_id, param."""
     cols = columns + (["rank"] if multi_rank else [])
     if parts:
-        df = pd.DataFrame({c: np.concatenate([np.broadcast_to(np.asarray(p[c]), len(p["step"]))
-                                              for p in parts]) for c in cols})
+        lens = np.fromiter((len(p["step"]) for p in parts), np.int64, len(parts))
+        data = {}
+        for c in cols:
+            vals = [p[c] for p in parts]
+            if not any(isinstance(v, np.ndarray) and v.ndim for v in vals):   # a scalar per part: repeated
+                data[c] = np.repeat(np.asarray(vals, dtype=object if isinstance(vals[0], str) else None), lens)
+            else:
+                data[c] = np.concatenate([np.broadcast_to(np.asarray(v), n) for v, n in zip(vals, lens)])
+        df = pd.DataFrame(data)
     else:
         df = pd.DataFrame({c: [] for c in cols})
     df = typed(df, {"step": "int64", "epoch": "int64", "layer_id": "int64", "numel": "int64",
@@ -142,7 +149,7 @@ def part_frame(parts: list[dict], columns: list[str], multi_rank: bool) -> pd.Da
 def typed(df: pd.DataFrame, types: dict) -> pd.DataFrame:
     """``df`` with the listed columns (those present) cast to their dtypes, in place; returns it."""
     for c, t in types.items():
-        if c in df.columns:
+        if c in df.columns and df[c].dtype != t:
             df[c] = df[c].astype(t)
     return df
 
@@ -161,8 +168,9 @@ def grad_stat_columns(vec: np.ndarray, numel: int) -> dict[str, np.ndarray]:
 
     Args:
         vec: (k, len(GRAD_STAT_FIELDS)) float64 rows: count, nonfinite, sum, sumsq, sum_abs, max_abs.
-        numel: elements of the parameter. A row whose counts are not finite, negative or do not
-            add up to ``numel`` (a damaged trace) is read as numel non-finite elements.
+        numel: elements of the parameter (or (k,): of each row's parameter). A row whose counts are
+            not finite, negative or do not add up to ``numel`` (a damaged trace) is read as numel
+            non-finite elements.
 
     Returns:
         dict of (k,) arrays; NaN where a row has no finite element. The formulas are
@@ -170,10 +178,11 @@ def grad_stat_columns(vec: np.ndarray, numel: int) -> dict[str, np.ndarray]:
     """
     v = np.asarray(vec, np.float64).reshape(-1, len(fmt.GRAD_STAT_FIELDS))
     n, nonfin, s, sq, sa, mx = (v[:, i] for i in range(v.shape[1]))
+    numel = np.asarray(numel, np.float64)       # a scalar, or (k,): one per row
     with np.errstate(invalid="ignore"):
         valid = (n >= 0) & (nonfin >= 0) & (n + nonfin == numel)
     n = np.where(valid, n, 0.0)
-    nonfin = np.where(valid, nonfin, float(numel))
+    nonfin = np.where(valid, nonfin, numel)
     ok = n > 0
     st = stats_from_sums(n, s, sq, sa, mx)
 
@@ -205,7 +214,7 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict, l
 
     def add(lk, pk, steps, st):
         lid, lname, pname, numel = ctx.meta[(lk, pk)]
-        d = {"step": steps, "epoch": ctx.epoch_of(steps), "layer_id": np.full(len(steps), lid), "layer": lname,
+        d = {"step": steps, "epoch": ctx.epoch_of(steps), "layer_id": lid, "layer": lname,
              "param": pname, "numel": numel, "rank": shard.rank}
         for c in GRAD_STATS:
             d[c] = st[c]
@@ -222,16 +231,22 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict, l
 
     with _open(ctx, shard.path, shard.name) as r, _Beside() as beside:
         covered: dict[tuple, np.ndarray] = {}
+        recorded = []   # (layer_key, param_key, steps, (k, 6) statistics): turned into rows all at once
         for (k, lk, pk), (rows, _, _) in sorted(shard.payloads.items()):
             if k != fmt.KIND_GRAD_STATS or (lk, pk) not in keys or not rows:
                 continue
             steps = np.asarray(r.read_payload_steps(k, lk, pk), np.int64)
-            vec = r.read_payload(k, lk, pk, 0, rows)
+            vec = np.asarray(r.read_payload(k, lk, pk, 0, rows), np.float64).reshape(len(steps), -1)
             if (lk, pk) in ctx.sharded:
-                sums.append((lk, pk, steps, np.asarray(vec, np.float64).reshape(len(steps), -1)))
+                sums.append((lk, pk, steps, vec))
             else:
-                add(lk, pk, steps, grad_stat_columns(vec, ctx.meta[(lk, pk)][3]))
+                recorded.append((lk, pk, steps, vec))
+                if len(recorded) >= 8192:   # bounded temporaries
+                    parts.append(recorded_part(recorded, ctx, shard.rank))
+                    recorded = []
             covered[(lk, pk)] = steps
+        if recorded:   # one part for every parameter: no Python work per row (100,000 layers: 200,000 parameters)
+            parts.append(recorded_part(recorded, ctx, shard.rank))
         for lk, pk, steps, block in shard_blocks(r, shard, fmt.KIND_GRADS, keys, ctx.block_bytes):
             epochs = ctx.epoch_of(steps)
             have = covered.get((lk, pk))
@@ -247,6 +262,21 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict, l
                     add(lk, pk, steps[new], rm.compute())
             done()
     return parts, noise, sums
+
+
+def recorded_part(recorded: list, ctx: ShardContext, rank: int) -> dict:
+    """One part (see :func:`grad_shard`) from the recorded gradient statistics of many parameters:
+    ``recorded`` = [(layer_key, param_key, steps (k,), (k, 6) GRAD_STAT_FIELDS)]."""
+    lens = np.fromiter((len(x[2]) for x in recorded), np.int64, len(recorded))
+    meta = [ctx.meta[(lk, pk)] for lk, pk, _, _ in recorded]
+    steps = np.concatenate([x[2] for x in recorded])
+    numel = np.repeat(np.fromiter((m[3] for m in meta), np.int64, len(meta)), lens)
+    d = {"step": steps, "epoch": ctx.epoch_of(steps),
+         "layer_id": np.repeat(np.fromiter((m[0] for m in meta), np.int64, len(meta)), lens),
+         "layer": np.repeat(np.array([m[1] for m in meta], object), lens),
+         "param": np.repeat(np.array([m[2] for m in meta], object), lens), "numel": numel, "rank": rank}
+    d.update(grad_stat_columns(np.concatenate([x[3] for x in recorded]), numel))
+    return d
 
 
 def available_cpus() -> int:

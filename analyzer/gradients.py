@@ -98,17 +98,16 @@ def epoch_table(catalog: Catalog, df: pd.DataFrame, noise: dict, multi_rank: boo
     out = g.agg(n_steps=("step", "size"), mean=("mean", "mean"), abs_mean=("abs_mean", "mean"),
                 max_abs=("max_abs", "max"), var=("var", "mean"), l1=("l1", "mean"), l2=("l2", "mean"),
                 nonfinite=("nonfinite", "sum")).reset_index()
-    out["l2_var"] = g["l2"].agg(lambda v: float(np.nanvar(v.to_numpy())) if v.notna().any()
-                                else np.nan).to_numpy()
+    out["l2_var"] = g["l2"].var(ddof=0).to_numpy()   # = np.nanvar per group, NaN when all NaN (vectorised: H3)
     lk_of = {L["id"]: L["key"] for L in catalog.layers}
     pk_of = {(L["id"], catalog.param_name(L["key"], q["key"])): q["key"] for L in catalog.layers
              for q in L["params"]}
     gn = []
-    for row in out.itertuples(index=False):
+    for row in (out.itertuples(index=False) if noise else ()):   # no raw gradients: no noise (H3)
         rank = row.rank if multi_rank else catalog.lowest_rank(GRAD_KINDS)
         gn.append(noise.get((rank, lk_of[row.layer_id], pk_of[(row.layer_id, row.param)], int(row.epoch)),
                             np.nan))
-    out["grad_noise"] = gn
+    out["grad_noise"] = gn if noise else np.nan
     cols = (["rank"] if multi_rank else []) + GRAD_EPOCH_COLUMNS
     return typed(out[cols], {"epoch": "int64", "layer_id": "int64", "n_steps": "int64", "nonfinite": "int64"})
 

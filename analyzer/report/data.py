@@ -25,25 +25,39 @@ def first_rank(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=["rank"]) if "rank" in df.columns else df
 
 
-def layer_update_ratio(ws: pd.DataFrame) -> pd.DataFrame:
-    """Update ratio of whole layers between consecutive snapshots, from per-parameter weight stats:
-    ``sqrt(sum_p ||dw_p||^2) / sqrt(sum_p ||w_prev,p||^2)`` with ``||dw_p|| = update_ratio_p *
-    ||w_prev,p||`` (``= ||w_p||`` where the previous snapshot was all zeros). Columns: step, layer_id,
-    layer, update_ratio (NaN at a layer's first snapshot)."""
-    if not len(ws):
-        return pd.DataFrame({"step": [], "layer_id": [], "layer": [], "update_ratio": []})
+def update_squares(ws: pd.DataFrame) -> pd.DataFrame:
+    """``ws`` (per-parameter weight stats) sorted by (layer_id, param, step) with two more columns:
+    ``_dw2`` = ||w_t - w_prev||^2 (from ``update_ratio_p * ||w_prev,p||``; ``= ||w_p||^2`` where the
+    previous snapshot was all zeros; NaN at a parameter's first snapshot) and ``_p2`` = ||w_prev||^2.
+    Both add across parameters (and layers)."""
     d = ws.sort_values(["layer_id", "param", "step"]).copy()
     prev = d.groupby(["layer_id", "param"], sort=False)["l2"].shift(1)
     dw = d["update_ratio"] * prev
     dw = dw.where(~(prev == 0), d["l2"])             # previous snapshot all zeros: ||dw|| = ||w||
     d["_dw2"] = dw ** 2
     d["_p2"] = prev ** 2
-    g = d.groupby(["step", "layer_id", "layer"], sort=True)
-    out = g.agg(_dw2=("_dw2", lambda v: v.sum(min_count=len(v))),
-                _p2=("_p2", lambda v: v.sum(min_count=len(v)))).reset_index()
+    return d
+
+
+def layer_update_ratio(ws: pd.DataFrame) -> pd.DataFrame:
+    """Update ratio of whole layers between consecutive snapshots, from per-parameter weight stats:
+    ``sqrt(sum_p ||dw_p||^2) / sqrt(sum_p ||w_prev,p||^2)`` (see :func:`update_squares`). Columns: step,
+    layer_id, layer, update_ratio (NaN at a layer's first snapshot)."""
+    if not len(ws):
+        return pd.DataFrame({"step": [], "layer_id": [], "layer": [], "update_ratio": []})
+    out = strict_sums(update_squares(ws), ["step", "layer_id", "layer"], ["_dw2", "_p2"])
     with np.errstate(divide="ignore", invalid="ignore"):
         out["update_ratio"] = np.sqrt(out["_dw2"]) / np.sqrt(out["_p2"]).where(out["_p2"] > 0)
     return out[["step", "layer_id", "layer", "update_ratio"]]
+
+
+def strict_sums(d: pd.DataFrame, by: list[str], cols: list[str]) -> pd.DataFrame:
+    """Sums of ``cols`` per group of ``by`` (sorted), NaN where any summand is NaN (vectorised: no
+    Python call per group)."""
+    g = d.groupby(by, sort=True)
+    out = g[cols].sum()
+    bad = d[cols].isna().groupby([d[b] for b in by], sort=True).any()
+    return out.mask(bad.to_numpy()).reset_index()
 
 
 def layer_weight_l2(ws: pd.DataFrame) -> pd.DataFrame:
@@ -182,6 +196,142 @@ def dead_sweep(run, criterion: str = "strict", threshold: float = 0.0, max_activ
     return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
 
 
+#: The overview heatmaps and the across-layer figures (gradient flow, variance, weight magnitude and
+#: update ratio) show one row, bar or line per layer up to this many layers; past it, one per group of
+#: layers taken together (:func:`layer_rows`): a heatmap row per layer of 100,000 layers would be 15,000
+#: inches tall, and 100,000 lines are unreadable.
+MAX_LAYER_ROWS = 300
+
+
+def layer_rows(lt: pd.DataFrame, max_rows: int = MAX_LAYER_ROWS) -> pd.DataFrame | None:
+    """The rows of the across-layer figures when the report has more than ``max_rows`` layers.
+
+    Layers are first taken by repeated block (consecutive layers whose names, without the prefix all
+    share, have the same first numbered part: ``blocks.7.mlp.3`` is in ``blocks.7``; a layer outside
+    a numbered block is a unit of its own); when there are more than ``max_rows`` such units,
+    ``ceil(units / max_rows)`` consecutive units make one row. Rows follow layer id order.
+
+    Args:
+        lt: the report's layer table (columns id, name), any order.
+
+    Returns:
+        None when ``len(lt) <= max_rows`` (one row per layer); else one row per layer: layer_id,
+        row_id (the smallest layer id of its row: the row's id), row (its name: the block, or
+        ``first–last`` of its blocks, then ``[n layers]``), n_layers (layers in the row).
+    """
+    if len(lt) <= max_rows:
+        return None
+    from .plots.overview import block_of, name_prefix
+    t = lt.sort_values("id")
+    ids = t["id"].to_numpy(np.int64)
+    names = [str(n) for n in t["name"]]
+    pre = name_prefix(names)
+    blocks = [block_of(n[len(pre):]) if pre and n.startswith(pre) else block_of(n) for n in names]
+    new_unit = np.ones(len(ids), bool)
+    new_unit[1:] = [(b == "" or b != a) for a, b in zip(blocks[:-1], blocks[1:])]
+    unit = np.cumsum(new_unit) - 1
+    per = -(-int(unit[-1] + 1) // max_rows)
+    row = unit // per
+    unit_name = [(pre + blocks[i] if blocks[i] and pre and names[i].startswith(pre) else blocks[i]) or names[i]
+                 or "(model)" for i in range(len(ids))]
+    starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    row_name, row_id, n_layers = np.empty(len(ids), object), np.empty(len(ids), np.int64), np.empty(len(ids), np.int64)
+    for a, b in zip(starts, ends):
+        first, last = unit_name[a], unit_name[b - 1]
+        if first == last:
+            nm = first
+        else:
+            fp, lp = first.rsplit(".", 1), last.rsplit(".", 1)
+            nm = (f"{fp[0]}.{fp[1]}–{lp[1]}" if len(fp) == len(lp) == 2 and fp[0] == lp[0]
+                  else f"{first} – {last}")
+        row_name[a:b] = f"{nm} [{b - a} layer{'s' if b - a != 1 else ''}]"
+        row_id[a:b] = ids[a]
+        n_layers[a:b] = b - a
+    return pd.DataFrame({"layer_id": ids, "row_id": row_id, "row": row_name, "n_layers": n_layers})
+
+
+def _rows_of(df: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with layer_id and layer replaced by the row's id and name (rows not in ``rows`` dropped)."""
+    m = df.merge(rows[["layer_id", "row_id", "row"]], on="layer_id", how="inner")
+    return m.drop(columns=[c for c in ("layer_id", "layer") if c in m.columns]).rename(
+        columns={"row_id": "layer_id", "row": "layer"})
+
+
+def grouped_grad_stats(gl: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """Per-(step, layer) gradient statistics (:meth:`Run.grad_stats` by="layer") of the groups of
+    ``rows`` (:func:`layer_rows`), every parameter of a group taken together, from the sums: count,
+    nonfinite, numel and l1 add, sum x = mean * count and sum x^2 = l2^2 add, max_abs is the maximum;
+    then mean, var, abs_mean, l2 by :func:`analyzer.stats.stats_from_sums`. Same columns as ``gl``."""
+    if not len(gl):
+        return gl
+    d = _rows_of(gl, rows)
+    cnt = d["count"].to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        d["_s"] = np.where(cnt > 0, d["mean"].to_numpy(np.float64) * cnt, 0.0)
+        d["_sq"] = np.where(cnt > 0, d["l2"].to_numpy(np.float64) ** 2, 0.0)
+        d["_l1"] = np.where(cnt > 0, d["l1"].to_numpy(np.float64), 0.0)
+    g = d.groupby(["step", "epoch", "layer_id", "layer"], sort=True)
+    out = g.agg(numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
+                _s=("_s", "sum"), _sq=("_sq", "sum"), _l1=("_l1", "sum"), max_abs=("max_abs", "max")).reset_index()
+    n = out["count"].to_numpy(np.float64)
+    st = stats_from_sums(n, out.pop("_s").to_numpy(), out.pop("_sq").to_numpy(), out.pop("_l1").to_numpy())
+    empty = n <= 0
+    out["mean"], out["abs_mean"], out["var"] = st["mean"], st["abs_mean"], st["var"]
+    out["l1"], out["l2"] = np.where(empty, np.nan, st["l1"]), np.where(empty, np.nan, st["l2"])
+    return out[[c for c in gl.columns if c in out.columns]]
+
+
+def grouped_weight_stats(ws: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """Per-snapshot weight statistics of the groups of ``rows``, every parameter of a group taken
+    together as one parameter "(all)": l2 = sqrt(sum l2^2), update_ratio = sqrt(sum ||dw||^2) /
+    sqrt(sum ||w_prev||^2) (:func:`update_squares`; NaN at a first snapshot), numel adds.
+    Columns: step, epoch, layer_id, layer, param, numel, l2, update_ratio."""
+    cols = ["step", "epoch", "layer_id", "layer", "param", "numel", "l2", "update_ratio"]
+    if not len(ws):
+        return pd.DataFrame({c: [] for c in cols})
+    d = update_squares(ws)
+    d["_w2"] = d["l2"] ** 2
+    d = _rows_of(d, rows)
+    by = ["step", "epoch", "layer_id", "layer"]
+    out = strict_sums(d, by, ["_dw2", "_p2"])
+    rest = d.groupby(by, sort=True).agg(numel=("numel", "sum"), _w2=("_w2", "sum")).reset_index()
+    out["numel"], out["l2"] = rest["numel"].to_numpy(), np.sqrt(rest["_w2"].to_numpy(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["update_ratio"] = np.sqrt(out["_dw2"]) / np.sqrt(out["_p2"]).where(out["_p2"] > 0)
+    out["param"] = "(all)"
+    return out[cols]
+
+
+def grouped_epoch_stats(ge: pd.DataFrame, gs: pd.DataFrame, rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-epoch gradient noise, element counts) of the groups of ``rows`` as one parameter "(all)"
+    each, for :func:`grad_variance_epoch_table`: grad_noise = the groups' parameters' grad_noise
+    weighted by their element counts (finite ones only); numel = their element counts added."""
+    numel = gs[["layer_id", "param", "numel"]].drop_duplicates(["layer_id", "param"])
+    gn = _rows_of(numel, rows).groupby(["layer_id"], sort=True)["numel"].sum().reset_index().assign(param="(all)")
+    if not len(ge):
+        return ge, gn[["layer_id", "param", "numel"]]
+    e = ge.merge(numel, on=["layer_id", "param"], how="left")
+    v = e["grad_noise"].to_numpy(np.float64)
+    ok = np.isfinite(v) & (e["numel"].to_numpy(np.float64) > 0)
+    e = _rows_of(e[ok].assign(_w=v[ok] * e["numel"].to_numpy(np.float64)[ok]), rows)
+    out = e.groupby(["epoch", "layer_id", "layer"], sort=True).agg(_w=("_w", "sum"), _n=("numel", "sum")).reset_index()
+    out["grad_noise"] = out.pop("_w") / out.pop("_n")
+    return out.assign(param="(all)"), gn[["layer_id", "param", "numel"]]
+
+
+def rows_note(rows: pd.DataFrame | None) -> str:
+    """The sentence the captions of the across-layer figures get when layers are grouped (plain text)."""
+    if rows is None:
+        return ""
+    n, r = len(rows), rows["row_id"].nunique()
+    return (f" Here the {n:,} layers are shown as {r:,} rows of whole blocks or runs of consecutive blocks "
+            f"(more than {MAX_LAYER_ROWS} layers; each named by its block(s) and its number of layers, labelled by "
+            "its first layer's id), every layer of a row taken together: norms are √Σ of the layers' squared "
+            "norms, sums and counts add, update ratios are √Σ‖Δw‖² / √Σ‖w‖². A single layer that stands out "
+            "inside a row is named by the findings above; every layer's numbers are in tables/layer_summary.csv.")
+
+
 class Frames(NamedTuple):
     """The run's tables that the sections share, read once per report.
 
@@ -191,6 +341,12 @@ class Frames(NamedTuple):
         statistics per step, per epoch and per (step, layer), every rank. ws: weight statistics,
         every rank. gs, ge, gl: the same, lowest rank only (no "rank" column). ws1: one row per
         (step, layer, parameter). multi_rank: several ranks recorded. summary: :func:`layer_summary`.
+        rows: :func:`layer_rows` (None: one row per layer). fig_gs, fig_ge, fig_gl, fig_ws: the frames of
+        the across-layer figures (overview heatmaps, gradient flow and variance, weight magnitude and
+        update ratio): gs, ge, gl, ws1 themselves up to :data:`MAX_LAYER_ROWS` layers, else those of the
+        groups of ``rows`` (:func:`grouped_grad_stats`, :func:`grouped_epoch_stats`,
+        :func:`grouped_weight_stats`; fig_gs holds the groups' element counts only). rows_note: the
+        captions' sentence saying so (plain text; "" per layer).
     """
 
     ids: Any
@@ -207,6 +363,12 @@ class Frames(NamedTuple):
     ws1: pd.DataFrame
     multi_rank: bool
     summary: pd.DataFrame
+    rows: Any = None
+    fig_gs: Any = None
+    fig_ge: Any = None
+    fig_gl: Any = None
+    fig_ws: Any = None
+    rows_note: str = ""
 
 
 def load_frames(run, layers: Any = None) -> Frames:
@@ -221,5 +383,11 @@ def load_frames(run, layers: Any = None) -> Frames:
     ws = run.weight_stats(layers=ids)
     gs, ge, gl = first_rank(gs_all), first_rank(ge_all), first_rank(gl_all)
     ws1 = ws.drop_duplicates(["step", "layer_id", "param"], keep="first")
+    rows = layer_rows(lt, MAX_LAYER_ROWS)
+    if rows is None:
+        fig = (gs, ge, gl, ws1)
+    else:
+        fge, fgs = grouped_epoch_stats(ge, gs, rows)
+        fig = (fgs, fge, grouped_grad_stats(gl, rows), grouped_weight_stats(ws1, rows))
     return Frames(ids, all_layers, lt, steps, gs_all, ge_all, gl_all, ws, gs, ge, gl, ws1,
-                  "rank" in gs_all.columns, layer_summary(lt, gl, ws1))
+                  "rank" in gs_all.columns, layer_summary(lt, gl, ws1), rows, *fig, rows_note(rows))

@@ -14,6 +14,7 @@ from .common import file_key
 def add(rep) -> None:
     """Queue the gradient figures; every one is skipped, with the reason, without gradients."""
     lt, gs, ge, gl = rep.data.lt, rep.data.gs, rep.data.ge, rep.data.gl
+    fgs, fge, fgl, note = rep.data.fig_gs, rep.data.fig_ge, rep.data.fig_gl, rep.data.rows_note   # grouped rows
     no = ("no gradients in the trace (grad_stats_every=0 and grads_every=0, or no recorded layer has a "
           "gradient)")
     names = ["gradient flow", "gradient variance", "per-layer gradient norms"]
@@ -21,23 +22,23 @@ def add(rep) -> None:
         for n in names:
             rep.skip(f"figure {n}", no)
         return
-    why = plots.check(gl, plots.grad_flow)
+    why = plots.check(fgl, plots.grad_flow)
     if why:
         rep.skip("figure gradient flow", why)
     else:
         def draw():
-            n = gl["layer_id"].nunique()
+            n = fgl["layer_id"].nunique()
             fig, ax = plots.new_figure(max(7.0, min(18.0, 3 + 0.45 * n)), 4.8)
-            plots.grad_flow(gl, ax[0, 0])
+            plots.grad_flow(fgl, ax[0, 0])
             return fig
         rep.figure("grad_flow", "Gradient flow",
                    "Per layer (x, in id order), mean |g| (orange) and max |g| (blue) of the gradient over "
                    "every recorded step, on a log scale (gradient units). mean |g| = Σ L1 / Σ elements "
                    "over all steps, max |g| = largest element ever seen. Bars falling by orders of "
                    "magnitude towards the input layers suggest vanishing gradients; a very large max "
-                   "next to a small mean points to rare exploding elements.", draw, "gradients")
-    gv = grad_variance_epoch_table(gl, ge, gs[["layer_id", "param", "numel"]].drop_duplicates())
-    why_s = plots.check(gl, plots.grad_variance_step)
+                   "next to a small mean points to rare exploding elements." + note, draw, "gradients")
+    gv = grad_variance_epoch_table(fgl, fge, fgs[["layer_id", "param", "numel"]].drop_duplicates())
+    why_s = plots.check(fgl, plots.grad_variance_step)
     why_e = plots.check(gv, plots.grad_variance_epoch)
     if why_s and why_e:
         rep.skip("figure gradient variance", why_s)
@@ -47,7 +48,7 @@ def add(rep) -> None:
             if why_s:
                 ax[0, 0].set_axis_off()
             else:
-                plots.grad_variance_step(gl, ax[0, 0], legend=bool(why_e))
+                plots.grad_variance_step(fgl, ax[0, 0], legend=bool(why_e))
             if why_e:
                 ax[0, 1].set_axis_off()
             else:
@@ -61,7 +62,7 @@ def add(rep) -> None:
                    "noise, each element's variance across the epoch's iterations averaged over the layer's "
                    "elements (the grad_noise of its parameters weighted by their element counts; 0 and "
                    "hence not drawn for an epoch with one recorded step). Noise large next to the "
-                   "per-iteration spread means the mini-batch gradient direction is unstable.",
+                   "per-iteration spread means the mini-batch gradient direction is unstable." + note,
                    draw, "gradients")
     detail = rep.detail_ids()
     rows = [r for r in lt.itertuples(index=False) if int(r.id) in detail]
