@@ -296,6 +296,8 @@ def loss_handoff(loss: Any) -> Any:
     if loss is None:
         return float("nan")
     if isinstance(loss, torch.Tensor):
+        if loss.device.type == "cpu" and loss.numel() == 1:   # no device to wait on: one call, not five
+            return float(loss.item())
         t = loss.detach().reshape(-1)[:1]
         if t.device.type == "cuda":
             host = torch.empty(t.shape, dtype=torch.float64, pin_memory=True)
