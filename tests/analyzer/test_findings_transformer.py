@@ -107,6 +107,13 @@ def test_rules_skip_traces_without_the_statistics(tmp_path):
     assert "eager" in f.loc[f["rule"] == "attention_entropy_collapse", "message"].iloc[0]
     assert by.get("massive_activations") != "skipped" and by.get("activation_kurtosis") != "skipped"
     assert len(AH.site_health(run)) == 2 * len(run.catalog.sites)
+    # kurtosis judges no ReLU-family site (sparse by construction): at threshold 0 exactly the other
+    # sites whose excess kurtosis (recomputed here from the per-step table) is ever above 0 fire
+    h = AH.site_health(run)
+    assert (h.loc[h["family"] == "relu", "kurtosis"] > 0).any()         # the exclusion is exercised
+    want = set(h.loc[(h["family"] != "relu") & (h["kurtosis"] > 0), "site"])
+    k = run.findings(rules="activation_kurtosis", activation_kurtosis={"kurtosis": 0.0})
+    assert set(k.loc[k["severity"] == "info", "layer"]) == want
 
 
 class _Rep:
