@@ -39,6 +39,7 @@ from .activation_stats import Site, SiteStats
 from .errors import RecorderWarning
 from .health import logits_of, site_stats
 from .modules import redirected
+from .sample_budget import SampleBudget
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. activation checkpointing recomputing a forward)."""
@@ -133,6 +134,8 @@ class ActivationTracker:
                  on_new_site: Callable[[dict], None] | None = None, layer_ids: dict | None = None):
         self.model = model
         self.samples = int(samples)
+        #: the raw samples' plans (no byte budget unless the recorder sets one: :mod:`recorder.sample_budget`)
+        self.budget = SampleBudget(self.samples)
         self.unit_axis = dict(unit_axis or {})
         self.on_new_site = on_new_site
         self.error: BaseException | None = None
@@ -365,10 +368,7 @@ class ActivationTracker:
         else:
             self._stats(site, x, axis, U, logits)
         if self._want_raw and self.samples > 0 and not site.samples:
-            if list(x.shape[1:]) == meta["sample_shape"]:
-                site.samples.append(x[: self.samples].clone())
-            else:  # the stored rows have one shape per site
-                meta["samples_skipped"] = meta.get("samples_skipped", 0) + 1
+            self.budget.capture(site, x)   # the first K inputs, under the byte budget (recorder.sample_budget)
 
 
     def _new_site(self, name, x, kind, source, module, bounds, axis, dim, nonneg=False):

@@ -29,6 +29,7 @@ from .layers import LayerInfo, layer_table, param_targets, select, table_lines
 from .act_window import ActivationWindow
 from .packing import AsyncScalar, CastWatch, GradPlans, Pending, drop_payload, loss_handoff, pack, pack_grad_stats, resolve
 from .rundir import new_manifest, prepare_run_dir, write_manifest
+from .sample_budget import DEFAULT_SAMPLE_BYTES, SampleBudget
 from .schedules import as_schedule
 from .side_captures import SideCaptures
 from .writer import BackgroundWriter, WriterClosedError, WriterError
@@ -90,6 +91,9 @@ class Recorder(Lifecycle, SideCaptures):
         activation_budget: bytes per step and rank of activation statistics for ``"auto"`` (default 1 MiB).
         activations_every: schedule of raw activation samples (default every 50 steps).
         activation_samples: raw samples per site when that schedule fires (the first K inputs).
+        activation_sample_bytes: bytes of raw samples per capture step and rank (default 32 MiB; None: no
+            limit): sites over their share keep fewer inputs, then one input strided along the non-unit axes,
+            recorded in the manifest (:mod:`recorder.sample_budget`); small models keep every sample.
         activation_unit_axis: ``{site name or glob: axis}`` overrides of the unit axis.
         graph: record the function graph (``RUN/graph.json``, see :mod:`recorder.graph`) once, on the
             first forward pass (an extra forward without gradients; buffers and RNG restored).
@@ -112,7 +116,7 @@ class Recorder(Lifecycle, SideCaptures):
                  activations: Any = None, activations_every: Any = 50, activation_samples: int = 8,
                  activation_unit_axis: dict | None = None, graph: bool = False, probe: Any = None,
                  probe_every: Any = "epoch", activation_ranks: Any = None, activation_window: Any = "auto",
-                 activation_budget: int = 1 << 20):
+                 activation_budget: int = 1 << 20, activation_sample_bytes: int | None = DEFAULT_SAMPLE_BYTES):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("model must be a torch.nn.Module")
         fsdp1 = uses_fsdp1(model)
@@ -157,8 +161,7 @@ class Recorder(Lifecycle, SideCaptures):
 
         # ---- activation sites (module outputs and functional call sites)
         self._act_sched = as_schedule(activations_every)
-        if not isinstance(activation_samples, int) or activation_samples < 0:
-            raise ValueError("activation_samples must be an int >= 0")
+        self._samples = SampleBudget(activation_samples, activation_sample_bytes)   # ValueError if invalid
         self._sites_dirty = False
         self._tracker = None
         self._window = ActivationWindow(activation_window, activation_budget)
@@ -173,6 +176,7 @@ class Recorder(Lifecycle, SideCaptures):
             self._tracker = ActivationTracker(
                 model, activations, samples=activation_samples, unit_axis=activation_unit_axis,
                 on_new_site=self._site_added, layer_ids={L["id"]: self._modules[L["id"]] for L in table})
+            self._tracker.budget = self._samples
 
         try:
             self._setup_run(model, table, overwrite, on_error, on_full, queue_items, queue_bytes,
@@ -202,7 +206,7 @@ class Recorder(Lifecycle, SideCaptures):
             "activation_ranks": self._activation_ranks,
             "activations": repr(activations), "activations_every": repr(self._act_sched),
             "activation_samples": activation_samples, "activation_window": self._window.setting,
-            "activation_budget": self._window.budget,
+            "activation_budget": self._window.budget, "activation_sample_bytes": self._samples.budget,
         }
         self._manifest = new_manifest(model, self.config, table, self.world_size)
         if self.rank == 0:
@@ -329,6 +333,7 @@ class Recorder(Lifecycle, SideCaptures):
 
     def _pack_activations(self, p: Pending, s: int) -> bool:
         tr = self._tracker
+        self._sites_dirty = self._samples.resolve(tr) or self._sites_dirty   # the samples' plans, once
         hold = self._window.pack(p, tr, self._act_sched, s)
         if self._window.changed:
             self._window.changed = False

@@ -16,8 +16,11 @@ Every figure comes from what the recorder writes (docs/trace-format.md), not fro
 * the indexes of the packed and flat groups (UTF-8 JSON of every tensor's keys, attributes and place,
   built by the writer's own encoders) once per shard and kind, a shard every 100 steps (``flush_steps``;
   a job whose steps take longer than ``flush_secs / 100`` = 0.1 s closes shards more often: more index bytes);
-* raw activation samples: the first 8 inputs (``activation_samples=8``) of every site, float32, every
-  50 steps (``activations_every=50``);
+* raw activation samples: the first 8 inputs (``activation_samples=8``) of every site, float32 and an
+  int64 step per row, every 50 steps (``activations_every=50``), under the byte budget
+  ``activation_sample_bytes`` (32 MiB per capture step and rank): the recorder's own plan
+  (:func:`recorder.sample_budget.allocate`: sites over their share keep fewer inputs, then one input
+  strided along the non-unit axes); the unbudgeted figure is printed below the table;
 * the step table: step, epoch (int64), loss, time (float64), dropped (int32).
 
 HDF5 overhead (object headers, chunk indices) is not counted.
@@ -47,6 +50,7 @@ from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.packed import FlatLayout, encode_index
 from bbdecoder.recorder.act_window import ActivationWindow, row_bytes
 from bbdecoder.recorder.activations import ActivationTracker
+from bbdecoder.recorder.sample_budget import DEFAULT_SAMPLE_BYTES, allocate, plan_bytes, sample_rows_bytes
 from bbdecoder.recorder.demo import make_reference_cnn
 
 STEPS = 100_000
@@ -150,13 +154,18 @@ def sizes(name, model, example, world=1) -> dict:
     act_row = row_bytes(sites, window=n > 1)
     grad_row = len(params) * len(fmt.GRAD_STAT_FIELDS) * F64 + I64   # packed: one step index per row
     raw = 2 * (math.ceil(P / world) * F32 + I64)                        # grads + weights flat, per snapshot
-    samples = sum(SAMPLES * math.prod(S["sample_shape"]) * F32 + SAMPLES * I64 for S in sites)
+    unbudgeted = sum(sample_rows_bytes(SAMPLES, S["sample_shape"]) for S in sites)
+    plans = allocate(sites, SAMPLES, DEFAULT_SAMPLE_BYTES)
+    samples = sum(plan_bytes(S["sample_shape"], plans[S["key"]]) for S in sites)
+    cut = sorted({(plans[S["key"]][0], S["kind"], tuple(S["sample_shape"]), plans[S["key"]][1]) for S in sites
+                  if plans[S["key"]] != (SAMPLES, (1,) * len(S["sample_shape"]))}, key=str)
     gidx, fidx = index_bytes(model, world)
     per_step = {"step table": STEP_TABLE, "grad stats": grad_row, "act stats": act_row / n,
                 "raw grads+weights": raw / RAW_EVERY, "act samples": samples / RAW_EVERY,
                 "indexes": (gidx + 2 * fidx) / SHARD_STEPS}
     return {"model": name, "params": P, "tensors": len(params), "units": sum(S["units"] for S in sites),
-            "sites": len(sites), "N": n, "act_row": act_row, "per_step": per_step, "world": world}
+            "sites": len(sites), "N": n, "act_row": act_row, "per_step": per_step, "world": world,
+            "unbudgeted": unbudgeted, "capture": samples, "cut": cut}
 
 
 def human(b: float) -> str:
@@ -187,6 +196,14 @@ def main() -> None:
               + f" {human(tot)} | {human(tot * STEPS)} |")
     print("\nWithout windows (N = 1) the activation statistics would be, per step: "
           + "; ".join(f"{r['model']}: {human(r['act_row'])}" for r in rows))
+    print(f"Raw activation samples per capture step (every {RAW_EVERY} steps) under activation_sample_bytes = "
+          f"{DEFAULT_SAMPLE_BYTES >> 20} MiB, and without a budget (activation_sample_bytes=None): "
+          + "; ".join(f"{r['model']}: {human(r['capture'])} (without: {human(r['unbudgeted'])}, "
+                      f"{human(r['unbudgeted'] / RAW_EVERY)} per step)" for r in rows))
+    for r in rows:
+        for rows_, kind, shape, strides in r["cut"]:
+            print(f"  {r['model']}: {kind} sites of output {shape} keep {rows_} input(s)"
+                  + (f", strides {strides}" if any(x > 1 for x in strides) else ""))
     print("Without raw activation samples (activation_samples=0), per 100k steps: "
           + "; ".join(f"{r['model']}: {human((sum(r['per_step'].values()) - r['per_step']['act samples']) * STEPS)}"
                       for r in rows))

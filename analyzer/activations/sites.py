@@ -221,7 +221,10 @@ def iter_merged_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinit
 def samples(run, site: Any, steps=None) -> tuple[np.ndarray, np.ndarray]:
     """Raw activation samples of one site: ``(steps (n,), values (n, *sample_shape))``, one row per
     sample (several rows per recorded step). Loads the selected steps into memory. ``site``: a
-    specification or a site record (a dict of ``run.catalog.sites``)."""
+    specification or a site record (a dict of ``run.catalog.sites``). Under the recorder's byte budget
+    (``activation_sample_bytes``) a site may hold fewer rows per step and, along the non-unit axes, a
+    strided subset of the output's positions: ``sample_shape`` is the stored shape and
+    :func:`analyzer.trace.format.sample_positions` gives the positions each axis holds."""
     S = site if isinstance(site, dict) and "key" in site else select_site(run, site)
     keep = steps_filter(steps)
     st_all, vals = [], []

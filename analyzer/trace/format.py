@@ -302,6 +302,7 @@ def validate_manifest(m: dict, where: str) -> dict:
             raise TraceError(f"{where}: duplicate activation site key {S['key']!r}")
         skeys.add(S["key"])
         _check_site_stats(S, where)
+        _check_site_samples(S, where)
     au = m.get(ATTENTION_UNOBSERVED, [])
     if not (isinstance(au, list) and len(au) <= 100_000 and all(isinstance(x, str) for x in au)):
         raise TraceError(f"{where}: {ATTENTION_UNOBSERVED!r} must be a list of strings")
@@ -361,6 +362,38 @@ def _check_site_stats(S: dict, where: str) -> None:
     for k in SITE_SCALAR_STATS + tuple(k for k in opt if k in st):
         if st[k] != []:
             raise TraceError(f"{where}: activation site {S['name']!r} declares {k} of shape {st[k]}, not []")
+
+
+#: Optional site fields of raw samples reduced by the recorder's byte budget (format version 1; absent:
+#: K whole inputs): ``sample_rows`` (the most stored inputs per capture step), ``output_shape`` (one
+#: input's output shape) and ``sample_stride`` (per axis of it; ``sample_shape`` is then the stored shape).
+SITE_SAMPLE_FIELDS = ("sample_rows", "output_shape", "sample_stride")
+
+
+def _check_site_samples(S: dict, where: str) -> None:
+    """The optional budget fields of a site (:data:`SITE_SAMPLE_FIELDS`) must be consistent."""
+    rows = S.get("sample_rows", 0)
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise TraceError(f"{where}: activation site {S['name']!r} declares a malformed sample_rows")
+    if "output_shape" not in S and "sample_stride" not in S:
+        return
+    out, stride, kept = S.get("output_shape"), S.get("sample_stride"), S["sample_shape"]
+    if not (isinstance(out, list) and isinstance(stride, list) and len(out) == len(stride) == len(kept)
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in out)
+            and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d < 2**31 for d in stride)
+            and all(k == -(-n // s) for n, s, k in zip(out, stride, kept))):
+        raise TraceError(f"{where}: activation site {S['name']!r} declares inconsistent output_shape, "
+                         "sample_stride and sample_shape")
+
+
+def sample_positions(site: dict) -> list[range]:
+    """Per axis of one stored sample row (the batch axis excluded), the positions of the site's output
+    that it holds: ``range((n - 1) % s, n, s)`` for an output axis of ``n`` positions with stride ``s``
+    (the last position always), ``range(n)`` where the recorder kept every position (``sample_stride``
+    absent: traces without a byte budget, and sites within it)."""
+    out = site.get("output_shape", site["sample_shape"])
+    stride = site.get("sample_stride", [1] * len(out))
+    return [range((n - 1) % s if n else 0, n, s) for n, s in zip(out, stride)]
 
 
 def list_shards(rank_dir: str | os.PathLike) -> tuple[list[tuple[int, str]], list[str]]:
