@@ -70,7 +70,7 @@ Usage::
 
     .venv/bin/python scripts/bench_overhead.py [--rounds 7] [--steps 40] [--warmup 20]
                                                [--threads N] [--json results.json]
-                                               [--model cnn|gpt2|bert]
+                                               [--model cnn|gpt2|bert] [--micro [OLD.py]]
 """
 
 from __future__ import annotations
@@ -333,6 +333,59 @@ def _workload(model, seed):
             f"tiny BERT (2 layers, d=64, 4 heads, vocab 512), batch {TOKEN_BATCH} x 64 tokens, 2 classes")
 
 
+def _micro(model_name, seed, ref_path, rounds):
+    """The activation statistics alone (``--micro``): every site call of one training forward of the
+    model, replayed through ``SiteStats.update`` (the default path: compiled for large tensors, eager for
+    small ones), interleaved round by round with the same calls through the ``fused_stats.py`` at
+    ``ref_path`` (e.g. ``git show HEAD~1:recorder/fused_stats.py > /tmp/old.py``). Robust to a busy
+    machine: the minimum over rounds and the paired (same round) ratio."""
+    import importlib.util
+    from bbdecoder.recorder import activation_stats as AS
+    from bbdecoder.recorder.activations import ActivationTracker
+    torch.manual_seed(seed)
+    model, batches, _, what = _workload(model_name, seed)
+    model.train()
+    tr = ActivationTracker(model, True)
+    calls = []
+    tr._stats = lambda site, x, axis, U, logits=None: calls.append((site.meta, site.nonneg, x.clone(), axis, U,
+                                                                    None if logits is None else logits.clone()))
+    with torch.no_grad():
+        model(batches[0][0])
+    tr.remove()
+    impls = {"current": (AS.fused_update, AS.eager_update)}
+    if ref_path:
+        spec = importlib.util.spec_from_file_location("bbd_fused_ref", ref_path)
+        ref = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ref)
+        impls["ref"] = (ref.fused_update, ref.eager_update)
+    kern = AS.SiteStats()
+    sites = {k: [AS.Site(copy.deepcopy(c[0]), c[1]) for c in calls] for k in impls}
+
+    def one(k):
+        AS.fused_update, AS.eager_update = impls[k]
+        try:
+            t = time.perf_counter()
+            for site, (_, _, x, axis, U, lg) in zip(sites[k], calls):
+                kern.update(site, x, axis, U, lg)
+            return (time.perf_counter() - t) * 1e3
+        finally:
+            AS.fused_update, AS.eager_update = impls["current"]
+    names = list(impls)
+    for k in names:   # compiles
+        one(k), one(k)
+    ms = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            ms[k].append(min(one(k) for _ in range(3)))
+    print(f"activation statistics alone, {what}: {len(calls)} site calls per forward "
+          f"({', '.join(str(tuple(c[2].shape)) for c in calls)}), {torch.get_num_threads()} threads, {rounds} rounds")
+    for k in names:
+        extra = "" if k == "current" else \
+            f"; paired ratio current/ref {med([a / b for a, b in zip(ms['current'], ms[k])]):.3f}"
+        print(f"  {k}: {min(ms[k]):.3f} ms per forward (min), {med(ms[k]):.3f} (median){extra}")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,9 +404,16 @@ def main(argv=None):
                          "with heavy), e.g. default,baseline-2,activations: fewer settings, more rounds")
     ap.add_argument("--ops", action="store_true",
                     help="also count the operations the activation statistics add per site and step")
+    ap.add_argument("--micro", nargs="?", const="", default=None, metavar="REF_FUSED_STATS_PY",
+                    help="only time the activation statistics of one forward's site calls (no training), "
+                         "interleaved with the fused_stats.py at the given path if one is given; --rounds rounds")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--rounds and --steps must be >= 1, --warmup >= 0")
+    if args.micro is not None:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        return _micro(args.model, args.seed, args.micro, args.rounds)
 
     t_start = time.perf_counter()
     site_ops_res = {}

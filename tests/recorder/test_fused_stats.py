@@ -117,6 +117,30 @@ def test_fused_equals_reference_and_numpy(shape, dtype, kind):
             assert want.sum() > 0
 
 
+@pytest.mark.parametrize("count_max", [1 << 24, 8])
+def test_row_counts_float32_and_int32_equal_numpy(monkeypatch, count_max):
+    """A row's counts (n_pos, non-finite, near-bound) are summed in float32 for rows of at most 2**24
+    values, in int32 beyond: both exact. ``count_max`` 8 sends rows of 40 values down the int32 path."""
+    monkeypatch.setattr(FS, "_F32_COUNT_MAX", count_max)
+    g = torch.Generator().manual_seed(7)
+    v = (3 * torch.randn(30, 5, 40, generator=g)).tanh()
+    v[v.abs() < 0.2] = 0.0                               # exact zeros: not counted as positive
+    v[3, 1, 7], v[4, 2, 0], v[9, 2, 11] = float("nan"), float("inf"), -float("inf")
+    thr = FS.thresholds((-1.0, 1.0), v.device)
+    acc = FS.new_acc(5, True, False, v.device)
+    for i in range(3):
+        FS.eager_update(acc, v, thr, fresh=i == 0)
+    r = acc[:FS.acc_layout(5, True, False)["rows"] * 5].view(-1, 5).numpy()
+    m = v.numpy().transpose(1, 0, 2).reshape(5, -1)
+    np.testing.assert_array_equal(r[FS.ROWS.index("n_pos")], 3 * (m > 0).sum(1))
+    np.testing.assert_array_equal(r[FS.ROWS.index("nonfinite")], 3 * (~np.isfinite(m)).sum(1))
+    with np.errstate(invalid="ignore"):
+        for j, d in enumerate(FS.NEAR_DELTAS):
+            want = ((m < np.float32(-1 + d)) | (m > np.float32(1 - d))).sum(1)
+            assert want.sum() > 0
+            np.testing.assert_array_equal(r[len(FS.ROWS) + j], 3 * want)
+
+
 def test_softmax_row_counts_and_float32_exact_counts():
     g = torch.Generator().manual_seed(1)
     x = F.softmax(4 * torch.randn(50, 6, 7, generator=g), dim=1)    # (N, C, T), softmax over C
