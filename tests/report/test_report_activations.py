@@ -29,7 +29,7 @@ from bbdecoder.recorder import Recorder  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = helpers.ROOT
-ACT_FIGURES = ["act_dead_heatmap", "act_dead_raster", "act_saturation", "act_distributions",
+ACT_FIGURES = ["act_dead_raster", "act_saturation", "act_distributions",
                "act_variance_similarity", "act_pruning_sweep"]
 ACT_TABLES = ["activation_stats_epoch", "dead_units", "dead_layers", "saturation", "saturation_layers"]
 DEAD_FC = [0, 1, 2]          # fc units with a large negative bias: never above 0
@@ -136,6 +136,10 @@ def test_report_writes_activation_figures_tables_and_parameters(act_run, report1
     for t in ACT_TABLES + ["dead_per_step", "pruning_sweep", "activation_dims"]:
         assert f"tables/{t}.csv" in s["tables"] and f'href="tables/{t}.csv"' in html_text, t
     assert "<h2>Activations</h2>" in html_text
+    # the dead fraction per site and step is drawn once, in the overview, and linked from the activations
+    assert "act_dead_heatmap.png" not in figs and "dead_fraction_heatmap.png" in figs
+    assert "href='#fig-dead_fraction_heatmap'" in html_text.split("<h2>Activations</h2>")[1]
+    assert 'id="fig-dead_fraction_heatmap"' in html_text
     assert not [x for x in s["skipped"] if "figure act" in x or "dead" in x or "saturation" in x]
     assert [x for x in s["not_recorded"] if "no function graph" not in x] == []   # graph=True not used
     p = _json(os.path.join(out, "summary.json"))["parameters"]
@@ -354,9 +358,11 @@ def test_run_without_activations(tmp_path, capsys):
     assert "loss.png" in figs and not [n for n in figs if n.startswith("act_")]
     assert s["skipped"] == []
     nr = "\n".join(s["not_recorded"])
-    for n in ("dead fraction heatmap", "dead unit raster", "saturation", "activation distributions",
+    for n in ("dead unit raster", "saturation", "activation distributions",
               "dimension variance and similarity", "pruning sweep"):
         assert f"figure {n}: the trace has no activation sites" in nr, n
+    # the dead fraction heatmap is the overview's alone: listed once
+    assert nr.count("figure dead fraction heatmap: the trace has no activation statistics") == 1
     html_text = (out / "index.html").read_text(encoding="utf-8")
     assert "<h2>Activations</h2>" not in html_text and "figure pruning sweep: the trace has no activation" in html_text
     assert s["activations"]["sites"] == [] and s["parameters"]["dead_criterion"] == "strict"

@@ -10,7 +10,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .common import MAX_HEATMAP_COLUMNS, MAX_LEGEND, bin_columns, integer_x, mpl, plot, positive, text, value_ticks
+from .common import (MAX_HEATMAP_COLUMNS, MAX_LEGEND, bin_columns, integer_x, line_legend, mpl, no_minor_log_ticks,
+                     plot, positive, series_lines, text, value_ticks)
 
 #: kinds whose saturation is the share at or below zero (as analyzer.activations.sites.RELU_KINDS)
 RELU_KINDS = ("relu", "leaky_relu", "elu", "softplus")
@@ -41,28 +42,27 @@ def site_palette(n: int):
 def site_lines(ax, d: pd.DataFrame, y: str, order: list[str], legend: bool = True, style: str | None = None,
                x: str = "step", **kw) -> None:
     """One line per site (colour by site in forward order); a legend for a few sites, a colour bar
-    (forward position) for many."""
-    plt, sns = mpl()
+    (forward position) for many. ``style``: a column picking each line's dash pattern."""
+    plt, _ = mpl()
     d = d.copy()
-    d["site_label"] = d["site"].astype(str).map(text)
-    labels = [text(s) for s in order]
+    d["site"] = d["site"].astype(str)
     many = len(order) > MAX_LEGEND
     few_points = bool(d.groupby("site").size().max() <= 30) if len(d) else False
     if style is None and few_points:
         kw.setdefault("marker", "o")
         kw.setdefault("markersize", 4)
-    sns.lineplot(data=d, x=x, y=y, hue="site_label", hue_order=labels, palette=site_palette(len(order)),
-                 style=style, markers=few_points if style else None, estimator=None, errorbar=None,
-                 units="site_label", ax=ax, legend=False if (many or not legend) else "auto", lw=1.2, **kw)
+        kw.setdefault("markeredgecolor", "white")
+        kw.setdefault("markeredgewidth", 0.5)
+    colors = dict(zip(order, site_palette(len(order))))
+    series_lines(ax, d, x, y, "site", colors.__getitem__, style=style, markers=few_points and style is not None,
+                 label_of=text, lw=1.2, **kw)
     if many and legend:
         sm = plt.cm.ScalarMappable(norm=plt.Normalize(0, len(order) - 1), cmap="viridis")
         ax.figure.colorbar(sm, ax=ax, label=f"site, forward order ({len(order)} sites)", pad=0.02)
-    elif legend:
-        leg = ax.get_legend()
-        if leg is not None:
-            h, lab = ax.get_legend_handles_labels()
-            lab = ["site" if x == "site_label" else x for x in lab]
-            ax.legend(h, lab, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
+    elif legend and len(d):
+        present = set(d["site"])
+        line_legend(ax, [(text(s), c) for s, c in colors.items() if s in present], None,
+                    list(dict.fromkeys(d[style])) if style else None, None, few_points)
 
 
 @plot(requires=("step", "site", "dead_fraction"))
@@ -222,6 +222,7 @@ def variance_similarity(df: pd.DataFrame, fig, order: Iterable[str] | None = Non
     site_lines(axes[0], v, "variance", rows, legend=False)
     if log:
         axes[0].set_yscale("log")
+        no_minor_log_ticks(axes[0])
     axes[0].set_ylabel(f"variance across dim {dim} (mean over positions)")
     axes[0].set_title(f"Variance across dimension {dim}", fontsize="medium")
     s = d[np.isfinite(d["similarity"].to_numpy(np.float64))]

@@ -8,25 +8,25 @@ import numpy as np
 import pandas as pd
 
 from ...stats import stats_from_sums
-from .common import (MAX_LEGEND, integer_x, layer_order, legend_outside, mpl,
-                     overlay_epoch_means, plot, positive, with_labels)
+from .common import (MAX_LEGEND, inside_legend, integer_x, layer_order, line_legend, mpl, no_minor_log_ticks,
+                     overlay_epoch_means, plot, positive, series_lines, with_labels)
 
 
-def _layer_hue(ax, d: pd.DataFrame, legend: bool = True, **lineplot_kw):
-    """seaborn lineplot coloured by layer: a legend for a few layers (unless ``legend`` is False), a
-    colour bar (by id) for many."""
+def _layer_hue(ax, d: pd.DataFrame, x: str, y: str, legend: bool = True, **line_kw):
+    """Lines coloured by layer (:func:`series_lines`): a legend for a few layers (unless ``legend`` is
+    False), a colour bar (by id) for many."""
     plt, sns = mpl()
     order = layer_order(d)
     if len(order) <= MAX_LEGEND:
-        palette = sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))
-        sns.lineplot(data=d, hue="layer_label", hue_order=order, palette=palette, ax=ax,
-                     legend="auto" if legend else False, **lineplot_kw)
-        legend_outside(ax, title="layer")
+        colors = dict(zip(order, sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))))
+        series_lines(ax, d, x, y, "layer_label", colors.__getitem__, **line_kw)
+        if legend:
+            line_legend(ax, list(colors.items()), "layer")
     else:
         ids = d["layer_id"].astype(float)
         norm = plt.Normalize(ids.min(), ids.max())
-        sns.lineplot(data=d, hue="layer_id", hue_norm=norm, palette="viridis", ax=ax, legend=False,
-                     **lineplot_kw)
+        cmap = plt.get_cmap("viridis")
+        series_lines(ax, d, x, y, "layer_id", lambda i: cmap(norm(float(i))), **line_kw)
         if legend:
             sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
             ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
@@ -55,16 +55,17 @@ def gradient_flow_table(df: pd.DataFrame) -> pd.DataFrame:
 def grad_flow(df: pd.DataFrame, ax, **opts):
     """Gradient flow (BBDecoder 1.x): per layer, mean |g| and max |g| over the steps in ``df`` as
     side-by-side bars on a log axis, layers in id order. ``df``: per-step, per-layer rows."""
-    _, sns = mpl()
     t = with_labels(gradient_flow_table(df))
     order = layer_order(t)
-    long = pd.concat([
-        pd.DataFrame({"layer_label": t["layer_label"], "statistic": "max |g|", "value": positive(t["max_abs"])}),
-        pd.DataFrame({"layer_label": t["layer_label"], "statistic": "mean |g|", "value": positive(t["abs_mean"])}),
-    ], ignore_index=True)
-    sns.barplot(data=long, x="layer_label", y="value", hue="statistic", order=order,
-                hue_order=["max |g|", "mean |g|"], palette=["#4c72b0", "#dd8452"], errorbar=None, ax=ax)
+    t = t.set_index("layer_label").reindex(order)
+    x = np.arange(len(order))
+    # two bars per layer, as seaborn's barplot with hue draws them (at a fraction of its cost)
+    ax.bar(x - 0.2, positive(t["max_abs"]), 0.4, color="#4c72b0", label="max |g|")
+    ax.bar(x + 0.2, positive(t["abs_mean"]), 0.4, color="#dd8452", label="mean |g|")
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    ax.xaxis.grid(False)
     ax.set_yscale("log")
+    no_minor_log_ticks(ax)
     ax.set_xlabel("layer (id: name)")
     ax.set_ylabel("|gradient| (gradient units)")
     ax.set_title(opts.get("title", "Gradient flow: mean |g| and max |g| per layer"))
@@ -72,7 +73,7 @@ def grad_flow(df: pd.DataFrame, ax, **opts):
     step = max(1, math.ceil(n / 60))
     ax.set_xticks(range(0, n, step))
     ax.set_xticklabels(order[::step], rotation=90 if n > 4 else 0, fontsize="small" if n > 20 else None)
-    legend_outside(ax)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
     return ax
 
 
@@ -86,6 +87,7 @@ def grad_norm_series(df: pd.DataFrame, ax, stat: str = "l2", **opts):
             label="per iteration")
     overlay_epoch_means(ax, d, stat, color="#c44e52")
     _auto_log(ax, d[stat])
+    no_minor_log_ticks(ax)
     if ax.get_yscale() == "linear":
         from matplotlib.ticker import FormatStrFormatter
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
@@ -94,7 +96,7 @@ def grad_norm_series(df: pd.DataFrame, ax, stat: str = "l2", **opts):
     integer_x(ax)
     ax.set_xlabel("step (iteration)")
     ax.set_title(opts.get("title", name))
-    ax.legend(loc="best", fontsize="small", frameon=True)
+    inside_legend(ax.legend(loc="best", fontsize="small", frameon=True))
     return ax
 
 
@@ -116,8 +118,9 @@ def grad_variance_step(df: pd.DataFrame, ax, **opts):
     ``legend=False`` leaves out the layer legend (when a neighbouring panel shows it)."""
     d = with_labels(df.sort_values(["layer_id", "step"]))
     d["var"] = positive(d["var"])
-    _layer_hue(ax, d, legend=opts.get("legend", True), x="step", y="var", lw=0.8, estimator=None, errorbar=None)
+    _layer_hue(ax, d, "step", "var", legend=opts.get("legend", True), lw=0.8)
     ax.set_yscale("log")
+    no_minor_log_ticks(ax)
     integer_x(ax)
     ax.set_xlabel("step (iteration)")
     ax.set_ylabel("Var(g) over the layer's elements (g²)")
@@ -134,24 +137,21 @@ def grad_variance_epoch(df: pd.DataFrame, ax, **opts):
     d["value"] = positive(d["value"])
     stats = list(dict.fromkeys(d["statistic"]))
     order = layer_order(d)
-    kw = dict(x="epoch", y="value", style="statistic", style_order=stats, markers=True, dashes=True,
-              estimator=None, errorbar=None, ax=ax)
+    kw = dict(style="statistic", styles=stats, markers=True)
     if len(order) <= MAX_LEGEND:
-        palette = sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))
-        sns.lineplot(data=d, hue="layer_label", hue_order=order, palette=palette, units="layer_label", **kw)
-        legend_outside(ax)
+        colors = dict(zip(order, sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))))
+        series_lines(ax, d, "epoch", "value", "layer_label", colors.__getitem__, **kw)
+        line_legend(ax, list(colors.items()), "layer", stats, "statistic", markers=True)
     else:
         ids = d["layer_id"].astype(float)
         norm = plt.Normalize(ids.min(), ids.max())
-        sns.lineplot(data=d, hue="layer_id", hue_norm=norm, palette="viridis", units="layer_id", **kw)
-        # keep only the style entries in the legend
-        h, lab = ax.get_legend_handles_labels()
-        keep = [(hh, ll) for hh, ll in zip(h, lab) if ll in stats or ll == "statistic"]
-        ax.legend([k[0] for k in keep if k[1] != "statistic"], [k[1] for k in keep if k[1] != "statistic"],
-                  loc="best", fontsize="small")
+        cmap = plt.get_cmap("viridis")
+        series_lines(ax, d, "epoch", "value", "layer_id", lambda i: cmap(norm(float(i))), **kw)
+        line_legend(ax, [], None, stats, None, markers=True, loc="best", bbox_to_anchor=None)   # styles only
         sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
         ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
     ax.set_yscale("log")
+    no_minor_log_ticks(ax)
     epochs = sorted(d["epoch"].unique())
     if len(epochs) <= 20:
         ax.set_xticks(epochs)

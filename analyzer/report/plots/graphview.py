@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ...graph import fmt_flops
-from .common import mpl, text
+from .common import mpl, text, theme
 from .overview import short_names
 
 #: widest picture (inches at 100 dpi: 1250 px, inside a 1280-px screen's page)
@@ -115,7 +115,7 @@ def box_labels(mg: dict) -> list[str]:
 def draw_module_graph(mg: dict, title: str):
     """The module graph as a figure (see the module docstring)."""
     plt, sns = mpl()
-    sns.set_theme(style="white", context="notebook", font_scale=0.9)
+    theme("white")
     lay = graph_layout(mg)
     fig = plt.figure(figsize=(lay.width, lay.height))
     ax = fig.add_axes((0, 0, 1, 1))
@@ -164,7 +164,7 @@ def module_bars(t: pd.DataFrame, title: str):
     :func:`analyzer.graph.module_table`, one row per module in call order, labelled without the prefix
     all names share; rows of one repeated group in one colour."""
     plt, sns = mpl()
-    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+    theme("whitegrid")
     n = len(t)
     names = [str(x) for x in t["name"]]
     labels = [text(s) for s in short_names(names)]

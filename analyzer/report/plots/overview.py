@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from .common import MAX_HEATMAP_COLUMNS, bin_columns, mpl, plot, positive, text, value_ticks
+from .common import MAX_HEATMAP_COLUMNS, bin_columns, mpl, plot, positive, text, theme, value_ticks
 
 #: Height of one heatmap row (inches): 0.15 in = 10.8 pt holds a 7-point label.
 ROW_INCHES = 0.15
@@ -295,8 +295,8 @@ SITE_HEATMAPS = ("dead_fraction_heatmap", "saturation_heatmap")
 def heatmap_figure(plotfn, df: pd.DataFrame, width: float = 12.0):
     """A figure laid out by :func:`heatmap_layout` for ``df``'s rows with ``plotfn`` (one of the
     heatmaps above) drawn on it; no layout engine, so :func:`row_areas` tells where every row is."""
-    plt, sns = mpl()
-    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+    plt, _ = mpl()
+    theme("whitegrid")
     lay = heatmap_layout(df, plotfn.__name__ not in SITE_HEATMAPS, width)
     fig = plt.figure(figsize=(lay.width, lay.height))
     ax = fig.add_axes(lay.ax)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .common import MAX_LEGEND, integer_x, layer_order, legend_outside, mpl, plot, positive, value_ticks, with_labels
+from .common import (MAX_LEGEND, integer_x, layer_order, line_legend, mpl, no_minor_log_ticks, plot, positive,
+                     series_lines, value_ticks, with_labels)
 
 
 @plot(requires=("step", "bin_left", "bin_right", "count"))
@@ -65,21 +66,22 @@ def _param_lines(df: pd.DataFrame, ax, col: str, ylabel: str, title: str):
     params = list(dict.fromkeys(d["param"]))
     order = layer_order(d)
     few_points = bool(d.groupby(["layer_id", "param"]).size().max() <= 20)
-    kw = dict(x="step", y=col, style="param" if len(params) <= 6 else None,
-              style_order=params if len(params) <= 6 else None, markers=few_points, dashes=True,
-              estimator=None, errorbar=None, ax=ax, units="series", lw=1.2)
-    d["series"] = d["layer_label"] + "/" + d["param"].astype(str)
+    styled = len(params) <= 6
+    kw = dict(style="param" if styled else None, styles=params if styled else None, markers=few_points, lw=1.2,
+              units="param")
     if len(order) <= MAX_LEGEND:
-        palette = sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))
-        sns.lineplot(data=d, hue="layer_label", hue_order=order, palette=palette, **kw)
-        legend_outside(ax)
+        colors = dict(zip(order, sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))))
+        series_lines(ax, d, "step", col, "layer_label", colors.__getitem__, **kw)
+        line_legend(ax, list(colors.items()), "layer", params if styled else None, "param", few_points)
     else:
         ids = d["layer_id"].astype(float)
         norm = plt.Normalize(ids.min(), ids.max())
-        sns.lineplot(data=d, hue="layer_id", hue_norm=norm, palette="viridis", legend=False, **kw)
+        cmap = plt.get_cmap("viridis")
+        series_lines(ax, d, "step", col, "layer_id", lambda i: cmap(norm(float(i))), **kw)
         sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
         ax.figure.colorbar(sm, ax=ax, label=f"layer id ({len(order)} layers)", pad=0.02)
     ax.set_yscale("log")
+    no_minor_log_ticks(ax)
     integer_x(ax)
     ax.set_xlabel("snapshot step")
     ax.set_ylabel(ylabel)

@@ -1,4 +1,5 @@
-"""The activations section: dead units (per site and step heatmap, unit raster), saturation,
+"""The activations section: dead units (the unit raster; the per site and step heatmap is the overview's
+``dead_fraction_heatmap``, drawn once and linked from this group's intro), saturation,
 distributions, variance and similarity across a dimension, and the pruning sweep, at the report's
 thresholds; their tables; summary.json's "activations" headline; the section's per-site HTML table."""
 
@@ -14,11 +15,12 @@ from ... import activations as A
 from ...activations.sites import RELU_KINDS, attention_note
 from .. import plots
 from ..data import dead_layer_table, dead_sweep
+from ..figures import FIG_DIR
 from ..page import cell_html
 from .overview import activation_frames
 
 #: the activation figures (listed under not_recorded for a trace without activation sites)
-ACT_FIGURES = ("dead fraction heatmap", "dead unit raster", "saturation", "activation distributions",
+ACT_FIGURES = ("dead unit raster", "saturation", "activation distributions",
                "dimension variance and similarity", "pruning sweep")
 
 
@@ -58,8 +60,6 @@ def add(rep) -> None:
             rep.not_recorded.append(f"figure {n}: {why}")
         return
     with rep.progress("report: activation figures", len(ACT_FIGURES)) as bar:
-        _dead_heatmap(rep, dps, order, crit_text)
-        bar.update(1)
         _dead_raster(rep, du, dps, order, crit_text)
         bar.update(1)
         _saturation(rep, sat, order)
@@ -123,25 +123,6 @@ def _act_figure(rep, key: str, name: str, title: str, caption: str, draw: Callab
         rep.skip(f"figure {key}", why)
     else:
         rep.figure(name, title, caption, draw, "activations")
-
-
-def _dead_heatmap(rep, dps, order, crit_text) -> None:
-    n = dps["site"].nunique() if len(dps) else 0
-
-    def draw():
-        fig, ax = plots.new_figure(11, max(3.0, min(14.0, 1.4 + 0.32 * n)))
-        plots.dead_heatmap(dps, ax[0, 0], order=order)
-        return fig
-    nsteps = dps["step"].nunique() if len(dps) else 0
-    binned = (f" The {nsteps} steps are averaged into {plots.MAX_HEATMAP_COLUMNS} columns of consecutive "
-              "steps." if nsteps > plots.MAX_HEATMAP_COLUMNS else "")
-    _act_figure(rep, "dead fraction heatmap", "act_dead_heatmap", "Dead units per site and step",
-                    f"Fraction of each activation site's units that are dead <em>at that step</em> under "
-                    f"{html.escape(crit_text)} (rows: sites in forward order; white 0, dark red 1). "
-                    "A row that darkens over time is a layer dying during training; a dark row from "
-                    "the start is dead from initialisation. Per-step: a unit can be dead at one step and "
-                    "alive at the next; the run-level count is in dead_layers.csv." + binned,
-                    draw, plots.check(dps, plots.dead_heatmap))
 
 
 def _dead_raster(rep, du, dps, order, crit_text) -> None:
@@ -310,6 +291,9 @@ def intro_html(s: dict) -> str:
     per-site headline table, from the summary ``s``."""
     e = html.escape
     a, p = s["activations"], s["parameters"]
+    dead_link = (" The fraction of each site's units dead at each step is drawn once, in the overview: <a "
+                 "href='#fig-dead_fraction_heatmap'>dead units per activation site and step</a>."
+                 if f"{FIG_DIR}/dead_fraction_heatmap.png" in s.get("figures", ()) else "")
     rows = "\n".join(
         "<tr>" + "".join(f"<td>{c}</td>" for c in (
             f"<code>{e(r['site'])}</code>", e(str(r["kind"])), cell_html(r["units"]), cell_html(r["dead"]),
@@ -323,7 +307,7 @@ def intro_html(s: dict) -> str:
             f"is saturated when more than {p['unit_fraction']:g} of its values are. Similarity: dimension "
             f"{p['sim_dim']}, {e(p['sim_method'])}. Rerun <code>bbdecoder report</code> with other "
             "<code>--dead-criterion/--dead-threshold/--delta/...</code> into another <code>--out</code> for "
-            "other thresholds.</p>\n"
+            "other thresholds." + dead_link + "</p>\n"
             "<table class='num'><tr><th>site</th><th>kind</th><th>units</th><th>dead</th><th>dead fraction</th>"
             "<th>dead flagged</th><th>saturated</th><th>saturated units</th><th>saturation flagged</th></tr>\n"
             f"{rows}\n</table>")

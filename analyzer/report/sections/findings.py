@@ -15,10 +15,10 @@ from ..page import DETAIL_PAGE
 #: the layer's own figures (the per-layer heading "layer-<id>")
 FIGURES = {
     "vanishing_gradient": ("grad_flow", "grad_heatmap"), "exploding_gradient": ("grad_heatmap", "grad_flow"),
-    "gradient_spike": ("grad_heatmap", "grad_flow"), "all_zero": ("grad_flow", "act_dead_heatmap"),
+    "gradient_spike": ("grad_heatmap", "grad_flow"), "all_zero": ("grad_flow", "dead_fraction_heatmap"),
     "weight_update_ratio": ("update_ratio", "update_ratio_heatmap"),
     "unchanged_weights": ("update_ratio", "weight_magnitude"),
-    "dead_units": ("act_dead_heatmap", "act_dead_raster"), "saturated_activations": ("act_saturation",),
+    "dead_units": ("dead_fraction_heatmap", "act_dead_raster"), "saturated_activations": ("act_saturation",),
     "poor_initialization": ("act_distributions",), "tensor_variance": ("act_distributions",),
     "loss_not_decreasing": ("loss",), "loss_spike": ("loss",),
     "attention_entropy_collapse": ("attention_entropy",), "massive_activations": ("act_distributions",),
