@@ -8,6 +8,7 @@ uses only :mod:`analyzer.trace`. numpy only (no pandas): the Run turns these rec
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -34,7 +35,9 @@ class Shard:
         rank, index: the rank directory and the shard's number in it.
         path: absolute path. name: ``rank-NNNNN/shard-NNNNNN.h5``, for messages.
         steps: the step table's columns (``STEP_COLUMNS`` -> 1-D arrays).
-        payloads: (kind, layer_key, param_key) -> (rows, row shape, chunk rows).
+        payloads: (kind, layer_key, param_key) -> (rows, row shape, chunk rows), in the order the
+            shard stores them (packed payloads: column order; a pass that walks them in this order
+            reads a packed group a block of columns at a time).
         nbytes: size of the file in bytes.
         offsets: (kind, layer_key, param_key) -> first row (dim 0) in the full tensor, for the raw
             payloads of sharded parameters (FSDP2: this rank's slice; row shape (rows held, ...)).
@@ -126,6 +129,7 @@ class Catalog:
         self._expected[(fmt.KIND_ACTIVATIONS, S["key"], "samples")] = tuple(S["sample_shape"])
 
     def _scan(self) -> None:
+        from . import shard_index   # it imports this module
         ranks = list(fmt.iter_rank_dirs(self.path))
         for rank, rdir in ranks:
             rfile = os.path.join(rdir, fmt.RANK_FILE)
@@ -139,37 +143,11 @@ class Catalog:
                 self.problems.append(f"{fmt.rank_dirname(rank)} has no {fmt.RANK_FILE}")
             closed, live = fmt.list_shards(rdir)
             self.live += [f"{fmt.rank_dirname(rank)}/{n}" for n in live]
-            for idx, spath in closed:
-                self.shards.append(self._index_shard(rank, idx, spath))
+            rules = shard_index.IndexRules(self.path, self._expected, self._site_conflicts, self.sharded,
+                                           self._readers.borrow, self.problems)
+            self.shards += shard_index.index_shards(rules, rank, closed, before_fork=self.close)
         if not ranks:
             self.problems.append("no rank directory: nothing was recorded")
-
-    def _index_shard(self, rank: int, idx: int, spath: str) -> Shard:
-        name = f"{fmt.rank_dirname(rank)}/{os.path.basename(spath)}"
-        files.check_trace_file(spath, self.path, "shard")
-        with self._readers.borrow(spath, name) as r:
-            steps = r.steps()
-            payloads, offsets = {}, {}
-            for kind in fmt.PAYLOAD_KINDS:
-                for lk, pk in r.payloads(kind):
-                    rows, shape, chunk = r.payload_info(kind, lk, pk)
-                    want = self._expected.get((kind, lk, pk))
-                    if (rank, lk) in self._site_conflicts and kind in (fmt.KIND_ACT_STATS, fmt.KIND_ACTIVATIONS):
-                        continue
-                    if want is None:
-                        self.problems.append(f"{name}: {kind} for unknown parameter {lk}/{pk} ignored")
-                        continue
-                    if kind in fmt.RAW_PARAM_KINDS and (lk, pk) in self.sharded:
-                        offsets[(kind, lk, pk)] = slice_offset(r, name, kind, lk, pk, tuple(shape), want)
-                    elif tuple(shape) != want:
-                        raise TraceError(f"corrupt shard {name}: {kind}/{lk}/{pk} has shape "
-                                         f"{tuple(shape)} but the manifest says {want}")
-                    payloads[(kind, lk, pk)] = (rows, shape, chunk)
-        try:
-            nbytes = os.path.getsize(spath)
-        except OSError:
-            nbytes = 0
-        return Shard(rank, idx, spath, name, steps, payloads, nbytes, offsets)
 
     def _add_rank_sites(self, rank: int, st: dict) -> None:
         """Activation sites that a rank other than 0 found and rank 0 did not (rank.json "sites";
@@ -359,7 +337,7 @@ class Catalog:
         """(layer id, layer name, parameter name, numel) of one parameter."""
         L = self._by_key[layer_key]
         shape = self._param_shape[(layer_key, param_key)]
-        return L["id"], L["name"], self._param_name[(layer_key, param_key)], int(np.prod(shape, dtype=np.int64))
+        return L["id"], L["name"], self._param_name[(layer_key, param_key)], math.prod(shape)
 
     def all_param_keys(self) -> list[tuple[str, str]]:
         """Every (layer_key, param_key) of the manifest, in manifest order (tied ones included)."""
@@ -428,28 +406,8 @@ def shared_names(catalog: Catalog) -> list[dict]:
 def unique_params(catalog: Catalog) -> int:
     """Parameter elements of the model, each parameter object counted once (a tied one under its
     owner only): ``sum(p.numel() for p in model.parameters())`` of the recorded model."""
-    return int(sum(int(np.prod(q["shape"], dtype=np.int64)) for L in catalog.layers for q in L["params"]
+    return int(sum(math.prod(q["shape"]) for L in catalog.layers for q in L["params"]
                    if "tied_to" not in q))
-
-
-def slice_offset(r: ShardReader, name: str, kind: str, lk: str, pk: str, shape: tuple, want: tuple) -> int:
-    """The first row of a sharded parameter's slice: its ``offset`` attribute, checked against the
-    manifest (``global_shape`` equal to the parameter's shape, the slice's rows inside it)."""
-    a = r.payload_attrs(kind, lk, pk)
-    off, gshape = a.get("offset"), a.get("global_shape")
-    try:
-        gshape = tuple(int(d) for d in np.asarray(gshape).reshape(-1)) if gshape is not None else None
-        off = int(off) if off is not None and float(off) == int(off) else None
-    except (TypeError, ValueError, OverflowError):
-        off = gshape = None
-    if off is None or gshape is None:
-        raise TraceError(f"corrupt shard {name}: {kind}/{lk}/{pk} is a slice of a sharded parameter "
-                         "but lacks a valid offset or global_shape")
-    if gshape != want or len(shape) != len(want) or shape[1:] != want[1:] \
-            or not 0 <= off <= off + shape[0] <= want[0]:
-        raise TraceError(f"corrupt shard {name}: {kind}/{lk}/{pk} has shape {shape} at offset {off} "
-                         f"(global shape {gshape}) but the manifest says {want}")
-    return off
 
 
 #: the columns of :func:`rank_rows`
@@ -490,12 +448,18 @@ def recorded_summary(catalog: Catalog) -> dict:
                     rows += n
                     layers.add(lk)
         # distinct steps: the union of the step indices of every payload (a parameter without a
-        # gradient at some steps has fewer); the indices are small, the values are not read
+        # gradient at some steps has fewer); the indices are small, the values are not read. The
+        # payloads of a packed group share one step index: each distinct index is added once.
         for s in catalog.shards:
             keys = [key for key in s.payloads if key[0] == kind]
             if keys:
+                seen: set = set()
                 with catalog.open_shard(s) as r:
                     for key in keys:
-                        steps.update(r.read_payload_steps(*key).tolist())
+                        st = np.asarray(r.read_payload_steps(*key), np.int64)
+                        sig = st.tobytes()
+                        if sig not in seen:
+                            seen.add(sig)
+                            steps.update(st.tolist())
         out[kind] = {"steps": len(steps), "layers": len(layers), "tensors": rows}
     return out

@@ -3,7 +3,9 @@
 Every pass is a pure function of one shard (opened by path inside the call) that returns partial
 results: per-step rows (complete: a step lives in one shard of a rank) and mergeable accumulators
 (:class:`analyzer.stats.ElementwiseMoments` per (parameter, epoch), merged across shards with their
-declared merge rule). The ``local`` engine calls them one shard after the other in this process;
+declared merge rule). The ``local`` engine calls them one shard after the other in this process,
+for groups of parameters split across the CPUs available (:func:`split_pass`: the other groups in
+forked workers; a parameter's rows all in one group, so the numbers are those of one process);
 the ``dask`` engine (optional extra: ``pip install bbdecoder[dask]``) submits them to a dask
 cluster, at most a few shards ahead, and consumes the results in the same order, so both engines
 merge the same partial results in the same order and give the same numbers.
@@ -13,6 +15,7 @@ dask is imported only when the dask engine is used.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -22,6 +25,7 @@ import pandas as pd
 
 from .trace import format as fmt
 from .trace.format import TraceError
+from .trace import workers
 from .trace.hdf5 import HDF5Backend
 from .slices import grad_sums
 from .stats import PIECE_ELEMS, ElementwiseMoments, row_moments, stats_from_sums
@@ -30,6 +34,9 @@ ENGINES = ("local", "dask")
 
 #: Bytes of stored data read per block (rows are chunk-aligned); bounds the memory of every pass.
 BLOCK_BYTES = 32 << 20
+
+#: Passes over less than this many stored bytes are not split across processes (:func:`split_keys`).
+SPLIT_MIN_BYTES = 64 << 20
 
 #: Environment variable: address of a running dask scheduler for ``engine="dask"`` (else a local cluster).
 SCHEDULER_ENV = "BBDECODER_DASK_SCHEDULER"
@@ -124,26 +131,44 @@ def iter_blocks(catalog, kind: str, keys: set, progress) -> Iterator[tuple[Any, 
             bar.update(1)
 
 
+_FRAME_TYPES = {"step": "int64", "epoch": "int64", "layer_id": "int64", "numel": "int64", "count": "int64",
+                "nonfinite": "int64", "rank": "int64"}
+
+
 def part_frame(parts: list[dict], columns: list[str], multi_rank: bool) -> pd.DataFrame:
     """One DataFrame from per-block column dicts of a pass (scalars broadcast), typed and sorted by
-    (rank,) step, layer_id, param."""
+    (rank,) step, layer_id, param (stable). ``parts`` is consumed: each column is taken out of the
+    parts, put in sorted order and its pieces freed before the next (100,000 layers: 4 million rows
+    of 14 columns; one column's pieces at a time beside the frame, not three copies of it)."""
     cols = columns + (["rank"] if multi_rank else [])
-    if parts:
-        lens = np.fromiter((len(p["step"]) for p in parts), np.int64, len(parts))
-        data = {}
-        for c in cols:
-            vals = [p[c] for p in parts]
-            if not any(isinstance(v, np.ndarray) and v.ndim for v in vals):   # a scalar per part: repeated
-                data[c] = np.repeat(np.asarray(vals, dtype=object if isinstance(vals[0], str) else None), lens)
-            else:
-                data[c] = np.concatenate([np.broadcast_to(np.asarray(v), n) for v, n in zip(vals, lens)])
-        df = pd.DataFrame(data)
-    else:
-        df = pd.DataFrame({c: [] for c in cols})
-    df = typed(df, {"step": "int64", "epoch": "int64", "layer_id": "int64", "numel": "int64",
-                    "count": "int64", "nonfinite": "int64", "rank": "int64"})
-    order = (["rank"] if multi_rank else []) + ["step", "layer_id", "param"]
-    return df.sort_values(order, kind="stable").reset_index(drop=True)
+    if not parts:
+        df = typed(pd.DataFrame({c: [] for c in cols}), _FRAME_TYPES)
+        return df.sort_values((["rank"] if multi_rank else []) + ["step", "layer_id", "param"], kind="stable")\
+            .reset_index(drop=True)
+    lens = np.fromiter((len(p["step"]) for p in parts), np.int64, len(parts))
+
+    def column(c):
+        vals = [p.pop(c) for p in parts]
+        if not any(isinstance(v, np.ndarray) and v.ndim for v in vals):   # a scalar per part: repeated
+            out = np.repeat(np.asarray(vals, dtype=object if isinstance(vals[0], str) else None), lens)
+        else:
+            out = np.concatenate([np.broadcast_to(np.asarray(v), n) for v, n in zip(vals, lens)])
+        t = _FRAME_TYPES.get(c)
+        return out.astype(t) if t is not None and out.dtype != t else out
+
+    keys = {c: column(c) for c in (["rank"] if multi_rank else []) + ["step", "layer_id", "param"]}
+    # np.lexsort is stable; parameter names by their sorted codes (the order sort_values gives strings)
+    codes = pd.factorize(keys["param"], sort=True)[0]
+    codes = np.where(codes < 0, codes.max() + 1, codes)   # missing names last, as sort_values puts them
+    order = np.lexsort([codes, keys["layer_id"], keys["step"]]
+                       + ([keys["rank"]] if multi_rank else []))
+    data = {}
+    for c in cols:
+        v = keys.pop(c) if c in keys else column(c)
+        data[c] = v[order]
+        del v
+    parts.clear()
+    return pd.DataFrame(data, copy=False)
 
 
 def typed(df: pd.DataFrame, types: dict) -> pd.DataFrame:
@@ -232,7 +257,9 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict, l
     with _open(ctx, shard.path, shard.name) as r, _Beside() as beside:
         covered: dict[tuple, np.ndarray] = {}
         recorded = []   # (layer_key, param_key, steps, (k, 6) statistics): turned into rows all at once
-        for (k, lk, pk), (rows, _, _) in sorted(shard.payloads.items()):
+        # in the shard's own order (packed: column order, read a block of columns at a time); the
+        # rows are sorted by part_frame, whatever order they come in
+        for (k, lk, pk), (rows, _, _) in shard.payloads.items():
             if k != fmt.KIND_GRAD_STATS or (lk, pk) not in keys or not rows:
                 continue
             steps = np.asarray(r.read_payload_steps(k, lk, pk), np.int64)
@@ -279,12 +306,42 @@ def recorded_part(recorded: list, ctx: ShardContext, rank: int) -> dict:
     return d
 
 
+def split_keys(shards: list, kinds: tuple, keys: set, parts: int) -> list[set]:
+    """``keys`` ((layer_key, param_key) pairs) in at most ``parts`` groups of about equal stored
+    bytes (payloads of ``kinds`` in ``shards``), largest first into the lightest group; one group
+    when the payloads hold less than :data:`SPLIT_MIN_BYTES` or ``parts`` is 1. Every group is
+    non-empty; a key's payloads all fall in one group, so a pass over a group computes exactly
+    what the whole pass computes for those keys."""
+    size: dict = dict.fromkeys(keys, 0)
+    for s in shards:
+        for (k, lk, pk), (rows, shape, _) in s.payloads.items():
+            if k in kinds and (lk, pk) in size:
+                size[(lk, pk)] += int(rows) * math.prod(int(d) for d in shape)
+    if parts <= 1 or 4 * sum(size.values()) < SPLIT_MIN_BYTES or len(size) < 2:
+        return [set(keys)]
+    groups: list[set] = [set() for _ in range(parts)]
+    load = [0] * parts
+    for key, n in sorted(size.items(), key=lambda kv: (-kv[1], kv[0])):
+        i = load.index(min(load))
+        groups[i].add(key)
+        load[i] += n
+    return [g for g in groups if g]
+
+
+def split_pass(catalog, kinds: tuple, keys: set, fn: Callable[[set, bool], Any], engine: str = "local") -> list:
+    """``fn(group, first)`` for groups of ``keys`` (:func:`split_keys`) on the CPUs available: the
+    first group (``first`` True: it may show progress) in this process, the others in forked
+    workers (:func:`analyzer.trace.workers.run_split`; the catalogue's idle readers are closed
+    first); one group where forking is not safe and with the dask engine (whose tasks are already
+    spread). Results in group order."""
+    parts = workers.parts_wanted() if engine == "local" else 1
+    groups = split_keys(catalog.shards_with(kinds, keys), kinds, set(keys), parts)
+    return workers.run_split(lambda ig: fn(ig[1], ig[0] == 0), list(enumerate(groups)), before_fork=catalog.close)
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the platform tells)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return workers.available_cpus()
 
 
 class _Beside:

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from .catalog import GRAD_KINDS, Catalog
-from .engine import grad_shard, grad_stat_columns, map_shards, part_frame, shard_context, typed
+from .engine import grad_shard, grad_stat_columns, map_shards, part_frame, shard_context, split_pass, typed
+from .progress import null_progress
 from .slices import merge_grad_sums, noise_sums
 from .stats import ElementwiseMoments, stats_from_sums
 from .trace import format as fmt
@@ -40,15 +41,33 @@ def grad_pass(catalog: Catalog, keys: set, engine: str, progress: Callable, clie
         (per-step table, per-epoch table): the frames of ``Run.grad_stats(per="step")`` and
         ``Run.grad_stats(per="epoch")``.
     """
+    multi_rank = len(catalog.ranks_with(GRAD_KINDS, set(keys) - catalog.sharded)) > 1
+    ctx = shard_context(catalog)
+
+    def part(group, first):   # the first group (this process) shows the progress
+        return _grad_parts(catalog, group, ctx, engine, progress if first else null_progress, client)
+
+    # groups of parameters on the CPUs available (each parameter's rows and noise in one group)
+    parts: list[dict] = []
+    noise_out: dict[tuple, Any] = {}
+    for gparts, gnoise in split_pass(catalog, GRAD_KINDS, set(keys), part, engine):
+        parts += gparts
+        noise_out.update(gnoise)
+    df = part_frame(parts, GRAD_STEP_COLUMNS, multi_rank)
+    return df, epoch_table(catalog, df, noise_out, multi_rank)
+
+
+def _grad_parts(catalog: Catalog, keys: set, ctx, engine: str, progress: Callable, client=None
+                ) -> tuple[list[dict], dict]:
+    """The per-step parts and the element-wise noise ((rank, layer_key, param_key, epoch) -> value)
+    of the gradient pass over ``keys`` (see :func:`grad_pass`)."""
     parts: list[dict] = []
     noise: dict[tuple, ElementwiseMoments] = {}
     noise_out: dict[tuple, Any] = {}
     sums: dict[tuple, list] = {}
     # sharded parameters (FSDP2): one merged row per step, whichever ranks recorded the slices
-    multi_rank = len(catalog.ranks_with(GRAD_KINDS, set(keys) - catalog.sharded)) > 1
     merged_rank = catalog.lowest_rank(GRAD_KINDS)
     shards = catalog.shards_with(GRAD_KINDS, keys)
-    ctx = shard_context(catalog)
 
     def finish(k):   # a slice's noise stays a pair of sums until the slices are merged
         acc = noise.pop(k)
@@ -84,8 +103,7 @@ def grad_pass(catalog: Catalog, keys: set, engine: str, progress: Callable, clie
     for k, pairs in merged.items():
         n = sum(c for _, c in pairs)
         noise_out[k] = sum(x for x, _ in pairs) / n if n else np.nan
-    df = part_frame(parts, GRAD_STEP_COLUMNS, multi_rank)
-    return df, epoch_table(catalog, df, noise_out, multi_rank)
+    return parts, noise_out
 
 
 def epoch_table(catalog: Catalog, df: pd.DataFrame, noise: dict, multi_rank: bool) -> pd.DataFrame:
@@ -119,14 +137,23 @@ def pool_params(df: pd.DataFrame) -> pd.DataFrame:
     if not len(df):
         return df.iloc[:0].drop(columns=["param"]).copy()
     keys = [c for c in ("rank", "step", "epoch", "layer_id", "layer") if c in df.columns]
-    d = df.copy()
-    d["_s"] = d["mean"].fillna(0) * d["count"]
-    d["_q"] = (d["var"].fillna(0) + d["mean"].fillna(0) ** 2) * d["count"]
-    d["_l2sq"] = d["l2"].fillna(0) ** 2
-    g = d.groupby(keys, sort=True)
-    out = g.agg(numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
+    # only the columns pooled (not a copy of the whole frame); a layer's name follows its id, so the
+    # groups are those of the integer keys (no grouping by strings), the name taken from the first row
+    ints = [c for c in keys if c != "layer"]
+    d = df[ints + ["numel", "count", "nonfinite", "max_abs", "l1"]]
+    mean = df["mean"].fillna(0)
+    d = d.assign(_s=mean * df["count"], _q=(df["var"].fillna(0) + mean ** 2) * df["count"],
+                 _l2sq=df["l2"].fillna(0) ** 2)
+    del mean
+    aggs = dict(numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
                 _s=("_s", "sum"), _q=("_q", "sum"), max_abs=("max_abs", "max"), l1=("l1", "sum"),
-                _l2sq=("_l2sq", "sum")).reset_index()
+                _l2sq=("_l2sq", "sum"))
+    if "layer" in keys and "layer_id" in keys:
+        d = d.assign(layer=df["layer"])
+        out = d.groupby(ints, sort=True).agg(layer=("layer", "first"), **aggs).reset_index()
+    else:
+        out = d.groupby(keys, sort=True).agg(**aggs).reset_index()
+    del d
     st = stats_from_sums(out["count"].to_numpy(), out["_s"].to_numpy(), out["_q"].to_numpy(),
                          out["l1"].to_numpy(), out["max_abs"].to_numpy())
     out["mean"] = st["mean"]

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .catalog import Catalog
-from .engine import iter_blocks, map_shards, part_frame, previous_rows, shard_context, weight_shard
+from .engine import iter_blocks, map_shards, part_frame, previous_rows, shard_context, split_pass, weight_shard
+from .progress import null_progress
 from .slices import merge_row_moments
 from .trace import format as fmt
 from .trace.format import TraceError
@@ -51,12 +52,22 @@ def weight_stats(catalog: Catalog, keys: set, engine: str, progress: Callable, c
         catalog: the run's catalogue. engine: "local" or "dask" (see :mod:`analyzer.engine`).
         progress: progress factory (see :mod:`analyzer.progress`). client: dask client or None.
     """
+    multi_rank = len(catalog.ranks_with(fmt.KIND_WEIGHTS, set(keys) - catalog.sharded)) > 1
+    ctx = shard_context(catalog)
+
+    def part(group, first):   # groups of parameters on the CPUs available; the first shows progress
+        return _weight_parts(catalog, group, ctx, engine, progress if first else null_progress, client)
+
+    parts = [p for g in split_pass(catalog, (fmt.KIND_WEIGHTS,), set(keys), part, engine) for p in g]
+    return part_frame(parts, WEIGHT_COLUMNS, multi_rank)
+
+
+def _weight_parts(catalog: Catalog, keys: set, ctx, engine: str, progress: Callable, client=None) -> list[dict]:
+    """The per-snapshot parts of the weight pass over ``keys`` (see :func:`weight_stats`)."""
     parts = []
     sums: dict[tuple, list] = {}
     # sharded parameters (FSDP2): the ranks' slices merged into one row per snapshot
-    multi_rank = len(catalog.ranks_with(fmt.KIND_WEIGHTS, set(keys) - catalog.sharded)) > 1
     shards = catalog.shards_with(fmt.KIND_WEIGHTS, keys)
-    ctx = shard_context(catalog)
     args = [(sh, keys, ctx, pv) for sh, pv in zip(shards, previous_rows(shards, fmt.KIND_WEIGHTS, keys))]
     for sparts, ssums in map_shards(engine, weight_shard, args, progress, f"reading {fmt.KIND_WEIGHTS}", client):
         parts += sparts
@@ -72,7 +83,7 @@ def weight_stats(catalog: Catalog, keys: set, engine: str, progress: Callable, c
                       "numel": numel, **{c: st[c] for c in ("mean", "std", "abs_mean", "max_abs", "min", "max",
                                                              "l2", "nonfinite")},
                       "update_ratio": ratio, "rank": catalog.lowest_rank(fmt.KIND_WEIGHTS)})
-    return part_frame(parts, WEIGHT_COLUMNS, multi_rank)
+    return parts
 
 
 def weight_histograms(catalog: Catalog, layer: Any, bins: int, param: str | None,
@@ -115,7 +126,9 @@ def weight_histograms(catalog: Catalog, layer: Any, bins: int, param: str | None
         flat = block.reshape(len(steps), -1).astype(np.float64)
         for i in range(len(steps)):
             x = flat[i][np.isfinite(flat[i])]
-            c = np.histogram(x, bins=edges)[0].astype(np.int64)
+            # uniform bins: numpy's linear path, which corrects each index against np.linspace edges
+            # (the same edges): the counts of bins=edges, without sorting the values
+            c = np.histogram(x, bins=bins, range=(edges[0], edges[-1]))[0].astype(np.int64)
             if sharded:
                 acc = per_step.setdefault(int(steps[i]), [0, 0])
                 acc[0] = acc[0] + c

@@ -56,6 +56,7 @@ from bbdecoder.analyzer.trace import files  # noqa: E402
 from bbdecoder.analyzer.trace import format as fmt  # noqa: E402
 from bbdecoder.analyzer.engine import BLOCK_BYTES  # noqa: E402
 from bbdecoder.analyzer.trace.hdf5 import HDF5Backend  # noqa: E402
+from bbdecoder.analyzer.trace.packed import FlatLayout  # noqa: E402
 from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord  # noqa: E402
 
 RSS_TARGET_MB = 600
@@ -128,8 +129,13 @@ def make_manifest(specs) -> tuple[dict, list[dict]]:
     return manifest, sites
 
 
-def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: int, seed: int = 0) -> dict:
-    """Write the trace; returns a description (layers, parameters, bytes, seconds)."""
+def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: int, seed: int = 0,
+             layout: str = "flat") -> dict:
+    """Write the trace; returns a description (layers, parameters, bytes, seconds).
+
+    ``layout``: ``"flat"`` hands raw gradients and weights over as the recorder does (one flat row of
+    all tensors per step and kind, :class:`analyzer.trace.packed.FlatLayout`); ``"per-tensor"`` one
+    payload per tensor, as the recorder did before flat snapshots (both layouts are read)."""
     t0 = time.perf_counter()
     per_step_rows = 1.0 + 1.0 / weights_every
     width = pick_width(int(gb * 1e9 / (4 * steps * per_step_rows)))
@@ -151,6 +157,13 @@ def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: in
     keys = tuple((L["key"], q["key"]) for L in manifest["layers"] for q in L["params"])
     attrs = [{"layer": L["name"], "layer_id": L["id"], "param": q["name"]}
              for L in manifest["layers"] for q in L["params"]]
+    entries = []   # the flat row's layout: (layer_key, param_key, start, numel, shape, attrs)
+    for L in manifest["layers"]:
+        for q in L["params"]:
+            start = entries[-1][2] + entries[-1][3] if entries else 0
+            entries.append((L["key"], q["key"], start, q["numel"], tuple(q["shape"]),
+                            {"layer_id": L["id"], "layer": L["name"], "param": q["name"]}))
+    flat = FlatLayout(entries)
     per_epoch = max(1, steps // epochs)
     rows_per_shard = max(2, min(100, int((256 << 20) // max(1, 4 * P))))   # shards of ~256 MB
     series = ShardSeriesWriter(os.path.join(run_dir, fmt.rank_dirname(0)), 0, flush_steps=rows_per_shard,
@@ -158,7 +171,7 @@ def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: in
     t_wall = time.time()
     for step in range(steps):
         depth_scale = 1.0 / (1.0 + step / steps)
-        payloads = []
+        payloads, grow, wrow = [], [], []
         gstats = np.empty((len(keys), len(fmt.GRAD_STAT_FIELDS)), np.float64)
         j = 0
         for i, L in enumerate(manifest["layers"]):
@@ -166,13 +179,21 @@ def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: in
                 n = q["numel"]
                 o = int(rng.integers(0, len(pool) - n))
                 g = (pool[o:o + n] * np.float32(1e-3 * depth_scale * (0.7 ** (len(specs) - i) + 0.05)))
-                payloads.append((fmt.KIND_GRADS, L["key"], q["key"], g.reshape(q["shape"]), {}))
+                grow.append(g)
+                if layout == "per-tensor":
+                    payloads.append((fmt.KIND_GRADS, L["key"], q["key"], g.reshape(q["shape"]), {}))
                 g64 = g.astype(np.float64)     # the recorder's gradient statistics (float64 sums), every step
                 gstats[j] = (n, 0.0, g64.sum(), np.dot(g64, g64), np.abs(g64).sum(), np.abs(g64).max())
                 j += 1
                 if step % weights_every == 0:
                     w = w0[(L["key"], q["key"])] * np.float32(1.0 + 0.01 * step / steps)
-                    payloads.append((fmt.KIND_WEIGHTS, L["key"], q["key"], w, {}))
+                    wrow.append(w.reshape(-1))
+                    if layout == "per-tensor":
+                        payloads.append((fmt.KIND_WEIGHTS, L["key"], q["key"], w, {}))
+        if layout == "flat":   # as recorder.packing hands raw snapshots over: one flat row per kind
+            payloads.append((fmt.KIND_GRADS, None, flat, np.concatenate(grow), None))
+            if wrow:
+                payloads.append((fmt.KIND_WEIGHTS, None, flat, np.concatenate(wrow), None))
         payloads.append((fmt.KIND_GRAD_STATS, None, keys, gstats, attrs))   # packed, as the recorder hands it
         for j, S in enumerate(sites):
             U = S["units"]
@@ -191,7 +212,7 @@ def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: in
     manifest.update(status=fmt.STATUS_COMPLETE, ended=time.time(), steps=steps, epochs=epochs)
     files.write_json_atomic(os.path.join(run_dir, fmt.MANIFEST), manifest)
     shards = shard_files(run_dir)
-    return {"layers": len(specs), "params": P, "sites": len(sites), "steps": steps, "epochs": epochs,
+    return {"layers": len(specs), "params": P, "layout": layout, "sites": len(sites), "steps": steps, "epochs": epochs,
             "weights_every": weights_every, "shards": len(shards), "bytes": sum(os.path.getsize(f) for f in shards),
             "seconds": time.perf_counter() - t0}
 
@@ -325,6 +346,7 @@ def run_child(args: list[str]) -> tuple[float, float, int, str]:
     if th.is_alive():
         th.join()
     run_child.peak_pss_mb = peak[0]
+    run_child.cpu_s = ru.ru_utime + ru.ru_stime     # CPU seconds of the child and its reaped workers
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     err.seek(0)
@@ -350,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=200, help="recorded steps (gradients every step)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--weights-every", type=int, default=10)
+    ap.add_argument("--layout", choices=["flat", "per-tensor"], default="flat",
+                    help="raw gradients and weights as the recorder writes them (flat rows) or one payload per "
+                         "tensor (the recorder's layout before flat snapshots)")
     ap.add_argument("--dir", default=None, help="where to create the trace (default: the temp directory)")
     ap.add_argument("--cache", choices=["cold", "warm"], default="cold")
     ap.add_argument("--engine", default="local", choices=["local", "dask"], help="`bbdecoder report --engine`")
@@ -371,20 +396,21 @@ def main(argv: list[str] | None = None) -> int:
     run_dir, out_dir = os.path.join(work, "run"), os.path.join(work, "report")
     try:
         print(f"generating ~{a.gb:g} GB in {run_dir} ...", file=sys.stderr, flush=True)
-        g = generate(run_dir, a.gb, a.steps, a.epochs, a.weights_every)
+        g = generate(run_dir, a.gb, a.steps, a.epochs, a.weights_every, layout=a.layout)
         files = shard_files(run_dir)
         prepare_cache(files, a.cache)
         raw1, nvals = raw_read(files)
         prepare_cache(files, a.cache)
         print("running bbdecoder report ...", file=sys.stderr, flush=True)
         wall, rss, rc, tail = run_report(run_dir, out_dir, a.engine)
-        pss = run_child.peak_pss_mb
+        pss, cpu = run_child.peak_pss_mb, run_child.cpu_s
         if rc != 0:
             print(f"bench_outofcore: bbdecoder report failed (exit {rc}):\n{tail}", file=sys.stderr)
             return 1
         prepare_cache(files, a.cache)
         print("running the report's data passes alone ...", file=sys.stderr, flush=True)
         pwall, prss, rc, tail = run_passes(run_dir, a.engine)
+        pcpu = run_child.cpu_s
         if rc != 0:
             print(f"bench_outofcore: the data passes failed (exit {rc}):\n{tail}", file=sys.stderr)
             return 1
@@ -404,26 +430,27 @@ def main(argv: list[str] | None = None) -> int:
                "raw_read_s": [round(raw1, 3), round(raw2, 3)], "raw_MBps": raw_tp / 1e6,
                "report_s": wall, "report_MBps": rep_tp / 1e6, "ratio": rep_tp / raw_tp, "peak_rss_MB": rss,
                "peak_tree_pss_MB": pss,
-               "passes_s": pwall, "passes_MBps": pass_tp / 1e6, "passes_ratio": pass_tp / raw_tp,
+               "report_cpu_s": cpu, "passes_cpu_s": pcpu, "passes_s": pwall, "passes_MBps": pass_tp / 1e6, "passes_ratio": pass_tp / raw_tp,
                "passes_peak_rss_MB": prss, "check_s": cwall, "check_peak_rss_MB": crss, "check_exit": crc,
                "load_avg": os.getloadavg(), "figures": len(os.listdir(os.path.join(out_dir, "figures")))}
         ok_rss, ok_ratio = max(rss, pss or 0) <= RSS_TARGET_MB, res["ratio"] >= RATIO_TARGET
         met = lambda b: "met" if b else "NOT met"   # noqa: E731
         rows = [
             ("trace", f"{B / 1e9:.3f} GB in {g['shards']} shards; {g['layers']} layers, {g['params']:,} parameters, "
-                      f"{g['sites']} ReLU sites; {g['steps']} steps, {g['epochs']} epochs, weights every "
+                      f"{g['sites']} ReLU sites; raw snapshots {g['layout']}; {g['steps']} steps, {g['epochs']} epochs, weights every "
                       f"{g['weights_every']} (generated in {g['seconds']:.1f} s)"),
             ("page cache", f"{a.cache} before every measurement"),
             ("raw h5py read", f"{raw:.2f} s  ->  {raw_tp / 1e6:,.0f} MB/s   (runs: {raw1:.2f} s, {raw2:.2f} s; "
                               f"{nvals / 1e9:.3f} GB of values)"),
             ("bbdecoder report", f"{wall:.2f} s  ->  {rep_tp / 1e6:,.0f} MB/s   (engine {res['engine']}, "
-                                 f"{res['figures']} figures)"),
+                                 f"{res['figures']} figures; {cpu:.1f} CPU s, workers included)"),
             ("throughput ratio", f"{res['ratio']:.3f}   (target >= {RATIO_TARGET}: {met(ok_ratio)})"),
             ("peak RSS (report)", f"{rss:,.0f} MB, largest process; all its processes together (PSS, sampled "
                                   f"every 50 ms): {'n/a' if pss is None else f'{pss:,.0f} MB'}   "
                                   f"(target <= {RSS_TARGET_MB} MB: {'met' if ok_rss else 'NOT met'})"),
-            ("data passes alone", f"{pwall:.2f} s  ->  {pass_tp / 1e6:,.0f} MB/s, peak RSS {prss:,.0f} MB   "
-                                  "(the report without figures and HTML)"),
+            ("data passes alone", f"{pwall:.2f} s  ->  {pass_tp / 1e6:,.0f} MB/s, peak RSS {prss:,.0f} MB, "
+                                  f"{pcpu:.1f} CPU s   (the report without figures and HTML; split across "
+                                  f"the CPUs available)"),
             ("passes ratio", f"{res['passes_ratio']:.3f}   (target >= {PASSES_RATIO_TARGET}: "
                              f"{met(res['passes_ratio'] >= PASSES_RATIO_TARGET)})"),
             ("bbdecoder check", f"{cwall:.2f} s, peak RSS {crss:,.0f} MB, exit {crc}   (target < {CHECK_S_TARGET:g} s: "

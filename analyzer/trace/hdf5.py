@@ -1,4 +1,5 @@
-"""The HDF5 implementation of the shard interface (h5py), and the HDF5 helpers both sides share."""
+"""The HDF5 implementation of the shard interface (h5py): the writer and the backend, and the HDF5
+helpers both sides share. The reader is :mod:`.h5read` (imported here)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import numpy as np
 
 from . import files
 from . import format as fmt
-from .format import TraceError
-from .h5safe import hard_child, no_filter_plugins, storage_problem
-from .packed import FlatWriter, encode_index, open_view
+from .h5read import MAX_SPARSE_BYTES, MAX_SPARSE_RATIO, HDF5ShardReader, attr_value, error_line  # noqa: F401
+from .packed import FlatWriter, encode_index
 from .shards import ShardReader, ShardWriter, check_step_cols
 
 #: Payload chunks aim at about this many bytes (several small rows share a chunk).
@@ -21,11 +21,6 @@ STACK_MAX_BYTES = 1 << 20
 SMALL_BUFFER_BYTES = 32 << 20
 #: Upper bound for a single chunk (HDF5 allows 4 GiB; keep reads reasonable).
 CHUNK_MAX_BYTES = 64 << 20
-#: A dataset of a shard may declare more bytes than the file stores for it (compression, unwritten
-#: fill values) only up to this ratio, beyond MAX_SPARSE_BYTES: a sparse dataset of absurd declared
-#: size is refused instead of being read (terabytes of fill values).
-MAX_SPARSE_RATIO = 1000
-MAX_SPARSE_BYTES = 64 << 20
 #: Whether new shards store the kinds of ``format.PACKED_KINDS`` packed (``/packed/<kind>/<n>``) and of
 #: ``format.FLAT_KINDS`` flat (``/flat/<kind>/<n>``): a fixed number of datasets per shard, rather than
 #: one group per parameter (the layout of older traces, still read; ``HDF5Backend(packed=False)`` writes it).
@@ -308,210 +303,6 @@ def abort_h5(f) -> None:
         f.close()
     except Exception:
         pass
-
-
-class HDF5ShardReader(ShardReader):
-    """Opens a closed shard read-only and validates its structure lazily."""
-
-    def __init__(self, path: str, display: str | None = None):
-        import h5py
-        no_filter_plugins()
-        self.path = path
-        self._disp = display or path
-        self._checked: set = set()
-        self._pairs: dict = {}
-        self._views: dict = {}   # kind -> PackedView or None (no packed groups of that kind)
-        try:
-            # no chunk cache: reads are whole chunk-aligned blocks, and a reader kept open in a
-            # ReaderPool must not hold up to 1 MB of cached chunks per dataset it has touched
-            self._f = h5py.File(path, "r", locking=False, rdcc_nbytes=0)
-        except Exception as e:  # OSError for truncated / random files
-            raise TraceError(f"corrupt or truncated shard {self._disp}: {error_line(e)}") from None
-        try:
-            self.attrs = {k: attr_value(v) for k, v in self._f.attrs.items()}
-        except Exception as e:
-            self.close()
-            raise TraceError(f"corrupt shard {self._disp}: unreadable attributes ({error_line(e)})") from None
-        tag = self.attrs.get("format")
-        if not isinstance(tag, str) or tag != fmt.FORMAT_NAME:
-            self.close()
-            raise TraceError(f"{self._disp} is not a bbdecoder shard")
-        try:
-            fmt.check_version(self.attrs.get("format_version"), self._disp)
-        except TraceError:
-            self.close()
-            raise
-
-    def _get(self, path):
-        """The object at ``path``, reached through hard links only: a soft or external link in a
-        trace could lead anywhere (another file, outside the run), so it is refused."""
-        node = self._f
-        try:
-            for part in [q for q in path.split("/") if q]:
-                node = hard_child(node, part)
-                if node is None:
-                    raise KeyError(f"no {part!r}")
-            return node
-        except TraceError as e:
-            raise TraceError(f"corrupt shard {self._disp}: {path!r}: {e}") from None
-        except Exception as e:
-            raise TraceError(f"corrupt shard {self._disp}: missing or unreadable {path!r} ({error_line(e)})") from None
-
-    def _check_dataset(self, ds, what: str) -> None:
-        """Refuse a dataset that is not a real numeric array, or that declares far more data than the
-        file stores (a sparse dataset of absurd size: reading it would exhaust memory or time)."""
-        try:
-            kind = ds.dtype.kind
-        except Exception as e:
-            raise TraceError(f"corrupt shard {self._disp}: unreadable {what} ({error_line(e)})") from None
-        if kind not in "biuf":
-            raise TraceError(f"corrupt shard {self._disp}: {what} holds {ds.dtype}, not numeric (real) values")
-        try:   # other files, filters, chunk sizes, compressed chunks (decompression bombs), a declared
-            # size beyond MAX_SPARSE_BYTES and MAX_SPARSE_RATIO times what is stored: see h5safe
-            why = storage_problem(ds, dense=False, max_ratio=MAX_SPARSE_RATIO, slack=MAX_SPARSE_BYTES)
-        except Exception as e:
-            why = f"has an unreadable layout ({error_line(e)})"
-        if why:
-            raise TraceError(f"corrupt shard {self._disp}: {what} {why}, refused in a trace")
-
-    def steps(self):
-        g = self._get("steps")
-        out = {}
-        try:
-            for c in fmt.STEP_COLUMNS:
-                if c not in g:
-                    raise TraceError(f"corrupt shard {self._disp}: step table lacks {c!r}")
-                ds = hard_child(g, c)
-                if not hasattr(ds, "dtype") or ds.ndim != 1:
-                    raise TraceError(f"corrupt shard {self._disp}: step table column {c!r} is not 1-D")
-                self._check_dataset(ds, f"step table column {c!r}")
-                out[c] = ds[()]
-        except TraceError:
-            raise
-        except Exception as e:
-            raise TraceError(f"corrupt shard {self._disp}: unreadable step table ({error_line(e)})") from None
-        lens = {len(v) for v in out.values()}
-        if len(lens) != 1 or any(v.ndim != 1 for v in out.values()):
-            raise TraceError(f"corrupt shard {self._disp}: step table columns differ in length")
-        return out
-
-    def payloads(self, kind):
-        view = self._view(kind)
-        out = []
-        try:
-            for lk, lg in (self._f[kind].items() if kind in self._f else ()):
-                for pk in lg.keys():
-                    out.append((lk, pk))
-        except Exception as e:
-            raise TraceError(f"corrupt shard {self._disp}: unreadable {kind} index ({error_line(e)})") from None
-        if view is not None:
-            both = set(out) & set(view.keys())
-            if both:
-                lk, pk = sorted(both)[0]
-                raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} is stored both packed and on its own")
-            out += view.keys()
-        return out
-
-    def _view(self, kind, key=None):
-        """The :class:`~.packed.PackedView` of ``kind`` (None if the shard stores none packed); with
-        ``key``, the view only if it holds that payload."""
-        if kind not in self._views:
-            self._views[kind] = None
-            root = fmt.PACKED_GROUP if kind in fmt.PACKED_KINDS else fmt.FLAT_GROUP if kind in fmt.FLAT_KINDS else None
-            if root is not None and root in self._f:
-                self._views[kind] = open_view(self._get, self._check_dataset, kind, f"corrupt shard {self._disp}", root)
-        v = self._views[kind]
-        return v if key is None or v is None or key in v else None
-
-    def _pair(self, kind, lk, pk):
-        g = self._get(fmt.payload_path(kind, lk, pk))
-        try:
-            v, s = hard_child(g, "values"), hard_child(g, "steps")
-        except TraceError as e:
-            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk}: {e}") from None
-        except Exception:
-            v = s = None
-        if v is None or s is None:
-            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} lacks values or steps")
-        try:
-            ok = v.ndim >= 1 and s.ndim == 1 and v.shape[0] == s.shape[0]
-        except Exception:
-            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} values or steps are not datasets") from None
-        if not ok:
-            raise TraceError(f"corrupt shard {self._disp}: {kind}/{lk}/{pk} has {v.shape[0] if v.ndim else 0} rows "
-                             f"but {s.shape[0] if s.ndim else 0} steps")
-        return v, s
-
-    def _checked_pair(self, kind, lk, pk):
-        key = (kind, lk, pk)
-        got = self._pairs.get(key)
-        if got is not None:     # the file is closed and read-only: a validated pair stays valid
-            return got
-        v, s = self._pair(kind, lk, pk)
-        if key not in self._checked:
-            self._check_dataset(v, f"{kind}/{lk}/{pk}/values")
-            self._check_dataset(s, f"{kind}/{lk}/{pk}/steps")
-            self._checked.add(key)
-        self._pairs[key] = (v, s)
-        return v, s
-
-    def payload_info(self, kind, lk, pk):
-        if (view := self._view(kind, (lk, pk))) is not None:
-            return view.info((lk, pk))
-        v, _ = self._checked_pair(kind, lk, pk)
-        chunks = v.chunks[0] if v.chunks else max(1, v.shape[0])
-        return v.shape[0], tuple(v.shape[1:]), int(chunks)
-
-    def read_payload_steps(self, kind, lk, pk):
-        if (view := self._view(kind, (lk, pk))) is not None:
-            return view.steps((lk, pk))
-        _, s = self._checked_pair(kind, lk, pk)
-        return self._read(s, slice(None))
-
-    def payload_attrs(self, kind, lk, pk):
-        if (view := self._view(kind, (lk, pk))) is not None:
-            return view.attrs((lk, pk))
-        g = self._get(fmt.payload_path(kind, lk, pk))
-        try:
-            return {k: attr_value(v) for k, v in g.attrs.items()}
-        except Exception as e:
-            raise TraceError(f"corrupt shard {self._disp}: unreadable attributes of {kind}/{lk}/{pk} "
-                             f"({error_line(e)})") from None
-
-    def read_payload(self, kind, lk, pk, start, stop):
-        if (view := self._view(kind, (lk, pk))) is not None:
-            return view.read((lk, pk), start, stop)
-        v, _ = self._checked_pair(kind, lk, pk)
-        return self._read(v, slice(start, stop))
-
-    def _read(self, ds, sel):
-        try:
-            return ds[sel]
-        except Exception as e:
-            raise TraceError(f"corrupt or truncated shard {self._disp}: {error_line(e)}") from None
-
-    def close(self):
-        self._pairs, self._views = {}, {}
-        f = getattr(self, "_f", None)
-        if f is not None:
-            try:
-                f.close()
-            except Exception:
-                pass
-            self._f = None
-
-
-def error_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return (s[0] if s else type(e).__name__)[:200]
-
-
-def attr_value(v):
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 # --------------------------------------------------------------------------- backends

@@ -25,6 +25,7 @@ rows from every group, in step order), so every analysis reads both layouts alik
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -35,8 +36,17 @@ from .format import TraceError
 #: 200,000 parameters write 18.5 MB; 16 MiB refused what the recorder wrote; H3)
 MAX_INDEX_BYTES = 64 << 20
 #: A packed ``values`` dataset of at most this many bytes is read once and kept by the reader (all
-#: its columns are read one after the other); a larger one is read a column at a time.
+#: its columns are read one after the other).
 CACHE_BYTES = 16 << 20
+#: A larger one is read in blocks of consecutive columns (every row) of at most this many bytes,
+#: at most BLOCKS_KEPT blocks kept per view (least recently used dropped first, and a group's
+#: earlier blocks when a later one is read): readers that walk the payloads in column order (the order
+#: :meth:`_GroupedView.keys` lists them) read each block once.
+BLOCK_BYTES = 8 << 20
+BLOCKS_KEPT = 4
+#: A group whose blocks were read more than this many times its bytes (readers that jump across
+#: columns) is read a column at a time from then on: bytes read stay linear in what is stored.
+BLOCK_REREAD = 3
 #: Chunks of a flat ``values`` dataset (k, N): at most this many bytes of one row (a column block)...
 FLAT_CHUNK_COL_BYTES = 256 << 10
 #: ... and about this many bytes in all (several rows of a block, when the writer has them at once).
@@ -45,6 +55,7 @@ FLAT_CHUNK_BYTES = 1 << 20
 MAX_DIMS = 32
 
 _ATTR_TYPES = (str, int, float, bool)
+_ATTR_SET = frozenset(_ATTR_TYPES)   # exact types of parsed JSON scalars
 _index_cache: dict = {}   # (kind, keys) or a flat layout's key -> (attrs list, encoded index)
 
 
@@ -119,10 +130,6 @@ def flat_chunks(size: int, itemsize: int, rows: int) -> tuple[int, int]:
     return max(1, min(int(rows), FLAT_CHUNK_BYTES // (cols * itemsize))), cols
 
 
-def _entry_ok(e) -> bool:
-    return isinstance(e, list) and len(e) >= 2 and all(fmt.is_safe_key(k) for k in e[:2])
-
-
 def _int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
@@ -143,7 +150,8 @@ def _flat_place(e: list, width: int, where: str) -> tuple[int, int, tuple]:
 def _decode_index(raw: np.ndarray, cols: int | None, where: str, width: int | None = None) -> list:
     """The entries of an index: ``[(layer_key, param_key, attrs)]`` (packed: exactly ``cols``
     entries), or with ``width`` (flat: rows of that many values) ``[(layer_key, param_key, attrs,
-    (start, numel, shape))]``."""
+    (start, numel, shape))]``. Each distinct key is checked once (an index of 200,000 parameters
+    names 100,000 layers and two parameter keys)."""
     try:
         entries = json.loads(np.asarray(raw, np.uint8).tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -151,21 +159,37 @@ def _decode_index(raw: np.ndarray, cols: int | None, where: str, width: int | No
     if not isinstance(entries, list) or (cols is not None and len(entries) != cols):
         raise TraceError(f"{where}: index lists {len(entries) if isinstance(entries, list) else 'no'} "
                          f"parameters for {cols} columns")
-    out, seen = [], set()
+    out, seen, safe = [], set(), {}
+
+    def key_ok(k) -> bool:   # JSON gives exact types: str, never a subclass
+        if type(k) is not str:
+            return False
+        ok = safe.get(k)
+        if ok is None:
+            ok = safe[k] = fmt.is_safe_key(k)
+        return ok
+
     for e in entries:
-        if not _entry_ok(e) or (width is None and len(e) not in (2, 3)):
+        if type(e) is not list or len(e) < 2 or not (key_ok(e[0]) and key_ok(e[1])) \
+                or (width is None and len(e) not in (2, 3)):
             raise TraceError(f"{where}: index entry {str(e)[:80]!r} is not [layer_key, param_key, attrs] "
                              "with valid keys")
         attrs = e[2] if len(e) >= 3 else {}
-        if not isinstance(attrs, dict) or not all(
-                isinstance(v, _ATTR_TYPES) or (isinstance(v, list) and all(isinstance(x, int) for x in v))
-                for v in attrs.values()):
+        if type(attrs) is not dict:
+            bad = True
+        else:
+            lists = [a for a, v in attrs.items() if type(v) not in _ATTR_SET]
+            bad = any(type(attrs[a]) is not list or not all(isinstance(x, int) for x in attrs[a]) for a in lists)
+        if bad:
             raise TraceError(f"{where}: index entry for {e[0]}/{e[1]} has attributes that are not scalars "
                              "or integer lists")
-        if (e[0], e[1]) in seen:
+        key = (e[0], e[1])
+        if key in seen:
             raise TraceError(f"{where}: index lists {e[0]}/{e[1]} twice")
-        seen.add((e[0], e[1]))
-        item = (e[0], e[1], {a: (np.asarray(v, np.int64) if isinstance(v, list) else v) for a, v in attrs.items()})
+        seen.add(key)
+        for a in lists:   # the parsed dict is this entry's own: integer lists become arrays in place
+            attrs[a] = np.asarray(attrs[a], np.int64)
+        item = (e[0], e[1], attrs)
         out.append(item if width is None else item + (_flat_place(e, width, where),))
     return out
 
@@ -179,6 +203,9 @@ class _GroupedView:
         self._vals: list = []
         self._steps: list[np.ndarray] = []
         self._cache: dict[int, np.ndarray] = {}
+        self._geom: dict[int, tuple[int, int, int]] = {}
+        self._blks: dict[tuple[int, int], np.ndarray] = {}   # (group, first column) -> block, LRU order
+        self._blk_read: dict[int, int] = {}   # group -> bytes read in blocks
         self._cols: dict[tuple[str, str], list] = {}   # key -> [(group, column)]
         self._attrs: dict[tuple[str, str], dict] = {}
         self._merged: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None]] = {}
@@ -211,9 +238,12 @@ class _GroupedView:
 
     def _order(self, key) -> tuple[np.ndarray, np.ndarray | None]:
         """(steps in increasing order, the permutation of the groups' concatenated rows or None)."""
+        cols = self._cols[key]
+        if len(cols) == 1:   # one group: its steps (increasing, checked by the reader), nothing kept per key
+            return self._steps[cols[0][0]], None
         got = self._merged.get(key)
         if got is None:
-            parts = [self._steps[g] for g, _ in self._cols[key]]
+            parts = [self._steps[g] for g, _ in cols]
             steps = parts[0] if len(parts) == 1 else np.concatenate(parts)
             order = None
             if len(parts) > 1:
@@ -235,13 +265,44 @@ class _GroupedView:
     def attrs(self, key) -> dict:
         return dict(self._attrs[key])
 
+    def _geometry(self, g: int) -> tuple[int, int, int]:
+        """(rows, bytes in all, bytes of one column (every row, dim 1)) of group ``g``'s values,
+        as declared (checked against what the file stores when the group was opened)."""
+        got = self._geom.get(g)
+        if got is None:
+            v = self._vals[g]
+            shape, item = tuple(int(d) for d in v.shape), v.dtype.itemsize
+            col = shape[0] * math.prod(shape[2:]) * item
+            got = self._geom[g] = (shape[0], col * (shape[1] if len(shape) > 1 else 1), col)
+        return got
+
     def _whole(self, g: int):
         """Group ``g``'s values read once and kept if small enough (else None)."""
-        v = self._vals[g]
         whole = self._cache.get(g)
-        if whole is None and int(v.size) * v.dtype.itemsize <= CACHE_BYTES:
-            whole = self._cache[g] = v[()]
+        if whole is None and self._geometry(g)[1] <= CACHE_BYTES:
+            whole = self._cache[g] = self._vals[g][()]
         return whole
+
+    def _block(self, g: int, j: int):
+        """(block, first column) of group ``g``: every row of the consecutive columns around column
+        ``j`` (dim 1), at most :data:`BLOCK_BYTES` of them, read at once (the group's declared size
+        was checked against what the file stores when it was opened). None where one column alone
+        exceeds the budget, or the group's blocks were read :data:`BLOCK_REREAD` times over."""
+        k, nbytes, col = self._geometry(g)
+        width = BLOCK_BYTES // max(1, col)
+        if width < 2 or self._blk_read.get(g, 0) > BLOCK_REREAD * nbytes:
+            return None, 0
+        lo = j - j % width
+        block = self._blks.pop((g, lo), None)
+        if block is None:   # a reader walking forward is done with the group's earlier blocks
+            for key in [key for key in self._blks if key[0] == g and key[1] < lo]:
+                del self._blks[key]
+            while len(self._blks) >= BLOCKS_KEPT:
+                self._blks.pop(next(iter(self._blks)))
+            block = self._vals[g][:, lo:lo + width]
+            self._blk_read[g] = self._blk_read.get(g, 0) + int(block.nbytes)
+        self._blks[(g, lo)] = block   # most recently used last
+        return block, lo
 
     def _column(self, g: int, col, rows: slice) -> np.ndarray:
         raise NotImplementedError
@@ -294,7 +355,14 @@ class PackedView(_GroupedView):
 
     def _column(self, g: int, j: int, rows: slice) -> np.ndarray:
         whole = self._whole(g)
-        return whole[rows, j] if whole is not None else self._vals[g][rows, j]
+        if whole is not None:
+            return whole[rows, j]
+        k = self._geometry(g)[0]
+        if rows.indices(k) == (0, k, 1):
+            block, lo = self._block(g, j)   # every row: from a block of columns (callers walk columns in order)
+            if block is not None:
+                return block[:, j - lo]
+        return self._vals[g][rows, j]
 
 
 class FlatView(_GroupedView):

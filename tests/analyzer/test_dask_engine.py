@@ -32,6 +32,11 @@ def client():
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as c:
         yield c
+    # distributed leaves its offload thread running for the life of the process; the analyzer then
+    # (rightly) runs its passes in one process, since fork() beside a live thread is not safe. Stop
+    # it so that later tests (tests/analyzer/test_engine_parallel.py) see a process without threads.
+    from distributed import utils as dask_utils
+    dask_utils._offload_executor.shutdown(wait=True)
 
 
 def _dask_run(path, client):
