@@ -23,6 +23,15 @@ def fraction(name: str, v: Any) -> float:
 
 def json_safe(x: Any) -> Any:
     """JSON-safe copy: NaN/Inf -> None, numpy scalars and arrays -> Python, unknown objects -> str."""
+    t = type(x)        # the common exact types first (a summary of 100,000 layers holds millions of values)
+    if t is str or t is int or t is bool or x is None:
+        return x
+    if t is float:
+        return x if math.isfinite(x) else None
+    if t is dict:
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if t is list:
+        return [json_safe(v) for v in x]
     if isinstance(x, dict):
         return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

@@ -134,9 +134,11 @@ def cli(args: list[str], profile: str | None = None) -> dict:
     if profile:
         os.environ["BENCH_PROFILE_OUT"] = profile
     wall, rss, rc, tail = run_child(["-c", PROFILE if profile else CLI] + args)
-    if profile:
+    if profile and os.path.exists(profile):
         import pstats
         pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
+    elif profile:
+        print(f"no profile written (exit {rc}):\n{tail[-600:]}", file=sys.stderr)
     return {"s": wall, "rss_MB": rss, "pss_MB": run_child.peak_pss_mb, "rc": rc, "err": tail[-600:]}
 
 

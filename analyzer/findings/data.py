@@ -3,7 +3,7 @@ pass over the statistics payloads per table; never a raw gradient or activation 
 
 | table | from | columns |
 | --- | --- | --- |
-| ``grads`` | ``grad_stats`` payloads only (the recorder's per-step sums) | step, layer_id, layer, param, numel, count, nonfinite, abs_mean, max_abs, l2 |
+| ``grads`` | ``grad_stats`` payloads only (the recorder's per-step sums; in a report, the report's own frame: :func:`grads_from_frame`) | step, layer_id, layer, param, numel, count, nonfinite, abs_mean, max_abs, l2 (at least; any row order) |
 | ``grad_layers`` | ``grads``, parameters of a layer pooled | step, layer_id, layer, nonfinite, abs_mean, max_abs, l2 |
 | ``weights`` | :meth:`Run.weight_stats` (weight snapshots, read once per run) | step, layer_id, layer, param, l2, update_ratio, gap, step_ratio, nonfinite |
 | ``weight_layers`` | ``weights``, parameters of a layer pooled | step, layer_id, layer, update_ratio, gap, step_ratio |
@@ -25,8 +25,8 @@ import pandas as pd
 
 from ..activations import iter_merged_site_stats
 from ..engine import grad_stat_columns, recorded_part, shard_context
-from ..gradients import pool_params
 from ..slices import merge_grad_sums
+from ..stats import stats_from_sums
 from ..trace import format as fmt
 
 GRAD_COLUMNS = ["step", "layer_id", "layer", "param", "numel", "count", "nonfinite", "abs_mean", "max_abs", "l2"]
@@ -46,7 +46,7 @@ def grad_stat_table(catalog) -> pd.DataFrame:
         if sh.rank != rank and not any(k[0] == kind and (k[1], k[2]) in ctx.sharded for k in sh.payloads):
             continue
         with catalog.open_shard(sh) as r:
-            for (k, lk, pk), (rows, _, _) in sorted(sh.payloads.items()):
+            for (k, lk, pk), (rows, _, _) in sh.payloads.items():   # stored (column) order: block reads
                 if k != kind or not rows or (lk, pk) not in ctx.meta:
                     continue
                 steps = np.asarray(r.read_payload_steps(k, lk, pk), np.int64)
@@ -67,8 +67,28 @@ def grad_stat_table(catalog) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame({c: pd.Series([], dtype=object if c in ("layer", "param") else "float64")
                              for c in GRAD_COLUMNS})
-    df = pd.concat(parts, ignore_index=True)[GRAD_COLUMNS]
-    return df.sort_values(["layer_id", "param", "step"], kind="stable").reset_index(drop=True)
+    df = pd.concat(parts, ignore_index=True)
+    parts.clear()                  # two copies at most at once (100,000 layers: 4 million rows)
+    if list(df.columns) != GRAD_COLUMNS:
+        df = df[GRAD_COLUMNS]
+    return df.sort_values(["layer_id", "param", "step"], kind="stable", ignore_index=True)
+
+
+def grads_from_frame(catalog, gs: pd.DataFrame, ids) -> pd.DataFrame | None:
+    """The ``grads`` table taken from a per-step :meth:`Run.grad_stats` frame ``gs`` of the layers ``ids``
+    (the report's, read once), or None where that frame may hold other rows than
+    :func:`grad_stat_table`: the trace has raw gradients (steps without ``grad_stats`` come from them), several
+    ranks record gradient statistics, a parameter is sharded (FSDP2), or ``ids`` is not every layer. The same
+    rows and values as :func:`grad_stat_table` (both from :func:`analyzer.engine.recorded_part`), in another
+    order and with more columns: ``gs`` itself, not a copy (100,000 layers: 4 million rows). The rules
+    depend on neither."""
+    kind = fmt.KIND_GRAD_STATS
+    if (not catalog.shards_with(kind) or catalog.shards_with(fmt.KIND_GRADS) or len(catalog.ranks_with(kind)) > 1
+            or catalog.sharded
+            or "rank" in gs.columns or set(int(i) for i in ids) != {int(L["id"]) for L in catalog.layers}
+            or not all(c in gs.columns for c in GRAD_COLUMNS)):
+        return None
+    return gs
 
 
 def _batch_frame(batch: list, ctx) -> pd.DataFrame:
@@ -83,13 +103,27 @@ def _grad_part(meta, steps, vec) -> pd.DataFrame:
                          **{c: st[c] for c in ("count", "nonfinite", "abs_mean", "max_abs", "l2")}})
 
 
+GRAD_LAYER_COLUMNS = ["step", "layer_id", "layer", "numel", "count", "nonfinite", "abs_mean", "max_abs", "l2"]
+
+
 def grad_layer_table(grads: pd.DataFrame) -> pd.DataFrame:
-    """``grads`` with the parameters of each layer pooled (see :func:`analyzer.gradients.pool_params`)."""
+    """``grads`` with the parameters of each layer pooled, as :func:`analyzer.gradients.pool_params` pools
+    them (numel, count, nonfinite and l1 = abs_mean x count add, max_abs is the maximum, l2 = sqrt(sum l2^2),
+    abs_mean = sum l1 / sum count), from only the columns the rules need (no copy of the whole table).
+    Columns: :data:`GRAD_LAYER_COLUMNS`, sorted by (step, layer_id)."""
     if not len(grads):
-        return grads.drop(columns=["param"])
-    # the rules need no signed mean or variance: zeros keep pool_params' l1, l2, max_abs and counts exact
-    out = pool_params(grads.assign(epoch=0, mean=0.0, var=0.0, l1=grads["abs_mean"] * grads["count"]))
-    return out[["step", "layer_id", "layer", "numel", "count", "nonfinite", "abs_mean", "max_abs", "l2"]]
+        return grads[GRAD_LAYER_COLUMNS].copy()
+    count = grads["count"].to_numpy()
+    d = pd.DataFrame({"step": grads["step"].to_numpy(), "layer_id": grads["layer_id"].to_numpy(),
+                      "layer": grads["layer"].to_numpy(), "numel": grads["numel"].to_numpy(), "count": count,
+                      "nonfinite": grads["nonfinite"].to_numpy(), "max_abs": grads["max_abs"].to_numpy(),
+                      "l1": grads["abs_mean"].to_numpy() * count, "_l2sq": grads["l2"].fillna(0).to_numpy() ** 2})
+    out = d.groupby(["step", "layer_id"], sort=True).agg(
+        layer=("layer", "first"), numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
+        max_abs=("max_abs", "max"), l1=("l1", "sum"), _l2sq=("_l2sq", "sum")).reset_index()
+    out["abs_mean"] = stats_from_sums(out["count"].to_numpy(), sum_abs=out["l1"].to_numpy())["abs_mean"]
+    out["l2"] = np.sqrt(out["_l2sq"])
+    return out[GRAD_LAYER_COLUMNS]
 
 
 def weight_table(ws: pd.DataFrame) -> pd.DataFrame:
@@ -114,13 +148,28 @@ def weight_layer_table(w: pd.DataFrame) -> pd.DataFrame:
     prev = d.groupby(["layer_id", "param"], sort=False)["l2"].shift(1)
     d["_dw2"] = (d["update_ratio"] * prev) ** 2
     d["_p2"] = prev ** 2
-    g = d.groupby(["step", "layer_id", "layer"], sort=True)
-    out = g.agg(_dw2=("_dw2", lambda v: v.sum(min_count=len(v))), _p2=("_p2", lambda v: v.sum(min_count=len(v))),
-                gap=("gap", "max")).reset_index()
+    d = d.sort_values(["step", "layer_id"], kind="stable")      # a layer's rows at a snapshot: contiguous
+    st, lid = d["step"].to_numpy(), d["layer_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, (st[1:] != st[:-1]) | (lid[1:] != lid[:-1])])
+    out = d.iloc[starts][["step", "layer_id", "layer"]].reset_index(drop=True)
+    for c in ("_dw2", "_p2"):      # NaN where any parameter's is
+        out[c] = strict_row_sums(d[c].to_numpy(np.float64), starts)
+    out["gap"] = np.fmax.reduceat(d["gap"].to_numpy(np.float64), starts)
     with np.errstate(divide="ignore", invalid="ignore"):
         out["update_ratio"] = np.sqrt(out["_dw2"]) / np.sqrt(out["_p2"]).where(out["_p2"] > 0)
         out["step_ratio"] = out["update_ratio"] / out["gap"]
     return out[cols]
+
+
+def strict_row_sums(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sums of the runs ``x[starts[k]:starts[k + 1]]`` (the last to the end), NaN where a run holds a NaN;
+    each run summed as a row of a (runs, length) array, bit for bit ``pd.Series(run).sum(min_count=len(run))``."""
+    n = np.diff(np.r_[starts, len(x)])
+    out = np.empty(len(starts))
+    for k in np.unique(n).tolist():
+        sel = n == k
+        out[sel] = x[starts[sel, None] + np.arange(k)].sum(axis=1)
+    return out
 
 
 def act_table(run) -> pd.DataFrame:
@@ -163,6 +212,18 @@ class Tables:
     def has(self, kind: str) -> bool:
         """Whether the trace holds payloads of ``kind`` (a ``trace.format.KIND_*``)."""
         return bool(self.run.catalog.shards_with(kind))
+
+    @property
+    def computed(self) -> set:
+        """Names of the tables computed (or adopted) so far."""
+        return {k for k in self._t if isinstance(k, str)}
+
+    def adopt(self, name: str, table: pd.DataFrame) -> None:
+        """Keep ``table`` as the table ``name`` (e.g. ``grads`` from :func:`grads_from_frame`: the report's
+        frames reused instead of a second pass over the shards). Only before the table was first used."""
+        if name in self._t:
+            raise ValueError(f"table {name!r} is already computed")
+        self._t[name] = table
 
     def _get(self, name: str, make) -> pd.DataFrame:
         if name not in self._t:

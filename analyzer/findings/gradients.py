@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..trace import format as fmt
 from .base import NEED_CHECKS, Rule, Threshold, finding
-from .robust import episodes, trailing_outliers
+from .robust import episodes, trailing_outliers_rows
 
 _PROJECT = "this project's choice"
 _IH = "Iglewicz & Hoaglin (1993): modified z-score outliers above 3.5"
@@ -35,14 +35,20 @@ class VanishingGradient(Rule):
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(top > 0, g["abs_mean"] / top, np.nan)
         g = g.assign(rel=rel, low=(g["abs_mean"] < p["absolute"]) | (rel < p["relative"]))
+        # the share of low steps per layer at once; only the layers that fire are looked at one by one
+        order, starts, ends = layer_runs(g)
+        low = g["low"].to_numpy(bool)[order]
+        nlow = np.add.reduceat(low.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
+        share = nlow / (ends - starts)
         out = []
-        for (lid, layer), d in g.groupby(["layer_id", "layer"], sort=True):
-            if len(d) and d["low"].mean() >= p["fraction"] and d["low"].any():
-                med = float(np.nanmedian(d["rel"])) if d["rel"].notna().any() else 0.0
-                out.append(finding(layer, None, d.loc[d["low"], "step"], med, p["relative"],
-                                   f"layer {layer!r}: mean |g| is {med:.2g} x the largest layer's (median over "
-                                   f"steps; median mean |g| {float(d['abs_mean'].median()):.2g}) on "
-                                   f"{int(d['low'].sum())} of {len(d)} steps"))
+        for k in np.flatnonzero((share >= p["fraction"]) & (nlow > 0)).tolist():
+            d = g.iloc[np.sort(order[starts[k]:ends[k]])]
+            layer = d["layer"].iloc[0]
+            med = float(np.nanmedian(d["rel"])) if d["rel"].notna().any() else 0.0
+            out.append(finding(layer, None, d.loc[d["low"], "step"], med, p["relative"],
+                               f"layer {layer!r}: mean |g| is {med:.2g} x the largest layer's (median over "
+                               f"steps; median mean |g| {float(d['abs_mean'].median()):.2g}) on "
+                               f"{int(d['low'].sum())} of {len(d)} steps"))
         return out
 
 
@@ -66,13 +72,35 @@ class _GradOutliers(Rule):
 
 
 def layer_outliers(df: pd.DataFrame, col: str, window: int, z: float, min_factor: float) -> list[tuple]:
-    """Per layer of ``df`` (step, layer_id, layer, ``col``): ``(layer, steps (n,), episodes, score, rise)``
-    of :func:`trailing_outliers` on ``col`` in step order."""
-    out = []
-    for (_, layer), d in df.sort_values("step").groupby(["layer_id", "layer"], sort=True):
-        flag, score, rise = trailing_outliers(d[col].to_numpy(), window, z, min_factor)
-        out.append((layer, d["step"].to_numpy(np.int64), episodes(flag), score, rise))
-    return out
+    """Per layer of ``df`` (step, layer_id, layer, ``col``), in layer id order: ``(layer, steps (n,),
+    episodes, score, rise)`` of :func:`trailing_outliers` on ``col`` in step order. Layers with the same
+    number of steps are judged together (:func:`trailing_outliers_rows`: one array operation for all)."""
+    order, starts, ends = layer_runs(df)
+    if not len(order):
+        return []
+    steps = df["step"].to_numpy(np.int64)[order]
+    vals = df[col].to_numpy(np.float64)[order]
+    names = df["layer"].to_numpy(object)[order[starts]]
+    lens = ends - starts
+    res: list = [None] * len(starts)
+    for n in np.unique(lens):
+        rows = np.flatnonzero(lens == n)
+        idx = starts[rows, None] + np.arange(n)[None, :]
+        flag, score, rise = trailing_outliers_rows(vals[idx], window, z, min_factor)
+        fired = flag.any(axis=1)
+        for j, r in enumerate(rows.tolist()):
+            res[r] = (names[r], steps[starts[r]:ends[r]], episodes(flag[j]) if fired[j] else [], score[j], rise[j])
+    return res
+
+
+def layer_runs(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, starts, ends): ``order`` sorts the rows of ``df`` by (layer_id, step); the rows of the
+    k-th layer (in id order) are ``order[starts[k]:ends[k]]``."""
+    lid = df["layer_id"].to_numpy(np.int64)
+    order = np.lexsort((df["step"].to_numpy(np.int64), lid))
+    s = lid[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if len(s) else np.zeros(0, np.int64)
+    return order, starts, np.r_[starts[1:], len(s)].astype(np.int64)
 
 
 class ExplodingGradient(_GradOutliers):
@@ -161,8 +189,10 @@ class AllZero(Rule):
         if not NEED_CHECKS["grads"](t):
             g = t.grads
             z = g[(g["count"] > 0) & (g["max_abs"] == 0)]
-            for (layer, param), d in z.groupby(["layer", "param"], sort=True):
-                n = int(g[(g["layer"] == layer) & (g["param"] == param)]["step"].nunique())
+            nu = (g[g["layer"].isin(z["layer"].unique())].groupby(["layer", "param"], observed=True)["step"]
+                  .nunique() if len(z) else None)      # steps per (layer, param), of the ones with zeros only
+            for (layer, param), d in z.groupby(["layer", "param"], sort=True, observed=True):
+                n = int(nu.loc[(layer, param)])
                 if len(d) >= p["min_steps"]:
                     out.append(finding(layer, param, d["step"], len(d) / max(n, 1), p["min_steps"],
                                        f"gradient of {layer}.{param} is all zero on {len(d)} of {n} steps"))

@@ -63,13 +63,16 @@ def _judge(xi, med, mad, z, min_rise, log, mad_floor):
     return score, rise, (score > z) & (rise >= min_rise)
 
 
-def _one_by_one(x, window, z, min_rise, min_ref, log, mad_floor):
+def _one_by_one(x, window, z, min_rise, min_ref, log, mad_floor, start: int = 0, done=None):
+    """Value by value from ``start``; ``done``: (flag, score, rise) already right before ``start``
+    (every value before it finite and unflagged: the reference is the last ``window`` of them)."""
     n = len(x)
-    flag = np.zeros(n, bool)
-    score = np.full(n, np.nan)
-    rise = np.full(n, np.nan)
-    ref: deque = deque(maxlen=window)
-    for i in range(n):
+    if done is None:
+        flag, score, rise = np.zeros(n, bool), np.full(n, np.nan), np.full(n, np.nan)
+    else:
+        flag, score, rise = (np.array(a, copy=True) for a in done)
+    ref: deque = deque(x[max(0, start - window):start].tolist(), maxlen=window)
+    for i in range(start, n):
         xi = x[i]
         if not np.isfinite(xi):
             continue
@@ -86,24 +89,82 @@ def _one_by_one(x, window, z, min_rise, min_ref, log, mad_floor):
 
 def _vectorised(x, window, z, min_rise, min_ref, log, mad_floor):
     """The result of :func:`_one_by_one` for finite ``x`` up to its first flagged value."""
-    n = len(x)
-    med = np.full(n, np.nan)
-    mad = np.full(n, np.nan)
+    flag, score, rise = _vectorised_rows(x[None, :], window, z, min_rise, min_ref, log, mad_floor)
+    return flag[0], score[0], rise[0]
+
+
+def _vectorised_rows(X, window, z, min_rise, min_ref, log, mad_floor):
+    """:func:`_vectorised` of each row of ``X`` (m, n) at once (medians along the last axis, by sorting)."""
+    m, n = X.shape
+    med = np.full((m, n), np.nan)
+    mad = np.full((m, n), np.nan)
     for i in range(min(max(min_ref, 1), n), min(window, n)):     # the first windows grow
-        a = x[:i]
-        med[i] = np.median(a)
-        mad[i] = np.median(np.abs(a - med[i]))
+        a = X[:, :i]
+        med[:, i] = _median(a)
+        mad[:, i] = _median(np.abs(a - med[:, i, None]))
     if n > window >= min_ref:
-        W = np.lib.stride_tricks.sliding_window_view(x[:-1], window)   # row j: the reference of value j + window
-        m = np.median(W, axis=1)
-        med[window:] = m
-        mad[window:] = np.median(np.abs(W - m[:, None]), axis=1)
+        # W[r, j]: the reference window of value j + window of row r
+        W = np.lib.stride_tricks.sliding_window_view(X[:, :-1], window, axis=1)
+        mw = _median(W)
+        med[:, window:] = mw
+        mad[:, window:] = _median(np.abs(W - mw[..., None]))
     ok = ~np.isnan(med)
-    score = np.full(n, np.nan)
-    rise = np.full(n, np.nan)
-    flag = np.zeros(n, bool)
-    sc, ri, fl = _judge(x[ok], med[ok], mad[ok], z, min_rise, log, mad_floor)
+    score = np.full((m, n), np.nan)
+    rise = np.full((m, n), np.nan)
+    flag = np.zeros((m, n), bool)
+    sc, ri, fl = _judge(X[ok], med[ok], mad[ok], z, min_rise, log, mad_floor)
     score[ok], rise[ok], flag[ok] = sc, ri, fl
+    return flag, score, rise
+
+
+def _median(a: np.ndarray) -> np.ndarray:
+    """np.median of finite values along the last axis, bit for bit (the middle value, or the two middle
+    values added and halved as np.mean does), by one sort (np.median's partition is slower on short rows)."""
+    k = a.shape[-1]
+    s = np.sort(a, axis=-1)
+    if k % 2:
+        return s[..., k // 2]
+    return (s[..., k // 2 - 1] + s[..., k // 2]) / 2.0
+
+
+#: float64 values one block of :func:`trailing_outliers_rows` holds per reference copy (~32 MB)
+BLOCK_VALUES = 1 << 22
+
+
+def trailing_outliers_rows(values, window: int, z: float, min_rise: float, min_ref: int = 5, log: bool = True,
+                           mad_floor: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`trailing_outliers` of every row of ``values`` (m, n) at once: row i of each result equals
+    ``trailing_outliers(values[i], ...)`` exactly. Rows are taken in blocks of at most
+    :data:`BLOCK_VALUES` reference values (bounded memory); a row with a non-finite value or an outlier
+    is done again alone (:func:`trailing_outliers`: flagged values leave the window).
+
+    Returns:
+        (flagged bool (m, n), score float (m, n), rise float (m, n)).
+    """
+    v = np.asarray(values, np.float64)
+    if v.ndim != 2:
+        raise ValueError(f"values must be 2-D (series x steps), not of shape {v.shape}")
+    m, n = v.shape
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.log10(np.where(v > 0, v, np.nan)) if log else v
+    args = (int(window), float(z), float(min_rise), int(min_ref), bool(log), float(mad_floor))
+    flag = np.zeros((m, n), bool)
+    score = np.full((m, n), np.nan)
+    rise = np.full((m, n), np.nan)
+    finite = np.isfinite(x).all(axis=1)
+    rows = np.flatnonzero(finite)
+    per = max(1, BLOCK_VALUES // max(1, n * max(1, min(int(window), n))))
+    for a in range(0, len(rows), per):
+        r = rows[a:a + per]
+        flag[r], score[r], rise[r] = _vectorised_rows(x[r], *args)
+    for i in np.flatnonzero(~finite):
+        flag[i], score[i], rise[i] = _one_by_one(x[i], *args)
+    for i in np.flatnonzero(finite & flag.any(axis=1)):
+        # right up to the first outlier; from there value by value (an outlier stays out of the window)
+        first = int(np.argmax(flag[i]))
+        keep = np.arange(n) < first
+        done = (flag[i] & keep, np.where(keep, score[i], np.nan), np.where(keep, rise[i], np.nan))
+        flag[i], score[i], rise[i] = _one_by_one(x[i], *args, start=first, done=done)
     return flag, score, rise
 
 

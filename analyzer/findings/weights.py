@@ -35,12 +35,18 @@ class WeightUpdateRatio(Rule):
     def check(self, t, p):
         w = t.weight_layers
         w = w[np.isfinite(w["step_ratio"])]
+        # every layer's median at once; only the layers outside the band are looked at one by one
+        w = w.sort_values("layer_id", kind="stable")
+        lid = w["layer_id"].to_numpy()
+        starts = np.flatnonzero(np.r_[True, lid[1:] != lid[:-1]]) if len(lid) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(lid)].astype(np.int64)
+        g = w.groupby("layer_id", sort=True)["step_ratio"]
+        med_all = g.median().to_numpy(np.float64)
+        pos = (w["step_ratio"] > 0).groupby(w["layer_id"], sort=True).any().to_numpy(bool)
         out = []
-        for (_, layer), d in w.groupby(["layer_id", "layer"], sort=True):
-            r = d["step_ratio"]
-            if not (r > 0).any():
-                continue
-            med = float(r.median())
+        for k in np.flatnonzero(pos & ((med_all < p["low"]) | (med_all > p["high"]))).tolist():
+            d = w.iloc[starts[k]:ends[k]]
+            r, layer, med = d["step_ratio"], d["layer"].iloc[0], float(med_all[k])
             if med < p["low"]:
                 side, thr, sev = "small", p["low"], None
             elif med > max(p["extreme"], p["high"]):
@@ -74,17 +80,22 @@ class UnchangedWeights(Rule):
     }
 
     def check(self, t, p):
-        w = t.weights
+        w = t.weights.sort_values(["layer", "param", "step"], kind="stable")
+        # per (layer, param), every snapshot pair at once: a parameter's rows after its first must all be
+        # finite and at most tol (||w_prev|| = 0: unchanged when ||w_t|| is 0 as well)
+        key = w.groupby(["layer", "param"], sort=False).ngroup().to_numpy()
+        first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.zeros(0, bool)
+        r = w["update_ratio"].to_numpy(np.float64)
+        r = np.where(np.isnan(r) & ~first & (w["l2"].to_numpy(np.float64) == 0), 0.0, r)
+        bad = ~first & ~(np.isfinite(r) & (r <= p["tol"]))
+        starts = np.flatnonzero(first)
+        n = np.diff(np.r_[starts, len(key)])
+        nbad = np.add.reduceat(bad.astype(np.int64), starts) if len(starts) else n
         out = []
-        for (layer, param), d in w.groupby(["layer", "param"], sort=True):
-            r = d["update_ratio"].to_numpy(np.float64)
-            # ||w_prev|| = 0: unchanged when ||w_t|| is 0 as well
-            l2 = d["l2"].to_numpy(np.float64)
-            r = np.where(np.isnan(r) & (np.arange(len(r)) > 0) & (l2 == 0), 0.0, r)
-            pairs = r[1:]
-            if len(d) >= p["min_snapshots"] and len(pairs) and np.all(np.isfinite(pairs)) and \
-                    np.all(pairs <= p["tol"]):
-                out.append(finding(layer, param, d["step"], float(pairs.max()), p["tol"],
-                                   f"{layer}.{param} did not change over {len(d)} snapshots (steps "
-                                   f"{int(d['step'].min())} to {int(d['step'].max())})"))
+        for k in np.flatnonzero((n >= max(2, p["min_snapshots"])) & (nbad == 0)).tolist():
+            d = w.iloc[starts[k]:starts[k] + n[k]]
+            layer, param, pairs = d["layer"].iloc[0], d["param"].iloc[0], r[starts[k] + 1:starts[k] + n[k]]
+            out.append(finding(layer, param, d["step"], float(pairs.max()), p["tol"],
+                               f"{layer}.{param} did not change over {len(d)} snapshots (steps "
+                               f"{int(d['step'].min())} to {int(d['step'].max())})"))
         return out

@@ -22,7 +22,8 @@ from ..trace.files import atomic_write, write_text_atomic
 from ..trace.format import TraceError
 from ..values import csv_safe, json_safe
 from . import figures as F
-from .data import load_frames
+from . import data as report_data
+from .data import STEP_TABLES, load_frames, step_table_policy
 from .options import check_activation_options
 from .page import DETAIL_PAGE, render_detail_page, render_page
 from .sections import GROUPS, SECTIONS
@@ -31,6 +32,8 @@ from .sections.nonfinite import nonfinite_html
 
 FIG_DIR = F.FIG_DIR
 TAB_DIR = "tables"
+#: summary.json is written on one line (no indentation) past this many layers
+COMPACT_JSON_LAYERS = 2000
 
 #: the definitions of the per-layer headline numbers (summary.json)
 DEFINITIONS = {
@@ -93,6 +96,23 @@ class Report:
         atomic_write(os.path.join(self.out, TAB_DIR, f"{name}.csv"), lambda p: csv_safe(df).to_csv(p, index=False))
         self.tables.append({"file": rel, "rows": int(len(df)), "description": description})
 
+    def step_table(self, name: str, df: pd.DataFrame, description: str) -> None:
+        """Write the per-step table ``name`` (a key of :data:`analyzer.report.data.STEP_TABLES`) whole when it
+        fits :data:`~analyzer.report.data.ROW_BUDGET` rows, else the per-epoch (and per-group) tables that
+        stand for it (:func:`~analyzer.report.data.step_table_policy`), and list it under skipped with the
+        reason and how to read every row."""
+        alt = step_table_policy(name, df, self.data)
+        if alt is None:
+            self.table(name, df, description)
+            return
+        instead = ", ".join(f"{TAB_DIR}/{n}.csv" for n, _, _ in alt) or (
+            f"{TAB_DIR}/grad_stats_epoch.csv (per epoch)" if name == "grad_stats_step" else "")
+        self.skip(f"table {TAB_DIR}/{name}.csv", f"{len(df):,} rows ({description}) are more than the report's "
+                  f"{report_data.ROW_BUDGET:,}; written instead: {instead}; every row: bbdecoder.open(RUN)."
+                  f"{STEP_TABLES[name].removeprefix('run.')} in Python, or a report of fewer layers (layers=...)")
+        for n, t, desc in alt:
+            self.table(n, t, f"{desc} (instead of {name}.csv: {len(df):,} rows)")
+
     def detail_ids(self) -> set:
         """Ids of the layers that get per-layer figures (the detail page): the ``detail`` option's
         layers ("all": every layer of the report); by default the layers a user selected with
@@ -126,6 +146,7 @@ class Report:
         t0 = time.perf_counter()
         before = self._existing()
         self.data = d = load_frames(self.run, self.layers_spec)
+        self._share_with_findings(d)
         if not len(d.gl):
             self.missing.append("no gradients")
         if not len(d.ws1):
@@ -148,15 +169,30 @@ class Report:
         summary["stale_files"] = sorted(p for p in before if p not in written)
         summary["figure_processes"] = self.figure_processes
         summary["seconds"] = round(time.perf_counter() - t0, 3)
+        safe = json_safe(summary)
+        # indented for a person up to a few thousand layers; past that one line (the C encoder: 100,000 layers
+        # take 0.5 s instead of 9 s indented)
+        indent = 1 if len(safe["layers"]) <= COMPACT_JSON_LAYERS else None
         write_text_atomic(os.path.join(self.out, "summary.json"),
-                          json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
+                          json.dumps(safe, indent=indent, allow_nan=False) + "\n")
         write_text_atomic(os.path.join(self.out, "index.html"),
                           render_page(summary, self.figures, self.tables, GROUPS, lambda nf: findings_html(
                               summary["findings"], self.figures) + nonfinite_html(nf)))
         if any(f["section"] == "layers" for f in self.figures):
             write_text_atomic(os.path.join(self.out, DETAIL_PAGE),
                               render_detail_page(summary, self.figures, GROUPS, self.detail_reason()))
-        return json_safe(summary)
+        return safe
+
+    def _share_with_findings(self, d) -> None:
+        """Hand the per-step gradient frame to the health rules' tables (:func:`analyzer.findings.data.
+        grads_from_frame`) so that the findings section does not read the gradient statistics again."""
+        from ..findings.data import grads_from_frame
+        tables = self.run.findings_tables()
+        if "grads" in tables.computed:
+            return
+        g = grads_from_frame(self.run.catalog, d.gs_all, d.ids)
+        if g is not None:
+            tables.adopt("grads", g)
 
     def _add(self, section) -> None:
         """Run one section; one that fails on this trace (a hostile or damaged file the readers let

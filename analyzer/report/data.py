@@ -332,6 +332,64 @@ def rows_note(rows: pd.DataFrame | None) -> str:
             "inside a row is named by the findings above; every layer's numbers are in tables/layer_summary.csv.")
 
 
+#: A per-step table of the report (:data:`STEP_TABLES`) with more rows than this (about 85 MB of CSV) is
+#: written per epoch instead (:func:`step_table_policy`); the tables per layer keep every layer.
+ROW_BUDGET = 500_000
+
+#: the per-step tables under :data:`ROW_BUDGET`, and how each is read whole through the Python API
+STEP_TABLES = {"grad_stats_step": "run.grad_stats()", "grad_stats_layer": 'run.grad_stats(by="layer")',
+               "weight_stats": "run.weight_stats()"}
+
+
+def epoch_means(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per (``keys``, epoch) of a per-step gradient table (columns step, epoch, ``keys``, numel, count,
+    nonfinite, mean, abs_mean, max_abs, var, l1, l2), with the definitions of ``Run.grad_stats(per="epoch")``:
+    n_steps, the mean over the epoch's steps of mean, abs_mean, var, l1, l2, max of max_abs, l2_var =
+    variance across the steps of l2 (ddof 0), nonfinite and count summed, numel as recorded (the last)."""
+    by = [c for c in ("rank",) if c in df.columns] + ["epoch"] + keys
+    g = df.groupby(by, sort=True)
+    out = g.agg(numel=("numel", "last"), n_steps=("step", "size"), count=("count", "sum"),
+                nonfinite=("nonfinite", "sum"), mean=("mean", "mean"), abs_mean=("abs_mean", "mean"),
+                max_abs=("max_abs", "max"), var=("var", "mean"), l1=("l1", "mean"), l2=("l2", "mean")).reset_index()
+    out["l2_var"] = g["l2"].var(ddof=0).to_numpy()
+    return out
+
+
+def last_snapshots(ws: pd.DataFrame) -> pd.DataFrame:
+    """Per (epoch, layer, parameter) of a weight statistics table: the epoch's last snapshot (its row as
+    is: l2, update_ratio since the snapshot before, ...) and n_snapshots, the epoch's snapshots."""
+    by = [c for c in ("rank",) if c in ws.columns] + ["epoch", "layer_id", "param"]
+    d = ws.sort_values(by + ["step"], kind="stable")
+    n = d.groupby(by, sort=False)["step"].transform("size")
+    last = ~d.duplicated(by, keep="last")
+    return d[last].assign(n_snapshots=n[last].to_numpy(np.int64)).reset_index(drop=True)
+
+
+def step_table_policy(name: str, df: pd.DataFrame, d: "Frames") -> list[tuple[str, pd.DataFrame, str]] | None:
+    """What the report writes for the per-step table ``name`` (a key of :data:`STEP_TABLES`): None when it
+    has at most :data:`ROW_BUDGET` rows (written whole); else the tables that stand for it: grad_stats_step
+    -> none (grad_stats_epoch holds every (epoch, layer, parameter)); grad_stats_layer -> grad_stats_layer_epoch
+    (:func:`epoch_means`) and, where the across-layer figures group layers (``d.rows``), grad_stats_groups_step
+    (every step of the figures' groups of layers, :func:`grouped_grad_stats`) when it fits the budget;
+    weight_stats -> weight_stats_epoch (:func:`last_snapshots`). Returns [(name, table, description)]."""
+    if len(df) <= ROW_BUDGET:
+        return None
+    if name == "grad_stats_step":
+        return []
+    if name == "grad_stats_layer":
+        out = [("grad_stats_layer_epoch", epoch_means(df, ["layer_id", "layer"]),
+                "gradient statistics per (epoch, layer), parameters pooled: means over the epoch's steps "
+                "(as grad_stats_epoch), max of max_abs, l2_var")]
+        if d.rows is not None and len(d.fig_gl) <= ROW_BUDGET:
+            out.append(("grad_stats_groups_step", d.fig_gl, "gradient statistics per (step, group of layers) "
+                        "of the across-layer figures: layer_id = the group's first layer, layer = its name"))
+        return out
+    if name == "weight_stats":
+        return [("weight_stats_epoch", last_snapshots(df), "weight statistics per (epoch, layer, parameter) "
+                 "at the epoch's last snapshot, with n_snapshots")]
+    raise ValueError(f"{name!r} is not a per-step table of the report ({', '.join(STEP_TABLES)})")
+
+
 class Frames(NamedTuple):
     """The run's tables that the sections share, read once per report.
 

@@ -10,9 +10,9 @@ def add(rep) -> None:
     rep.table("layers", d.layers.assign(in_report=d.layers["id"].isin(d.ids)),
               "layer table: id, dotted name, type, parameter count, key, recorded, in this report")
     rep.table("steps", d.steps, "one row per recorded step: step, epoch, loss, time (s), wall, dropped")
-    rep.table("grad_stats_step", d.gs_all, "gradient statistics per (step, layer, parameter)")
+    rep.step_table("grad_stats_step", d.gs_all, "gradient statistics per (step, layer, parameter)")
     rep.table("grad_stats_epoch", d.ge_all, "gradient statistics per (epoch, layer, parameter), "
               "incl. l2_var and grad_noise")
-    rep.table("grad_stats_layer", d.gl_all, "gradient statistics per (step, layer), parameters pooled")
-    rep.table("weight_stats", d.ws, "weight statistics per (snapshot, layer, parameter), incl. update_ratio")
+    rep.step_table("grad_stats_layer", d.gl_all, "gradient statistics per (step, layer), parameters pooled")
+    rep.step_table("weight_stats", d.ws, "weight statistics per (snapshot, layer, parameter), incl. update_ratio")
     rep.table("layer_summary", d.summary, "headline numbers per layer (as in summary.json)")
