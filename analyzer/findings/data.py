@@ -115,12 +115,19 @@ def grad_layer_table(grads: pd.DataFrame) -> pd.DataFrame:
         return grads[GRAD_LAYER_COLUMNS].copy()
     count = grads["count"].to_numpy()
     d = pd.DataFrame({"step": grads["step"].to_numpy(), "layer_id": grads["layer_id"].to_numpy(),
-                      "layer": grads["layer"].to_numpy(), "numel": grads["numel"].to_numpy(), "count": count,
+                      "numel": grads["numel"].to_numpy(), "count": count,
                       "nonfinite": grads["nonfinite"].to_numpy(), "max_abs": grads["max_abs"].to_numpy(),
-                      "l1": grads["abs_mean"].to_numpy() * count, "_l2sq": grads["l2"].fillna(0).to_numpy() ** 2})
+                      "l1": grads["abs_mean"].to_numpy() * count, "_l2sq": grads["l2"].fillna(0).to_numpy() ** 2},
+                     copy=False)   # views of grads' columns: a dict is copied by default
+    # grouped by the integer keys only (a layer's name follows its id): the names are looked up per layer
+    # afterwards, not carried through the groupby per row (100,000 layers: 4 million rows; issue 16)
     out = d.groupby(["step", "layer_id"], sort=True).agg(
-        layer=("layer", "first"), numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
+        numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
         max_abs=("max_abs", "max"), l1=("l1", "sum"), _l2sq=("_l2sq", "sum")).reset_index()
+    del d
+    ids, first = np.unique(grads["layer_id"].to_numpy(), return_index=True)
+    names = grads["layer"].to_numpy()[first]
+    out["layer"] = pd.array(names[np.searchsorted(ids, out["layer_id"].to_numpy())], dtype=grads["layer"].dtype)
     out["abs_mean"] = stats_from_sums(out["count"].to_numpy(), sum_abs=out["l1"].to_numpy())["abs_mean"]
     out["l2"] = np.sqrt(out["_l2sq"])
     return out[GRAD_LAYER_COLUMNS]

@@ -115,6 +115,8 @@ def render(pending: list[FigureSpec], out: str, jobs: int, before_fork: Callable
     if before_fork is not None:
         before_fork()
     release_free_memory()   # the workers inherit this process's pages: fewer of them
+    import gc
+    gc.freeze()   # the workers' collector leaves the inherited objects alone: their pages stay shared
     errors: list[str | None] = [None] * len(pending)
     try:   # the workers are forked at the first submit, before the executor starts its threads
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as ex:
@@ -126,6 +128,7 @@ def render(pending: list[FigureSpec], out: str, jobs: int, before_fork: Callable
                     errors[i] = f"its drawing process failed: {type(e).__name__}"
     finally:
         _RENDER = None
+        gc.unfreeze()
     return errors, jobs
 
 
