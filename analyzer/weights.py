@@ -123,12 +123,12 @@ def weight_histograms(catalog: Catalog, layer: Any, bins: int, param: str | None
     for shard, lk, pk2, steps, block in iter_blocks(catalog, fmt.KIND_WEIGHTS, {(L["key"], pk)}, progress):
         if shard.rank != rank and not sharded:
             continue
-        flat = block.reshape(len(steps), -1).astype(np.float64)
+        flat = block.reshape(len(steps), -1)
         for i in range(len(steps)):
-            x = flat[i][np.isfinite(flat[i])]
             # uniform bins: numpy's linear path, which corrects each index against np.linspace edges
-            # (the same edges): the counts of bins=edges, without sorting the values
-            c = np.histogram(x, bins=bins, range=(edges[0], edges[-1]))[0].astype(np.int64)
+            # (the same edges): the counts of bins=edges, without sorting the values; NaN and +-inf
+            # fall outside the (finite) range and are not counted, as before without a copy of the finite
+            c = np.histogram(flat[i], bins=bins, range=(edges[0], edges[-1]))[0].astype(np.int64)
             if sharded:
                 acc = per_step.setdefault(int(steps[i]), [0, 0])
                 acc[0] = acc[0] + c

@@ -8,7 +8,9 @@ without recorded steps, or a step range that holds none, gives an empty table of
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+import weakref
+from collections import OrderedDict
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -24,6 +26,46 @@ FIRST = fmt.SITE_WINDOW_STAT
 
 #: health statistics merged by their maximum (the others add): see docs/trace-format.md
 MAX_STATS = ("logit_max", "n_massive", "massive_ratio")
+
+
+#: Bytes of per-unit statistics kept per catalogue between reads (float64, least recently used dropped
+#: first): a report reads every site several times (the findings, the dead-unit sweep at several
+#: thresholds, saturation, the overview), each an HDF5 read per shard and statistic otherwise.
+CACHE_BYTES = 64 << 20
+
+
+class _Cache:
+    """Arrays read from a run's shards, by key, within a byte budget (LRU). Shards are immutable once
+    closed and a key holds the payload's row count, so a kept array never goes stale."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.items: OrderedDict = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: tuple, load: Callable[[], np.ndarray]) -> np.ndarray:
+        v = self.items.get(key)
+        if v is not None:
+            self.items.move_to_end(key)
+            return v
+        v = load()
+        if v.nbytes <= self.budget // 8:    # one large array never pushes out all the others
+            v.flags.writeable = False
+            self.items[key] = v
+            self.nbytes += v.nbytes
+            while self.nbytes > self.budget:
+                self.nbytes -= self.items.popitem(last=False)[1].nbytes
+        return v
+
+
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # catalogue -> its _Cache
+
+
+def _cache(catalog) -> _Cache:
+    c = _CACHES.get(catalog)
+    if c is None:
+        c = _CACHES[catalog] = _Cache(CACHE_BYTES)
+    return c
 
 
 def _rule(stat: str) -> str:
@@ -139,21 +181,25 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
     if want and is_windowed(site) and FIRST not in want:
         want.append(FIRST)
     shards = run.catalog.shards_with(fmt.KIND_ACT_STATS, {(site["key"], want[0])}, rank=rank)
+    cache = _cache(run.catalog)
+    K, key = fmt.KIND_ACT_STATS, site["key"]
     for sh in shards:
         with run.catalog.open_shard(sh) as r:
-            st = r.read_payload_steps(fmt.KIND_ACT_STATS, site["key"], want[0])
+            st = cache.get((sh.path, K, key, want[0], "steps", sh.payloads[(K, key, want[0])][0]),
+                           lambda: np.asarray(r.read_payload_steps(K, key, want[0])))
             m = keep(st)
             if not m.any():
                 continue
             out = {}
             for s in want:
-                if (fmt.KIND_ACT_STATS, site["key"], s) not in sh.payloads:
+                if (K, key, s) not in sh.payloads:
                     raise TraceError(f"corrupt shard {sh.name}: site {site['name']} lacks {s!r}")
-                rows = sh.payloads[(fmt.KIND_ACT_STATS, site["key"], s)][0]
+                rows = sh.payloads[(K, key, s)][0]
                 if rows != len(st):
                     raise TraceError(f"corrupt shard {sh.name}: site {site['name']} {s!r} has {rows} rows, "
                                      f"expected {len(st)}")
-                out[s] = np.asarray(r.read_payload(fmt.KIND_ACT_STATS, site["key"], s, 0, rows), np.float64)[m]
+                out[s] = cache.get((sh.path, K, key, s, rows), lambda s=s, rows=rows: np.asarray(
+                    r.read_payload(K, key, s, 0, rows), np.float64))[m]
             yield st[m], out, sh.rank
 
 

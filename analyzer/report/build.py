@@ -63,10 +63,10 @@ class Report:
         self.detail_spec = detail
         self.module_depth = None   # depth of the module table and graph (None: analyzer.graph.default_depth)
         self.jobs = F.default_jobs() if jobs is None else max(1, int(jobs))
-        self.pending: list[F.FigureSpec] = []   # figures to draw once every section has been computed
         self.figure_processes = 1
         self.act = dict(act or check_activation_options())
         self.out = os.path.abspath(os.fspath(out_dir))
+        self.drawing = F.Drawing(self.out, self.jobs)   # the queued figures and their drawing processes
         self.layers_spec = layers
         self.bins = bins
         self.progress = progress or run.progress
@@ -88,7 +88,7 @@ class Report:
         """Queue figures/<name>.png, drawn by ``draw()`` (returns the figure) once every section ran.
         ``caption_html``: HTML built from escaped parts. ``layer``: the layer record (row of the layer
         table) of a per-layer figure. ``areas``: tooltips over the picture (:mod:`.tooltips`)."""
-        self.pending.append(F.FigureSpec(name, title, caption_html, draw, section, layer, tuple(areas)))
+        self.drawing.add(F.FigureSpec(name, title, caption_html, draw, section, layer, tuple(areas)))
 
     def table(self, name: str, df: pd.DataFrame, description: str) -> None:
         """Write tables/<name>.csv (atomically) and list it."""
@@ -204,14 +204,15 @@ class Report:
             why = " ".join(str(e).split())[:300] or type(e).__name__
             self.skip(f"{name} section", why if isinstance(e, TraceError) else f"{type(e).__name__}: {why}")
             warnings.warn(f"bbdecoder report: the {name} section was skipped: {why}", stacklevel=4)
+        self.drawing.meanwhile()   # the figures queued so far are drawn while the next sections compute
 
     def _render(self) -> None:
-        """Draw the queued figures (see :func:`analyzer.report.figures.render`). A figure that cannot
+        """Draw the queued figures (see :class:`analyzer.report.figures.Drawing`). A figure that cannot
         be drawn is listed as skipped with its error (one warning each); the others are listed in
         queue order."""
-        pending, self.pending = self.pending, []
-        errors, self.figure_processes = F.render(pending, self.out, self.jobs, before_fork=self.run.close)
-        for spec, err in zip(pending, errors):
+        errors = self.drawing.finish(before_fork=self.run.close)
+        self.figure_processes = self.drawing.processes
+        for spec, err in zip(self.drawing.specs, errors):
             if err is None:
                 self.figures.append({"file": f"{FIG_DIR}/{spec.name}.png", "title": spec.title,
                                      "caption_html": spec.caption_html, "section": spec.section,

@@ -1,7 +1,8 @@
 """Drawing the report's figures: a figure is queued as a :class:`FigureSpec` (its name, title, caption
-and a ``draw()`` closure over its data) while the sections run, and all are drawn at the end, in
-forked processes where that is safe (:func:`render`). Nothing here imports torch; matplotlib is
-imported on the first figure."""
+and a ``draw()`` closure over its data) while the sections run, and drawn by forked processes that
+take the queued figures from one shared counter (:class:`Drawing`): one process starts drawing while
+the later sections still compute, the others join at the end. Nothing here imports torch;
+matplotlib is imported on the first figure."""
 
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ from . import plots
 
 FIG_DIR = "figures"
 DPI = 100
-
-_RENDER: tuple | None = None   # (pending figures, out dir) while a fork pool draws them
-
 
 class FigureSpec(NamedTuple):
     """One queued figure of the report.
@@ -79,61 +77,141 @@ def draw_and_save(spec: FigureSpec, out: str) -> str | None:
         return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
-def _render_one(i: int) -> str | None:
-    """In a forked worker: figure ``i`` of the inherited queue."""
-    pending, out = _RENDER
+def _claim_and_draw(specs: list[FigureSpec], n: int, counter, out: str, conn) -> None:
+    """In a forked process: take the next undrawn figure of ``specs[:n]`` from the shared ``counter``
+    until none is left; send ``(index, error or None)`` after each (a crash loses one figure only)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return draw_and_save(pending[i], out)
+        while True:
+            with counter.get_lock():
+                i = counter.value
+                if i >= n:
+                    break
+                counter.value = i + 1
+            conn.send((i, draw_and_save(specs[i], out)))
+    conn.close()
 
 
-def render(pending: list[FigureSpec], out: str, jobs: int, before_fork: Callable[[], None] | None = None
-           ) -> tuple[list[str | None], int]:
-    """Draw and save the queued figures, in ``jobs`` forked processes where that is safe (a platform
-    with fork, no other thread in this process: the drawing closures and their data are inherited,
-    nothing is pickled but an index and an error line), else one after the other.
+class Drawing:
+    """The queued figures of one report and the processes that draw them.
 
-    Args:
-        pending: the figures, in queue order.
-        out: the report directory (figures go to ``out``/figures).
-        jobs: the most drawing processes; at most one per 4 figures are used.
-        before_fork: called once before forking (closes open files the workers must not inherit).
+    Where forking is safe and ``jobs`` > 1, the figures are drawn by processes forked from this one
+    (the drawing closures and their data are inherited, nothing is pickled but an index and an error
+    line), each taking the next undrawn figure from one shared counter: :meth:`meanwhile` (called
+    between sections) keeps one process drawing the figures queued so far while this process
+    computes the next sections; :meth:`finish` adds processes for the rest and waits for all.
+    Otherwise :meth:`finish` draws every figure here, one after the other.
 
-    Returns:
-        (errors, processes): per figure None or its error as one line, in queue order whatever the
-        order they finished in; and the number of drawing processes used.
+    Attributes:
+        specs: the queued figures, in queue order. processes: the most processes that drew at once.
     """
-    jobs = min(jobs, len(pending) // 4 or 1)
-    if jobs > 1 and not fork_is_safe():
-        jobs = 1
-    if jobs <= 1:
-        return [draw_and_save(p, out) for p in pending], jobs
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    global _RENDER
-    _RENDER = (pending, out)
-    if before_fork is not None:
-        before_fork()
-    release_free_memory()   # the workers inherit this process's pages: fewer of them
-    import gc
-    gc.freeze()   # the workers' collector leaves the inherited objects alone: their pages stay shared
-    errors: list[str | None] = [None] * len(pending)
-    try:   # the workers are forked at the first submit, before the executor starts its threads
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as ex:
-            futures = {i: ex.submit(_render_one, i) for i in longest_first(pending)}
-            for i, fut in futures.items():
+
+    def __init__(self, out: str, jobs: int):
+        self.out = out
+        self.jobs = max(1, int(jobs))
+        self.specs: list[FigureSpec] = []
+        self.processes = 1
+        self._counter = None        # the shared "next figure to draw", once a process was forked
+        self._known = 0             # figures queued when the last process was forked
+        self._running: list = []    # [(process, connection)]
+        self._errors: dict[int, str | None] = {}
+
+    def add(self, spec: FigureSpec) -> None:
+        """Queue a figure."""
+        self.specs.append(spec)
+
+    def _parallel(self) -> bool:
+        return self.jobs > 1 and available_cpus() > 1 and fork_is_safe()
+
+    def _unclaimed(self) -> int:
+        return len(self.specs) - (self._counter.value if self._counter is not None else 0)
+
+    def _reap(self, block: bool = False) -> None:
+        """Collect the answers of the drawing processes (all of them, waiting, when ``block``)."""
+        still = []
+        for proc, conn in self._running:
+            while block or conn.poll():
                 try:
-                    errors[i] = fut.result()
-                except Exception as e:  # noqa: BLE001 - a drawing process died (killed, crashed)
-                    errors[i] = f"its drawing process failed: {type(e).__name__}"
-    finally:
-        _RENDER = None
+                    i, err = conn.recv()
+                except (EOFError, OSError):   # ended: every answer read
+                    conn.close()
+                    proc.join()
+                    break
+                self._errors[i] = err
+            else:
+                still.append((proc, conn))
+        self._running = still
+
+    def _fork(self, n: int) -> None:
+        if n <= 0:
+            return
+        import multiprocessing as mp
+        ctx = mp.get_context("fork")
+        if self._counter is None:
+            plots.warm_up()     # matplotlib and its fonts loaded once, here, not in every process
+            self._counter = ctx.Value("q", 0)
+        import gc
+        gc.freeze()   # no collector touches the objects alive now: their pages stay shared
+        for _ in range(n):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_claim_and_draw, daemon=True,
+                               args=(self.specs, len(self.specs), self._counter, self.out, send))
+            proc.start()
+            send.close()
+            self._running.append((proc, recv))
+        self._known = len(self.specs)
+        self.processes = max(self.processes, len(self._running))
+
+    def meanwhile(self) -> None:
+        """Between sections: when figures wait that no drawing process knows of (queued after it was
+        forked) and every process is drawing its last figure or none is left, fork one over the figures
+        queued so far (at most ``jobs`` at once), so that they are drawn on another CPU while this
+        process computes."""
+        if not self._parallel():
+            return
+        self._reap()
+        idle = not self._running or self._counter.value >= self._known   # nothing left for them to take
+        if self._unclaimed() > 0 and idle and len(self._running) < self.jobs:
+            self._fork(1)
+
+    def finish(self, before_fork: Callable[[], None] | None = None) -> list[str | None]:
+        """Draw every figure not drawn yet (up to ``jobs`` processes at once, at most one per 4 figures
+        left) and wait for all; returns each figure's error or None, in queue order.
+
+        Args:
+            before_fork: called once before forking (closes open files the workers must not inherit).
+        """
+        if self._counter is None:
+            want = min(self.jobs, len(self.specs) // 4 or 1)
+            if want <= 1 or not self._parallel():   # one process: every figure here
+                return [draw_and_save(sp, self.out) for sp in self.specs]
+        else:
+            self._reap()
+            left = self._unclaimed()
+            want = min(self.jobs, len(self._running) + (left // 4 or 1)) if left else 0
+        if want > len(self._running) and self._parallel():
+            if before_fork is not None:
+                before_fork()
+            release_free_memory()   # the workers inherit this process's pages: fewer of them
+            self._fork(want - len(self._running))
+        if self._known < len(self.specs):   # no process knows the last figures (none could be forked)
+            self._draw_here()
+        self._reap(block=True)
+        self._draw_here()   # what no process took (the processes that knew them died)
+        import gc
         gc.unfreeze()
-    return errors, jobs
+        return [self._errors.get(i, "its drawing process ended without drawing it") for i in range(len(self.specs))]
 
+    def _draw_here(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            while (i := self._claim(len(self.specs))) is not None:
+                self._errors[i] = draw_and_save(self.specs[i], self.out)
 
-def longest_first(pending: list[FigureSpec]) -> list[int]:
-    """The order the workers take the figures in: the whole-model figures (heatmaps of every layer,
-    many lines: 0.3-1 s each) before the per-layer ones (about 0.1 s each, alike), queue order within
-    each, so that the small ones fill the workers' last gaps instead of a large one ending alone."""
-    return sorted(range(len(pending)), key=lambda i: pending[i].layer is not None)
+    def _claim(self, n: int) -> int | None:
+        with self._counter.get_lock():
+            i = self._counter.value
+            if i >= n:
+                return None
+            self._counter.value = i + 1
+            return i

@@ -1,7 +1,7 @@
 """The report's line and bar figures drawn with plain matplotlib (issue 17, item 3: seaborn's lineplot
 and barplot were a third of the figure time): every line holds exactly its group's finite points in x
 order, bars equal the gradient flow table, minor log ticks go only where matplotlib would not label
-them, and the figure workers take the whole-model figures first."""
+them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from bbdecoder.analyzer.report import plots
-from bbdecoder.analyzer.report.figures import FigureSpec, longest_first
 
 
 def _lines(ax):
@@ -83,12 +82,6 @@ def test_minor_log_ticks_only_where_matplotlib_labels_them(hi, minor):
     labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
     assert len(labels) >= 2              # a span under a decade keeps its labelled minor ticks
     plots.close(fig)
-
-
-def test_figure_workers_take_whole_model_figures_first():
-    spec = [FigureSpec(n, n, "", lambda: None, "x", layer) for n, layer in
-            (("a", None), ("l1", 1), ("b", None), ("l2", 2), ("c", None))]
-    assert longest_first(spec) == [0, 2, 4, 1, 3]
 
 
 def test_pruning_sweep_legend_names_every_site():

@@ -63,7 +63,8 @@ def test_forked_figures_equal_in_process_figures(run_dir, tmp_path, broken):
     one = _report(run_dir, tmp_path / "one", 1, broken)
     two = _report(run_dir, tmp_path / "two", 3, broken)
     s1, s2 = one["summary"], two["summary"]
-    assert s1["figure_processes"] == 1 and s2["figure_processes"] == 3
+    # one process draws while the sections compute, up to jobs at the end
+    assert s1["figure_processes"] == 1 and 2 <= s2["figure_processes"] <= 3
     assert s1["figures"] == s2["figures"] and len(s1["figures"]) >= 12     # same figures, same order
     for f in s1["figures"]:                                                 # byte for byte
         a = (tmp_path / "one" / f).read_bytes()
@@ -103,14 +104,15 @@ def test_jobs_argument_and_fork_guard(run_dir, tmp_path):
 
 
 def test_a_dying_drawing_process_does_not_hang_the_report(run_dir, tmp_path):
-    """A drawing process that dies (here: os._exit in one figure) breaks the pool: the report still
-    finishes, and every figure it could not get back is listed as skipped, with the reason."""
+    """A drawing process that dies (here: os._exit in one figure) loses that figure only: the report
+    still finishes, the other processes draw the rest, and the lost figure is listed as skipped, with
+    the reason."""
     res = _report(run_dir, tmp_path / "crash", 2, "crash")
     s = res["summary"]
     assert s["figure_processes"] == 2
-    failed = [x for x in s["skipped"] if "its drawing process failed: BrokenProcessPool" in x]
-    assert "figure weight_magnitude: could not be drawn (its drawing process failed: BrokenProcessPool)" in failed
-    assert len(failed) + len(s["figures"]) >= 12
+    failed = [x for x in s["skipped"] if "could not be drawn" in x]
+    assert failed == ["figure weight_magnitude: could not be drawn (its drawing process ended without drawing it)"]
+    assert len(s["figures"]) >= 12 and "figures/weight_magnitude.png" not in s["figures"]
     for f in s["figures"]:
         assert (tmp_path / "crash" / f).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "crash" / "index.html").is_file()

@@ -4,13 +4,12 @@ The site helpers (:func:`site_order`, :func:`site_lines`) serve the pruning swee
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
-from .common import (MAX_HEATMAP_COLUMNS, MAX_LEGEND, bin_columns, integer_x, line_legend, mpl, no_minor_log_ticks,
+from .common import (MAX_HEATMAP_COLUMNS, MAX_LEGEND, bin_columns, cell_image, integer_x, line_legend, mpl, no_minor_log_ticks, palette,
                      plot, positive, series_lines, text, value_ticks)
 
 #: kinds whose saturation is the share at or below zero (as analyzer.activations.sites.RELU_KINDS)
@@ -31,12 +30,7 @@ def site_order(df: pd.DataFrame, order: Iterable[str] | None) -> list[str]:
 
 def site_palette(n: int):
     """Colours of ``n`` sites: tab10, tab20, or viridis beyond 20."""
-    _, sns = mpl()
-    if n <= 10:
-        return sns.color_palette("tab10", n)
-    if n <= 20:
-        return sns.color_palette("tab20", n)
-    return sns.color_palette("viridis", n)
+    return palette("tab10" if n <= 10 else "tab20" if n <= 20 else "viridis", n)
 
 
 def site_lines(ax, d: pd.DataFrame, y: str, order: list[str], legend: bool = True, style: str | None = None,
@@ -71,7 +65,6 @@ def dead_heatmap(df: pd.DataFrame, ax, order: Iterable[str] | None = None,
     """Site x step heatmap of the fraction of each site's units dead at that step (0 light, 1 dark
     red); rows in ``order`` (forward order), columns steps (averaged over bins of consecutive steps
     when there are more than ``max_columns``)."""
-    _, sns = mpl()
     d = df[["step", "site", "dead_fraction"]].copy()
     d["site"] = d["site"].astype(str)
     rows = site_order(d, order)
@@ -81,8 +74,7 @@ def dead_heatmap(df: pd.DataFrame, ax, order: Iterable[str] | None = None,
     m = d.pivot_table(index="site", columns="col", values="dead_fraction", aggfunc="mean", dropna=False)
     m = m.reindex(index=rows, columns=np.arange(col[-1] + 1 if len(col) else 0))
     z = m.to_numpy(np.float64)
-    sns.heatmap(z, ax=ax, cmap="Reds", vmin=0.0, vmax=1.0, cbar_kws={"label": "fraction of units dead"},
-                xticklabels=False, yticklabels=False, mask=~np.isfinite(z), linewidths=0)
+    cell_image(ax, z, "Reds", 0.0, 1.0, "fraction of units dead")
     value_ticks(ax, pd.Series(steps).groupby(col).min().to_numpy(), 10)
     n = len(rows)
     ys = max(1, math.ceil(n / 40))
@@ -100,7 +92,6 @@ def dead_raster(df: pd.DataFrame, ax, max_columns: int = MAX_HEATMAP_COLUMNS, ma
                 **opts):
     """Unit x step raster of one site: dark where a unit is dead at a step. More than ``max_rows``
     units (or ``max_columns`` steps) are grouped; a cell then shows the fraction dead in its group."""
-    _, sns = mpl()
     steps = np.sort(df["step"].unique())
     units = np.sort(df["unit"].unique())
     col = bin_columns(steps, max_columns)
@@ -112,9 +103,7 @@ def dead_raster(df: pd.DataFrame, ax, max_columns: int = MAX_HEATMAP_COLUMNS, ma
     m = m.reindex(index=np.arange(row[-1] + 1 if len(row) else 0), columns=np.arange(col[-1] + 1 if len(col) else 0))
     z = m.to_numpy(np.float64)
     grouped = z.shape[0] < len(units) or z.shape[1] < len(steps)
-    sns.heatmap(z, ax=ax, cmap="Greys", vmin=0.0, vmax=1.0, xticklabels=False, yticklabels=False,
-                mask=~np.isfinite(z), cbar=grouped,
-                cbar_kws={"label": "fraction dead in the cell"} if grouped else None)
+    cell_image(ax, z, "Greys", 0.0, 1.0, "fraction dead in the cell", colorbar=grouped)
     value_ticks(ax, pd.Series(steps).groupby(col).min().to_numpy(), 10)
     from matplotlib.ticker import MaxNLocator
     first_unit = pd.Series(units).groupby(row).min().to_numpy()
@@ -152,12 +141,35 @@ def saturation_lines(df: pd.DataFrame, fig, order: Iterable[str] | None = None, 
     return fig
 
 
+def box_strip(ax, v: pd.DataFrame, col: str, labels: list[str], many: bool) -> None:
+    """Per label (row i of a categorical y axis, the first at the top): a box of ``v[col]`` over the
+    rows of ``v`` with that "site_label" (quartiles, whiskers at 1.5 IQR, no fliers) and every value as
+    a dot jittered by up to +-0.2 rows (a fixed generator: the figure is reproducible). The layout of
+    seaborn's boxplot + stripplot, drawn with matplotlib alone."""
+    groups = {k: g.to_numpy(np.float64) for k, g in v.groupby("site_label", sort=False)[col]}
+    data = [groups.get(lab, np.empty(0)) for lab in labels]
+    idx = [i for i, a in enumerate(data) if len(a)]
+    if idx:
+        line = dict(color="0.3", linewidth=0.8)
+        ax.boxplot([data[i] for i in idx], positions=idx, orientation="horizontal", widths=0.6, showfliers=False,
+                   patch_artist=True, manage_ticks=False, boxprops=dict(facecolor="#c6dbef", edgecolor="0.3",
+                   linewidth=0.8), whiskerprops=line, capprops=line, medianprops=line)
+        xs = np.concatenate([data[i] for i in idx])
+        ys = np.repeat(np.asarray(idx, np.float64), [len(data[i]) for i in idx])
+        ys += np.random.default_rng(0).uniform(-0.2, 0.2, len(ys))
+        size = 2.0 if many else 3.0
+        ax.scatter(xs, ys, s=size ** 2, color="#08519c", alpha=0.5 if many else 0.8, linewidths=0, zorder=3)
+    ax.set_yticks(np.arange(len(labels)))
+    ax.set_yticklabels(labels)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.yaxis.grid(False)
+
+
 @plot(requires=("site", "unit", "mean", "min", "max", "frac_active"), kind="fig")
 def activation_distributions(df: pd.DataFrame, fig, order: Iterable[str] | None = None, **opts):
     """Per site (rows, forward order), the distribution over its units of: the fraction of values
     > 0 (left) and the mean activation with the range of the per-unit min and max (right); a box
     per site with every unit as a dot."""
-    _, sns = mpl()
     d = df.copy()
     d["site"] = d["site"].astype(str)
     rows = site_order(d, order)
@@ -175,17 +187,7 @@ def activation_distributions(df: pd.DataFrame, fig, order: Iterable[str] | None 
             for i, (lo, hi) in enumerate(zip(rng["lo"], rng["hi"])):
                 if np.isfinite(lo) and np.isfinite(hi):
                     ax.plot([lo, hi], [i, i], color="0.75", lw=6, solid_capstyle="butt", zorder=0)
-        with warnings.catch_warnings():   # seaborn passes matplotlib's deprecated vert= to bxp
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*vert.*")
-            sns.boxplot(data=v, x=col, y="site_label", order=labels, ax=ax, color="#c6dbef", fliersize=0,
-                        width=0.6, linewidth=0.8)
-        state = np.random.get_state()   # seaborn jitters with numpy's global generator:
-        np.random.seed(0)                 # a fixed jitter keeps the figure reproducible
-        try:
-            sns.stripplot(data=v, x=col, y="site_label", order=labels, ax=ax, color="#08519c",
-                          size=2 if many else 3, alpha=0.5 if many else 0.8, jitter=0.2)
-        finally:
-            np.random.set_state(state)
+        box_strip(ax, v, col, labels, many)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("activation site (forward order)" if col == "frac_active" else "")
         ax.set_title(title, fontsize="medium")

@@ -9,8 +9,9 @@ registered in :data:`PLOTS` with :func:`plot` and carries ``requires``: the Data
 needs. :func:`check` tells whether a DataFrame has what a plot needs (and why not), so that a report
 can skip a figure with a reason.
 
-matplotlib (Agg backend) and seaborn are imported lazily, on the first plot (:func:`mpl`): importing
-this module costs nothing and never touches a display. Nothing here imports torch.
+matplotlib (Agg backend) is imported lazily, on the first plot (:func:`mpl`), and seaborn only when a
+plot uses it (the report's own figures do not: seaborn loads scipy.stats, about 1 s in every drawing
+process); importing this module costs nothing and never touches a display. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -34,16 +35,36 @@ MAX_LEGEND = 12
 _MPL = None
 
 
+class _Seaborn:
+    """seaborn, imported at the first use of one of its names (``sns.boxplot``)."""
+
+    def __getattr__(self, name):
+        import seaborn
+        return getattr(seaborn, name)
+
+
 def mpl():
-    """(pyplot, seaborn), imported on first use with the Agg backend."""
+    """(pyplot, seaborn): pyplot imported on first use with the Agg backend; seaborn imported when one
+    of its names is first used."""
     global _MPL
     if _MPL is None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import seaborn as sns
-        _MPL = (plt, sns)
+        _MPL = (plt, _Seaborn())
     return _MPL
+
+
+def warm_up() -> None:
+    """Import matplotlib and draw a small figure with text (fonts found and loaded), so that processes
+    forked afterwards draw their first figure without that cost (about 1 s each)."""
+    plt, _ = mpl()
+    fig, ax = new_figure(2, 1)
+    ax[0, 0].plot([0, 1], [0, 1], label="x")
+    ax[0, 0].set_title("warm-up 0.5")
+    ax[0, 0].legend()
+    fig.canvas.draw()
+    plt.close(fig)
 
 
 def plot(requires: Iterable[str], kind: str = "ax") -> Callable:
@@ -83,16 +104,66 @@ def check(df: pd.DataFrame | None, requires: Iterable[str] | Callable) -> str | 
 
 
 # ---------------------------------------------------------------------------------------- helpers
-#: rcParams on top of the seaborn theme: titles at a fixed height above the axes (matplotlib otherwise
-#: measures every axis' tick labels at each draw to lift a title over top ticks, which no figure here has:
-#: about a sixth of the time of drawing a report's figures)
-RC = {"axes.titley": 1.0}
+#: The report's style: the rcParams that seaborn's ``set_theme(style="whitegrid", context="notebook",
+#: font_scale=0.9)`` sets (seaborn 0.13; written out so that drawing needs no seaborn), plus titles at a
+#: fixed height above the axes (matplotlib otherwise measures every axis' tick labels at each draw to lift
+#: a title over top ticks, which no figure here has: about a sixth of the time of a report's figures).
+RC = {"axes.axisbelow": True, "axes.edgecolor": ".8", "axes.grid": True, "axes.labelcolor": ".15",
+      "axes.labelsize": 10.8, "axes.linewidth": 1.25, "axes.titlesize": 10.8, "axes.titley": 1.0,
+      "font.sans-serif": ["Arial", "DejaVu Sans", "Liberation Sans", "Bitstream Vera Sans", "sans-serif"],
+      "font.size": 10.8, "grid.color": ".8", "grid.linewidth": 1.0, "legend.fontsize": 9.9,
+      "legend.title_fontsize": 10.8, "lines.solid_capstyle": "round", "patch.edgecolor": "w",
+      "patch.force_edgecolor": True, "text.color": ".15", "xtick.bottom": False, "xtick.color": ".15",
+      "xtick.labelsize": 9.9, "xtick.major.size": 6.0, "xtick.major.width": 1.25, "xtick.minor.size": 4.0,
+      "xtick.minor.width": 1.0, "ytick.color": ".15", "ytick.labelsize": 9.9, "ytick.left": False,
+      "ytick.major.size": 6.0, "ytick.major.width": 1.25, "ytick.minor.size": 4.0, "ytick.minor.width": 1.0,
+      "image.cmap": "viridis"}
+#: seaborn's default ("deep") colour cycle
+DEEP = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974",
+        "#64b5cd")
+#: what the other seaborn styles change against "whitegrid"
+STYLES = {"whitegrid": {}, "white": {"axes.edgecolor": ".15", "axes.grid": False},
+          "ticks": {"axes.edgecolor": ".15", "axes.grid": False, "xtick.bottom": True, "ytick.left": True}}
 
 
 def theme(style: str = "whitegrid") -> None:
-    """The report's style (seaborn ``style``, notebook context at 0.9, :data:`RC`), set before a figure."""
-    _, sns = mpl()
-    sns.set_theme(style=style, context="notebook", font_scale=0.9, rc=RC)
+    """The report's style (:data:`RC`, then :data:`STYLES` ``[style]``), set before a figure."""
+    plt, _ = mpl()
+    from cycler import cycler
+    plt.rcParams.update(RC)
+    plt.rcParams.update(STYLES[style])
+    plt.rcParams["axes.prop_cycle"] = cycler(color=list(DEEP))
+
+
+def palette(name: str, n: int) -> list:
+    """``n`` colours of the matplotlib colormap ``name`` as seaborn's ``color_palette(name, n)`` picks
+    them: the first ``n`` of a qualitative map (repeated past its length: tab10, tab20), else ``n``
+    evenly spaced inside a continuous one (its ends left out)."""
+    plt, _ = mpl()
+    cmap = plt.get_cmap(name)
+    n = max(int(n), 0)
+    colors = getattr(cmap, "colors", None)
+    if colors is not None and cmap.N <= 20:
+        return [tuple(colors[i % len(colors)][:3]) for i in range(n)]
+    return [tuple(c[:3]) for c in cmap(np.linspace(0, 1, n + 2)[1:-1])]
+
+
+def cell_image(ax, z: np.ndarray, cmap: str, vmin: float, vmax: float, label: str | None = None,
+               colorbar: bool = True):
+    """A matrix as coloured cells: cell (i, j) covers [j, j+1] x [i, i+1] with row 0 at the top (as
+    seaborn's heatmap draws it, without its extra full draw of the figure); non-finite cells blank;
+    no grid, no spines; a colour bar with ``label`` when ``colorbar``. Returns the image."""
+    z = np.asarray(z, np.float64)
+    nr, nc = z.shape
+    im = ax.imshow(np.ma.masked_invalid(z), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto",
+                   interpolation="nearest", extent=(0, nc, nr, 0))
+    ax.grid(False)
+    for sp in ax.spines.values():
+        sp.set_visible(False)
+    if colorbar:
+        cb = ax.figure.colorbar(im, ax=ax, label=label)
+        cb.outline.set_visible(False)
+    return im
 
 
 def new_figure(width: float = 8.0, height: float = 4.5, nrows: int = 1, ncols: int = 1,

@@ -8,17 +8,17 @@ import numpy as np
 import pandas as pd
 
 from ...stats import stats_from_sums
-from .common import (MAX_LEGEND, inside_legend, integer_x, layer_order, line_legend, mpl, no_minor_log_ticks,
+from .common import (MAX_LEGEND, inside_legend, integer_x, layer_order, line_legend, mpl, no_minor_log_ticks, palette,
                      overlay_epoch_means, plot, positive, series_lines, with_labels)
 
 
 def _layer_hue(ax, d: pd.DataFrame, x: str, y: str, legend: bool = True, **line_kw):
     """Lines coloured by layer (:func:`series_lines`): a legend for a few layers (unless ``legend`` is
     False), a colour bar (by id) for many."""
-    plt, sns = mpl()
+    plt, _ = mpl()
     order = layer_order(d)
     if len(order) <= MAX_LEGEND:
-        colors = dict(zip(order, sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))))
+        colors = dict(zip(order, palette("tab10" if len(order) <= 10 else "tab20", len(order))))
         series_lines(ax, d, x, y, "layer_label", colors.__getitem__, **line_kw)
         if legend:
             line_legend(ax, list(colors.items()), "layer")
@@ -132,14 +132,14 @@ def grad_variance_step(df: pd.DataFrame, ax, **opts):
 def grad_variance_epoch(df: pd.DataFrame, ax, **opts):
     """Per epoch and layer, several variance statistics (column ``statistic``), log y: lines by layer,
     dash style by statistic."""
-    plt, sns = mpl()
+    plt, _ = mpl()
     d = with_labels(df.sort_values(["layer_id", "epoch"]))
     d["value"] = positive(d["value"])
     stats = list(dict.fromkeys(d["statistic"]))
     order = layer_order(d)
     kw = dict(style="statistic", styles=stats, markers=True)
     if len(order) <= MAX_LEGEND:
-        colors = dict(zip(order, sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))))
+        colors = dict(zip(order, palette("tab10" if len(order) <= 10 else "tab20", len(order))))
         series_lines(ax, d, "epoch", "value", "layer_label", colors.__getitem__, **kw)
         line_legend(ax, list(colors.items()), "layer", stats, "statistic", markers=True)
     else:

@@ -56,7 +56,7 @@ def draw(g: dict, path: str) -> str:
 
 
 def cost_bars(mods: pd.DataFrame, col: str, path: str, max_depth: int | None = None) -> str | None:
-    """Bar chart (seaborn) of ``col`` ("flops" or "time_s") per module at the smallest depth > 0 that
+    """Bar chart of ``col`` ("flops" or "time_s") per module at the smallest depth > 0 that
     splits the model (or ``max_depth``), in call order; None when there is nothing finite to draw."""
     d = mods[mods["depth"] > 0]
     if not len(d):
@@ -66,12 +66,13 @@ def cost_bars(mods: pd.DataFrame, col: str, path: str, max_depth: int | None = N
     vals = d[col].to_numpy(np.float64)
     if not len(d) or not np.isfinite(vals).any():
         return None
-    _, sns = mpl()
     fig, axes = new_figure(width=max(6.0, 0.35 * len(d) + 3), height=4.5)
     ax = axes[0, 0]
     lab = [text(f"{nm} ({tp})") for nm, tp in zip(d["name"], d["type"])]
     y = vals * (1e3 if col == "time_s" else 1.0)
-    sns.barplot(x=lab, y=y, color="#4c72b0" if col == "flops" else "#55a868", errorbar=None, ax=ax)
+    ax.bar(np.arange(len(lab)), y, width=0.8, color="#4c72b0" if col == "flops" else "#55a868")
+    ax.set_xlim(-0.5, len(lab) - 0.5)
+    ax.xaxis.grid(False)
     ax.set_xticks(range(len(lab)))
     ax.set_xticklabels(lab, rotation=90 if len(lab) > 4 else 0, fontsize="small")
     ax.set_xlabel("module (depth <= %d)" % depth)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ...graph import fmt_flops
-from .common import mpl, text, theme
+from .common import mpl, palette, text, theme
 from .overview import short_names
 
 #: widest picture (inches at 100 dpi: 1250 px, inside a 1280-px screen's page)
@@ -114,7 +114,7 @@ def box_labels(mg: dict) -> list[str]:
 
 def draw_module_graph(mg: dict, title: str):
     """The module graph as a figure (see the module docstring)."""
-    plt, sns = mpl()
+    plt, _ = mpl()
     theme("white")
     lay = graph_layout(mg)
     fig = plt.figure(figsize=(lay.width, lay.height))
@@ -163,7 +163,7 @@ def module_bars(t: pd.DataFrame, title: str):
     """Horizontal bars of FLOPs (left) and median forward time (right) per module of a
     :func:`analyzer.graph.module_table`, one row per module in call order, labelled without the prefix
     all names share; rows of one repeated group in one colour."""
-    plt, sns = mpl()
+    plt, _ = mpl()
     theme("whitegrid")
     n = len(t)
     names = [str(x) for x in t["name"]]
@@ -176,7 +176,7 @@ def module_bars(t: pd.DataFrame, title: str):
     fig.subplots_adjust(left=left / width, right=1 - 0.25 / width, top=1 - 0.55 / height, bottom=0.6 / height,
                         wspace=0.08)
     groups = [g for g in dict.fromkeys(t["group"]) if g]
-    pal = dict(zip(groups, sns.color_palette("tab10", max(1, len(groups)))))
+    pal = dict(zip(groups, palette("tab10", max(1, len(groups)))))
     colors = [pal.get(g, (0.55, 0.6, 0.65)) for g in t["group"]]
     pos = np.arange(n)
     for ax, col, scale, xl in ((axes[0], "flops", 1.0, "FLOPs per forward"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .common import (MAX_LEGEND, integer_x, layer_order, line_legend, mpl, no_minor_log_ticks, plot, positive,
+from .common import (MAX_LEGEND, integer_x, layer_order, line_legend, mpl, no_minor_log_ticks, palette, plot, positive,
                      series_lines, value_ticks, with_labels)
 
 
@@ -60,7 +60,7 @@ def update_ratio(df: pd.DataFrame, ax, **opts):
 
 
 def _param_lines(df: pd.DataFrame, ax, col: str, ylabel: str, title: str):
-    plt, sns = mpl()
+    plt, _ = mpl()
     d = with_labels(df.sort_values(["layer_id", "param", "step"]))
     d[col] = positive(d[col])
     params = list(dict.fromkeys(d["param"]))
@@ -70,7 +70,7 @@ def _param_lines(df: pd.DataFrame, ax, col: str, ylabel: str, title: str):
     kw = dict(style="param" if styled else None, styles=params if styled else None, markers=few_points, lw=1.2,
               units="param")
     if len(order) <= MAX_LEGEND:
-        colors = dict(zip(order, sns.color_palette("tab10" if len(order) <= 10 else "tab20", len(order))))
+        colors = dict(zip(order, palette("tab10" if len(order) <= 10 else "tab20", len(order))))
         series_lines(ax, d, "step", col, "layer_label", colors.__getitem__, **kw)
         line_legend(ax, list(colors.items()), "layer", params if styled else None, "param", few_points)
     else:

@@ -9,10 +9,14 @@ added to :data:`SECTIONS`; a new figure group of the page is a line of :data:`GR
 
 from __future__ import annotations
 
-from . import activations, attention, findings, gradients, loss, modules, nonfinite, overview, tables, weights
+from . import activations, attention, detail, findings, gradients, loss, modules, nonfinite, overview, tables, weights
 
-#: the sections, in the order they run (their tables and figures are listed in this order)
-SECTIONS = (findings, tables, overview, loss, gradients, weights, activations, attention, modules, nonfinite)
+#: the sections, in the order they run (their tables and figures are listed in this order; the page
+#: groups the figures by :data:`GROUPS`): the sections whose figures draw longest first, so that they
+#: are drawn while the findings and activation sections compute (:class:`analyzer.report.figures.Drawing`);
+#: the detail section after the findings (by default its layers are those a finding points at)
+SECTIONS = (overview, loss, gradients, weights, findings, tables, activations, attention, modules, nonfinite,
+            detail)
 
 #: the page's figure groups in page order: (group, heading, intro_html(summary) or None)
 GROUPS = (("overview", "Overview: every layer", overview.intro_html), ("loss", "Loss", None),

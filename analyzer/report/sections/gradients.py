@@ -1,23 +1,19 @@
-"""The gradients section: gradient flow, the variance panel and, for the detail layers
-(:meth:`Report.detail_ids <analyzer.report.build.Report.detail_ids>`), one figure of gradient norms per
-layer (the "layers" group). The layer x step heatmap is in the overview."""
+"""The gradients section: gradient flow and the variance panel. The layer x step heatmap is in the
+overview, the per-layer gradient norms in the detail section (:mod:`.detail`)."""
 
 from __future__ import annotations
 
-import html
-
 from .. import plots
 from ..data import grad_variance_epoch_table
-from .common import file_key
 
 
 def add(rep) -> None:
     """Queue the gradient figures; every one is skipped, with the reason, without gradients."""
-    lt, gs, ge, gl = rep.data.lt, rep.data.gs, rep.data.ge, rep.data.gl
+    gl = rep.data.gl
     fgs, fge, fgl, note = rep.data.fig_gs, rep.data.fig_ge, rep.data.fig_gl, rep.data.rows_note   # grouped rows
     no = ("no gradients in the trace (grad_stats_every=0 and grads_every=0, or no recorded layer has a "
           "gradient)")
-    names = ["gradient flow", "gradient variance", "per-layer gradient norms"]
+    names = ["gradient flow", "gradient variance"]
     if not len(gl):
         for n in names:
             rep.skip(f"figure {n}", no)
@@ -64,26 +60,3 @@ def add(rep) -> None:
                    "hence not drawn for an epoch with one recorded step). Noise large next to the "
                    "per-iteration spread means the mini-batch gradient direction is unstable." + note,
                    draw, "gradients")
-    detail = rep.detail_ids()
-    rows = [r for r in lt.itertuples(index=False) if int(r.id) in detail]
-    with rep.progress("report: gradient norms per layer", len(rows)) as bar:
-        for L in rows:
-            d = gl[gl["layer_id"] == L.id]
-            why = plots.check(d, plots.grad_norms)
-            if why:
-                rep.skip(f"figure grad_norms_{file_key(L)}",
-                         "layer not recorded" if not L.selected else
-                         ("no gradients for this layer" if not len(d) else why))
-            else:
-                def draw(d=d, L=L):
-                    fig = plots.figure(9, 5.5, layout=None)      # one of many alike: fixed margins
-                    plots.grad_norms(d, fig, title=f"Gradient norms — layer {plots.layer_label(L.id, L.name)} "
-                                                   f"({plots.text(L.type)})")
-                    return plots.fixed_margins(fig, top=0.75)
-                rep.figure(f"grad_norms_{file_key(L)}", f"Gradient norms: {L.id} {L.name}",
-                           f"Layer {L.id} <code>{html.escape(L.name)}</code> ({html.escape(L.type)}), all "
-                           "parameters together. Top: L1 norm Σ|g|; bottom: L2 norm √Σg² of the gradient at "
-                           "every recorded iteration (thin blue), with each epoch's mean as a thick red "
-                           "segment across the epoch's steps. The y axis turns logarithmic when the values "
-                           "span more than a factor of 100.", draw, "layers", layer=L)
-            bar.update(1)

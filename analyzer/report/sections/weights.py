@@ -1,21 +1,18 @@
-"""The weights section: weight magnitude, update ratio and, for the detail layers, one weight
-distribution per layer (the "layers" group)."""
+"""The weights section: weight magnitude and update ratio (the per-layer weight distributions are in
+the detail section, :mod:`.detail`)."""
 
 from __future__ import annotations
 
-import html
-
 from .. import plots
-from .common import file_key
 
 
 def add(rep) -> None:
     """Queue the weight figures; every one is skipped, with the reason, without weight snapshots."""
-    lt, ws = rep.data.lt, rep.data.ws1
+    ws = rep.data.ws1
     fws, note = rep.data.fig_ws, rep.data.rows_note   # grouped past MAX_LAYER_ROWS layers
     no = "no weight snapshots in the trace (weights_every=0)"
     if not len(ws):
-        for n in ("weight magnitude", "weight update ratio", "per-layer weight distributions"):
+        for n in ("weight magnitude", "weight update ratio"):
             rep.skip(f"figure {n}", no)
         return
     why = plots.check(fws, plots.weight_magnitude)
@@ -45,34 +42,3 @@ def add(rep) -> None:
                    "accumulates all optimizer steps between two snapshots. Ratios around 1e-3 per step "
                    "are typical; far below means the parameter barely learns, far above means it is "
                    "unstable (SageMaker's rule flags > 10 or < 1e-8)." + note, draw, "weights")
-    detail = rep.detail_ids()
-    rows = [r for r in lt.itertuples(index=False) if int(r.id) in detail]
-    with rep.progress("report: weight distributions per layer", len(rows)) as bar:
-        for L in rows:
-            name = f"weight_dist_{file_key(L)}"
-            if not L.selected:
-                rep.skip(f"figure {name}", "layer not recorded")
-            elif not (ws["layer_id"] == L.id).any():
-                rep.skip(f"figure {name}", "no weight snapshots for this layer")
-            else:
-                h = rep.run.weight_histograms(int(L.id), bins=rep.bins)
-                df = h.to_frame()
-                why = plots.check(df, plots.weight_distribution)
-                if why:
-                    rep.skip(f"figure {name}", why)
-                else:
-                    def draw(df=df, L=L, h=h):
-                        fig, ax = plots.new_figure(9, 4.8, layout=None)   # one of many alike
-                        plots.weight_distribution(df, ax[0, 0], title=(
-                            f"Distribution of {plots.text(h.param)} — layer "
-                            f"{plots.layer_label(L.id, L.name)} ({plots.text(L.type)})"))
-                        return plots.fixed_margins(fig, right=0.1)
-                    rep.figure(name, f"Weight distribution: {L.id} {L.name}",
-                               f"Histogram of <code>{html.escape(L.name)}.{html.escape(h.param)}</code> "
-                               f"({html.escape(L.type)}) at every weight snapshot (x: snapshot step; y: "
-                               f"weight value, {rep.bins} bins on edges shared by all snapshots, largest "
-                               "at the top; colour: log(1 + number of elements), dashed white line at 0). "
-                               "Widening means growing weights, a band that splits means clustering, mass "
-                               "piling up at the edges means saturation or divergence.", draw, "layers",
-                               layer=L)
-            bar.update(1)

@@ -1,0 +1,66 @@
+"""The per-unit activation statistics kept between reads (analyzer.activations.sites): a report reads
+every site several times (findings, the dead-unit sweep, saturation, the overview), each an HDF5
+read per shard and statistic otherwise. Checked against a direct h5py reading of the shards, with the
+cache at its default budget and at a budget too small to hold anything."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from bbdecoder import analyzer
+from bbdecoder.analyzer.activations import sites as S
+from bbdecoder.analyzer.trace import format as fmt
+from tests.helpers import record_tiny
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache") / "run"
+    record_tiny(str(d), epochs=2, steps_per_epoch=5, weights_every=0, activations=True, activations_every=1,
+                max_shard_bytes=20_000)     # several shards
+    return str(d)
+
+
+def _direct(run_dir, key, stat):
+    """(steps, values) of one site statistic over rank 0's shards, read with h5py alone, step order."""
+    steps, vals = [], []
+    for p in sorted(glob.glob(os.path.join(run_dir, "rank-00000", "shard-*.h5"))):
+        with h5py.File(p, "r") as f:
+            g = f.get(fmt.payload_path(fmt.KIND_ACT_STATS, key, stat))
+            if g is not None:
+                steps.append(g["steps"][()])
+                vals.append(np.asarray(g["values"][()], np.float64))
+    return np.concatenate(steps), np.concatenate(vals)
+
+
+@pytest.mark.parametrize("budget", [S.CACHE_BYTES, 1])
+def test_site_statistics_read_twice_equal_h5py(run_dir, monkeypatch, budget):
+    monkeypatch.setattr(S, "CACHE_BYTES", budget)
+    run = analyzer.open(run_dir)
+    sites = S.select_sites(run, None)
+    assert sites
+    for _ in range(2):               # the second read comes from the cache (or, at 1 byte, from the file)
+        for site in sites:
+            got = list(S.iter_site_stats(run, site, stats=("sum", "max", "count")))
+            assert len(got) >= 2     # several shards
+            steps = np.concatenate([g[0] for g in got])
+            for stat in ("sum", "max", "count"):
+                ref_steps, ref = _direct(run_dir, site["key"], stat)
+                np.testing.assert_array_equal(steps, ref_steps)
+                np.testing.assert_array_equal(np.concatenate([g[1][stat] for g in got]), ref)
+    cache = S._CACHES[run.catalog]
+    assert cache.nbytes <= budget and cache.nbytes == sum(v.nbytes for v in cache.items.values())
+    assert (len(cache.items) > 0) == (budget > 1)
+    # a step selection reads the same cached arrays and returns fresh copies
+    site = sites[0]
+    part = list(S.iter_site_stats(run, site, stats=("sum",), steps=(2, 5)))
+    st = np.concatenate([g[0] for g in part])
+    assert st.min() >= 2 and st.max() < 5
+    part[0][1]["sum"][...] = -1.0    # writing into a result never reaches the cache
+    again = np.concatenate([g[1]["sum"] for g in S.iter_site_stats(run, site, stats=("sum",), steps=(2, 5))])
+    assert (again != -1.0).all()
