@@ -21,6 +21,7 @@ from ..progress import silenced
 from ..trace.files import atomic_write, write_text_atomic
 from ..trace.format import TraceError
 from ..values import csv_safe, json_safe
+from . import beside
 from . import figures as F
 from . import data as report_data
 from .data import STEP_TABLES, load_frames, step_table_policy
@@ -145,6 +146,7 @@ class Report:
     def _build(self) -> dict:
         t0 = time.perf_counter()
         before = self._existing()
+        side = beside.start(self)   # the sections that need no gradients, beside the data passes
         self.data = d = load_frames(self.run, self.layers_spec)
         self._share_with_findings(d)
         if not len(d.gl):
@@ -153,7 +155,11 @@ class Report:
             self.missing.append("no weight snapshots")
         with silenced(self.run):    # the run's own bars would nest inside the report's
             for section in SECTIONS:
-                self._add(section)
+                if section not in beside.SECTIONS or side is None:
+                    self.add_section(section)
+                elif section is beside.SECTIONS[0] and not side.join(self):   # it failed: here after all
+                    side = None
+                    self.add_section(section)
         self._render()
         if self.missing:
             warnings.warn(f"bbdecoder report: the trace has {' and '.join(self.missing)}; the figures that "
@@ -194,9 +200,11 @@ class Report:
         if g is not None:
             tables.adopt("grads", g)
 
-    def _add(self, section) -> None:
+    def add_section(self, section, draw_meanwhile: bool = True) -> None:
         """Run one section; one that fails on this trace (a hostile or damaged file the readers let
-        through) is listed as skipped with its error, and the rest of the report is written."""
+        through) is listed as skipped with its error, and the rest of the report is written. Then,
+        unless ``draw_meanwhile`` is False, the figures queued so far start being drawn
+        (:meth:`analyzer.report.figures.Drawing.meanwhile`)."""
         try:
             section.add(self)
         except Exception as e:   # noqa: BLE001 - a trace is data: one bad part never sinks the report
@@ -204,7 +212,8 @@ class Report:
             why = " ".join(str(e).split())[:300] or type(e).__name__
             self.skip(f"{name} section", why if isinstance(e, TraceError) else f"{type(e).__name__}: {why}")
             warnings.warn(f"bbdecoder report: the {name} section was skipped: {why}", stacklevel=4)
-        self.drawing.meanwhile()   # the figures queued so far are drawn while the next sections compute
+        if draw_meanwhile:
+            self.drawing.meanwhile()   # the figures queued so far are drawn while the next sections compute
 
     def _render(self) -> None:
         """Draw the queued figures (see :class:`analyzer.report.figures.Drawing`). A figure that cannot

@@ -88,7 +88,8 @@ def _claim_and_draw(specs: list[FigureSpec], n: int, counter, out: str, conn) ->
                 if i >= n:
                     break
                 counter.value = i + 1
-            conn.send((i, draw_and_save(specs[i], out)))
+            if specs[i].draw is not None:   # else drawn already, elsewhere
+                conn.send((i, draw_and_save(specs[i], out)))
     conn.close()
 
 
@@ -119,6 +120,11 @@ class Drawing:
     def add(self, spec: FigureSpec) -> None:
         """Queue a figure."""
         self.specs.append(spec)
+
+    def add_drawn(self, spec: FigureSpec, error: str | None) -> None:
+        """Queue a figure another process has drawn already (``spec.draw`` None), with its error or None."""
+        self._errors[len(self.specs)] = error
+        self.specs.append(spec._replace(draw=None))
 
     def _parallel(self) -> bool:
         return self.jobs > 1 and available_cpus() > 1 and fork_is_safe()
@@ -184,7 +190,8 @@ class Drawing:
         if self._counter is None:
             want = min(self.jobs, len(self.specs) // 4 or 1)
             if want <= 1 or not self._parallel():   # one process: every figure here
-                return [draw_and_save(sp, self.out) for sp in self.specs]
+                return [self._errors.get(i) if sp.draw is None else draw_and_save(sp, self.out)
+                        for i, sp in enumerate(self.specs)]
         else:
             self._reap()
             left = self._unclaimed()
@@ -206,7 +213,8 @@ class Drawing:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             while (i := self._claim(len(self.specs))) is not None:
-                self._errors[i] = draw_and_save(self.specs[i], self.out)
+                if self.specs[i].draw is not None:
+                    self._errors[i] = draw_and_save(self.specs[i], self.out)
 
     def _claim(self, n: int) -> int | None:
         with self._counter.get_lock():

@@ -23,7 +23,11 @@ from bbdecoder import analyzer
 from bbdecoder.analyzer.report import plots
 from bbdecoder.analyzer.report import build_report
 run_dir, out, jobs, broken = sys.argv[1], sys.argv[2], int(sys.argv[3]), {"0": False, "1": True}.get(sys.argv[4], sys.argv[4])
-if broken == "crash":   # a drawing process dies: the report still finishes, without a hang
+if broken == "beside":   # the process running the activation sections beside the data passes dies
+    import os
+    from bbdecoder.analyzer.report import beside
+    beside._child = lambda rep, conn: os._exit(3)
+elif broken == "crash":   # a drawing process dies: the report still finishes, without a hang
     import os
     def weight_magnitude(*a, **k):
         os._exit(3)
@@ -116,3 +120,18 @@ def test_a_dying_drawing_process_does_not_hang_the_report(run_dir, tmp_path):
     for f in s["figures"]:
         assert (tmp_path / "crash" / f).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "crash" / "index.html").is_file()
+
+
+def test_activation_sections_beside_the_data_passes_read_as_in_line(run_dir, tmp_path):
+    """The activation, attention and module sections run in a process forked before the gradient pass
+    (jobs > 1): their tables, figures and summary parts land where they land in one process; when that
+    process dies, they run in line and the report is the same."""
+    one = _report(run_dir, tmp_path / "one", 1)["summary"]
+    for mode in ("0", "beside"):
+        s = _report(run_dir, tmp_path / mode, 2, mode)["summary"]
+        assert s["figures"] == one["figures"] and s["tables"] == one["tables"]
+        assert s["skipped"] == one["skipped"] and s["not_recorded"] == one["not_recorded"]
+        assert s["activations"] == one["activations"] and len(s["activations"]) > 0
+        assert any(f.startswith("figures/act_") for f in s["figures"])
+        for f in s["figures"]:
+            assert (tmp_path / mode / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
