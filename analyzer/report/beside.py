@@ -57,9 +57,12 @@ def start(rep) -> Beside | None:
     thread running). The run's open files are closed first (both processes reopen what they read)."""
     if rep.jobs <= 1 or available_cpus() < 2 or not fork_is_safe():
         return None
+    import gc
     import multiprocessing as mp
     ctx = mp.get_context("fork")
     rep.run.close()
+    gc.freeze()   # neither collector touches the objects alive now: their pages stay shared (the report
+    #               unfreezes them once every process it forked has ended)
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(rep, send), daemon=True)
     proc.start()

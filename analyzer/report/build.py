@@ -6,6 +6,7 @@ nothing is ever deleted."""
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import os
 import time
@@ -161,6 +162,7 @@ class Report:
                     side = None
                     self.add_section(section)
         self._render()
+        gc.unfreeze()   # frozen before forking the processes beside (all of them have ended)
         if self.missing:
             warnings.warn(f"bbdecoder report: the trace has {' and '.join(self.missing)}; the figures that "
                           "need them are skipped (see the report's skipped list)", stacklevel=3)
