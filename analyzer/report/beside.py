@@ -60,6 +60,8 @@ def start(rep) -> Beside | None:
     import gc
     import multiprocessing as mp
     ctx = mp.get_context("fork")
+    from . import plots
+    plots.warm_up()   # matplotlib loaded once, here: this process and every drawing process inherit it
     rep.run.close()
     gc.freeze()   # neither collector touches the objects alive now: their pages stay shared (the report
     #               unfreezes them once every process it forked has ended)

@@ -55,9 +55,15 @@ def mpl():
     return _MPL
 
 
+_WARM = []
+
+
 def warm_up() -> None:
     """Import matplotlib and draw a small figure with text (fonts found and loaded), so that processes
-    forked afterwards draw their first figure without that cost (about 1 s each)."""
+    forked afterwards draw their first figure without that cost (about 1 s each). Once per process."""
+    if _WARM:
+        return
+    _WARM.append(True)
     plt, _ = mpl()
     fig, ax = new_figure(2, 1)
     ax[0, 0].plot([0, 1], [0, 1], label="x")
