@@ -29,7 +29,9 @@ once before each measurement so that both read from the page cache. The raw read
 before and after the report and the faster of the two is used (the conservative choice for the
 ratio).
 
-The generated trace is removed at the end unless ``--keep``. Usage::
+The generated trace is removed at the end unless ``--keep``; ``--reuse DIR`` measures a kept one
+again, ``--repeat N`` measures raw read, report and passes N times, interleaved, and reports the
+medians (the raw read: the fastest). Usage::
 
     .venv/bin/python scripts/bench_outofcore.py              # 2 GB
     .venv/bin/python scripts/bench_outofcore.py --gb 0.1     # smoke run
@@ -379,11 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", choices=["cold", "warm"], default="cold")
     ap.add_argument("--engine", default="local", choices=["local", "dask"], help="`bbdecoder report --engine`")
     ap.add_argument("--keep", action="store_true", help="keep the generated trace and report")
+    ap.add_argument("--reuse", default=None, metavar="DIR",
+                    help="measure the trace kept in DIR by an earlier --keep (no generation; DIR is kept)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure raw read, report and passes this many times, interleaved; medians reported")
     ap.add_argument("--json", dest="as_json", action="store_true", help="also print the results as JSON")
     a = ap.parse_args(argv)
     if not (a.gb > 0 and a.steps >= a.epochs >= 1 and a.weights_every >= 1):
         ap.error("need --gb > 0, --steps >= --epochs >= 1 and --weights-every >= 1")
+    if a.repeat < 1:
+        ap.error("need --repeat >= 1")
     base = a.dir or tempfile.gettempdir()
+    if a.reuse is not None:
+        return measure(a, a.reuse, json.load(open(os.path.join(a.reuse, "bench.json"))), keep=True)
     if not os.path.isdir(base):
         print(f"bench_outofcore: --dir {base} is not an existing directory", file=sys.stderr)
         return 2
@@ -393,27 +403,49 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     work = tempfile.mkdtemp(prefix="bbdecoder-outofcore-", dir=base)
-    run_dir, out_dir = os.path.join(work, "run"), os.path.join(work, "report")
     try:
+        run_dir = os.path.join(work, "run")
         print(f"generating ~{a.gb:g} GB in {run_dir} ...", file=sys.stderr, flush=True)
         g = generate(run_dir, a.gb, a.steps, a.epochs, a.weights_every, layout=a.layout)
+        with open(os.path.join(work, "bench.json"), "w") as f:
+            json.dump(g, f)
+        return measure(a, work, g, a.keep)
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(a, work: str, g: dict, keep: bool) -> int:
+    """Measure the trace in ``work``/run (generated as ``g`` describes) and print the table."""
+    run_dir, out_dir = os.path.join(work, "run"), os.path.join(work, "report")
+    try:
         files = shard_files(run_dir)
-        prepare_cache(files, a.cache)
-        raw1, nvals = raw_read(files)
-        prepare_cache(files, a.cache)
-        print("running bbdecoder report ...", file=sys.stderr, flush=True)
-        wall, rss, rc, tail = run_report(run_dir, out_dir, a.engine)
-        pss, cpu = run_child.peak_pss_mb, run_child.cpu_s
-        if rc != 0:
-            print(f"bench_outofcore: bbdecoder report failed (exit {rc}):\n{tail}", file=sys.stderr)
-            return 1
-        prepare_cache(files, a.cache)
-        print("running the report's data passes alone ...", file=sys.stderr, flush=True)
-        pwall, prss, rc, tail = run_passes(run_dir, a.engine)
-        pcpu = run_child.cpu_s
-        if rc != 0:
-            print(f"bench_outofcore: the data passes failed (exit {rc}):\n{tail}", file=sys.stderr)
-            return 1
+        raws, reps, passes = [], [], []
+        for _ in range(a.repeat):   # interleaved: raw, report, passes, raw, ...
+            prepare_cache(files, a.cache)
+            raws.append(raw_read(files))
+            prepare_cache(files, a.cache)
+            print("running bbdecoder report ...", file=sys.stderr, flush=True)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            r = run_report(run_dir, out_dir, a.engine)
+            if r[2] != 0:
+                print(f"bench_outofcore: bbdecoder report failed (exit {r[2]}):\n{r[3]}", file=sys.stderr)
+                return 1
+            reps.append(r[:2] + (run_child.peak_pss_mb, run_child.cpu_s))
+            prepare_cache(files, a.cache)
+            print("running the report's data passes alone ...", file=sys.stderr, flush=True)
+            r = run_passes(run_dir, a.engine)
+            if r[2] != 0:
+                print(f"bench_outofcore: the data passes failed (exit {r[2]}):\n{r[3]}", file=sys.stderr)
+                return 1
+            passes.append(r[:2] + (run_child.cpu_s,))
+        med = lambda xs: sorted(xs)[len(xs) // 2]   # noqa: E731 - the median run (upper for even counts)
+        nvals = raws[0][1]
+        wall = med([x[0] for x in reps])
+        rss = max(x[1] for x in reps)
+        pss = max((x[2] for x in reps if x[2] is not None), default=None)
+        cpu = med([x[3] for x in reps])
+        pwall, prss, pcpu = med([x[0] for x in passes]), max(x[1] for x in passes), med([x[2] for x in passes])
         prepare_cache(files, a.cache)
         print("running bbdecoder check ...", file=sys.stderr, flush=True)
         code = "import sys; from bbdecoder.analyzer.cli import main; main(sys.argv[1:])"
@@ -423,11 +455,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         prepare_cache(files, a.cache)
         raw2, _ = raw_read(files)
-        raw = min(raw1, raw2)
+        raw = min(min(x[0] for x in raws), raw2)
         B = g["bytes"]
         raw_tp, rep_tp, pass_tp = B / raw, B / wall, B / pwall
-        res = {**g, "cache": a.cache, "engine": a.engine, "values_bytes": nvals,
-               "raw_read_s": [round(raw1, 3), round(raw2, 3)], "raw_MBps": raw_tp / 1e6,
+        res = {**g, "cache": a.cache, "engine": a.engine, "values_bytes": nvals, "repeat": a.repeat,
+               "raw_read_s": [round(x[0], 3) for x in raws] + [round(raw2, 3)],
+               "report_runs_s": [round(x[0], 3) for x in reps], "passes_runs_s": [round(x[0], 3) for x in passes], "raw_MBps": raw_tp / 1e6,
                "report_s": wall, "report_MBps": rep_tp / 1e6, "ratio": rep_tp / raw_tp, "peak_rss_MB": rss,
                "peak_tree_pss_MB": pss,
                "report_cpu_s": cpu, "passes_cpu_s": pcpu, "passes_s": pwall, "passes_MBps": pass_tp / 1e6, "passes_ratio": pass_tp / raw_tp,
@@ -440,15 +473,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"{g['sites']} ReLU sites; raw snapshots {g['layout']}; {g['steps']} steps, {g['epochs']} epochs, weights every "
                       f"{g['weights_every']} (generated in {g['seconds']:.1f} s)"),
             ("page cache", f"{a.cache} before every measurement"),
-            ("raw h5py read", f"{raw:.2f} s  ->  {raw_tp / 1e6:,.0f} MB/s   (runs: {raw1:.2f} s, {raw2:.2f} s; "
-                              f"{nvals / 1e9:.3f} GB of values)"),
-            ("bbdecoder report", f"{wall:.2f} s  ->  {rep_tp / 1e6:,.0f} MB/s   (engine {res['engine']}, "
+            ("raw h5py read", f"{raw:.2f} s  ->  {raw_tp / 1e6:,.0f} MB/s   (fastest of the runs: "
+                              f"{', '.join(f'{x:.2f}' for x in res['raw_read_s'])} s; {nvals / 1e9:.3f} GB of values)"),
+            ("bbdecoder report", f"{wall:.2f} s  ->  {rep_tp / 1e6:,.0f} MB/s   (median of "
+                                 f"{', '.join(f'{x:.2f}' for x in res['report_runs_s'])} s; engine {res['engine']}, "
                                  f"{res['figures']} figures; {cpu:.1f} CPU s, workers included)"),
             ("throughput ratio", f"{res['ratio']:.3f}   (target >= {RATIO_TARGET}: {met(ok_ratio)})"),
             ("peak RSS (report)", f"{rss:,.0f} MB, largest process; all its processes together (PSS, sampled "
                                   f"every 50 ms): {'n/a' if pss is None else f'{pss:,.0f} MB'}   "
                                   f"(target <= {RSS_TARGET_MB} MB: {'met' if ok_rss else 'NOT met'})"),
-            ("data passes alone", f"{pwall:.2f} s  ->  {pass_tp / 1e6:,.0f} MB/s, peak RSS {prss:,.0f} MB, "
+            ("data passes alone", f"{pwall:.2f} s  ->  {pass_tp / 1e6:,.0f} MB/s (median of "
+                                  f"{', '.join(f'{x:.2f}' for x in res['passes_runs_s'])} s), peak RSS {prss:,.0f} MB, "
                                   f"{pcpu:.1f} CPU s   (the report without figures and HTML; split across "
                                   f"the CPUs available)"),
             ("passes ratio", f"{res['passes_ratio']:.3f}   (target >= {PASSES_RATIO_TARGET}: "
@@ -464,10 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(res, indent=1))
         return 0 if ok_rss else 1
     finally:
-        if a.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        if keep:
+            print(f"kept {work} (measure it again with --reuse {work})", file=sys.stderr)
 
 
 if __name__ == "__main__":
