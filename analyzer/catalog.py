@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from . import heap
 from .trace import files
 from .trace import format as fmt
 from .trace.format import TraceError
@@ -56,6 +57,8 @@ class Shard:
         """Whether this shard holds a payload of one of ``kinds`` (for one of ``keys``, if given:
         a set of (layer_key, param_key) or (site_key, stat))."""
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        if keys is not None and len(keys) * len(kinds) < len(self.payloads):   # dict lookups, no scan
+            return any((k, a, b) in self.payloads for k in kinds for a, b in keys)
         return any(k[0] in kinds and (keys is None or (k[1], k[2]) in keys) for k in self.payloads)
 
 
@@ -92,28 +95,25 @@ class Catalog:
             raise TraceError(f"not a bbdecoder run (no {fmt.MANIFEST}): {p}")
         self.manifest = fmt.validate_manifest(files.read_json(os.path.join(p, fmt.MANIFEST), "manifest", root=p),
                                               fmt.MANIFEST)
-        self.layers: list[dict] = [dict(L) for L in self.manifest["layers"]]
+        #: the manifest's own layer records (not copies), their repeated strings and shapes shared
+        #: (100,000 layers: about 60 MB less; see :func:`share_repeated`)
+        self.layers: list[dict] = share_repeated(self.manifest["layers"])
+        if len(self.layers) >= heap.MANY_LAYERS:   # a pass's large temporaries go back to the OS when freed
+            heap.return_large_blocks()
         self._by_key = {L["key"]: L for L in self.layers}
         self._by_id = {L["id"]: L for L in self.layers}
-        self._param_shape = {(L["key"], q["key"]): tuple(q["shape"]) for L in self.layers for q in L["params"]}
-        self._param_name = {(L["key"], q["key"]): q["name"] for L in self.layers for q in L["params"]}
+        self._many_params: dict[str, dict] = {}   # layer key -> {param key: record}, layers of many params
         #: parameters that are another layer's parameter (tied weights): (layer_key, param_key) -> the
         #: owner's dotted name; recorded once, under the owner, and counted once
         self.tied = {(L["key"], q["key"]): q["tied_to"] for L in self.layers for q in L["params"] if "tied_to" in q}
-        full = {full_name(L, q): (L["key"], q["key"]) for L in self.layers for q in L["params"] if "tied_to" not in q}
+        full = {full_name(L, q): (L["key"], q["key"]) for L in self.layers for q in L["params"]
+                if "tied_to" not in q} if self.tied else {}
         #: (layer_key, param_key) of a tied entry -> its owner's (where its payloads are)
         self.owner_key = {k: full[n] for k, n in self.tied.items() if n in full}
         #: parameters sharded along dim 0 (FSDP2): every rank records its own slice
         self.sharded = {(L["key"], q["key"]) for L in self.layers for q in L["params"] if "shard_dim" in q}
         self.sites: list[dict] = [dict(S) for S in self.manifest.get("sites", [])]
         self._site_by_key = {S["key"]: S for S in self.sites}
-        self._expected: dict[tuple, tuple] = {}
-        for (lk, pk), shp in self._param_shape.items():
-            self._expected[(fmt.KIND_GRADS, lk, pk)] = shp
-            self._expected[(fmt.KIND_GRAD_STATS, lk, pk)] = (len(fmt.GRAD_STAT_FIELDS),)
-            self._expected[(fmt.KIND_WEIGHTS, lk, pk)] = shp
-        for S in self.sites:
-            self._expect_site(S)
         self.problems: list[str] = []
         self.rank_states: dict[int, dict] = {}
         self._site_conflicts: set[tuple[int, str]] = set()   # (rank, site key) named differently there
@@ -121,12 +121,37 @@ class Catalog:
         self.live: list[str] = []
         self._captures: list | None = None
         self._scan()
+        heap.trim()   # the manifest's text and the shard indexes were read: their heap goes back
 
     # ------------------------------------------------------------------ indexing
-    def _expect_site(self, S: dict) -> None:
-        for stat, shp in S["stats"].items():
-            self._expected[(fmt.KIND_ACT_STATS, S["key"], stat)] = tuple(shp)
-        self._expected[(fmt.KIND_ACTIVATIONS, S["key"], "samples")] = tuple(S["sample_shape"])
+    def expected(self, key: tuple, default=None) -> tuple | None:
+        """The row shape the manifest gives a payload ``(kind, layer_key or site_key, param_key or
+        stat)`` (``default`` for one it does not name): computed on demand, not kept per payload."""
+        kind, a, b = key
+        if kind in (fmt.KIND_GRADS, fmt.KIND_WEIGHTS, fmt.KIND_GRAD_STATS):
+            q = self._param_record(a, b)
+            if q is None:
+                return default
+            return (len(fmt.GRAD_STAT_FIELDS),) if kind == fmt.KIND_GRAD_STATS else tuple(q["shape"])
+        S = self._site_by_key.get(a)
+        if S is None:
+            return default
+        if kind == fmt.KIND_ACT_STATS:
+            shp = S["stats"].get(b)
+            return default if shp is None else tuple(shp)
+        if kind == fmt.KIND_ACTIVATIONS and b == "samples":
+            return tuple(S["sample_shape"])
+        return default
+
+    def _param_record(self, layer_key: str, param_key: str) -> dict | None:
+        """The manifest's record of one parameter (None if it names none)."""
+        return _find_param(self._by_key.get(layer_key), param_key, self._many_params)
+
+    def _param(self, layer_key: str, param_key: str) -> dict:
+        q = self._param_record(layer_key, param_key)
+        if q is None:
+            raise KeyError((layer_key, param_key))
+        return q
 
     def _scan(self) -> None:
         from . import shard_index   # it imports this module
@@ -143,7 +168,7 @@ class Catalog:
                 self.problems.append(f"{fmt.rank_dirname(rank)} has no {fmt.RANK_FILE}")
             closed, live = fmt.list_shards(rdir)
             self.live += [f"{fmt.rank_dirname(rank)}/{n}" for n in live]
-            rules = shard_index.IndexRules(self.path, self._expected, self._site_conflicts, self.sharded,
+            rules = shard_index.IndexRules(self.path, _Expected(self), self._site_conflicts, self.sharded,
                                            self._readers.borrow, self.problems)
             self.shards += shard_index.index_shards(rules, rank, closed, before_fork=self.close)
         if not ranks:
@@ -164,7 +189,6 @@ class Catalog:
                 S = dict(S)
                 self.sites.append(S)
                 self._site_by_key[S["key"]] = S
-                self._expect_site(S)
             elif old["name"] != S["name"]:
                 self._site_conflicts.add((rank, S["key"]))
                 self.problems.append(f"{where}: site key {S['key']!r} is {S['name']!r} there but "
@@ -328,20 +352,20 @@ class Catalog:
         return ids, {self.owner_key.get(k, k) for k in keys}
 
     def param_shape(self, layer_key: str, param_key: str) -> tuple:
-        return self._param_shape[(layer_key, param_key)]
+        return tuple(self._param(layer_key, param_key)["shape"])
 
     def param_name(self, layer_key: str, param_key: str) -> str:
-        return self._param_name[(layer_key, param_key)]
+        return self._param(layer_key, param_key)["name"]
 
     def param_meta(self, layer_key: str, param_key: str) -> tuple[int, str, str, int]:
         """(layer id, layer name, parameter name, numel) of one parameter."""
         L = self._by_key[layer_key]
-        shape = self._param_shape[(layer_key, param_key)]
-        return L["id"], L["name"], self._param_name[(layer_key, param_key)], math.prod(shape)
+        q = self._param(layer_key, param_key)
+        return L["id"], L["name"], q["name"], math.prod(q["shape"])
 
     def all_param_keys(self) -> list[tuple[str, str]]:
         """Every (layer_key, param_key) of the manifest, in manifest order (tied ones included)."""
-        return list(self._param_shape)
+        return list(dict.fromkeys((L["key"], q["key"]) for L in self.layers for q in L["params"]))
 
     def site(self, key: str) -> dict:
         return self._site_by_key[key]
@@ -353,6 +377,64 @@ class Catalog:
             from .trace.captures import open_captures
             self._captures = open_captures(self.path)
         return self._captures
+
+
+def _find_param(L: dict | None, param_key: str, many: dict) -> dict | None:
+    """The record of parameter ``param_key`` of layer record ``L`` (None if none; the last of a repeated
+    key, as a dict built from the records keeps); layers of many parameters get a dict in ``many``."""
+    if L is None:
+        return None
+    params = L["params"]
+    if len(params) <= 8:
+        return next((q for q in reversed(params) if q["key"] == param_key), None)
+    by = many.get(L["key"])
+    if by is None:
+        by = many[L["key"]] = {q["key"]: q for q in params}
+    return by.get(param_key)
+
+
+class _Expected:
+    """``get((kind, key, key))`` -> the manifest's row shape of a payload (:meth:`Catalog.expected`),
+    what :class:`analyzer.shard_index.IndexRules` checks shards against."""
+
+    def __init__(self, catalog: Catalog):
+        self.get = catalog.expected
+        self._cat = catalog
+
+    def same_key(self, key: tuple) -> tuple:
+        """``key`` (kind, key, key) of a payload the manifest names, made of the manifest's own string
+        objects: a catalogue keeps no string of a shard's index (their memory goes back; issue 16)."""
+        kind, a, b = key
+        L = self._cat.layer_by_key(a) if kind in (fmt.KIND_GRADS, fmt.KIND_WEIGHTS, fmt.KIND_GRAD_STATS) else None
+        if L is not None:
+            return kind, L["key"], self._cat._param(a, b)["key"]
+        S = self._cat.site(a)
+        return kind, S["key"], next((s for s in S["stats"] if s == b), b)
+
+
+def share_repeated(layers: list) -> list:
+    """``layers`` (the manifest's layer records, a new list of the same dicts), with the repeated
+    string values of their fields (layer type and class; parameter name, key and dtype) one object
+    per distinct value and equal parameter shapes one list: the values
+    stay equal, only copies go (a record's own strings, e.g. its layer name, are kept). Records are
+    read, never changed, by the analyzer."""
+    strings: dict = {}
+    shapes: dict = {}
+
+    def one(d: dict, fields: tuple) -> None:
+        for f in fields:
+            v = d.get(f)
+            if type(v) is str:
+                d[f] = strings.setdefault(v, v)
+
+    for L in layers:
+        one(L, ("type", "class"))
+        for q in L.get("params", ()):
+            one(q, ("name", "key", "dtype"))
+            shp = q.get("shape")
+            if type(shp) is list and len(shp) <= 8 and all(type(x) is int for x in shp):
+                q["shape"] = shapes.setdefault(tuple(shp), shp)
+    return list(layers)
 
 
 def full_name(L: dict, q: dict) -> str:

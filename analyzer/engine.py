@@ -254,6 +254,8 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict, l
             # steps ascend, so an epoch's rows are usually one range: a view, not a copy of the block
             acc.update(flat[idx[0]:idx[-1] + 1] if idx[-1] - idx[0] + 1 == len(idx) else flat[idx])
 
+    # the steps of each parameter's recorded statistics, only where raw gradients may repeat them
+    raw = any(k[0] == fmt.KIND_GRADS and (k[1], k[2]) in keys for k in shard.payloads)
     with _open(ctx, shard.path, shard.name) as r, _Beside() as beside:
         covered: dict[tuple, np.ndarray] = {}
         recorded = []   # (layer_key, param_key, steps, (k, 6) statistics): turned into rows all at once
@@ -271,7 +273,8 @@ def grad_shard(shard, keys: set, ctx: ShardContext) -> tuple[list[dict], dict, l
                 if len(recorded) >= 8192:   # bounded temporaries
                     parts.append(recorded_part(recorded, ctx, shard.rank))
                     recorded = []
-            covered[(lk, pk)] = steps
+            if raw:
+                covered[(lk, pk)] = steps
         if recorded:   # one part for every parameter: no Python work per row (100,000 layers: 200,000 parameters)
             parts.append(recorded_part(recorded, ctx, shard.rank))
         for lk, pk, steps, block in shard_blocks(r, shard, fmt.KIND_GRADS, keys, ctx.block_bytes):

@@ -112,17 +112,22 @@ def epoch_table(catalog: Catalog, df: pd.DataFrame, noise: dict, multi_rank: boo
     keys = (["rank"] if multi_rank else []) + ["epoch", "layer_id", "layer", "param"]
     if not len(df):
         return pd.DataFrame({c: [] for c in keys + GRAD_EPOCH_COLUMNS[4:]})
-    g = df.groupby(keys, sort=True)
-    out = g.agg(n_steps=("step", "size"), mean=("mean", "mean"), abs_mean=("abs_mean", "mean"),
+    code = group_code(df, keys[:-2] + ["param"])   # a layer's name follows its id: not a key
+    g = df.groupby(code if code is not None else keys, sort=True)
+    firsts = {c: (c, "first") for c in keys} if code is not None else {}
+    out = g.agg(**firsts, n_steps=("step", "size"), mean=("mean", "mean"), abs_mean=("abs_mean", "mean"),
                 max_abs=("max_abs", "max"), var=("var", "mean"), l1=("l1", "mean"), l2=("l2", "mean"),
-                nonfinite=("nonfinite", "sum")).reset_index()
+                nonfinite=("nonfinite", "sum"))
+    out = out.reset_index(drop=code is not None)
     out["l2_var"] = g["l2"].var(ddof=0).to_numpy()   # = np.nanvar per group, NaN when all NaN (vectorised: H3)
+    del g, code
     lk_of = {L["id"]: L["key"] for L in catalog.layers}
     pk_of = {(L["id"], catalog.param_name(L["key"], q["key"])): q["key"] for L in catalog.layers
              for q in L["params"]}
     gn = []
+    low = catalog.lowest_rank(GRAD_KINDS) if noise else 0
     for row in (out.itertuples(index=False) if noise else ()):   # no raw gradients: no noise (H3)
-        rank = row.rank if multi_rank else catalog.lowest_rank(GRAD_KINDS)
+        rank = row.rank if multi_rank else low
         gn.append(noise.get((rank, lk_of[row.layer_id], pk_of[(row.layer_id, row.param)], int(row.epoch)),
                             np.nan))
     out["grad_noise"] = gn if noise else np.nan
@@ -130,38 +135,120 @@ def epoch_table(catalog: Catalog, df: pd.DataFrame, noise: dict, multi_rank: boo
     return typed(out[cols], {"epoch": "int64", "layer_id": "int64", "n_steps": "int64", "nonfinite": "int64"})
 
 
+def group_code(df: pd.DataFrame, keys: list[str]) -> np.ndarray | None:
+    """One int64 per row of ``df`` that numbers its groups of ``keys`` in their sorted order (each
+    key's sorted distinct values, combined): grouping by it gives the groups, their order and their
+    sums of grouping by the keys, without hashing string keys per (row, key). None when a key is
+    missing somewhere (a groupby drops those rows) or the combination would not fit in int64."""
+    code = np.zeros(len(df), np.int64)
+    span = 1
+    for c in keys:
+        v = df[c].to_numpy()
+        if v.dtype.kind in "iu":
+            lo, hi = (int(v.min()), int(v.max())) if len(v) else (0, 0)
+            k, n = v.astype(np.int64) - lo, hi - lo + 1
+        else:
+            k, uniq = pd.factorize(v, sort=True)
+            n = len(uniq)
+            if (k < 0).any():
+                return None
+        span *= max(1, n)
+        if span >= 1 << 62:
+            return None
+        code *= max(1, n)
+        code += k
+        del k
+    return code
+
+
 def pool_params(df: pd.DataFrame) -> pd.DataFrame:
     """Pool per-parameter gradient rows into per-layer rows (same step): counts and sums add,
     l2 = sqrt(sum l2^2), max_abs = max, mean and var pooled exactly from the parts' moments
-    (sums recovered from each part's count, mean and var; then :func:`stats_from_sums`)."""
+    (sums recovered from each part's count, mean and var; then :func:`stats_from_sums`).
+
+    A table sorted by its keys (as :meth:`Run.grad_stats` gives it) is grouped by its runs of rows
+    (:func:`sorted_runs`: one integer per row, no copy of the table's columns; 100,000 layers:
+    4 million rows), any other order by its keys; the same pandas sums either way."""
     if not len(df):
         return df.iloc[:0].drop(columns=["param"]).copy()
     keys = [c for c in ("rank", "step", "epoch", "layer_id", "layer") if c in df.columns]
-    # only the columns pooled (not a copy of the whole frame); a layer's name follows its id, so the
-    # groups are those of the integer keys (no grouping by strings), the name taken from the first row
+    # the groups are those of the integer keys (a layer's name follows its id), the name taken
+    # from the group's first row
     ints = [c for c in keys if c != "layer"]
-    d = df[ints + ["numel", "count", "nonfinite", "max_abs", "l1"]]
-    mean = df["mean"].fillna(0)
-    d = d.assign(_s=mean * df["count"], _q=(df["var"].fillna(0) + mean ** 2) * df["count"],
-                 _l2sq=df["l2"].fillna(0) ** 2)
-    del mean
+    runs = sorted_runs(df, ints) if "layer_id" in ints and (
+        "layer" not in keys or not df["layer"].isna().any()) else None
+    if runs is not None:
+        sums = _pool_runs(df, *runs)
+        out = {c: pd.array(df[c].to_numpy()[runs[0]], dtype=df[c].dtype) for c in keys}
+    else:
+        g = _pool_groupby(df, keys, ints)
+        sums = {c: g[c].to_numpy() for c in _POOLED}
+        out = {c: g[c] for c in keys}
+    st = stats_from_sums(sums["count"], sums["_s"], sums["_q"], sums["l1"], sums["max_abs"])
+    out.update(numel=sums["numel"], count=sums["count"], nonfinite=sums["nonfinite"], mean=st["mean"],
+               abs_mean=st["abs_mean"], max_abs=sums["max_abs"], var=st["var"], l1=sums["l1"],
+               l2=np.sqrt(sums["_l2sq"]))
+    return pd.DataFrame(out, copy=False)   # the columns as computed, not copied into blocks
+
+
+#: the sums of :func:`pool_params` (per group)
+_POOLED = ("numel", "count", "nonfinite", "_s", "_q", "max_abs", "l1", "_l2sq")
+
+
+def _moments(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per row: _s = sum x, _q = sum x^2 (from count, mean, var), _l2sq = l2^2; NaN read as 0 (as
+    ``fillna(0)``); temporaries bounded to a few columns (100,000 layers: 32 MB each)."""
+    cnt = df["count"].to_numpy()
+
+    def zeroed(c):
+        return np.nan_to_num(df[c].to_numpy(np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
+
+    m = zeroed("mean")
+    s = m * cnt
+    np.square(m, out=m)
+    m += zeroed("var")    # var + mean^2 (addition is commutative, bit for bit)
+    m *= cnt
+    q = zeroed("l2")
+    np.square(q, out=q)
+    return {"_s": s, "_q": m, "_l2sq": q}
+
+
+def _pool_groupby(df: pd.DataFrame, keys: list[str], ints: list[str]) -> pd.DataFrame:
+    d = df[ints + ["numel", "count", "nonfinite", "max_abs", "l1"]].assign(**_moments(df))
     aggs = dict(numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
                 _s=("_s", "sum"), _q=("_q", "sum"), max_abs=("max_abs", "max"), l1=("l1", "sum"),
                 _l2sq=("_l2sq", "sum"))
     if "layer" in keys and "layer_id" in keys:
         d = d.assign(layer=df["layer"])
-        out = d.groupby(ints, sort=True).agg(layer=("layer", "first"), **aggs).reset_index()
-    else:
-        out = d.groupby(keys, sort=True).agg(**aggs).reset_index()
-    del d
-    st = stats_from_sums(out["count"].to_numpy(), out["_s"].to_numpy(), out["_q"].to_numpy(),
-                         out["l1"].to_numpy(), out["max_abs"].to_numpy())
-    out["mean"] = st["mean"]
-    out["abs_mean"] = st["abs_mean"]
-    out["var"] = st["var"]
-    out["l2"] = np.sqrt(out["_l2sq"])
-    cols = keys + ["numel", "count", "nonfinite", "mean", "abs_mean", "max_abs", "var", "l1", "l2"]
-    return out[cols]
+        return d.groupby(ints, sort=True).agg(layer=("layer", "first"), **aggs).reset_index()
+    return d.groupby(keys, sort=True).agg(**aggs).reset_index()
+
+
+def sorted_runs(df: pd.DataFrame, ints: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(first row, rows) of each run of equal ``ints`` when ``df`` is sorted by them (ascending,
+    lexicographic; every run then a whole group); None otherwise."""
+    n = len(df)
+    same = np.ones(n - 1, bool)
+    for c in ints:
+        v = df[c].to_numpy()
+        if v.dtype.kind not in "iub":
+            return None
+        a, b = v[1:], v[:-1]
+        if (same & (a < b)).any():
+            return None
+        same &= a == b
+    starts = np.flatnonzero(np.r_[True, ~same])
+    return starts, np.diff(np.r_[starts, n])
+
+
+def _pool_runs(df: pd.DataFrame, starts: np.ndarray, lens: np.ndarray) -> dict[str, np.ndarray]:
+    """The sums :data:`_POOLED` of :func:`_pool_groupby` over the runs of rows of a sorted table: the
+    same pandas sums (bit for bit) grouped by one integer run number, without a copy of the table."""
+    gid = np.repeat(np.arange(len(starts), dtype=np.int32 if len(starts) < 1 << 31 else np.int64), lens)
+    cols = {c: df[c].to_numpy() for c in ("numel", "count", "nonfinite", "max_abs", "l1")}
+    d = pd.DataFrame(dict(cols, **_moments(df)), copy=False)
+    out = d.groupby(gid, sort=False).agg(**{c: (c, "max" if c == "max_abs" else "sum") for c in _POOLED})
+    return {c: out[c].to_numpy() for c in _POOLED}
 
 
 def float16_losses(catalog: Catalog) -> dict:

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from .catalog import Shard
 from .trace import files, h5read, workers
@@ -25,14 +25,15 @@ class IndexRules:
     """What indexing a shard checks it against, and where it says what it skipped.
 
     Attributes:
-        root: the run directory (shards must lie inside). expected: (kind, key, key) -> row shape
-        from the manifest. conflicts: (rank, site key) whose values are ignored. sharded:
+        root: the run directory (shards must lie inside). expected: ``expected.get((kind, key,
+        key))`` -> the row shape from the manifest, None for a payload it does not name.
+        conflicts: (rank, site key) whose values are ignored. sharded:
         (layer_key, param_key) of FSDP2 slices. borrow: ``borrow(path, name)`` -> a shard reader
         (a context manager). problems: the list that skipped things are appended to.
     """
 
     root: str
-    expected: dict
+    expected: Any
     conflicts: set
     sharded: set
     borrow: Callable
@@ -61,7 +62,7 @@ def index_shard(cat: IndexRules, rank: int, idx: int, spath: str) -> Shard:
                 elif tuple(shape) != want:
                     raise TraceError(f"corrupt shard {name}: {kind}/{lk}/{pk} has shape "
                                      f"{tuple(shape)} but the manifest says {want}")
-                payloads[(kind, lk, pk)] = (rows, shape, chunk)
+                payloads[cat.expected.same_key((kind, lk, pk))] = (rows, shape, chunk)
     try:
         nbytes = os.path.getsize(spath)
     except OSError:

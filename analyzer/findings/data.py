@@ -3,8 +3,8 @@ pass over the statistics payloads per table; never a raw gradient or activation 
 
 | table | from | columns |
 | --- | --- | --- |
-| ``grads`` | ``grad_stats`` payloads only (the recorder's per-step sums; in a report, the report's own frame: :func:`grads_from_frame`) | step, layer_id, layer, param, numel, count, nonfinite, abs_mean, max_abs, l2 (at least; any row order) |
-| ``grad_layers`` | ``grads``, parameters of a layer pooled | step, layer_id, layer, nonfinite, abs_mean, max_abs, l2 |
+| ``grads`` | ``grad_stats`` payloads only (the recorder's per-step sums; in a report, the report's own frame: :func:`grads_from_frame`) | step, layer_id, layer, param, numel, count, nonfinite, abs_mean, max_abs, l2, l1 (at least; any row order) |
+| ``grad_layers`` | ``grads``, parameters of a layer pooled (in a report, its own: :func:`grad_layers_from_frame`) | step, layer_id, layer, nonfinite, abs_mean, max_abs, l2 |
 | ``weights`` | :meth:`Run.weight_stats` (weight snapshots, read once per run) | step, layer_id, layer, param, l2, update_ratio, gap, step_ratio, nonfinite |
 | ``weight_layers`` | ``weights``, parameters of a layer pooled | step, layer_id, layer, update_ratio, gap, step_ratio |
 | ``acts`` | per-unit activation statistics (``act_stats``), units pooled | step, site, kind, family, order, count, mean, rms, std, abs_mean, max_abs, zero, nonfinite |
@@ -24,12 +24,15 @@ import numpy as np
 import pandas as pd
 
 from ..activations import iter_merged_site_stats
-from ..engine import grad_stat_columns, recorded_part, shard_context
+from ..engine import grad_stat_columns, part_frame, recorded_part, shard_context
+from ..gradients import sorted_runs
 from ..slices import merge_grad_sums
 from ..stats import stats_from_sums
 from ..trace import format as fmt
 
 GRAD_COLUMNS = ["step", "layer_id", "layer", "param", "numel", "count", "nonfinite", "abs_mean", "max_abs", "l2"]
+#: the columns :func:`grad_stat_table` gives: l1 = sum |g| as well (what the layers' pooled abs_mean is from)
+GRAD_TABLE_COLUMNS = GRAD_COLUMNS + ["l1"]
 ACT_COLUMNS = ["step", "site", "kind", "family", "order", "count", "mean", "rms", "std", "abs_mean", "max_abs",
                "zero", "nonfinite"]
 WEIGHT_COLUMNS = ["step", "layer_id", "layer", "param", "l2", "update_ratio", "gap", "step_ratio", "nonfinite"]
@@ -53,25 +56,23 @@ def grad_stat_table(catalog) -> pd.DataFrame:
                 vec = np.asarray(r.read_payload(k, lk, pk, 0, rows), np.float64).reshape(rows, -1)
                 if (lk, pk) in ctx.sharded:
                     sliced.setdefault((lk, pk), []).append((steps, vec))
-                elif sh.rank == rank:   # batched: one frame per 8192 parameters, not one each (H3)
+                elif sh.rank == rank:   # batched: one part per 8192 parameters, not one each (H3)
                     batch.append((lk, pk, steps, vec))
                     if len(batch) >= 8192:
-                        parts.append(_batch_frame(batch, ctx))
+                        parts.append(_batch_part(batch, ctx))
                         batch = []
     if batch:
-        parts.append(_batch_frame(batch, ctx))
+        parts.append(_batch_part(batch, ctx))
     for (lk, pk), items in sliced.items():
         meta = ctx.meta[(lk, pk)]
         steps, vec = merge_grad_sums(items, meta[3])
         parts.append(_grad_part(meta, steps, vec))
     if not parts:
         return pd.DataFrame({c: pd.Series([], dtype=object if c in ("layer", "param") else "float64")
-                             for c in GRAD_COLUMNS})
-    df = pd.concat(parts, ignore_index=True)
-    parts.clear()                  # two copies at most at once (100,000 layers: 4 million rows)
-    if list(df.columns) != GRAD_COLUMNS:
-        df = df[GRAD_COLUMNS]
-    return df.sort_values(["layer_id", "param", "step"], kind="stable", ignore_index=True)
+                             for c in GRAD_TABLE_COLUMNS})
+    # sorted by (step, layer_id, param) as the report's frame is, one column at a time, each column's
+    # pieces freed before the next (100,000 layers: 4 million rows, one copy of them at once; issue 16)
+    return part_frame(parts, GRAD_TABLE_COLUMNS, False)
 
 
 def grads_from_frame(catalog, gs: pd.DataFrame, ids) -> pd.DataFrame | None:
@@ -79,28 +80,41 @@ def grads_from_frame(catalog, gs: pd.DataFrame, ids) -> pd.DataFrame | None:
     (the report's, read once), or None where that frame may hold other rows than
     :func:`grad_stat_table`: the trace has raw gradients (steps without ``grad_stats`` come from them), several
     ranks record gradient statistics, a parameter is sharded (FSDP2), or ``ids`` is not every layer. The same
-    rows and values as :func:`grad_stat_table` (both from :func:`analyzer.engine.recorded_part`), in another
-    order and with more columns: ``gs`` itself, not a copy (100,000 layers: 4 million rows). The rules
-    depend on neither."""
+    rows and values as :func:`grad_stat_table` (both from :func:`analyzer.engine.recorded_part`), in the same
+    order (:func:`analyzer.engine.part_frame`'s) and with more columns: ``gs`` itself, not a copy (100,000
+    layers: 4 million rows). The rules depend on neither order."""
     kind = fmt.KIND_GRAD_STATS
     if (not catalog.shards_with(kind) or catalog.shards_with(fmt.KIND_GRADS) or len(catalog.ranks_with(kind)) > 1
             or catalog.sharded
             or "rank" in gs.columns or set(int(i) for i in ids) != {int(L["id"]) for L in catalog.layers}
-            or not all(c in gs.columns for c in GRAD_COLUMNS)):
+            or not all(c in gs.columns for c in GRAD_TABLE_COLUMNS)):
         return None
     return gs
 
 
-def _batch_frame(batch: list, ctx) -> pd.DataFrame:
+def grad_layers_from_frame(catalog, gs: pd.DataFrame, gl: pd.DataFrame, ids) -> pd.DataFrame | None:
+    """The ``grad_layers`` table taken from the report's per-(step, layer) frame ``gl`` (:meth:`Run.grad_stats`
+    by="layer" of the layers ``ids``; ``gs`` its per-parameter frame), or None where ``gs`` could not stand
+    for ``grads`` (:func:`grads_from_frame`). Both pool the same rows in the same order (``gs`` sorted by
+    (step, layer_id, param)) with the same sums (count, nonfinite, numel, l1 = sum |g| add, max_abs is the
+    maximum, l2 = sqrt(sum l2^2), abs_mean = l1 / count): the same numbers as :func:`grad_layer_table`, bit
+    for bit, without a second 2-million-row table at 100,000 layers (issue 16)."""
+    if grads_from_frame(catalog, gs, ids) is None or "rank" in gl.columns \
+            or not all(c in gl.columns for c in GRAD_LAYER_COLUMNS):
+        return None
+    return gl
+
+
+def _batch_part(batch: list, ctx) -> dict:
     d = recorded_part(batch, ctx, 0)
-    return pd.DataFrame({c: d[c] for c in GRAD_COLUMNS})
+    return {c: d[c] for c in GRAD_TABLE_COLUMNS}
 
 
-def _grad_part(meta, steps, vec) -> pd.DataFrame:
+def _grad_part(meta, steps, vec) -> dict:
     lid, lname, pname, numel = meta
     st = grad_stat_columns(vec, numel)
-    return pd.DataFrame({"step": steps, "layer_id": lid, "layer": lname, "param": pname, "numel": numel,
-                         **{c: st[c] for c in ("count", "nonfinite", "abs_mean", "max_abs", "l2")}})
+    return {"step": steps, "layer_id": lid, "layer": lname, "param": pname, "numel": numel,
+            **{c: st[c] for c in ("count", "nonfinite", "abs_mean", "max_abs", "l2", "l1")}}
 
 
 GRAD_LAYER_COLUMNS = ["step", "layer_id", "layer", "numel", "count", "nonfinite", "abs_mean", "max_abs", "l2"]
@@ -108,7 +122,8 @@ GRAD_LAYER_COLUMNS = ["step", "layer_id", "layer", "numel", "count", "nonfinite"
 
 def grad_layer_table(grads: pd.DataFrame) -> pd.DataFrame:
     """``grads`` with the parameters of each layer pooled, as :func:`analyzer.gradients.pool_params` pools
-    them (numel, count, nonfinite and l1 = abs_mean x count add, max_abs is the maximum, l2 = sqrt(sum l2^2),
+    them (numel, count, nonfinite and l1 (its column, else abs_mean x count) add, max_abs is the maximum,
+    l2 = sqrt(sum l2^2),
     abs_mean = sum l1 / sum count), from only the columns the rules need (no copy of the whole table).
     Columns: :data:`GRAD_LAYER_COLUMNS`, sorted by (step, layer_id)."""
     if not len(grads):
@@ -117,13 +132,24 @@ def grad_layer_table(grads: pd.DataFrame) -> pd.DataFrame:
     d = pd.DataFrame({"step": grads["step"].to_numpy(), "layer_id": grads["layer_id"].to_numpy(),
                       "numel": grads["numel"].to_numpy(), "count": count,
                       "nonfinite": grads["nonfinite"].to_numpy(), "max_abs": grads["max_abs"].to_numpy(),
-                      "l1": grads["abs_mean"].to_numpy() * count, "_l2sq": grads["l2"].fillna(0).to_numpy() ** 2},
+                      "l1": grads["l1"].to_numpy() if "l1" in grads.columns else grads["abs_mean"].to_numpy() * count,
+                      "_l2sq": grads["l2"].fillna(0).to_numpy() ** 2},
                      copy=False)   # views of grads' columns: a dict is copied by default
     # grouped by the integer keys only (a layer's name follows its id): the names are looked up per layer
-    # afterwards, not carried through the groupby per row (100,000 layers: 4 million rows; issue 16)
-    out = d.groupby(["step", "layer_id"], sort=True).agg(
-        numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
-        max_abs=("max_abs", "max"), l1=("l1", "sum"), _l2sq=("_l2sq", "sum")).reset_index()
+    # afterwards, not carried through the groupby per row (100,000 layers: 4 million rows; issue 16); a
+    # table sorted by (step, layer_id) (the report's, grad_stat_table's) by its runs of rows: one integer
+    # per row instead of two keys grouped, the same groups in the same order, hence the same sums
+    runs = sorted_runs(grads, ["step", "layer_id"])
+    aggs = dict(numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
+                max_abs=("max_abs", "max"), l1=("l1", "sum"), _l2sq=("_l2sq", "sum"))
+    if runs is None:
+        out = d.groupby(["step", "layer_id"], sort=True).agg(**aggs).reset_index()
+    else:
+        starts, lens = runs
+        out = d.drop(columns=["step", "layer_id"]).groupby(np.repeat(np.arange(len(starts)), lens),
+                                                           sort=False).agg(**aggs).reset_index(drop=True)
+        out.insert(0, "layer_id", d["layer_id"].to_numpy()[starts])
+        out.insert(0, "step", d["step"].to_numpy()[starts])
     del d
     ids, first = np.unique(grads["layer_id"].to_numpy(), return_index=True)
     names = grads["layer"].to_numpy()[first]

@@ -194,13 +194,16 @@ class Report:
     def _share_with_findings(self, d) -> None:
         """Hand the per-step gradient frame to the health rules' tables (:func:`analyzer.findings.data.
         grads_from_frame`) so that the findings section does not read the gradient statistics again."""
-        from ..findings.data import grads_from_frame
+        from ..findings.data import grad_layers_from_frame, grads_from_frame
         tables = self.run.findings_tables()
         if "grads" in tables.computed:
             return
         g = grads_from_frame(self.run.catalog, d.gs_all, d.ids)
         if g is not None:
             tables.adopt("grads", g)
+        gl = grad_layers_from_frame(self.run.catalog, d.gs_all, d.gl_all, d.ids)   # H1, issue 16: no second copy
+        if gl is not None and "grad_layers" not in tables.computed:
+            tables.adopt("grad_layers", gl)
 
     def add_section(self, section, draw_meanwhile: bool = True) -> None:
         """Run one section; one that fails on this trace (a hostile or damaged file the readers let

@@ -181,6 +181,20 @@ def _no_duplicates(pairs: list) -> dict:
     return out
 
 
+def _sharing_no_duplicates():
+    """:func:`_no_duplicates` for one read, with equal short string values one object (a manifest of
+    100,000 layers repeats its layer types, parameter names and dtypes: about 45 MB less; issue 16)."""
+    same: dict = {}
+
+    def hook(pairs: list) -> dict:
+        out = _no_duplicates(pairs)
+        for k, v in out.items():
+            if type(v) is str and len(v) <= 64:
+                out[k] = same.setdefault(v, v)
+        return out
+    return hook
+
+
 def _no_constant(name: str):
     raise ValueError(f"non-finite number {name} (not JSON)")
 
@@ -226,7 +240,7 @@ def read_json(path: str | os.PathLike, what: str, root: str | os.PathLike | None
     if len(raw) > limit:
         raise TraceError(f"{what} {p} is larger than {limit:,} bytes")
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_sharing_no_duplicates(), parse_constant=_no_constant)
     except UnicodeDecodeError as e:
         raise TraceError(f"cannot read {what} {p}: {e}") from None
     except json.JSONDecodeError as e:

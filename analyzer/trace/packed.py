@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 
@@ -159,7 +160,7 @@ def _decode_index(raw: np.ndarray, cols: int | None, where: str, width: int | No
     if not isinstance(entries, list) or (cols is not None and len(entries) != cols):
         raise TraceError(f"{where}: index lists {len(entries) if isinstance(entries, list) else 'no'} "
                          f"parameters for {cols} columns")
-    out, seen, safe = [], set(), {}
+    out, seen, safe, same = [], set(), {}, {}
 
     def key_ok(k) -> bool:   # JSON gives exact types: str, never a subclass
         if type(k) is not str:
@@ -183,13 +184,13 @@ def _decode_index(raw: np.ndarray, cols: int | None, where: str, width: int | No
         if bad:
             raise TraceError(f"{where}: index entry for {e[0]}/{e[1]} has attributes that are not scalars "
                              "or integer lists")
-        key = (e[0], e[1])
+        key = (same.setdefault(e[0], e[0]), same.setdefault(e[1], e[1]))   # one str object per distinct key
         if key in seen:
             raise TraceError(f"{where}: index lists {e[0]}/{e[1]} twice")
         seen.add(key)
         for a in lists:   # the parsed dict is this entry's own: integer lists become arrays in place
             attrs[a] = np.asarray(attrs[a], np.int64)
-        item = (e[0], e[1], attrs)
+        item = (key[0], key[1], attrs)
         out.append(item if width is None else item + (_flat_place(e, width, where),))
     return out
 
@@ -206,8 +207,11 @@ class _GroupedView:
         self._geom: dict[int, tuple[int, int, int]] = {}
         self._blks: dict[tuple[int, int], np.ndarray] = {}   # (group, first column) -> block, LRU order
         self._blk_read: dict[int, int] = {}   # group -> bytes read in blocks
-        self._cols: dict[tuple[str, str], list] = {}   # key -> [(group, column)]
-        self._attrs: dict[tuple[str, str], dict] = {}
+        # key -> group << 32 | column (one group, a packed column) or [(group, column)]; attributes decoded
+        # when asked for (:meth:`attrs`), not kept (100,000 layers: about 140 MB less per open shard)
+        self._cols: dict[tuple[str, str], Any] = {}
+        self._index: list = []   # per group: (index dataset, columns, message prefix, width)
+        self._attrs: dict[int, dict] = {}   # group -> {key: attributes}, decoded on demand
         self._merged: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None]] = {}
         self._where = where
 
@@ -220,14 +224,22 @@ class _GroupedView:
             raise TraceError(f"{w}: index must be uint8 of at most {MAX_INDEX_BYTES:,} bytes, "
                              f"not {ix.dtype} {tuple(ix.shape)}")
 
-    def _add(self, v, s, entries) -> int:
+    def _add(self, v, s, entries, index: tuple) -> int:
+        """A group: ``entries`` [(layer_key, param_key, column)]; ``index``: :meth:`attrs` decodes it."""
         gi = len(self._vals)
         self._vals.append(v)
         self._steps.append(np.asarray(s[()], np.int64))
-        for lk, pk, attrs, col in entries:
-            self._cols.setdefault((lk, pk), []).append((gi, col))
-            self._attrs.setdefault((lk, pk), attrs)
+        self._index.append(index)
+        for lk, pk, col in entries:
+            new = (lk, pk) not in self._cols
+            self._cols[(lk, pk)] = (gi << 32 | col) if new and type(col) is int and 0 <= col < 1 << 32 else \
+                ([] if new else self._places((lk, pk))) + [(gi, col)]
         return gi
+
+    def _places(self, key) -> list:
+        """[(group, column)] that hold ``key``, in group order."""
+        got = self._cols[key]
+        return [(got >> 32, got & 0xFFFFFFFF)] if type(got) is int else got
 
     def keys(self) -> list[tuple[str, str]]:
         """``(layer_key, param_key)`` of every packed payload, in index order."""
@@ -238,7 +250,7 @@ class _GroupedView:
 
     def _order(self, key) -> tuple[np.ndarray, np.ndarray | None]:
         """(steps in increasing order, the permutation of the groups' concatenated rows or None)."""
-        cols = self._cols[key]
+        cols = self._places(key)
         if len(cols) == 1:   # one group: its steps (increasing, checked by the reader), nothing kept per key
             return self._steps[cols[0][0]], None
         got = self._merged.get(key)
@@ -263,7 +275,12 @@ class _GroupedView:
         return self._order(key)[0].copy()
 
     def attrs(self, key) -> dict:
-        return dict(self._attrs[key])
+        g = self._places(key)[0][0]   # the first group's, as the payload's
+        got = self._attrs.get(g)
+        if got is None:
+            ix, cols, where, width = self._index[g]
+            got = self._attrs[g] = {(e[0], e[1]): e[2] for e in _decode_index(ix[()], cols, where, width)}
+        return dict(got[key])
 
     def _geometry(self, g: int) -> tuple[int, int, int]:
         """(rows, bytes in all, bytes of one column (every row, dim 1)) of group ``g``'s values,
@@ -307,12 +324,19 @@ class _GroupedView:
     def _column(self, g: int, col, rows: slice) -> np.ndarray:
         raise NotImplementedError
 
+    def _cached(self, a: np.ndarray) -> bool:
+        """Whether ``a`` is a view of a block or group kept here (a caller must get a copy), not read for it."""
+        while isinstance(a.base, np.ndarray):
+            a = a.base
+        return any(a is b for b in (*self._blks.values(), *self._cache.values()))
+
     def read(self, key, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of the payload ``key`` in step order, (stop - start, *shape)."""
-        cols = self._cols[key]
+        cols = self._places(key)
         try:
-            if len(cols) == 1:   # one group: only the rows asked for
-                return np.array(self._column(*cols[0], slice(start, stop)))
+            if len(cols) == 1:   # one group: only the rows asked for (copied only out of what is kept here)
+                a = self._column(*cols[0], slice(start, stop))
+                return np.array(a) if self._cached(a) else a
             parts = [self._column(g, c, slice(None)) for g, c in cols]
         except TraceError:
             raise
@@ -347,7 +371,7 @@ class PackedView(_GroupedView):
                 raise TraceError(f"{w}: rows of shape {tuple(v.shape[2:])}, another group's are {shape}")
             shape = tuple(v.shape[2:])
             entries = _decode_index(ix[()], int(v.shape[1]), w)
-            self._add(v, s, [(lk, pk, attrs, j) for j, (lk, pk, attrs) in enumerate(entries)])
+            self._add(v, s, [(lk, pk, j) for j, (lk, pk, _) in enumerate(entries)], (ix, int(v.shape[1]), w, None))
         self.shape = shape or ()
 
     def _shape(self, key) -> tuple:
@@ -388,7 +412,7 @@ class FlatView(_GroupedView):
             for lk, pk, _, (_, _, shape) in entries:
                 if self._shapes.setdefault((lk, pk), shape) != shape:
                     raise TraceError(f"{w}: {lk}/{pk} has shape {shape}, in another group {self._shapes[(lk, pk)]}")
-            self._add(v, s, [(lk, pk, attrs, place) for lk, pk, attrs, place in entries])
+            self._add(v, s, [(lk, pk, place) for lk, pk, _, place in entries], (ix, None, w, int(v.shape[1])))
 
     def _shape(self, key) -> tuple:
         return self._shapes[key]
@@ -441,93 +465,3 @@ def open_view(get, check, kind: str, where: str, root: str = fmt.PACKED_GROUP) -
         raise
     except Exception as e:   # h5py read errors of steps or index
         raise TraceError(f"{where}: unreadable {base} ({str(e).strip()[:100]})") from None
-
-
-class FlatWriter:
-    """Writes the flat groups (``/flat/<kind>/<n>``) of one shard being written, for
-    :class:`~.hdf5.HDF5ShardWriter`: rows are kept in memory up to ``buffer_bytes`` (all groups
-    together) and written a block at a time; a row of more than that is written at once, without a
-    copy. :meth:`close` trims each ``values`` to its rows and writes ``steps`` and ``index`` (one
-    group and three datasets per list of tensors, whatever their number). ``write(dataset, row, block)``
-    writes a block of rows (k, N) at ``row`` (default: an h5py slice assignment)."""
-
-    def __init__(self, f, max_rows: int, buffer_bytes: int, write=None):
-        self._f, self.max_rows, self.buffer_bytes = f, max(1, int(max_rows)), int(buffer_bytes)
-        self._put = write or self._assign
-        # (kind, layout sig) -> [layout, dataset or None, rows written, [blocks], [steps arrays], n]
-        self._groups: dict[tuple, list] = {}
-        self._count: dict[str, int] = {}   # kind -> groups created
-        self._buffered = 0
-
-    def append(self, kind: str, layout: FlatLayout, steps, values) -> int:
-        """``values``: (k, N) array or a list of k rows (N,), at ``steps`` (k,). Returns its bytes."""
-        steps = np.asarray(steps, np.int64).reshape(-1)
-        e = self._groups.get((kind, layout.sig))
-        if e is None:
-            e = self._groups[(kind, layout.sig)] = [layout, None, 0, [], [], None]
-        if isinstance(values, list):
-            nb = sum(int(np.asarray(r).nbytes) for r in values)
-        else:
-            values = np.asarray(values)
-            nb = int(values.nbytes)
-        if isinstance(values, list) or nb > self.buffer_bytes:
-            self._write(kind, e)                      # what is kept first: rows stay in step order
-            self._write(kind, e, values, steps)
-            return nb
-        e[3].append(np.array(values, copy=True))      # the caller may reuse its buffer
-        e[4].append(steps)
-        self._buffered += nb
-        if self._buffered > self.buffer_bytes:
-            self.write_all()
-        return nb
-
-    def write_all(self, final: bool = False) -> None:
-        """Write every row kept; ``final`` (the shard closes): a dataset created now has exactly its rows."""
-        for (kind, _), e in self._groups.items():
-            self._write(kind, e, final=final)
-
-    def _write(self, kind: str, e: list, values=None, steps=None, final: bool = False) -> None:
-        if values is None:   # the kept rows
-            if not e[3]:
-                return
-            values = e[3][0] if len(e[3]) == 1 else np.concatenate(e[3])
-            self._buffered -= int(values.nbytes)
-            e[3] = []
-        else:
-            e[4].append(steps)
-        rows = values if isinstance(values, list) else None
-        first = np.asarray(rows[0]) if rows is not None else values[0]
-        k, width = (len(rows) if rows is not None else values.shape[0]), e[0].size
-        if first.shape != (width,) or (rows is not None and any(np.shape(r) != (width,) for r in rows)):
-            raise ValueError(f"flat {kind}: rows of shape {first.shape} for a layout of {width} values")
-        ds, n = e[1], e[2]
-        if ds is None:
-            g = self._count.get(kind, 0)
-            self._count[kind] = g + 1
-            e[5] = self._f.require_group(fmt.FLAT_GROUP).require_group(kind).create_group(str(g))
-            cap = k if final else max(self.max_rows, k)
-            ds = e[1] = e[5].create_dataset("values", shape=(cap, width), maxshape=(None, max(1, width)),
-                                            chunks=flat_chunks(width, first.dtype.itemsize, k), dtype=first.dtype)
-        if n + k > ds.shape[0]:
-            ds.resize((max(n + k, 2 * ds.shape[0]), width))
-        if rows is None:
-            self._put(ds, n, values)
-        else:
-            for i, r in enumerate(rows):
-                self._put(ds, n + i, np.asarray(r)[None])
-        e[2] = n + k
-
-    @staticmethod
-    def _assign(ds, start: int, block: np.ndarray) -> None:
-        ds[start:start + len(block)] = block
-
-    def close(self) -> None:
-        """Write what is kept, trim every ``values``, write every ``steps`` and ``index``."""
-        self.write_all(final=True)
-        for layout, ds, n, _, steps, g in self._groups.values():
-            if ds is None:
-                continue
-            if ds.shape[0] != n:
-                ds.resize((n, ds.shape[1]))
-            g.create_dataset("steps", data=np.concatenate(steps))
-            g.create_dataset("index", data=layout.index())

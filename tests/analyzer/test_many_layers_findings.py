@@ -192,8 +192,11 @@ def test_report_frames_stand_in_for_the_gradient_table(tmp_path):
     gs = a.grad_stats(layers=ids)
     adopted = D.grads_from_frame(a.catalog, gs, ids)
     assert adopted is gs                                             # the report's frame itself, no copy
-    pd.testing.assert_frame_equal(adopted[D.GRAD_COLUMNS].sort_values(["layer_id", "param", "step"]).reset_index(
-        drop=True), D.grad_stat_table(a.catalog), check_exact=True)
+    pd.testing.assert_frame_equal(adopted[D.GRAD_TABLE_COLUMNS].reset_index(drop=True), D.grad_stat_table(a.catalog),
+                                  check_exact=True)   # the same rows in the same (step, layer_id, param) order
+    gl = D.grad_layers_from_frame(a.catalog, gs, a.grad_stats(by="layer", layers=ids), ids)
+    pd.testing.assert_frame_equal(gl[D.GRAD_LAYER_COLUMNS], D.grad_layer_table(D.grad_stat_table(a.catalog)),
+                                  check_exact=True)   # the report's per-layer frame stands for grad_layers, bit for bit
     a.findings_tables().adopt("grads", adopted)
     rules = ["nonfinite", "vanishing_gradient", "exploding_gradient", "gradient_spike", "all_zero", "loss_spike"]
     pd.testing.assert_frame_equal(a.findings(rules), b.findings(rules))
