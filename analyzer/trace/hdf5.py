@@ -10,7 +10,8 @@ import numpy as np
 from . import files
 from . import format as fmt
 from .h5read import MAX_SPARSE_BYTES, MAX_SPARSE_RATIO, HDF5ShardReader, attr_value, error_line  # noqa: F401
-from .packed import FlatWriter, encode_index
+from .flat_writer import FlatWriter
+from .packed import encode_index
 from .shards import ShardReader, ShardWriter, check_step_cols
 
 #: Payload chunks aim at about this many bytes (several small rows share a chunk).
@@ -157,7 +158,7 @@ class HDF5ShardWriter(ShardWriter):
             self._write_packed()
 
     def append_flat(self, kind, layout, steps, values):
-        """Into ``/flat/<kind>/<n>`` (:class:`~.packed.FlatWriter`: a few datasets per shard whatever
+        """Into ``/flat/<kind>/<n>`` (:class:`~.flat_writer.FlatWriter`: a few datasets per shard whatever
         the number of tensors); one dataset per tensor with ``packed=False`` or a kind not in
         ``format.FLAT_KINDS``."""
         if not self.packed or kind not in fmt.FLAT_KINDS:

@@ -224,3 +224,26 @@ def test_hostile_flat_groups_are_refused(tmp_path, case, why):
         r.read_payload("grads", "L0", "bias", 0, 3)
     assert sorted(r.payloads("weights")) == [("L0", "bias"), ("L0", "weight"), ("L1", "weight"), ("L2", "scale")]
     r.close()
+
+
+@pytest.mark.parametrize("cache", ["whole", "none"])
+def test_a_read_is_the_callers_own_array(tmp_path, monkeypatch, cache):
+    """A flat read is either a view of what the reader keeps (a group read whole, a block of columns)
+    and then copied, or read from the file for that call and handed out as it is (no second copy of
+    the raw tensors): either way writing into it never changes what a later read gives."""
+    import bbdecoder.analyzer.trace.packed as pmod
+    if cache == "none":
+        monkeypatch.setattr(pmod, "CACHE_BYTES", 0)
+    seq = [TENSORS] * 5
+    _write(tmp_path, HDF5Backend(), seq, np.float32)
+    r = HDF5Backend().open(str(tmp_path / fmt.shard_filename(0)))
+    for kind in ("grads", "weights"):
+        for key in sorted(r.payloads(kind)):
+            rows = r.payload_info(kind, *key)[0]
+            for a, b in ((0, rows), (1, rows)):
+                got = r.read_payload(kind, *key, a, b)
+                want = got.copy()
+                got[...] = -1.0
+                again = r.read_payload(kind, *key, a, b)
+                assert np.array_equal(again, want) and not np.shares_memory(again, got), (kind, key, a)
+    r.close()
