@@ -31,7 +31,7 @@ MAX_STATS = ("logit_max", "n_massive", "massive_ratio")
 #: Bytes of per-unit statistics kept per catalogue between reads (float64, least recently used dropped
 #: first): a report reads every site several times (the findings, the dead-unit sweep at several
 #: thresholds, saturation, the overview), each an HDF5 read per shard and statistic otherwise.
-CACHE_BYTES = 64 << 20
+CACHE_BYTES = 16 << 20
 
 
 class _Cache:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from .. import heap
 from ..progress import null_progress
 from ..trace.workers import available_cpus, fork_is_safe
 from .figures import Drawing, FigureSpec
@@ -18,6 +19,10 @@ from .sections import activations, attention, modules
 
 #: the sections that may run beside the data passes (they read no ``rep.data``)
 SECTIONS = (activations, attention, modules)
+#: CPUs needed to run them beside: the gradient pass already keeps two busy (this process and one
+#: worker); on 2 CPUs a third process gained 0.2 s of a 16 s report (2.3 GB bench trace) and cost
+#: about 150 MB, which took the report past its 600 MB budget
+MIN_CPUS = 3
 
 
 class Beside:
@@ -53,9 +58,9 @@ class Beside:
 
 def start(rep) -> Beside | None:
     """Fork a process that runs :data:`SECTIONS` for ``rep`` (before ``rep.data`` exists) and draws
-    their figures; None where that is not possible or would not pay (one CPU, ``jobs`` = 1, another
-    thread running). The run's open files are closed first (both processes reopen what they read)."""
-    if rep.jobs <= 1 or available_cpus() < 2 or not fork_is_safe():
+    their figures; None where that is not possible or would not pay (fewer than :data:`MIN_CPUS` CPUs
+    or ``jobs``, another thread running). The run's open files are closed first (both processes reopen what they read)."""
+    if rep.jobs <= 2 or available_cpus() < MIN_CPUS or not fork_is_safe():
         return None
     import gc
     import multiprocessing as mp
@@ -81,6 +86,7 @@ def _child(rep, conn) -> None:
         rep.drawing = Drawing(rep.out, 1)
         for section in SECTIONS:
             rep.add_section(section, draw_meanwhile=False)
+            heap.trim()   # the section's temporaries go back to the OS: this process runs beside two others
         errors = rep.drawing.finish()
     figures: list[tuple[Any, str | None]] = [
         ((s.name, s.title, s.caption_html, None, s.section, s.layer, s.areas), e)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from .. import heap
 from ..activations import select_site
 from ..outdir import out_lock, prepare_out_dir
 from ..progress import silenced
@@ -149,6 +150,7 @@ class Report:
         before = self._existing()
         side = beside.start(self)   # the sections that need no gradients, beside the data passes
         self.data = d = load_frames(self.run, self.layers_spec)
+        heap.trim()   # the passes' freed temporaries go back to the OS before the sections and the forks
         self._share_with_findings(d)
         if not len(d.gl):
             self.missing.append("no gradients")

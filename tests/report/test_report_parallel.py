@@ -23,10 +23,15 @@ from bbdecoder import analyzer
 from bbdecoder.analyzer.report import plots
 from bbdecoder.analyzer.report import build_report
 run_dir, out, jobs, broken = sys.argv[1], sys.argv[2], int(sys.argv[3]), {"0": False, "1": True}.get(sys.argv[4], sys.argv[4])
-if broken == "beside":   # the process running the activation sections beside the data passes dies
+BESIDE = []
+if broken in ("beside", "beside-dies"):   # the activation sections beside the data passes (on any CPU count)
     import os
     from bbdecoder.analyzer.report import beside
-    beside._child = lambda rep, conn: os._exit(3)
+    beside.MIN_CPUS = 1
+    _start = beside.start
+    beside.start = lambda rep: BESIDE.append(_start(rep)) or BESIDE[-1]
+    if broken == "beside-dies":   # ... in a process that dies
+        beside._child = lambda rep, conn: os._exit(3)
 elif broken == "crash":   # a drawing process dies: the report still finishes, without a hang
     import os
     def weight_magnitude(*a, **k):
@@ -41,7 +46,8 @@ elif broken:   # one figure fails to draw: it must be listed as skipped, the res
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     s = build_report(analyzer.open(run_dir), out, jobs=jobs)
-print(json.dumps({"summary": s, "warnings": [str(x.message) for x in w if "could not be drawn" in str(x.message)]}))
+print(json.dumps({"summary": s, "warnings": [str(x.message) for x in w if "could not be drawn" in str(x.message)],
+                  "beside": [b is not None for b in BESIDE]}))
 """
 
 
@@ -127,8 +133,10 @@ def test_activation_sections_beside_the_data_passes_read_as_in_line(run_dir, tmp
     (jobs > 1): their tables, figures and summary parts land where they land in one process; when that
     process dies, they run in line and the report is the same."""
     one = _report(run_dir, tmp_path / "one", 1)["summary"]
-    for mode in ("0", "beside"):
-        s = _report(run_dir, tmp_path / mode, 2, mode)["summary"]
+    for mode in ("beside", "beside-dies"):
+        res = _report(run_dir, tmp_path / mode, 3, mode)
+        assert res["beside"] == [True]           # it did run beside (and, the second time, died)
+        s = res["summary"]
         assert s["figures"] == one["figures"] and s["tables"] == one["tables"]
         assert s["skipped"] == one["skipped"] and s["not_recorded"] == one["not_recorded"]
         assert s["activations"] == one["activations"] and len(s["activations"]) > 0
