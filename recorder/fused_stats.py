@@ -14,28 +14,30 @@ With the health statistics (:mod:`recorder.health`, ``health=True``) the accumul
 softmax sites' per-unit ``entropy`` and ``logit_max`` rows (2 x U), or other sites' scalars ``sum3``,
 ``sum4``, ``n_massive`` and ``massive_ratio``.
 
-:func:`fused_update` (``torch.compile``, dynamic shapes: inductor's C++ kernel on the CPU, Triton on
-CUDA) reads the (A, U, Q) view of the activation in one loop: the per-unit sums are accumulated in
-float32 along each row of Q contiguous values (counts in float32 too: exact for rows of at most 2**24
-values, int32 beyond; about 5x faster than int32 counts for short rows), then in float64 across the
-rows, around a shift K: each row's first value, 0 where not finite (per unit where Q == 1). ``h - K`` is
-exact where the values are close to each other, so a mean far larger than the spread keeps the variance;
-the shifted sums are combined in float64 (``sum = S + nK``, ``sumsq = Q + 2KS + nK^2`` per row, then
-summed). A per-row shift (rather than one per unit) lets the compiler make every statistic one loop over
-the data (two otherwise). Half-precision inputs are read as float32, float64 inputs stay float64.
-:func:`eager_update` runs the same body without compiling (the fallback, and the path for small CPU
-tensors); :func:`reference_update` is the plain-torch oracle: the same statistics from a float64 copy
-(shifted per unit, in float64), simple and slow. None reads anything back to the host.
+:func:`fused_update` (``torch.compile``, dynamic shapes: inductor's C++ kernel on the CPU, one thread
+by default (:func:`cpu_threads`), Triton on CUDA) reads the (A, U, Q) view of the activation in one
+loop: the per-unit sums are accumulated in float32 along each row of Q contiguous values (counts in
+float32 too: exact for rows of at most 2**24 values, int32 beyond; about 5x faster than int32 counts
+for short rows), then in float64 across the rows, around a shift K: each row's first value, 0 where not
+finite (per unit where Q == 1). ``h - K`` is exact where the values are close to each other, so a mean
+far larger than the spread keeps the variance; the shifted sums are combined in float64
+(``sum = S + nK``, ``sumsq = Q + 2KS + nK^2`` per row, then summed). A per-row shift (rather than one
+per unit) lets the compiler make every statistic one loop over the data (two otherwise). Half-precision inputs are
+read as float32, float64 inputs stay float64. :func:`eager_update` runs the same body without compiling
+(the fallback, and the path for small CPU tensors); :func:`reference_update` is the plain-torch oracle:
+the same statistics from a float64 copy (shifted per unit, in float64), simple and slow. None reads
+anything back to the host.
 """
 
 from __future__ import annotations
 
+import os
 import types
 
 import torch
 
 __all__ = ["ROWS", "NEAR_DELTAS", "COUNT_MAX", "MASSIVE_FACTOR", "acc_layout", "new_acc", "thresholds", "reference_update",
-           "eager_update", "fused_update", "compiled"]
+           "eager_update", "fused_update", "compiled", "cpu_threads", "CPU_THREADS"]
 
 #: per-unit rows of the accumulator, in order
 ROWS = ("sum", "sum_abs", "sumsq", "min", "max", "n_pos", "nonfinite")
@@ -325,16 +327,39 @@ def eager_update(acc, v, thr=None, x=None, dim=None, fresh=False, logits=None, s
 
 _COMPILED: dict = {}
 
+#: threads of the compiled pass on the CPU (inductor's ``cpp.threads``), unless the environment
+#: variable ``BBDECODER_STATS_THREADS`` says otherwise (0: torch's intra-op thread count)
+CPU_THREADS = 1
+
+
+def cpu_threads() -> int:
+    """Threads of the compiled CPU pass: :data:`CPU_THREADS` or ``BBDECODER_STATS_THREADS`` (0 or
+    less: ``torch.get_num_threads()``).
+
+    One by default: the pass reads each value once and does little arithmetic on it, so a second
+    thread bought no time on the 2-core reference machine (best case 6.96 ms per CNN forward at one
+    thread, 7.03 ms at two) while it took twice the CPU time and, with inductor's ~25 OpenMP barriers
+    per call, stalled whenever another thread (the writer, another process) held a core (median
+    34 ms against 18 ms on a loaded machine). On one thread the pass never waits for another one."""
+    env = os.environ.get("BBDECODER_STATS_THREADS", "").strip()
+    try:
+        n = int(env) if env else CPU_THREADS
+    except ValueError:
+        n = CPU_THREADS
+    return n if n >= 1 else max(1, torch.get_num_threads())
+
 
 def compiled(key) -> object:
-    """The compiled body for one class of calls (``key``: dtype and kind class), each with its own code
-    object so that each has its own Dynamo cache (a few graphs each: Q == 1 or not)."""
+    """The compiled body for one class of calls (``key``: dtype, device type and kind class; on the
+    CPU also the thread count of :func:`cpu_threads`), each with its own code object so that each
+    has its own Dynamo cache (a few graphs each: Q == 1 or not)."""
     fn = _COMPILED.get(key)
     if fn is None:
         tag = "_".join(str(k).replace("torch.", "") for k in key)
         body = types.FunctionType(_fused_body.__code__.replace(co_name=f"_fused_{tag}"), _fused_body.__globals__,
                                   f"_fused_{tag}", _fused_body.__defaults__, _fused_body.__closure__)
-        fn = _COMPILED[key] = torch.compile(body, dynamic=True, fullgraph=True)
+        opts = {"cpp.threads": key[-1]} if key[1] == "cpu" else None
+        fn = _COMPILED[key] = torch.compile(body, dynamic=True, fullgraph=True, options=opts)
     return fn
 
 
@@ -346,6 +371,8 @@ def fused_update(acc, v, thr=None, x=None, dim=None, fresh=False, logits=None, s
     """:func:`reference_update` in one compiled pass (may raise on the first call of a new shape class
     when the compiler is unavailable: the caller falls back to the reference)."""
     key = (v.dtype, v.device.type, thr is not None, x is not None, logits is not None, bool(health))
+    if v.device.type == "cpu":
+        key += (cpu_threads(),)
     flag = _FLAGS.get((v.device, bool(fresh)))   # a device tensor: one graph for both cases
     if flag is None:
         flag = _FLAGS[(v.device, bool(fresh))] = torch.full((), bool(fresh), dtype=torch.bool, device=v.device)

@@ -98,10 +98,13 @@ class BackgroundWriter:
             raise ValueError("queue bounds must be positive")
         self.sink, self.resolve = sink, resolve
         # The writer wakes for batch_items queued items (or after batch_wait seconds, a flush, a
-        # blocked producer or close), not for every put: fewer wake-ups and GIL hand-overs.
+        # blocked producer or close), not for every put: fewer wake-ups and GIL hand-overs. While the
+        # live shard holds steps, queued items that fit in it wait for its deadline instead of
+        # batch_wait (:meth:`_hold`): a slow training loop writes a batch at a time, not step by step.
         self.batch_items, self.batch_wait = max(1, int(batch_items)), float(batch_wait)
         self._urgent = 0
         self.max_items, self.max_bytes, self.on_full = max_items, max_bytes, on_full
+        self._wake_at, self._wake_bytes = self._batch_bounds()
         self._q: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._items = self._bytes = 0
@@ -146,9 +149,33 @@ class BackgroundWriter:
             if nbytes:
                 self._items += 1
                 self._bytes += nbytes
-            if len(self._q) == 1 or len(self._q) >= self.batch_items:
+            if len(self._q) == 1 or len(self._q) >= self._wake_at or (nbytes and self._bytes >= self._wake_bytes):
                 self._cv.notify_all()  # first item: start the batch_wait clock; full batch: write now
             return kept
+
+    def _batch_bounds(self, room: tuple[int, int] | None = None) -> tuple[int, float]:
+        """(items, payload bytes) at which a batch is written at once: ``batch_items`` (no bytes bound);
+        items held for the live shard's deadline (``room``: the steps and bytes it still takes, from
+        ``sink.room()``) also when they fill that room or half the queue (a producer never waits for
+        a held batch)."""
+        if room is None:
+            return self.batch_items, float("inf")
+        items = max(1, min(self.batch_items, self.max_items // 2, room[0]))
+        return items, float(max(1, min(self.max_bytes // 2, room[1])))
+
+    def _hold(self, deadline: float | None) -> bool:
+        """Whether the queued items may wait for the live shard's deadline rather than ``batch_wait``
+        (writer thread, under the lock): the shard holds steps (``deadline`` is not None), and they
+        fit in it. They then reach a closed shard no later than they would have after ``batch_wait``
+        (the shard closes at its deadline whatever is written into it). The wake-up bounds are set
+        so that a producer filling the shard's room wakes the writer (queued items that already fill
+        it are written at once)."""
+        room_of = getattr(self.sink, "room", None)
+        room = self._safe(room_of) if room_of is not None and deadline is not None else None
+        self._wake_at, self._wake_bytes = self._batch_bounds(room)
+        if room is None:
+            return False
+        return len(self._q) < self._wake_at and self._bytes < self._wake_bytes
 
     def _full(self, nbytes: int) -> bool:
         if self._items == 0:
@@ -234,12 +261,18 @@ class BackgroundWriter:
         while True:
             with self._cv:
                 while not self._closing:
-                    if self._q and (len(self._q) >= self.batch_items or self._urgent or self.error is not None):
+                    if self._q and (len(self._q) >= self._wake_at or self._bytes >= self._wake_bytes
+                                    or self._urgent or self.error is not None):
                         break
                     deadline = self._safe(self.sink.time_to_deadline) if self.error is None else None
-                    timeout = self.batch_wait if self._q else deadline
-                    if self._q and deadline is not None:
-                        timeout = min(timeout, deadline)
+                    if self._q and self._hold(deadline):
+                        timeout = deadline   # written with the next ones, before the shard closes
+                    else:
+                        timeout = self.batch_wait if self._q else deadline
+                        if self._q and deadline is not None:
+                            timeout = min(timeout, deadline)
+                    if self._q and (len(self._q) >= self._wake_at or self._bytes >= self._wake_bytes):
+                        break
                     if timeout is not None and timeout <= 0:
                         break
                     if not self._cv.wait(timeout=timeout) and timeout is not None:

@@ -49,9 +49,11 @@ Also reported, to explain the overhead rather than just measure it:
 * "paired ratio": median over rounds of (block time / baseline's block time in the same round),
   which cancels drifts slower than a round;
 * the mean time spent inside ``rec.step`` itself (the caller-side cost);
-* CPU accounting per block: this process's CPU time, the writer thread's CPU time (its pthread
-  CPU clock) and the CPU time of everything else on the machine (``/proc/stat`` minus this
-  process). The reference CNN keeps both of the 2 cores busy, so writer CPU time is taken from
+* CPU accounting per block: this process's CPU time, the training thread's (``time.thread_time``),
+  the writer thread's CPU time (its pthread CPU clock), the rest of the process (torch's OpenMP
+  workers, which spin between parallel regions, so that at 2 threads the process uses about twice
+  the wall time whatever the work, and the shard fsync thread) and the CPU time of everything else
+  on the machine (``/proc/stat`` minus this process). The reference CNN keeps both of the 2 cores busy, so writer CPU time is taken from
   torch's intra-op threads almost one for one. Blocks during which something else used more
   than 10% of a core are listed; when that concerns most rounds the verdict says UNRELIABLE.
 
@@ -185,7 +187,8 @@ class Setting:
         self.block_ms_noflush = []      # per round: mean ms/step of the loop alone (no drain)
         self.block_ms_flushed = []      # per round: mean ms/step incl. a flush (shard close + fsync)
         self.block_ms_recstep = []      # per round: mean ms/step inside rec.step
-        self.block_cpu = []             # per block: (process, writer, other, writer user, writer sys) CPU ms/step
+        self.block_cpu = []             # per block: (process, writer, other, writer user, writer sys,
+        #                                 training thread) CPU ms/step
         self.mb_per_step = None
         self.steps_recorded = None
 
@@ -201,6 +204,7 @@ class Setting:
         perf = time.perf_counter
         wid = _writer_ids(rec) if rec is not None else (None, None)
         c0 = _cpu_snapshot(*wid)
+        m0 = time.thread_time()
         a0 = self.act_s
         t0 = perf()
         for _ in range(n):
@@ -228,12 +232,13 @@ class Setting:
             rec.flush()              # shard closed and synced: every block starts alike
         t3 = perf()
         c1 = _cpu_snapshot(*wid)
+        m1 = time.thread_time()
         proc = c1[1] - c0[1]
         us = (None, None) if c0[3] is None or c1[3] is None else \
             ((c1[3][0] - c0[3][0]) / n * 1e3, (c1[3][1] - c0[3][1]) / n * 1e3)
         self.block_cpu.append((proc / n * 1e3,
                                None if c0[2] is None or c1[2] is None else (c1[2] - c0[2]) / n * 1e3,
-                               max(0.0, (c1[0] - c0[0]) - proc) / n * 1e3) + us)
+                               max(0.0, (c1[0] - c0[0]) - proc) / n * 1e3) + us + ((m1 - m0) / n * 1e3,))
         self.block_ms_act.append((self.act_s - a0) / n * 1e3)
         return t1 - t0, t2 - t0, t3 - t0, t_rec
 
@@ -562,6 +567,8 @@ def main(argv=None):
                            "other_cpu_ms_per_step": med([c[2] for c in cpu]),
                            "writer_user_ms_per_step": med([c[3] for c in cpu if c[3] is not None]) if s.rec else None,
                            "writer_sys_ms_per_step": med([c[4] for c in cpu if c[4] is not None]) if s.rec else None,
+                           "training_thread_cpu_ms_per_step": med([c[5] for c in cpu]),
+                           "other_threads_cpu_ms_per_step": med([c[0] - c[5] - (c[1] or 0.0) for c in cpu]),
                            "mb_per_step": s.mb_per_step, "steps_recorded": s.steps_recorded,
                            "blocks_ms": s.block_ms, "blocks_ms_noflush": s.block_ms_noflush,
                            "blocks_ms_in_rec_step": s.block_ms_recstep if s.rec is not None else None,
@@ -589,15 +596,19 @@ def main(argv=None):
         print()
         table(("setting", "ms/step (median)", "ratio vs baseline", "MB/step written", "notes"), rows)
         print()
-        print("CPU per step (median over rounds, ms): this process (all threads) / its writer thread, "
-              "split user (library code) and system (kernel: page cache) / everything else on the "
-              "machine (other processes, kernel writeback)")
+        print("CPU per step (median over rounds, ms): this process (all threads) / its training thread / its "
+              "writer thread, split user (library code) and system (kernel: page cache) / its other threads "
+              "(torch's OpenMP workers, which spin between parallel regions, and the shard fsync thread) / "
+              "everything else on the machine (other processes, kernel writeback)")
 
         def f1(x):
             return "-" if x is None or x != x else f"{x:.1f}"
-        table(("setting", "process", "writer", "writer user", "writer sys", "other", ""),
-              [(s.name, f1(res[s.name]["process_cpu_ms_per_step"]), f1(res[s.name]["writer_cpu_ms_per_step"]),
+        table(("setting", "process", "training thread", "writer", "writer user", "writer sys", "other threads",
+               "other", ""),
+              [(s.name, f1(res[s.name]["process_cpu_ms_per_step"]), f1(res[s.name]["training_thread_cpu_ms_per_step"]),
+                f1(res[s.name]["writer_cpu_ms_per_step"]),
                 f1(res[s.name]["writer_user_ms_per_step"]), f1(res[s.name]["writer_sys_ms_per_step"]),
+                f1(res[s.name]["other_threads_cpu_ms_per_step"]),
                 f1(res[s.name]["other_cpu_ms_per_step"]), "") for s in settings])
         print()
         # Blocks during which something else used > 10% of a core: the machine was not quiet.

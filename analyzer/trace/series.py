@@ -192,6 +192,13 @@ class ShardSeriesWriter:
             return None
         return max(0.0, self.flush_secs - (self.clock() - self._opened_at))
 
+    def room(self) -> tuple[int, int] | None:
+        """(steps, payload bytes) the live shard still takes before it is closed, or None when no live
+        shard holds a step (the next write opens one)."""
+        if self._w is None or not self._n_in_shard:
+            return None
+        return self.flush_steps - self._n_in_shard, self.max_shard_bytes - self._w.nbytes
+
     def rotate(self) -> None:
         """Close the live shard (if it holds anything), publish it and update rank.json."""
         if self._w is None:

@@ -69,6 +69,23 @@ def _check(fused, ref, v, near=False, soft=False, calls=1):
     np.testing.assert_array_less(np.abs(var_f - var_r), 8 * EPS32 * var_r + 1e-13 * ms + 1e-300)
 
 
+def test_cpu_pass_threads_setting_gives_the_same_statistics(monkeypatch):
+    """The CPU pass is compiled single-threaded by default (no OpenMP barrier to wait at while another
+    thread holds a core); ``BBDECODER_STATS_THREADS=2`` compiles a 2-thread pass. Both equal the
+    float64 reference (rows long enough for both threads to take a share: 64 x 8 rows of 1,000)."""
+    assert FS.cpu_threads() == FS.CPU_THREADS == 1
+    g = torch.Generator().manual_seed(7)
+    v = torch.randn(64, 8, 1000, generator=g).relu_()
+    v.view(-1)[17] = float("nan")
+    for env in ("", "2"):
+        monkeypatch.setenv("BBDECODER_STATS_THREADS", env)
+        assert FS.cpu_threads() == (2 if env else 1)
+        fused, ref, _ = _run_both(v, calls=2)
+        _check(fused, ref, v, calls=2)
+    monkeypatch.setenv("BBDECODER_STATS_THREADS", "0")
+    assert FS.cpu_threads() == torch.get_num_threads()
+
+
 CASES = [  # shape (A, U, Q), dtype, kind (the classes of compiled graphs the recorded runs below use too)
     ((8, 5, 63), torch.float32, None), ((3, 4, 1000), torch.float32, None), ((64, 7, 1), torch.float32, None),
     ((300, 4, 1), torch.float32, "tanh"), ((16, 6, 10), torch.bfloat16, None),
