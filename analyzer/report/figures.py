@@ -10,6 +10,7 @@ import os
 import warnings
 from typing import Any, Callable, NamedTuple
 
+from .. import heap
 from ..engine import available_cpus
 from . import plots
 
@@ -57,11 +58,7 @@ def release_free_memory() -> None:
     forking the figure workers; a no-op where glibc's malloc_trim is not available."""
     import gc
     gc.collect()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    heap.trim()
 
 
 def draw_and_save(spec: FigureSpec, out: str) -> str | None:
@@ -77,19 +74,29 @@ def draw_and_save(spec: FigureSpec, out: str) -> str | None:
         return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
-def _claim_and_draw(specs: list[FigureSpec], n: int, counter, out: str, conn) -> None:
-    """In a forked process: take the next undrawn figure of ``specs[:n]`` from the shared ``counter``
-    until none is left; send ``(index, error or None)`` after each (a crash loses one figure only)."""
+def _claim(counter, n: int) -> int | None:
+    """The next figure index below ``n`` from the shared ``counter`` (taken), or None when none is left."""
+    with counter.get_lock():
+        i = counter.value
+        if i >= n:
+            return None
+        counter.value = i + 1
+        return i
+
+
+def _draw_claimed(specs: list[FigureSpec], n: int, counter, out: str, done: Callable[[int, Any], None]) -> None:
+    """Draw the figures of ``specs[:n]`` taken from ``counter`` until none is left (those drawn
+    elsewhere already, ``draw`` None, are skipped); ``done(index, error or None)`` after each."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        while True:
-            with counter.get_lock():
-                i = counter.value
-                if i >= n:
-                    break
-                counter.value = i + 1
-            if specs[i].draw is not None:   # else drawn already, elsewhere
-                conn.send((i, draw_and_save(specs[i], out)))
+        while (i := _claim(counter, n)) is not None:
+            if specs[i].draw is not None:
+                done(i, draw_and_save(specs[i], out))
+
+
+def _claim_and_draw(specs: list[FigureSpec], n: int, counter, out: str, conn) -> None:
+    """In a forked process: :func:`_draw_claimed`, each answer sent at once (a crash loses one figure only)."""
+    _draw_claimed(specs, n, counter, out, lambda i, err: conn.send((i, err)))
     conn.close()
 
 
@@ -210,16 +217,4 @@ class Drawing:
         return [self._errors.get(i, "its drawing process ended without drawing it") for i in range(len(self.specs))]
 
     def _draw_here(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            while (i := self._claim(len(self.specs))) is not None:
-                if self.specs[i].draw is not None:
-                    self._errors[i] = draw_and_save(self.specs[i], self.out)
-
-    def _claim(self, n: int) -> int | None:
-        with self._counter.get_lock():
-            i = self._counter.value
-            if i >= n:
-                return None
-            self._counter.value = i + 1
-            return i
+        _draw_claimed(self.specs, len(self.specs), self._counter, self.out, self._errors.__setitem__)
