@@ -41,17 +41,22 @@ STAT_ITEMSIZES = {"near": 4}
 
 
 def site_row_bytes(stats: dict) -> int:
-    """Bytes one row of one site adds to a shard: every statistic ``{name: shape}`` (as in the
-    manifest's ``sites[].stats``) stores its values (float64; int32 near-bound counts) and its row's
-    step (int64)."""
-    return sum(math.prod(shp) * STAT_ITEMSIZES.get(k, STAT_ITEMSIZE) + STEP_ITEMSIZE for k, shp in stats.items())
+    """Bytes of values one row of one site adds to a shard: every statistic ``{name: shape}`` (as in the
+    manifest's ``sites[].stats``) stores its values (float64; int32 near-bound counts) in the step's flat
+    rows (``/flat/act_stats``); the row's step is counted once per row by :func:`row_bytes`."""
+    return sum(math.prod(shp) * STAT_ITEMSIZES.get(k, STAT_ITEMSIZE) for k, shp in stats.items())
 
 
 def row_bytes(sites: list[dict], window: bool = False) -> int:
-    """Bytes of one row of every site (manifest site entries); ``window``: with ``first_step``."""
-    extra = STAT_ITEMSIZE + STEP_ITEMSIZE
-    return sum(site_row_bytes(S["stats"]) + (extra if window and fmt.SITE_WINDOW_STAT not in S["stats"] else 0)
-               for S in sites)
+    """Bytes of one row of every site (manifest site entries); ``window``: with ``first_step``. The
+    statistics of a step are stored flat, one row per dtype (float64, and int32 when a site has
+    near-bound counts), each row with one int64 step."""
+    if not sites:
+        return 0
+    values = sum(site_row_bytes(S["stats"]) + (STAT_ITEMSIZE if window and fmt.SITE_WINDOW_STAT not in S["stats"]
+                                               else 0) for S in sites)
+    dtypes = 1 + any(k in STAT_ITEMSIZES for S in sites for k in S["stats"])
+    return values + dtypes * STEP_ITEMSIZE
 
 
 def check_window(window: Any, budget: Any) -> None:

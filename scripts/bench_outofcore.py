@@ -66,6 +66,7 @@ RATIO_TARGET = 0.4           # issue 17 item 3: the report at least 0.4 of a raw
 PASSES_RATIO_TARGET = 0.6    # issue 17 item 3: the statistics passes at least 0.6
 CHECK_S_TARGET = 10.0        # issue 18 item 6: `bbdecoder check` on this trace in under 10 s
 BASE_CHANNELS = (16, 32, 64, 128, 256)
+ACT_STATS = ("sum", "sum_abs", "sumsq", "min", "max", "n_pos", "count", "nonfinite")
 RELU_SAMPLES = 64          # activation values per unit and step behind the synthetic statistics
 
 
@@ -166,6 +167,13 @@ def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: in
             entries.append((L["key"], q["key"], start, q["numel"], tuple(q["shape"]),
                             {"layer_id": L["id"], "layer": L["name"], "param": q["name"]}))
     flat = FlatLayout(entries)
+    act_entries = []   # the activation statistics' flat row: per site every statistic of ACT_STATS
+    for S in sites:
+        for k in ACT_STATS:
+            shape = (S["units"],) if k in ("sum", "sum_abs", "sumsq", "min", "max", "n_pos") else ()
+            start = act_entries[-1][2] + act_entries[-1][3] if act_entries else 0
+            act_entries.append((S["key"], k, start, int(np.prod(shape, dtype=np.int64)), shape, None))
+    act_flat = FlatLayout(act_entries)
     per_epoch = max(1, steps // epochs)
     rows_per_shard = max(2, min(100, int((256 << 20) // max(1, 4 * P))))   # shards of ~256 MB
     series = ShardSeriesWriter(os.path.join(run_dir, fmt.rank_dirname(0)), 0, flush_steps=rows_per_shard,
@@ -197,6 +205,7 @@ def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: in
             if wrow:
                 payloads.append((fmt.KIND_WEIGHTS, None, flat, np.concatenate(wrow), None))
         payloads.append((fmt.KIND_GRAD_STATS, None, keys, gstats, attrs))   # packed, as the recorder hands it
+        arow = []
         for j, S in enumerate(sites):
             U = S["units"]
             a = np.maximum(rng.standard_normal((RELU_SAMPLES, U), dtype=np.float32) + np.float32(0.5 - j * 0.05),
@@ -205,8 +214,12 @@ def generate(run_dir: str, gb: float, steps: int, epochs: int, weights_every: in
             st = {"sum": a.sum(0), "sum_abs": np.abs(a).sum(0), "sumsq": (a * a).sum(0), "min": a.min(0),
                   "max": a.max(0), "n_pos": (a > 0).sum(0).astype(np.float64),
                   "count": np.float64(RELU_SAMPLES), "nonfinite": np.float64(0)}
-            for k, v in st.items():
-                payloads.append((fmt.KIND_ACT_STATS, S["key"], k, np.asarray(v, np.float32), {}))
+            arow += [np.asarray(st[k], np.float64).reshape(-1) for k in ACT_STATS]
+        if layout == "flat":   # float64, one flat row per step, as recorder.packing hands the statistics over
+            payloads.append((fmt.KIND_ACT_STATS, None, act_flat, np.concatenate(arow), None))
+        else:
+            for (lk, pk, _, _, shape, _), v in zip(act_flat.entries, arow):
+                payloads.append((fmt.KIND_ACT_STATS, lk, pk, v.reshape(shape), {}))
         loss = float(2.5 * np.exp(-3.0 * step / steps) + 0.05 * rng.random())
         series.write([StepRecord(step=step, epoch=min(epochs - 1, step // per_epoch), loss=loss,
                                  time=t_wall + 0.1 * step, payloads=payloads)])

@@ -5,7 +5,8 @@ Every figure comes from what the recorder writes (docs/trace-format.md), not fro
 * activation sites: found by the recorder's own :class:`ActivationTracker` on the model (the reference
   CNN on the CPU; GPT-2 small and a 7B model built on the ``meta`` device, so no memory is used), with
   ``activations=True``; their declared statistics ``{stat: shape}`` give the bytes of one row
-  (float64 values and an int64 step per statistic: :func:`recorder.act_window.row_bytes`), and the
+  (float64 values, int32 near-bound counts, stored flat: one int64 step per row and dtype;
+  :func:`recorder.act_window.row_bytes`), and the
   ``activation_window="auto"`` rule (1 MiB per step and rank) gives N;
 * gradient statistics: one row of ``len(GRAD_STAT_FIELDS)`` float64 values per parameter tensor and
   one int64 step for all of them (the packed layout, ``/packed/grad_stats``), every step

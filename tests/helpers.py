@@ -202,6 +202,23 @@ def split_payloads(data: dict) -> dict:
     return out
 
 
+def h5_payload(f, kind: str, layer_key: str, param_key: str):
+    """``(steps (k,), values (k, *shape))`` of one payload of the open h5py shard ``f``, in whichever
+    layout it is stored (its own group, or a packed or flat group's columns by its ``index``), with
+    h5py and json only (independent of the analyzer's reader); None when the shard lacks it."""
+    own = f.get(f"{kind}/{layer_key}/{param_key}")
+    if own is not None:
+        return own["steps"][()], own["values"][()]
+    data: dict = {}
+    for root in ("packed", "flat"):
+        if f"{root}/{kind}" in f:
+            for n, g in f[f"{root}/{kind}"].items():
+                for d in ("values", "steps", "index"):
+                    data[f"{root}/{kind}/{n}/{d}"] = g[d][()]
+    got = split_payloads(data).get(f"{kind}/{layer_key}/{param_key}")
+    return None if got is None else (got[1], got[0])
+
+
 def unflatten_snapshots(run_dir) -> int:
     """Rewrite every shard of ``run_dir`` in place from the flat layout of raw gradients and weights
     (``/flat/<kind>/<n>/{values (k, N), steps, index}``) into the per-tensor layout of older traces

@@ -53,9 +53,12 @@ PACKED_GROUP = "packed"
 PACKED_KINDS = (KIND_GRAD_STATS,)
 #: Kinds that may also be stored *flat* (optional, format version 1; written by default since 2.0.0.dev):
 #: the tensors of a step concatenated into one row, ``/flat/<kind>/<n>/{values (k, N), steps (k,),
-#: index (uint8: UTF-8 JSON [[layer_key, param_key, attrs, start, numel, shape], ...])}``.
+#: index (uint8: UTF-8 JSON [[layer_key, param_key, attrs, start, numel, shape], ...])}``. The activation
+#: statistics too (written flat since 2.0.0.dev of 2026-12-07; layer_key = site key, param_key = the
+#: statistic): one float64 group (sums, minima, maxima, ...) and one int32 group (counts near a bound) per
+#: list of sites, instead of two datasets per site and statistic.
 FLAT_GROUP = "flat"
-FLAT_KINDS = RAW_PARAM_KINDS
+FLAT_KINDS = RAW_PARAM_KINDS + (KIND_ACT_STATS,)
 #: Optional root attributes of a shard written with a float16 storage dtype: values of that kind stored
 #: in the shard that were non-zero and became 0 (underflow) or finite and became inf (overflow) in float16.
 CAST_COUNT_ATTRS = {KIND_GRADS: ("f16_underflow_grads", "f16_overflow_grads"),

@@ -127,12 +127,13 @@ class ShardSeriesWriter:
         })
         groups: dict[tuple, list] = {}
         runs, last = [], {}   # flat rows (a step's tensors in one row (N,)): runs of one layout, in step order
+        # (the tensors of two dtypes are never the same payloads: their runs may interleave)
         for r in recs:
             for kind, lk, pk, arr, attrs in r.payloads:
-                if isinstance(pk, FlatLayout):
-                    run = last.get(kind)
+                if isinstance(pk, FlatLayout):   # a run per kind and dtype (activation statistics: float64, int32)
+                    run = last.get((kind, arr.dtype))
                     if run is None or (run[0] is not pk and run[0].sig != pk.sig):
-                        run = last[kind] = [pk, kind, [], []]
+                        run = last[(kind, arr.dtype)] = [pk, kind, [], []]
                         runs.append(run)
                     run[2].append(r.step)
                     run[3].append(arr)

@@ -15,7 +15,7 @@ import pytest
 from bbdecoder import analyzer
 from bbdecoder.analyzer.activations import sites as S
 from bbdecoder.analyzer.trace import format as fmt
-from tests.helpers import record_tiny
+from tests.helpers import h5_payload, record_tiny
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,10 @@ def _direct(run_dir, key, stat):
     steps, vals = [], []
     for p in sorted(glob.glob(os.path.join(run_dir, "rank-00000", "shard-*.h5"))):
         with h5py.File(p, "r") as f:
-            g = f.get(fmt.payload_path(fmt.KIND_ACT_STATS, key, stat))
-            if g is not None:
-                steps.append(g["steps"][()])
-                vals.append(np.asarray(g["values"][()], np.float64))
+            got = h5_payload(f, fmt.KIND_ACT_STATS, key, stat)
+            if got is not None:
+                steps.append(got[0])
+                vals.append(np.asarray(got[1], np.float64))
     return np.concatenate(steps), np.concatenate(vals)
 
 
@@ -64,3 +64,39 @@ def test_site_statistics_read_twice_equal_h5py(run_dir, monkeypatch, budget):
     part[0][1]["sum"][...] = -1.0    # writing into a result never reaches the cache
     again = np.concatenate([g[1]["sum"] for g in S.iter_site_stats(run, site, stats=("sum",), steps=(2, 5))])
     assert (again != -1.0).all()
+
+
+def test_repeated_scans_larger_than_the_budget_still_hit_the_first_arrays(run_dir, monkeypatch):
+    """A report scans every site several times in the same order. With the budget below one scan's
+    bytes, the arrays read first stay and come from memory on every later scan (LRU would keep
+    nothing useful: each array evicted just before it is needed again); the values stay equal to h5py."""
+    run = analyzer.open(run_dir)
+    sites = S.select_sites(run, None)
+
+    def scan():
+        return [(st.copy(), d["sum"].copy()) for site in sites for st, d, _ in S.iter_site_stats(run, site, ("sum",))]
+    monkeypatch.setattr(S, "CACHE_BYTES", 1 << 40)
+    whole = S._Cache(1 << 40)
+    monkeypatch.setitem(S._CACHES, run.catalog, whole)
+    first = scan()
+    total = whole.nbytes
+    half = S._Cache(total // 2)
+    monkeypatch.setitem(S._CACHES, run.catalog, half)
+    loads = []
+    real_get = S._Cache.get
+    monkeypatch.setattr(S._Cache, "get", lambda self, key, load: real_get(self, key, lambda: loads.append(key) or load()))
+    scan()
+    n_first = len(loads)
+    assert 0 < half.nbytes <= total // 2
+    again = scan()
+    kept = set(half.items)
+    assert len(loads) - n_first == n_first - len(kept)     # the second scan reads from file only what is not kept
+    assert len(kept) >= n_first // 3
+    for (a, x), (b, y) in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(x, y)
+    for site in sites:                                        # and equal to h5py
+        ref_steps, ref = _direct(run_dir, site["key"], "sum")
+        got = list(S.iter_site_stats(run, site, ("sum",)))
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), ref_steps)
+        np.testing.assert_array_equal(np.concatenate([g[1]["sum"] for g in got]), ref)

@@ -169,26 +169,29 @@ def test_saturation_pools_the_window(runs):
 
 
 def _row_bytes(sites, window):
-    """Independent of the recorder: 8 bytes per float64 value (4 per int32 near-bound count) and 8 per
-    int64 step, per stat and row."""
-    total = 0
+    """Independent of the recorder: 8 bytes per float64 value (4 per int32 near-bound count); the
+    statistics of a row are stored flat, one row per dtype, each with one int64 step."""
+    total, near = 0, False
     for S in sites:
         U = S["units"]
-        per_unit = 6 * (U * 8 + 8)
-        scalars = (2 + window) * (8 + 8)
-        hist = (U * 3 * 4 + 8) if S["kind"] in ("sigmoid", "tanh") else (3 * 4 + 8 + 16) if S["kind"] == "softmax" else 0
-        health = 2 * (U * 8 + 8) if S["kind"] == "softmax" else 4 * (8 + 8)   # recorder.health statistics
+        per_unit = 6 * U * 8
+        scalars = (2 + window) * 8
+        hist = U * 3 * 4 if S["kind"] in ("sigmoid", "tanh") else 3 * 4 + 8 if S["kind"] == "softmax" else 0
+        near = near or S["kind"] in ("sigmoid", "tanh", "softmax")
+        health = 2 * U * 8 if S["kind"] == "softmax" else 4 * 8   # recorder.health statistics
         total += per_unit + scalars + hist + health
-    return total
+    return total + 8 * (1 + near)
 
 
 def _stored_act_bytes(run):
-    """Bytes of every act_stats dataset (values and steps) of the run's shards."""
+    """Bytes of every activation-statistics dataset (values and steps; the index, its JSON, not) of
+    the run's shards."""
     sizes = []
     for sh in run.catalog.shards:
         with h5py.File(sh.path, "r") as f:
-            if "act_stats" in f:
-                f["act_stats"].visititems(lambda name, o: sizes.append(o.nbytes) if isinstance(o, h5py.Dataset) else None)
+            if "flat/act_stats" in f:
+                f["flat/act_stats"].visititems(lambda name, o: sizes.append(o.nbytes) if isinstance(o, h5py.Dataset)
+                                               and not name.endswith("index") else None)
     return sum(sizes)
 
 

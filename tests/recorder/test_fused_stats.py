@@ -11,6 +11,8 @@ import helpers
 import math
 import warnings
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -291,18 +293,19 @@ class Budget(nn.Module):
 
 
 def _act_stats_bytes(run_dir):
-    """Bytes of every /act_stats dataset (values and steps) in the run's shards."""
+    """Bytes of every activation-statistics dataset (values and steps; not the index, its JSON) in the
+    run's shards (``/flat/act_stats/<n>``)."""
     total = 0
     for shard in sorted(p for p in run_dir.rglob("*.h5")):
         with h5py.File(shard, "r") as f:
-            if "act_stats" not in f:
+            if "flat/act_stats" not in f:
                 continue
 
             def visit(name, obj):
                 nonlocal total
-                if isinstance(obj, h5py.Dataset):
+                if isinstance(obj, h5py.Dataset) and not name.endswith("index"):
                     total += obj.size * obj.dtype.itemsize
-            f["act_stats"].visititems(visit)
+            f["flat/act_stats"].visititems(visit)
     return total
 
 
@@ -335,7 +338,11 @@ def test_default_budget_of_64_bytes_per_unit_and_step(tmp_path):
     assert nbytes == steps * row_bytes(sites)
     with h5py.File(next(p for p in (tmp_path / "run").rglob("*.h5")), "r") as f:
         key = next(S["key"] for S in sites if S["kind"] == "tanh")
-        assert f[f"act_stats/{key}/near/values"].dtype == np.int32
+        dtypes = {}
+        for g in f["flat/act_stats"].values():   # each flat group's index: [[site, stat, attrs, start, n, shape]]
+            for e in json.loads(g["index"][()].tobytes()):
+                dtypes[(e[0], e[1])] = g["values"].dtype
+        assert dtypes[(key, "near")] == np.int32 and dtypes[(key, "sum")] == np.float64
 
 
 def test_old_histogram_sites_still_read():
