@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
-from collections import OrderedDict
 from typing import Any, Callable
 
 import numpy as np
@@ -28,33 +27,34 @@ FIRST = fmt.SITE_WINDOW_STAT
 MAX_STATS = ("logit_max", "n_massive", "massive_ratio")
 
 
-#: Bytes of per-unit statistics kept per catalogue between reads (float64, least recently used dropped
-#: first): a report reads every site several times (the findings, the dead-unit sweep at several
-#: thresholds, saturation, the overview), each an HDF5 read per shard and statistic otherwise.
-CACHE_BYTES = 16 << 20
+#: Bytes of per-unit statistics kept per catalogue between reads (float64): a report reads every site
+#: several times (the findings, the dead-unit sweep at several thresholds, saturation, the overview),
+#: each an HDF5 read per shard and statistic otherwise.
+CACHE_BYTES = 32 << 20
 
 
 class _Cache:
-    """Arrays read from a run's shards, by key, within a byte budget (LRU). Shards are immutable once
-    closed and a key holds the payload's row count, so a kept array never goes stale."""
+    """Arrays read from a run's shards, by key, within a byte budget. Arrays are kept in the order they
+    are first read until the budget is full; later ones are read each time and not kept. The reads
+    repeat one scan over every site, so when the sites do not all fit the first ones still come from
+    here on every scan (a least-recently-used cache would evict each array just before it is read
+    again, and keep nothing useful). Shards are immutable once closed and a key holds the payload's
+    row count, so a kept array never goes stale."""
 
     def __init__(self, budget: int):
         self.budget = budget
-        self.items: OrderedDict = OrderedDict()
+        self.items: dict = {}
         self.nbytes = 0
 
     def get(self, key: tuple, load: Callable[[], np.ndarray]) -> np.ndarray:
         v = self.items.get(key)
         if v is not None:
-            self.items.move_to_end(key)
             return v
         v = load()
-        if v.nbytes <= self.budget // 8:    # one large array never pushes out all the others
+        if self.nbytes + v.nbytes <= self.budget:
             v.flags.writeable = False
             self.items[key] = v
             self.nbytes += v.nbytes
-            while self.nbytes > self.budget:
-                self.nbytes -= self.items.popitem(last=False)[1].nbytes
         return v
 
 

@@ -107,11 +107,12 @@ class Drawing:
     (the drawing closures and their data are inherited, nothing is pickled but an index and an error
     line), each taking the next undrawn figure from one shared counter: :meth:`meanwhile` (called
     between sections) keeps one process drawing the figures queued so far while this process
-    computes the next sections; :meth:`finish` adds processes for the rest and waits for all.
-    Otherwise :meth:`finish` draws every figure here, one after the other.
+    computes the next sections; :meth:`finish` draws the rest here and in processes forked for it,
+    and waits for all. Otherwise :meth:`finish` draws every figure here, one after the other.
 
     Attributes:
-        specs: the queued figures, in queue order. processes: the most processes that drew at once.
+        specs: the queued figures, in queue order. processes: the most processes that drew at once (this
+        one included).
     """
 
     def __init__(self, out: str, jobs: int):
@@ -121,7 +122,7 @@ class Drawing:
         self.processes = 1
         self._counter = None        # the shared "next figure to draw", once a process was forked
         self._known = 0             # figures queued when the last process was forked
-        self._running: list = []    # [(process, connection)]
+        self._running: list = []    # [(process, connection, figures it knows)]
         self._errors: dict[int, str | None] = {}
 
     def add(self, spec: FigureSpec) -> None:
@@ -142,7 +143,7 @@ class Drawing:
     def _reap(self, block: bool = False) -> None:
         """Collect the answers of the drawing processes (all of them, waiting, when ``block``)."""
         still = []
-        for proc, conn in self._running:
+        for proc, conn, n in self._running:
             while block or conn.poll():
                 try:
                     i, err = conn.recv()
@@ -152,7 +153,7 @@ class Drawing:
                     break
                 self._errors[i] = err
             else:
-                still.append((proc, conn))
+                still.append((proc, conn, n))
         self._running = still
 
     def _fork(self, n: int) -> None:
@@ -171,7 +172,7 @@ class Drawing:
                                args=(self.specs, len(self.specs), self._counter, self.out, send))
             proc.start()
             send.close()
-            self._running.append((proc, recv))
+            self._running.append((proc, recv, len(self.specs)))
         self._known = len(self.specs)
         self.processes = max(self.processes, len(self._running))
 
@@ -188,8 +189,11 @@ class Drawing:
             self._fork(1)
 
     def finish(self, before_fork: Callable[[], None] | None = None) -> list[str | None]:
-        """Draw every figure not drawn yet (up to ``jobs`` processes at once, at most one per 4 figures
-        left) and wait for all; returns each figure's error or None, in queue order.
+        """Draw every figure not drawn yet and wait for all; returns each figure's error or None, in
+        queue order. This process draws too, beside the processes still drawing figures they know and
+        those forked now (at most one per 4 figures left, ``jobs`` in all with this one), which know
+        every queued figure (one forked by :meth:`meanwhile` knows only the figures queued before it,
+        and ends when those are taken).
 
         Args:
             before_fork: called once before forking (closes open files the workers must not inherit).
@@ -199,19 +203,20 @@ class Drawing:
             if want <= 1 or not self._parallel():   # one process: every figure here
                 return [self._errors.get(i) if sp.draw is None else draw_and_save(sp, self.out)
                         for i, sp in enumerate(self.specs)]
+            new = want - 1
         else:
             self._reap()
             left = self._unclaimed()
-            want = min(self.jobs, len(self._running) + (left // 4 or 1)) if left else 0
-        if want > len(self._running) and self._parallel():
+            busy = sum(n > self._counter.value for *_, n in self._running)   # figures they know wait
+            new = min(self.jobs - 1 - busy, left // 4) if left else 0
+        if new > 0 and self._parallel():
             if before_fork is not None:
                 before_fork()
             release_free_memory()   # the workers inherit this process's pages: fewer of them
-            self._fork(want - len(self._running))
-        if self._known < len(self.specs):   # no process knows the last figures (none could be forked)
-            self._draw_here()
+            self._fork(new)
+        self.processes = max(self.processes, len(self._running) + 1)   # and this one
+        self._draw_here()
         self._reap(block=True)
-        self._draw_here()   # what no process took (the processes that knew them died)
         import gc
         gc.unfreeze()
         return [self._errors.get(i, "its drawing process ended without drawing it") for i in range(len(self.specs))]

@@ -120,7 +120,7 @@ def test_a_report_loads_neither_seaborn_nor_scipy(tmp_path):
 
 
 QUEUE = r"""
-import json, os, sys
+import json, os, sys, time
 from bbdecoder.analyzer.report.figures import Drawing, FigureSpec
 from bbdecoder.analyzer.report import plots
 out = sys.argv[1]
@@ -131,6 +131,7 @@ def spec(i):
             raise ValueError("five")
         fig, ax = plots.new_figure(2, 1.5)
         ax[0, 0].plot([0, 1], [i, i + 1])
+        time.sleep(0.2)          # slower than a fork: the forked processes get figures to draw
         with open(os.path.join(out, "log"), "a") as f:
             f.write(f"{i} {os.getpid()}\n")
         return fig
@@ -154,9 +155,10 @@ def test_every_queued_figure_is_drawn_exactly_once_whichever_process_takes_it(tm
     assert res["errors"] == [None] * 5 + ["ValueError: five"] + [None] * 3     # queue order
     log = [ln.split() for ln in (tmp_path / "o" / "log").read_text().splitlines()]
     assert sorted(int(i) for i, _ in log) == [0, 1, 2, 3, 4, 6, 7, 8]          # each drawn once
-    assert res["pid"] not in {int(pid) for _, pid in log}                       # by forked processes
+    pids = {int(pid) for _, pid in log}
+    assert pids - {res["pid"]}                   # forked processes drew (this one may join at the end)
     assert sorted(os.listdir(tmp_path / "o" / "figures")) == sorted(f"f{i}.png" for i in range(9) if i != 5)
-    assert 1 <= res["processes"] <= 2
+    assert 2 <= res["processes"] <= 3 and len(pids) <= 4
 
 
 def test_one_process_draws_every_figure_in_order_here(tmp_path):

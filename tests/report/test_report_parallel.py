@@ -73,8 +73,9 @@ def test_forked_figures_equal_in_process_figures(run_dir, tmp_path, broken):
     one = _report(run_dir, tmp_path / "one", 1, broken)
     two = _report(run_dir, tmp_path / "two", 3, broken)
     s1, s2 = one["summary"], two["summary"]
-    # one process draws while the sections compute, up to jobs at the end
-    assert s1["figure_processes"] == 1 and 2 <= s2["figure_processes"] <= 3
+    # one process draws while the sections compute, up to jobs at the end (this one included; one
+    # forked earlier may still finish its last figure)
+    assert s1["figure_processes"] == 1 and 2 <= s2["figure_processes"] <= 4
     assert s1["figures"] == s2["figures"] and len(s1["figures"]) >= 12     # same figures, same order
     for f in s1["figures"]:                                                 # byte for byte
         a = (tmp_path / "one" / f).read_bytes()
@@ -119,7 +120,7 @@ def test_a_dying_drawing_process_does_not_hang_the_report(run_dir, tmp_path):
     the reason."""
     res = _report(run_dir, tmp_path / "crash", 2, "crash")
     s = res["summary"]
-    assert s["figure_processes"] == 2
+    assert 2 <= s["figure_processes"] <= 3
     failed = [x for x in s["skipped"] if "could not be drawn" in x]
     assert failed == ["figure weight_magnitude: could not be drawn (its drawing process ended without drawing it)"]
     assert len(s["figures"]) >= 12 and "figures/weight_magnitude.png" not in s["figures"]

@@ -14,9 +14,10 @@ from . import activations, attention, detail, findings, gradients, loss, modules
 #: the sections, in the order they run (their tables and figures are listed in this order; the page
 #: groups the figures by :data:`GROUPS`): the sections whose figures draw longest first, so that they
 #: are drawn while the findings and activation sections compute (:class:`analyzer.report.figures.Drawing`);
-#: the detail section after the findings (by default its layers are those a finding points at)
-SECTIONS = (overview, loss, gradients, weights, findings, tables, activations, attention, modules, nonfinite,
-            detail)
+#: the detail section right after the findings (by default its layers are those a finding points at),
+#: so that its many figures are drawn while the tables and the activation sections compute
+SECTIONS = (overview, loss, gradients, weights, findings, detail, tables, activations, attention, modules,
+            nonfinite)
 
 #: the page's figure groups in page order: (group, heading, intro_html(summary) or None)
 GROUPS = (("overview", "Overview: every layer", overview.intro_html), ("loss", "Loss", None),

@@ -67,6 +67,7 @@ def activation_frames(rep) -> tuple[pd.DataFrame, pd.DataFrame]:
 def add(rep) -> None:
     """Queue the overview heatmaps; each is skipped, with the reason, when the trace lacks its data."""
     _layer_heatmaps(rep)
+    rep.drawing.meanwhile()   # drawn while the activation statistics below are read
     _site_heatmaps(rep)
 
 
