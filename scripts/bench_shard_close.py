@@ -18,9 +18,17 @@ tensor and stored one group per tensor, as up to 2.0.0.dev's flat snapshots: ``/
 against ``flat-A`` and ``flat-B`` (one flat row per kind, as :func:`recorder.packing.resolve` hands
 them over now: ``/flat/<kind>/0``); the gradient statistics are packed in all three.
 
+With ``--act``, every step also carries the per-unit activation statistics of ``--sites`` sites of 64
+units each (``sum``, ``sum_abs``, ``sumsq``, ``min``, ``max``, ``n_pos`` per unit, ``count`` and
+``nonfinite``; float64, as ``recorder.packing`` hands them over), and the settings are ``per-stat``
+(handed over one payload per statistic and stored two datasets per site and statistic, the layout up
+to 2026-12-07) against ``flat-A`` and ``flat-B`` (one flat float64 row per step: ``/flat/act_stats/0``);
+the first column is then the number of sites (10 parameter tensors throughout).
+
 Usage::
 
     .venv/bin/python scripts/bench_shard_close.py [--tensors 10 150 1000] [--rounds 7] [--steps 100] [--raw]
+    .venv/bin/python scripts/bench_shard_close.py --act [--sites 5 21 50]
 """
 
 from __future__ import annotations
@@ -56,6 +64,32 @@ def _records(P: int, steps: int, raw: bool = False) -> list[StepRecord]:
     return recs
 
 
+ACT_STATS = (("sum", (64,)), ("sum_abs", (64,)), ("sumsq", (64,)), ("min", (64,)), ("max", (64,)),
+             ("n_pos", (64,)), ("count", ()), ("nonfinite", ()))
+
+
+def _act_records(sites: int, steps: int, how: str) -> list[StepRecord]:
+    """10 tensors' gradient statistics and ``sites`` sites' activation statistics every step, handed
+    over one payload per statistic (``how="per-stat"``) or as one flat row (``"flat"``)."""
+    recs = _records(10, steps)
+    entries, start = [], 0
+    for j in range(sites):
+        for k, shape in ACT_STATS:
+            n = int(np.prod(shape, dtype=np.int64))
+            entries.append((f"site{j}", k, start, n, shape, None))
+            start += n
+    layout = FlatLayout(entries)
+    rng = np.random.default_rng(1)
+    for r in recs:
+        row = rng.random(start)
+        if how == "flat":
+            r.payloads.append(("act_stats", None, layout, row, None))
+        else:
+            r.payloads += [("act_stats", lk, pk, row[s:s + n].reshape(shape), None)
+                           for lk, pk, s, n, shape, _ in entries]
+    return recs
+
+
 def _one(tmp: str, packed: bool, recs: list, n: int) -> tuple[float, float, int]:
     d = os.path.join(tmp, f"rank-{n:05d}")
     sw = ShardSeriesWriter(d, 0, flush_steps=len(recs) + 1, backend=HDF5Backend(packed=packed))
@@ -78,17 +112,23 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--raw", action="store_true", help="one raw gradient and weight row per tensor in the shard")
+    ap.add_argument("--act", action="store_true", help="activation statistics of --sites sites every step")
+    ap.add_argument("--sites", type=int, nargs="+", default=[5, 21, 50])
     args = ap.parse_args(argv)
     names = {"per-param": (False, False), "packed-A": (True, False), "packed-B": (True, False)}
     if args.raw:   # (packed, how the snapshots are handed over)
         names = {"per-tensor": (True, "per-tensor"), "flat-A": (True, "flat"), "flat-B": (True, "flat")}
-    print(f"{args.steps} steps per shard{' + one raw grads/weights row per tensor' if args.raw else ''}, "
-          f"{args.rounds} rounds, settings interleaved (rotated order); ms")
-    print(f"{'tensors':>7} {'setting':>10} {'close':>9} {'write+close':>12} {'objects':>8}")
+    if args.act:
+        names = {"per-stat": (True, "per-stat"), "flat-A": (True, "flat"), "flat-B": (True, "flat")}
+    what = " + one raw grads/weights row per tensor" if args.raw else \
+        " + activation statistics of 64-unit sites every step" if args.act else ""
+    print(f"{args.steps} steps per shard{what}, {args.rounds} rounds, settings interleaved (rotated order); ms")
+    print(f"{'sites' if args.act else 'tensors':>7} {'setting':>10} {'close':>9} {'write+close':>12} {'objects':>8}")
     with tempfile.TemporaryDirectory(prefix="bbd-close-") as tmp:
         n = 0
-        for P in args.tensors:
-            recs = {k: _records(P, args.steps, raw) for k, (_, raw) in names.items()}
+        for P in (args.sites if args.act else args.tensors):
+            recs = {k: _act_records(P, args.steps, raw) if args.act else _records(P, args.steps, raw)
+                    for k, (_, raw) in names.items()}
             res = {k: [] for k in names}
             for r in range(args.rounds + 1):
                 order = list(names)[r % 3:] + list(names)[:r % 3]
