@@ -14,7 +14,7 @@ Every figure comes from what the recorder writes (docs/trace-format.md), not fro
 * raw gradients and weight snapshots: float32 every 50 steps (``grads_every=50``,
   ``weights_every=50``), each rank its slice (FSDP2: 1/world of the elements), stored flat (one row of
   all tensors and one int64 step per snapshot, ``/flat/<kind>``);
-* the indexes of the packed and flat groups (UTF-8 JSON of every tensor's keys, attributes and place,
+* the indexes of the packed and flat groups (UTF-8 JSON of every tensor's or statistic's keys, attributes and place,
   built by the writer's own encoders) once per shard and kind, a shard every 100 steps (``flush_steps``;
   a job whose steps take longer than ``flush_secs / 100`` = 0.1 s closes shards more often: more index bytes);
 * raw activation samples: the first 8 inputs (``activation_samples=8``) of every site, float32 and an
@@ -49,7 +49,7 @@ from torch.nn import functional as F
 
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.packed import FlatLayout, encode_index
-from bbdecoder.recorder.act_window import ActivationWindow, row_bytes
+from bbdecoder.recorder.act_window import STAT_ITEMSIZES, ActivationWindow, row_bytes
 from bbdecoder.recorder.activations import ActivationTracker
 from bbdecoder.recorder.sample_budget import DEFAULT_SAMPLE_BYTES, allocate, plan_bytes, sample_rows_bytes
 from bbdecoder.recorder.demo import make_reference_cnn
@@ -147,6 +147,21 @@ def index_bytes(model, world=1) -> tuple[int, int]:
     return (len(encode_index(fmt.KIND_GRAD_STATS, tuple(keys), attrs)), len(FlatLayout(entries).index()))
 
 
+def act_index_bytes(sites, window: bool) -> int:
+    """Bytes of the flat activation-statistics indexes of one shard (``/flat/act_stats``: one for the
+    float64 statistics, one for the int32 near-bound counts), by the writer's own encoder."""
+    groups: dict = {}
+    for S in sites:
+        stats = dict(S["stats"])
+        if window:
+            stats.setdefault(fmt.SITE_WINDOW_STAT, [])
+        for k, shp in stats.items():
+            e = groups.setdefault(k in STAT_ITEMSIZES, [])
+            start = e[-1][2] + e[-1][3] if e else 0
+            e.append((S["key"], k, start, math.prod(shp), tuple(shp), None))
+    return sum(len(FlatLayout(e).index()) for e in groups.values())
+
+
 def sizes(name, model, example, world=1) -> dict:
     params = list(model.parameters())
     P = sum(p.numel() for p in params)
@@ -163,7 +178,7 @@ def sizes(name, model, example, world=1) -> dict:
     gidx, fidx = index_bytes(model, world)
     per_step = {"step table": STEP_TABLE, "grad stats": grad_row, "act stats": act_row / n,
                 "raw grads+weights": raw / RAW_EVERY, "act samples": samples / RAW_EVERY,
-                "indexes": (gidx + 2 * fidx) / SHARD_STEPS}
+                "indexes": (gidx + 2 * fidx + act_index_bytes(sites, n > 1)) / SHARD_STEPS}
     return {"model": name, "params": P, "tensors": len(params), "units": sum(S["units"] for S in sites),
             "sites": len(sites), "N": n, "act_row": act_row, "per_step": per_step, "world": world,
             "unbudgeted": unbudgeted, "capture": samples, "cut": cut}
