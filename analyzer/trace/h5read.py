@@ -36,6 +36,8 @@ VERDICT_PATHS = 1 << 17
 GROUPS_KEPT = 4096
 
 _verdicts: "OrderedDict[tuple, set]" = OrderedDict()   # file identity -> paths checked (links and storage)
+#: file identity -> the root attributes of a shard that passed the format check (read once per unchanged file)
+_root_attrs: "OrderedDict[tuple, dict]" = OrderedDict()
 
 
 def file_identity(fd: int) -> tuple | None:
@@ -50,6 +52,7 @@ def file_identity(fd: int) -> tuple | None:
 def forget_verdicts() -> None:
     """Forget every remembered verdict (the next reader of each file checks everything again)."""
     _verdicts.clear()
+    _root_attrs.clear()
 
 
 def verdicts() -> dict:
@@ -87,7 +90,12 @@ class HDF5ShardReader(ShardReader):
         except Exception as e:  # OSError for truncated / random files
             raise TraceError(f"corrupt or truncated shard {self._disp}: {error_line(e)}") from None
         try:
-            self.attrs = {k: attr_value(v) for k, v in self._f.attrs.items()}
+            ident = file_identity(self._f.id.get_vfd_handle())
+        except Exception:   # a driver without a file descriptor: nothing remembered
+            ident = None
+        attrs = _root_attrs.get(ident) if ident is not None else None
+        try:
+            self.attrs = dict(attrs) if attrs is not None else {k: attr_value(v) for k, v in self._f.attrs.items()}
         except Exception as e:
             self.close()
             raise TraceError(f"corrupt shard {self._disp}: unreadable attributes ({error_line(e)})") from None
@@ -100,11 +108,11 @@ class HDF5ShardReader(ShardReader):
         except TraceError:
             self.close()
             raise
-        try:
-            ident = file_identity(self._f.id.get_vfd_handle())
-        except Exception:   # a driver without a file descriptor: nothing remembered
-            ident = None
         if ident is not None:
+            if attrs is None:   # valid: kept for the next reader of this unchanged file
+                _root_attrs[ident] = dict(self.attrs)
+                while len(_root_attrs) > VERDICT_FILES:
+                    _root_attrs.popitem(last=False)
             self._known = _verdicts.pop(ident, None) or set()
             _verdicts[ident] = self._known
             while len(_verdicts) > VERDICT_FILES:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -148,13 +149,41 @@ def _flat_place(e: list, width: int, where: str) -> tuple[int, int, tuple]:
     return start, n, shape
 
 
+#: Decoded indexes are kept by their bytes (the shards of a run usually repeat one index: every shard of
+#: a 20-shard run would decode it again each time an analysis opens it): indexes of at most this many
+#: bytes, this many in all (least recently used dropped first). The decoded entries are shared: their
+#: integer-list attributes are read-only arrays, and readers hand out copies of the attribute dicts.
+INDEX_MEMO_BYTES = 1 << 20
+INDEX_MEMO_TOTAL = 16 << 20
+_decoded: "OrderedDict[tuple, list]" = OrderedDict()
+_decoded_bytes = [0]
+
+
 def _decode_index(raw: np.ndarray, cols: int | None, where: str, width: int | None = None) -> list:
     """The entries of an index: ``[(layer_key, param_key, attrs)]`` (packed: exactly ``cols``
     entries), or with ``width`` (flat: rows of that many values) ``[(layer_key, param_key, attrs,
     (start, numel, shape))]``. Each distinct key is checked once (an index of 200,000 parameters
-    names 100,000 layers and two parameter keys)."""
+    names 100,000 layers and two parameter keys). The same bytes with the same ``cols`` and ``width``
+    give the same entries: small indexes are decoded once (see :data:`INDEX_MEMO_BYTES`); a bad
+    index raises every time."""
+    b = np.asarray(raw, np.uint8).tobytes()
+    key = (b, cols, width)
+    hit = _decoded.get(key)
+    if hit is not None:
+        _decoded.move_to_end(key)
+        return hit
+    out = _decode(b, cols, where, width)
+    if len(b) <= INDEX_MEMO_BYTES:
+        _decoded[key] = out
+        _decoded_bytes[0] += len(b)
+        while _decoded_bytes[0] > INDEX_MEMO_TOTAL:
+            _decoded_bytes[0] -= len(_decoded.popitem(last=False)[0][0])
+    return out
+
+
+def _decode(b: bytes, cols: int | None, where: str, width: int | None) -> list:
     try:
-        entries = json.loads(np.asarray(raw, np.uint8).tobytes().decode("utf-8"))
+        entries = json.loads(b.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise TraceError(f"{where}: index is not UTF-8 JSON ({str(e)[:100]})") from None
     if not isinstance(entries, list) or (cols is not None and len(entries) != cols):
@@ -190,6 +219,7 @@ def _decode_index(raw: np.ndarray, cols: int | None, where: str, width: int | No
         seen.add(key)
         for a in lists:   # the parsed dict is this entry's own: integer lists become arrays in place
             attrs[a] = np.asarray(attrs[a], np.int64)
+            attrs[a].flags.writeable = False   # shared by every reader of these index bytes
         item = (key[0], key[1], attrs)
         out.append(item if width is None else item + (_flat_place(e, width, where),))
     return out

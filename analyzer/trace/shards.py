@@ -122,9 +122,12 @@ def check_step_cols(cols: dict) -> int:
 
 
 class ReaderPool:
-    """Keeps up to ``keep`` shard readers open between uses (least recently used closed first), so
-    that analyses which visit every shard once per layer or activation site do not reopen each file
-    every time (opening a shard and finding its datasets cost more than reading small payloads).
+    """Keeps up to ``keep`` shard readers open between uses, so that analyses which visit every shard
+    once per layer or activation site do not reopen each file every time (opening a shard and finding
+    its datasets cost more than reading small payloads). Once ``keep`` are kept, a reader given back
+    is closed rather than one kept: analyses scan the shards in the same order again and again, so
+    with more shards than ``keep`` the first ones still come from here on every scan (closing the
+    least recently used would close each reader just before it is needed again, and keep none useful).
 
     :meth:`borrow` returns a reader to use in a ``with`` block (or ``close()`` it): a reader still
     borrowed is never closed by eviction; one given back becomes idle. Only for closed shards, which
@@ -153,10 +156,10 @@ class ReaderPool:
         if e[1]:
             return
         del self._busy[key]
-        self._idle[key] = e[0]
-        while len(self._idle) > self.keep:
-            _, old = self._idle.popitem(last=False)
-            old.close()
+        if len(self._idle) < self.keep:
+            self._idle[key] = e[0]
+        else:   # full: the readers kept stay (see the class docstring) and this one closes
+            e[0].close()
 
     def close(self) -> None:
         """Close every idle reader (borrowed ones close when given back, beyond ``keep``)."""
