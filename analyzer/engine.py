@@ -312,15 +312,20 @@ def recorded_part(recorded: list, ctx: ShardContext, rank: int) -> dict:
 def split_keys(shards: list, kinds: tuple, keys: set, parts: int) -> list[set]:
     """``keys`` ((layer_key, param_key) pairs) in at most ``parts`` groups of about equal stored
     bytes (payloads of ``kinds`` in ``shards``), largest first into the lightest group; one group
-    when the payloads hold less than :data:`SPLIT_MIN_BYTES` or ``parts`` is 1. Every group is
+    when the tensor payloads hold less than :data:`SPLIT_MIN_BYTES` or ``parts`` is 1 (recorded gradient
+    statistics do not count: a worker would save little work on them and send back as many rows as it read,
+    pickled; 100,000 layers: a 22 s pass at 1.3 GB instead of 13 s at 0.9 GB in one process). Every group is
     non-empty; a key's payloads all fall in one group, so a pass over a group computes exactly
     what the whole pass computes for those keys."""
     size: dict = dict.fromkeys(keys, 0)
+    raw = 0   # elements of tensors (not of recorded statistics): the work a worker saves
     for s in shards:
         for (k, lk, pk), (rows, shape, _) in s.payloads.items():
             if k in kinds and (lk, pk) in size:
-                size[(lk, pk)] += int(rows) * math.prod(int(d) for d in shape)
-    if parts <= 1 or 4 * sum(size.values()) < SPLIT_MIN_BYTES or len(size) < 2:
+                n = int(rows) * math.prod(int(d) for d in shape)
+                size[(lk, pk)] += n
+                raw += n if k != fmt.KIND_GRAD_STATS else 0
+    if parts <= 1 or 4 * raw < SPLIT_MIN_BYTES or len(size) < 2:
         return [set(keys)]
     groups: list[set] = [set() for _ in range(parts)]
     load = [0] * parts

@@ -33,6 +33,9 @@ from ..trace import format as fmt
 GRAD_COLUMNS = ["step", "layer_id", "layer", "param", "numel", "count", "nonfinite", "abs_mean", "max_abs", "l2"]
 #: the columns :func:`grad_stat_table` gives: l1 = sum |g| as well (what the layers' pooled abs_mean is from)
 GRAD_TABLE_COLUMNS = GRAD_COLUMNS + ["l1"]
+#: the columns of ``grads`` the rules read (the others are for :func:`grad_layer_table`, not needed where
+#: ``grad_layers`` is adopted as well): a report of many layers hands over only these (issue 16)
+GRAD_RULE_COLUMNS = ["step", "layer_id", "layer", "param", "count", "nonfinite", "max_abs"]
 ACT_COLUMNS = ["step", "site", "kind", "family", "order", "count", "mean", "rms", "std", "abs_mean", "max_abs",
                "zero", "nonfinite"]
 WEIGHT_COLUMNS = ["step", "layer_id", "layer", "param", "l2", "update_ratio", "gap", "step_ratio", "nonfinite"]
@@ -82,12 +85,13 @@ def grads_from_frame(catalog, gs: pd.DataFrame, ids) -> pd.DataFrame | None:
     ranks record gradient statistics, a parameter is sharded (FSDP2), or ``ids`` is not every layer. The same
     rows and values as :func:`grad_stat_table` (both from :func:`analyzer.engine.recorded_part`), in the same
     order (:func:`analyzer.engine.part_frame`'s) and with more columns: ``gs`` itself, not a copy (100,000
-    layers: 4 million rows). The rules depend on neither order."""
+    layers: 4 million rows). The rules depend on neither order. ``gs`` may hold only the columns the rules read
+    (:data:`GRAD_RULE_COLUMNS`: a report's slimmed frame) when ``grad_layers`` is adopted beside it."""
     kind = fmt.KIND_GRAD_STATS
     if (not catalog.shards_with(kind) or catalog.shards_with(fmt.KIND_GRADS) or len(catalog.ranks_with(kind)) > 1
             or catalog.sharded
             or "rank" in gs.columns or set(int(i) for i in ids) != {int(L["id"]) for L in catalog.layers}
-            or not all(c in gs.columns for c in GRAD_TABLE_COLUMNS)):
+            or not all(c in gs.columns for c in GRAD_RULE_COLUMNS)):
         return None
     return gs
 
@@ -257,6 +261,12 @@ class Tables:
         if name in self._t:
             raise ValueError(f"table {name!r} is already computed")
         self._t[name] = table
+
+    def forget(self, *names: str) -> None:
+        """Let go of the tables ``names`` (computed or adopted; absent ones are ignored): computed again on
+        next use. A report of many layers hands its frames back this way once its findings are written."""
+        for n in names:
+            self._t.pop(n, None)
 
     def _get(self, name: str, make) -> pd.DataFrame:
         if name not in self._t:

@@ -151,6 +151,8 @@ class Report:
         side = beside.start(self)   # the sections that need no gradients, beside the data passes
         self.data = d = load_frames(self.run, self.layers_spec)
         heap.trim()   # the passes' freed temporaries go back to the OS before the sections and the forks
+        if len(d.ids) >= heap.MANY_LAYERS:   # figures drawn once the frames are freed, not beside the sections
+            self.drawing.hold()
         self._share_with_findings(d)
         if not len(d.gl):
             self.missing.append("no gradients")
@@ -163,6 +165,12 @@ class Report:
                 elif section is beside.SECTIONS[0] and not side.join(self):   # it failed: here after all
                     side = None
                     self.add_section(section)
+        self._counts = self._step_counts(d)
+        if d.own_pass:   # the frames of the report's own pass: free before the figures are drawn (issue 16)
+            self.data = d = report_data.released(d)
+            self.run.findings_tables().forget("grads", "grad_layers")
+            gc.collect()
+            heap.trim()
         self._render()
         gc.unfreeze()   # frozen before forking the processes beside (all of them have ended)
         if self.missing:
@@ -179,7 +187,9 @@ class Report:
         summary["stale_files"] = sorted(p for p in before if p not in written)
         summary["figure_processes"] = self.figure_processes
         summary["seconds"] = round(time.perf_counter() - t0, 3)
+        layers, summary["layers"] = summary["layers"], []   # JSON-safe already: not copied (100,000 layers)
         safe = json_safe(summary)
+        safe["layers"] = summary["layers"] = layers
         # indented for a person up to a few thousand layers; past that one line (the C encoder: 100,000 layers
         # take 0.5 s instead of 9 s indented)
         indent = 1 if len(safe["layers"]) <= COMPACT_JSON_LAYERS else None
@@ -201,9 +211,9 @@ class Report:
         if "grads" in tables.computed:
             return
         g = grads_from_frame(self.run.catalog, d.gs_all, d.ids)
-        if g is not None:
-            tables.adopt("grads", g)
         gl = grad_layers_from_frame(self.run.catalog, d.gs_all, d.gl_all, d.ids)   # H1, issue 16: no second copy
+        if g is not None and (gl is not None or "l2" in g.columns):   # a slimmed frame: only beside gl
+            tables.adopt("grads", g)
         if gl is not None and "grad_layers" not in tables.computed:
             tables.adopt("grad_layers", gl)
 
@@ -247,22 +257,19 @@ class Report:
             out |= {f"{sub}/{n}" for n in names if not n.startswith(".tmp-")}
         return out
 
+    @staticmethod
+    def _step_counts(d) -> tuple[int, int]:
+        """(steps with gradients, weight snapshots) of the report's layers, for summary.json."""
+        return (int(d.gl["step"].nunique()) if len(d.gl) else 0, int(d.ws1["step"].nunique()) if len(d.ws1) else 0)
+
     def _summary(self) -> dict:
         run, d = self.run, self.data
         from .. import __version__
-        steps, gl, ws = d.steps, d.gl, d.ws1
+        steps = d.steps
         loss = steps[np.isfinite(steps["loss"].to_numpy(np.float64))] if len(steps) else steps
         first = loss.iloc[0] if len(loss) else None
         last = loss.iloc[-1] if len(loss) else None
-        layers = []
-        for r in d.summary.itertuples(index=False):
-            layers.append({
-                "id": r.layer_id, "name": r.name, "type": r.type, "n_params": r.n_params,
-                "recorded": r.selected, "grad_steps": r.grad_steps, "mean_abs_grad": r.mean_abs_grad,
-                "max_abs_grad": r.max_abs_grad, "last_epoch": int(r.last_epoch) if np.isfinite(r.last_epoch) else None,
-                "last_epoch_mean_l2": r.last_epoch_mean_l2, "weight_snapshots": r.weight_snapshots,
-                "weight_l2_final": r.weight_l2_final, "update_ratio_median": r.update_ratio_median,
-            })
+        grad_steps, weight_snapshots = getattr(self, "_counts", None) or self._step_counts(d)
         return {
             "bbdecoder_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -279,20 +286,46 @@ class Report:
             "steps": int(len(steps)), "epochs": int(run.epochs),
             "first_step": int(steps["step"].iloc[0]) if len(steps) else None,
             "last_step": int(steps["step"].iloc[-1]) if len(steps) else None,
-            "grad_steps": int(gl["step"].nunique()) if len(gl) else 0,
-            "weight_snapshots": int(ws["step"].nunique()) if len(ws) else 0,
+            "grad_steps": grad_steps, "weight_snapshots": weight_snapshots,
             "loss": {"first": float(first["loss"]) if first is not None else None,
                      "first_step": int(first["step"]) if first is not None else None,
                      "last": float(last["loss"]) if last is not None else None,
                      "last_step": int(last["step"]) if last is not None else None},
             "definitions": dict(DEFINITIONS),
-            "layers": layers,
+            "layers": layer_records(d.summary),
             "activations": self.extra.get("activations", {}),
             "figures": [f["file"] for f in self.figures],
             "tables": [t["file"] for t in self.tables],
             "skipped": list(self.skipped),
             "not_recorded": list(self.not_recorded),
         }
+
+
+#: summary.json's per-layer record: (key, column of :func:`analyzer.report.data.layer_summary`, kind)
+LAYER_RECORD = (("id", "layer_id", int), ("name", "name", str), ("type", "type", str), ("n_params", "n_params", int),
+                ("recorded", "selected", bool), ("grad_steps", "grad_steps", int),
+                ("mean_abs_grad", "mean_abs_grad", float), ("max_abs_grad", "max_abs_grad", float),
+                ("last_epoch", "last_epoch", "epoch"), ("last_epoch_mean_l2", "last_epoch_mean_l2", float),
+                ("weight_snapshots", "weight_snapshots", int), ("weight_l2_final", "weight_l2_final", float),
+                ("update_ratio_median", "update_ratio_median", float))
+
+
+def layer_records(summary: pd.DataFrame) -> list[dict]:
+    """summary.json's "layers": one dict per row of the layer summary, already JSON-safe (what
+    :func:`analyzer.values.json_safe` would make of it: Python values, None for a non-finite float, last_epoch
+    an int or None), so that the summary is not copied whole (100,000 layers: 100,000 dicts)."""
+    cols = []
+    for _, c, kind in LAYER_RECORD:
+        v = summary[c].to_numpy()
+        if kind is float or kind == "epoch":
+            x = v.astype(np.float64)
+            vals = np.where(np.isfinite(x), x, np.nan).tolist()
+            vals = [None if f != f else (int(f) if kind == "epoch" else f) for f in vals]
+        else:
+            vals = [json_safe(x) for x in v.tolist()]
+        cols.append(vals)
+    keys = [k for k, _, _ in LAYER_RECORD]
+    return [dict(zip(keys, row)) for row in zip(*cols)]
 
 
 def build_report(run, out_dir: str | os.PathLike, layers: Any = None, bins: int = 64,

@@ -9,7 +9,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from .. import heap
 from ..activations import dead_units
+from ..findings.data import GRAD_RULE_COLUMNS
+from ..gradients import DROPPABLE, grad_pass, pool_params
 from ..stats import stats_from_sums
 from .plots.gradients import gradient_flow_table
 
@@ -306,7 +309,8 @@ def grouped_weight_stats(ws: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
 def grouped_epoch_stats(ge: pd.DataFrame, gs: pd.DataFrame, rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-epoch gradient noise, element counts) of the groups of ``rows`` as one parameter "(all)"
     each, for :func:`grad_variance_epoch_table`: grad_noise = the groups' parameters' grad_noise
-    weighted by their element counts (finite ones only); numel = their element counts added."""
+    weighted by their element counts (finite ones only); numel = their element counts added. ``gs``: a frame
+    with columns layer_id, param, numel (the per-step gradient frame, or its element counts only)."""
     numel = gs[["layer_id", "param", "numel"]].drop_duplicates(["layer_id", "param"])
     gn = _rows_of(numel, rows).groupby(["layer_id"], sort=True)["numel"].sum().reset_index().assign(param="(all)")
     if not len(ge):
@@ -404,7 +408,9 @@ class Frames(NamedTuple):
         update ratio): gs, ge, gl, ws1 themselves up to :data:`MAX_LAYER_ROWS` layers, else those of the
         groups of ``rows`` (:func:`grouped_grad_stats`, :func:`grouped_epoch_stats`,
         :func:`grouped_weight_stats`; fig_gs holds the groups' element counts only). rows_note: the
-        captions' sentence saying so (plain text; "" per layer).
+        captions' sentence saying so (plain text; "" per layer). own_pass: the gradient frames come from
+        the report's own pass (:data:`OWN_PASS_LAYERS` layers or more), not the run's cache; gs_all and gs
+        then hold only :data:`SLIM_GS_COLUMNS` when they have more than :data:`ROW_BUDGET` rows.
     """
 
     ids: Any
@@ -427,6 +433,47 @@ class Frames(NamedTuple):
     fig_gl: Any = None
     fig_ws: Any = None
     rows_note: str = ""
+    own_pass: bool = False
+
+
+#: From this many layers the report reads the gradient statistics with a pass of its own, not through the
+#: run's cache (:meth:`Run.grad_stats`), so that it can let go of them once no later section needs them
+#: (:func:`slim_grad_frame`, :func:`released`); 100,000 layers: 4 million rows per (step, parameter), 448 MB.
+OWN_PASS_LAYERS = heap.MANY_LAYERS
+
+#: the columns of the per-(step, parameter) frame the report reads once :func:`load_frames` has derived the
+#: other frames from it, when the frame is not written whole (more than :data:`ROW_BUDGET` rows): the health
+#: rules' ``grads`` table (:data:`analyzer.findings.data.GRAD_RULE_COLUMNS`) and the non-finite section
+#: (step, layer_id, layer, param, nonfinite); the table section reads only its length
+SLIM_GS_COLUMNS = ["rank"] + GRAD_RULE_COLUMNS
+
+
+def slim_grad_frame(gs: pd.DataFrame) -> pd.DataFrame:
+    """``gs`` (:meth:`Run.grad_stats` rows) with only the columns of :data:`SLIM_GS_COLUMNS` it has, the other
+    columns' arrays let go: the same rows and values; step, layer_id, count and nonfinite as int32 where every
+    value fits (what reads them takes ``int()`` of a value or sums them, which numpy does in int64; 100,000
+    layers: 160 of 448 MB kept)."""
+    out = {}
+    for c in SLIM_GS_COLUMNS:
+        if c not in gs.columns:
+            continue
+        v = gs[c]
+        if c in ("step", "layer_id", "count", "nonfinite") and v.dtype == np.int64 and len(v):
+            a = v.to_numpy()
+            if np.iinfo(np.int32).min <= a.min() and a.max() <= np.iinfo(np.int32).max:
+                v = a.astype(np.int32)
+        out[c] = v
+    return pd.DataFrame(out, copy=False)
+
+
+def released(d: Frames) -> Frames:
+    """``d`` without its per-step and per-epoch tables (each emptied, columns kept): for the end of a report
+    whose frames came from its own pass (``d.own_pass``), once every section ran, so that their memory is
+    free before the figures are drawn and summary.json is written (100,000 layers: about 0.5 GB)."""
+    def empty(df):
+        return df.iloc[:0].copy() if isinstance(df, pd.DataFrame) else df
+    big = ("gs_all", "ge_all", "gl_all", "ws", "gs", "ge", "gl", "ws1")
+    return d._replace(**{k: empty(getattr(d, k)) for k in big})
 
 
 def load_frames(run, layers: Any = None) -> Frames:
@@ -435,17 +482,32 @@ def load_frames(run, layers: Any = None) -> Frames:
     all_layers = run.layers
     lt = all_layers[all_layers["id"].isin(ids)].sort_values("id").reset_index(drop=True)
     steps = run.steps
-    gs_all = run.grad_stats(layers=ids)
-    ge_all = run.grad_stats(per="epoch", layers=ids)
-    gl_all = run.grad_stats(by="layer", layers=ids)
-    ws = run.weight_stats(layers=ids)
-    gs, ge, gl = first_rank(gs_all), first_rank(ge_all), first_rank(gl_all)
-    ws1 = ws.drop_duplicates(["step", "layer_id", "param"], keep="first")
+    own = len(ids) >= OWN_PASS_LAYERS
     rows = layer_rows(lt, MAX_LAYER_ROWS)
+    numel = None
+    if own:   # the report's own pass (not kept by the run): its frames go when the report lets go of them
+        gs_all, ge_all = grad_pass(run.catalog, run.catalog.param_keys(ids)[1], run.engine, run.progress,
+                                   run.dask_client)
+        slim = rows is not None and len(gs_all) > ROW_BUDGET   # not written whole: only what later sections
+        if slim:                                               # read is kept (SLIM_GS_COLUMNS)
+            numel = first_rank(gs_all[[c for c in ("rank", "layer_id", "param", "numel") if c in gs_all.columns]])
+            numel = numel.drop_duplicates(["layer_id", "param"])
+        gl_all = pool_params(gs_all, drop=DROPPABLE if slim else ())   # their statistics freed as pooled
+        if slim:
+            gs_all = slim_grad_frame(gs_all)
+            heap.trim()
+    else:
+        gs_all = run.grad_stats(layers=ids)
+        ge_all = run.grad_stats(per="epoch", layers=ids)
+        gl_all = run.grad_stats(by="layer", layers=ids)
+    gs, ge, gl = first_rank(gs_all), first_rank(ge_all), first_rank(gl_all)
+    numel = gs if numel is None else numel
+    ws = run.weight_stats(layers=ids)
+    ws1 = ws.drop_duplicates(["step", "layer_id", "param"], keep="first")
     if rows is None:
         fig = (gs, ge, gl, ws1)
     else:
-        fge, fgs = grouped_epoch_stats(ge, gs, rows)
+        fge, fgs = grouped_epoch_stats(ge, numel, rows)
         fig = (fgs, fge, grouped_grad_stats(gl, rows), grouped_weight_stats(ws1, rows))
     return Frames(ids, all_layers, lt, steps, gs_all, ge_all, gl_all, ws, gs, ge, gl, ws1,
-                  "rank" in gs_all.columns, layer_summary(lt, gl, ws1), rows, *fig, rows_note(rows))
+                  "rank" in gs_all.columns, layer_summary(lt, gl, ws1), rows, *fig, rows_note(rows), own)
