@@ -107,12 +107,12 @@ class Drawing:
     (the drawing closures and their data are inherited, nothing is pickled but an index and an error
     line), each taking the next undrawn figure from one shared counter: :meth:`meanwhile` (called
     between sections) keeps one process drawing the figures queued so far while this process
-    computes the next sections; :meth:`finish` draws the rest here and in processes forked for it,
-    and waits for all. Otherwise :meth:`finish` draws every figure here, one after the other.
+    computes the next sections; :meth:`finish` adds processes for the rest and waits for all.
+    Otherwise :meth:`finish` draws every figure here, one after the other.
 
     Attributes:
-        specs: the queued figures, in queue order. processes: the most processes that drew at once (this
-        one included).
+        specs: the queued figures, in queue order. processes: the most processes that drew at once (one
+        forked earlier that finishes its last figure may make it ``jobs`` + 1).
     """
 
     def __init__(self, out: str, jobs: int):
@@ -124,6 +124,7 @@ class Drawing:
         self._known = 0             # figures queued when the last process was forked
         self._running: list = []    # [(process, connection, figures it knows)]
         self._errors: dict[int, str | None] = {}
+        self._held = False          # meanwhile() forks nothing (see hold())
 
     def add(self, spec: FigureSpec) -> None:
         """Queue a figure."""
@@ -176,12 +177,17 @@ class Drawing:
         self._known = len(self.specs)
         self.processes = max(self.processes, len(self._running))
 
+    def hold(self) -> None:
+        """Fork no drawing process before :meth:`finish`: for a report whose sections touch so much
+        memory that a process forked beside them would hold its own copy of it (100,000 layers)."""
+        self._held = True
+
     def meanwhile(self) -> None:
         """Between sections: when figures wait that no drawing process knows of (queued after it was
         forked) and every process is drawing its last figure or none is left, fork one over the figures
         queued so far (at most ``jobs`` at once), so that they are drawn on another CPU while this
         process computes."""
-        if not self._parallel():
+        if self._held or not self._parallel():
             return
         self._reap()
         idle = not self._running or self._counter.value >= self._known   # nothing left for them to take
@@ -190,33 +196,34 @@ class Drawing:
 
     def finish(self, before_fork: Callable[[], None] | None = None) -> list[str | None]:
         """Draw every figure not drawn yet and wait for all; returns each figure's error or None, in
-        queue order. This process draws too, beside the processes still drawing figures they know and
-        those forked now (at most one per 4 figures left, ``jobs`` in all with this one), which know
-        every queued figure (one forked by :meth:`meanwhile` knows only the figures queued before it,
-        and ends when those are taken).
+        queue order. Processes still drawing figures they know go on; processes forked now (``jobs``
+        drawing in all, at most one per 4 figures left) know every queued figure (one forked by
+        :meth:`meanwhile` knows only the figures queued before it, and ends when those are taken).
+        This process draws only what no process took (they died): a figure that kills its process
+        (a crash in a plotting library) loses that figure, never the report.
 
         Args:
             before_fork: called once before forking (closes open files the workers must not inherit).
         """
         if self._counter is None:
-            want = min(self.jobs, len(self.specs) // 4 or 1)
-            if want <= 1 or not self._parallel():   # one process: every figure here
+            new = min(self.jobs, len(self.specs) // 4 or 1)
+            if new <= 1 or not self._parallel():   # one process: every figure here
                 return [self._errors.get(i) if sp.draw is None else draw_and_save(sp, self.out)
                         for i, sp in enumerate(self.specs)]
-            new = want - 1
         else:
             self._reap()
             left = self._unclaimed()
             busy = sum(n > self._counter.value for *_, n in self._running)   # figures they know wait
-            new = min(self.jobs - 1 - busy, left // 4) if left else 0
+            new = min(self.jobs - busy, left // 4 or 1) if left else 0
+            if left and self._known < len(self.specs):   # figures no running process knows: one at least
+                new = max(new, 1)
         if new > 0 and self._parallel():
             if before_fork is not None:
                 before_fork()
             release_free_memory()   # the workers inherit this process's pages: fewer of them
             self._fork(new)
-        self.processes = max(self.processes, len(self._running) + 1)   # and this one
-        self._draw_here()
         self._reap(block=True)
+        self._draw_here()   # what no process took (the processes that knew them died, or none could be forked)
         import gc
         gc.unfreeze()
         return [self._errors.get(i, "its drawing process ended without drawing it") for i in range(len(self.specs))]
