@@ -326,3 +326,39 @@ def run_gloo_workers(script, args, cwd, world: int = 2, timeout: float = 120.0, 
                 p.wait(10)
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+
+
+# ------------------------------------------------------------------ reference computations
+def pool_by_groupby(df):
+    """The pooling formulas of analyzer.gradients.pool_params through one plain pandas groupby of the keys."""
+    keys = [c for c in ("rank", "step", "epoch", "layer_id", "layer") if c in df.columns]
+    mean = df["mean"].fillna(0)
+    d = df.assign(_s=mean * df["count"], _q=(df["var"].fillna(0) + mean ** 2) * df["count"],
+                  _l2sq=df["l2"].fillna(0) ** 2)
+    out = d.groupby(keys, sort=True).agg(numel=("numel", "sum"), count=("count", "sum"),
+                                         nonfinite=("nonfinite", "sum"), _s=("_s", "sum"), _q=("_q", "sum"),
+                                         max_abs=("max_abs", "max"), l1=("l1", "sum"),
+                                         _l2sq=("_l2sq", "sum")).reset_index()
+    n = out["count"].to_numpy(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nn = np.where(n > 0, n, np.nan)
+        out["mean"] = out["_s"] / nn
+        out["var"] = np.maximum(out["_q"] / nn - out["mean"] ** 2, 0.0)
+        out["abs_mean"] = out["l1"] / nn
+    out["l2"] = np.sqrt(out["_l2sq"])
+    return out[keys + ["numel", "count", "nonfinite", "mean", "abs_mean", "max_abs", "var", "l1", "l2"]]
+
+
+def linear_manifest(names, shapes, steps: int, epochs: int) -> dict:
+    """A complete run's manifest (format version 1) of Linear-like layers named ``names``, each with the
+    parameters ``shapes`` [(name, shape)], for traces written with the storage classes (numpy only)."""
+    from bbdecoder.analyzer.trace import format as fmt
+    pkeys = fmt.assign_keys([p for p, _ in shapes])
+    n_params = int(sum(np.prod(s) for _, s in shapes))
+    layers = [{"id": i, "name": n, "type": "Linear", "class": "torch.nn.Linear", "key": k,
+               "params": [{"name": p, "key": pk, "shape": list(s), "dtype": "float32", "numel": int(np.prod(s)),
+                           "requires_grad": True} for (p, s), pk in zip(shapes, pkeys)],
+               "n_params": n_params, "selected": True} for i, (n, k) in enumerate(zip(names, fmt.assign_keys(names)))]
+    return {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "created": 0.0,
+            "status": fmt.STATUS_COMPLETE, "world_size": 1, "model": {}, "config": {}, "layers": layers,
+            "steps": steps, "epochs": epochs}

@@ -21,6 +21,7 @@ from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.hdf5 import HDF5Backend
 from bbdecoder.analyzer.trace.packed import FlatLayout
 from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord
+from helpers import linear_manifest, pool_by_groupby
 
 N_LAYERS, STEPS = 150, 8
 SHAPES = (("weight", (3, 2)), ("bias", (3,)))
@@ -32,14 +33,8 @@ def _write_run(d):
     attributes; written with the recorder's storage classes (numpy only)."""
     rng = np.random.default_rng(3)
     names = [f"blocks.{i // 10}.mlp.{i % 10}" for i in range(N_LAYERS)]
-    pkeys = fmt.assign_keys([p for p, _ in SHAPES])
-    layers = [{"id": i, "name": n, "type": "Linear", "class": "torch.nn.Linear", "key": k,
-               "params": [{"name": p, "key": pk, "shape": list(s), "dtype": "float32", "numel": int(np.prod(s)),
-                           "requires_grad": True} for (p, s), pk in zip(SHAPES, pkeys)],
-               "n_params": 9, "selected": True} for i, (n, k) in enumerate(zip(names, fmt.assign_keys(names)))]
-    manifest = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "created": 0.0,
-                "status": fmt.STATUS_COMPLETE, "world_size": 1, "model": {}, "config": {}, "layers": layers,
-                "steps": STEPS, "epochs": 2}
+    manifest = linear_manifest(names, SHAPES, STEPS, 2)
+    layers = manifest["layers"]
     os.makedirs(d)
     files.write_json_atomic(os.path.join(d, fmt.MANIFEST), manifest)
     keys = tuple((L["key"], q["key"]) for L in layers for q in L["params"])
@@ -144,26 +139,6 @@ def _frame(seed, multi_rank):
     return df if multi_rank else df.drop(columns=["rank"])
 
 
-def _pool_by_groupby(df):
-    """The pooling formulas of :func:`pool_params` through one plain pandas groupby of the keys."""
-    keys = [c for c in ("rank", "step", "epoch", "layer_id", "layer") if c in df.columns]
-    mean = df["mean"].fillna(0)
-    d = df.assign(_s=mean * df["count"], _q=(df["var"].fillna(0) + mean ** 2) * df["count"],
-                  _l2sq=df["l2"].fillna(0) ** 2)
-    out = d.groupby(keys, sort=True).agg(numel=("numel", "sum"), count=("count", "sum"),
-                                         nonfinite=("nonfinite", "sum"), _s=("_s", "sum"), _q=("_q", "sum"),
-                                         max_abs=("max_abs", "max"), l1=("l1", "sum"),
-                                         _l2sq=("_l2sq", "sum")).reset_index()
-    n = out["count"].to_numpy(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        nn = np.where(n > 0, n, np.nan)
-        out["mean"] = out["_s"] / nn
-        out["var"] = np.maximum(out["_q"] / nn - out["mean"] ** 2, 0.0)
-        out["abs_mean"] = out["l1"] / nn
-    out["l2"] = np.sqrt(out["_l2sq"])
-    return out[keys + ["numel", "count", "nonfinite", "mean", "abs_mean", "max_abs", "var", "l1", "l2"]]
-
-
 @pytest.mark.parametrize("multi_rank", [False, True])
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])
 def test_pooling_and_epoch_table_equal_a_plain_groupby(multi_rank, order):
@@ -171,7 +146,7 @@ def test_pooling_and_epoch_table_equal_a_plain_groupby(multi_rank, order):
     if order == "shuffled":   # not sorted by its keys: the groupby path
         df = df.sample(frac=1.0, random_state=1).reset_index(drop=True)
     got = pool_params(df)
-    pd.testing.assert_frame_equal(got.reset_index(drop=True), _pool_by_groupby(df), check_exact=True)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), pool_by_groupby(df), check_exact=True)
     keys = (["rank"] if multi_rank else []) + ["epoch", "layer_id", "layer", "param"]
     g = df.groupby(keys, sort=True)
     want = g.agg(n_steps=("step", "size"), mean=("mean", "mean"), abs_mean=("abs_mean", "mean"),

@@ -23,6 +23,7 @@ from bbdecoder.analyzer.trace import files
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.hdf5 import HDF5Backend
 from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord
+from helpers import linear_manifest, pool_by_groupby
 from bbdecoder.analyzer.values import json_safe
 
 N_LAYERS, PER_BLOCK, STEPS = 3000, 50, 6
@@ -35,14 +36,8 @@ def trace(tmp_path_factory):
     parameters all zero at some steps (max |g| 0 with finite elements) and a few with non-finite elements."""
     d = str(tmp_path_factory.mktemp("many2") / "run")
     names = [f"blocks.{i // PER_BLOCK}.mlp.{i % PER_BLOCK}" for i in range(N_LAYERS)]
-    pkeys = fmt.assign_keys([p for p, _ in SHAPES])
-    layers = [{"id": i, "name": n, "type": "Linear", "class": "torch.nn.Linear", "key": k,
-               "params": [{"name": p, "key": pk, "shape": list(s), "dtype": "float32", "numel": int(np.prod(s)),
-                           "requires_grad": True} for (p, s), pk in zip(SHAPES, pkeys)],
-               "n_params": 20, "selected": True} for i, (n, k) in enumerate(zip(names, fmt.assign_keys(names)))]
-    manifest = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "created": 0.0,
-                "status": fmt.STATUS_COMPLETE, "world_size": 1, "model": {}, "config": {}, "layers": layers,
-                "steps": STEPS, "epochs": 2}
+    manifest = linear_manifest(names, SHAPES, STEPS, 2)
+    layers = manifest["layers"]
     os.makedirs(d)
     files.write_json_atomic(os.path.join(d, fmt.MANIFEST), manifest)
     keys = tuple((L["key"], q["key"]) for L in layers for q in L["params"])
@@ -132,32 +127,12 @@ def _frame(seed, n_layers=700):
     return df
 
 
-def _pool_by_groupby(df):
-    """The pooling formulas of pool_params through one plain pandas groupby of the keys."""
-    keys = ["step", "epoch", "layer_id", "layer"]
-    mean = df["mean"].fillna(0)
-    d = df.assign(_s=mean * df["count"], _q=(df["var"].fillna(0) + mean ** 2) * df["count"],
-                  _l2sq=df["l2"].fillna(0) ** 2)
-    out = d.groupby(keys, sort=True).agg(numel=("numel", "sum"), count=("count", "sum"),
-                                         nonfinite=("nonfinite", "sum"), _s=("_s", "sum"), _q=("_q", "sum"),
-                                         max_abs=("max_abs", "max"), l1=("l1", "sum"),
-                                         _l2sq=("_l2sq", "sum")).reset_index()
-    n = out["count"].to_numpy(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        nn = np.where(n > 0, n, np.nan)
-        out["mean"] = out["_s"] / nn
-        out["var"] = np.maximum(out["_q"] / nn - out["mean"] ** 2, 0.0)
-        out["abs_mean"] = out["l1"] / nn
-    out["l2"] = np.sqrt(out["_l2sq"])
-    return out[keys + ["numel", "count", "nonfinite", "mean", "abs_mean", "max_abs", "var", "l1", "l2"]]
-
-
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])
 def test_pooling_column_by_column_dropping_columns_equals_a_plain_groupby(order):
     df = _frame(1 + (order == "sorted"))
     if order == "shuffled":
         df = df.sample(frac=1.0, random_state=2).reset_index(drop=True)
-    want = _pool_by_groupby(df)
+    want = pool_by_groupby(df)
     mine = df.copy()
     got = G.pool_params(mine, drop=G.DROPPABLE)
     pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_exact=True)
