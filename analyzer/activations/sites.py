@@ -184,9 +184,10 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
     cache = _cache(run.catalog)
     K, key = fmt.KIND_ACT_STATS, site["key"]
     for sh in shards:
-        with run.catalog.open_shard(sh) as r:
+        r = _LazyReader(run.catalog, sh)   # opened only for what the cache does not hold
+        try:
             st = cache.get((sh.path, K, key, want[0], "steps", sh.payloads[(K, key, want[0])][0]),
-                           lambda: np.asarray(r.read_payload_steps(K, key, want[0])))
+                           lambda: np.asarray(r.get().read_payload_steps(K, key, want[0])))
             m = keep(st)
             if not m.any():
                 continue
@@ -199,8 +200,28 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
                     raise TraceError(f"corrupt shard {sh.name}: site {site['name']} {s!r} has {rows} rows, "
                                      f"expected {len(st)}")
                 out[s] = cache.get((sh.path, K, key, s, rows), lambda s=s, rows=rows: np.asarray(
-                    r.read_payload(K, key, s, 0, rows), np.float64))[m]
-            yield st[m], out, sh.rank
+                    r.get().read_payload(K, key, s, 0, rows), np.float64))[m]
+        finally:
+            r.close()
+        yield st[m], out, sh.rank
+
+
+class _LazyReader:
+    """A shard's reader, borrowed from the catalogue's pool at the first :meth:`get` (a scan whose
+    arrays all come from the cache opens no file) and given back by :meth:`close`."""
+
+    def __init__(self, catalog, shard):
+        self._catalog, self._shard, self._r = catalog, shard, None
+
+    def get(self):
+        if self._r is None:
+            self._r = self._catalog.open_shard(self._shard)
+        return self._r
+
+    def close(self) -> None:
+        if self._r is not None:
+            self._r, r = None, self._r
+            r.close()
 
 
 def _site_ranks(run, site: dict, stat: str) -> list[int]:

@@ -100,3 +100,27 @@ def test_repeated_scans_larger_than_the_budget_still_hit_the_first_arrays(run_di
         got = list(S.iter_site_stats(run, site, ("sum",)))
         np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), ref_steps)
         np.testing.assert_array_equal(np.concatenate([g[1]["sum"] for g in got]), ref)
+
+
+def test_a_scan_served_from_the_cache_opens_no_shard(run_dir, monkeypatch):
+    """Outside ``keep_open`` every borrowed reader is a file open: the first scan opens each shard once
+    per site, a second scan whose arrays are all cached opens none, and still returns h5py's values."""
+    run = analyzer.open(run_dir)
+    sites = S.select_sites(run, None)
+    opened = []
+    real = run.catalog.open_shard
+    monkeypatch.setattr(run.catalog, "open_shard", lambda sh: opened.append(sh.name) or real(sh))
+    n_shards = len(glob.glob(os.path.join(run_dir, "rank-00000", "shard-*.h5")))
+    for scan in range(2):
+        for site in sites:
+            for _ in S.iter_site_stats(run, site, ("sum",)):
+                pass
+        if scan == 0:
+            first = len(opened)
+    assert first > n_shards and len(opened) == first          # the second scan: no open at all
+    assert run.catalog.open_count == 0
+    for site in sites:
+        ref_steps, ref = _direct(run_dir, site["key"], "sum")
+        got = list(S.iter_site_stats(run, site, ("sum",)))
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), ref_steps)
+        np.testing.assert_array_equal(np.concatenate([g[1]["sum"] for g in got]), ref)
