@@ -22,9 +22,7 @@ from .trace.format import TraceError
 from .trace.hdf5 import HDF5Backend
 from .trace.shards import ReaderPool, ShardReader
 
-#: shard readers a catalogue keeps open between analyses inside :meth:`Catalog.keep_open` (about
-#: 0.5 MB each; a report scans the shards once per activation site, and a trace of a few hundred
-#: steps is often 10-30 shards per rank)
+#: shard readers a catalogue keeps open inside :meth:`Catalog.keep_open` (about 0.5 MB each)
 READERS_KEPT = 32
 #: Payload kinds the gradient statistics are read from: per-step statistics, or raw tensors.
 GRAD_KINDS = (fmt.KIND_GRAD_STATS, fmt.KIND_GRADS)
@@ -307,16 +305,19 @@ class Catalog:
         return {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in cols.items()}
 
     def step_epochs(self) -> tuple[np.ndarray, np.ndarray]:
-        """(steps int64 (S,), epochs int64 (S,)): the sorted, distinct steps of the step table and
-        their epochs (first row of a repeated step wins)."""
-        c = self.step_columns()
-        s = np.asarray(c["step"]).astype(np.int64)
-        e = np.asarray(c["epoch"]).astype(np.int64)
-        order = np.argsort(s, kind="stable")
-        s, e = s[order], e[order]
-        first = np.ones(len(s), bool)
-        first[1:] = s[1:] != s[:-1]
-        return s[first], e[first]
+        """(steps int64 (S,), epochs int64 (S,)): the sorted, distinct steps of the step table and their
+        epochs (first row of a repeated step wins); read-only, kept while the shards stay the same."""
+        memo = getattr(self, "_epochs_memo", None)   # asked once per shard and site: keep the answer
+        if memo is None or memo[0] != len(self.shards):
+            c = self.step_columns()
+            s, e = np.asarray(c["step"]).astype(np.int64), np.asarray(c["epoch"]).astype(np.int64)
+            order = np.argsort(s, kind="stable")
+            s, e = s[order], e[order]
+            first = np.diff(s, prepend=s[:1] - 1) != 0   # (empty: empty)
+            s, e = s[first], e[first]
+            s.flags.writeable = e.flags.writeable = False
+            memo = self._epochs_memo = (len(self.shards), (s, e))
+        return memo[1]
 
     def epoch_of(self, steps: np.ndarray) -> np.ndarray:
         """Epoch of each of ``steps`` from the step table; -1 where a step is not in it."""

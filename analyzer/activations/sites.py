@@ -8,6 +8,7 @@ without recorded steps, or a step range that holds none, gives an empty table of
 from __future__ import annotations
 
 import fnmatch
+import math
 import weakref
 from typing import Any, Callable
 
@@ -45,17 +46,23 @@ class _Cache:
         self.budget = budget
         self.items: dict = {}
         self.nbytes = 0
+        self.offered: set = set()   # shards whose statistics were all offered at once (:func:`_prefetch`)
+        self.whole: bool | None = None   # whether every shard's activation statistics fit the budget
 
     def get(self, key: tuple, load: Callable[[], np.ndarray]) -> np.ndarray:
         v = self.items.get(key)
         if v is not None:
             return v
         v = load()
-        if self.nbytes + v.nbytes <= self.budget:
+        self.put(key, v)
+        return v
+
+    def put(self, key: tuple, v: np.ndarray) -> None:
+        """Keep ``v`` (read-only from now on) if it fits the budget left."""
+        if key not in self.items and self.nbytes + v.nbytes <= self.budget:
             v.flags.writeable = False
             self.items[key] = v
             self.nbytes += v.nbytes
-        return v
 
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # catalogue -> its _Cache
@@ -183,11 +190,17 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
     shards = run.catalog.shards_with(fmt.KIND_ACT_STATS, {(site["key"], want[0])}, rank=rank)
     cache = _cache(run.catalog)
     K, key = fmt.KIND_ACT_STATS, site["key"]
+    if cache.whole is None:   # all of them fit: each shard is read once, every site at once
+        cache.whole = sum(_act_bytes(sh) for sh in run.catalog.shards) <= cache.budget
     for sh in shards:
         r = _LazyReader(run.catalog, sh)   # opened only for what the cache does not hold
         try:
-            st = cache.get((sh.path, K, key, want[0], "steps", sh.payloads[(K, key, want[0])][0]),
-                           lambda: np.asarray(r.get().read_payload_steps(K, key, want[0])))
+            skey = (sh.path, K, key, "steps", sh.payloads[(K, key, want[0])][0])
+            if cache.whole and sh.path not in cache.offered and (skey not in cache.items or any(
+                    (sh.path, K, key, s, sh.payloads[(K, key, s)][0]) not in cache.items
+                    for s in want if (K, key, s) in sh.payloads)):
+                _prefetch(cache, sh, r)
+            st = cache.get(skey, lambda: np.asarray(r.get().read_payload_steps(K, key, want[0])))
             m = keep(st)
             if not m.any():
                 continue
@@ -204,6 +217,44 @@ def iter_site_stats(run, site: dict, stats=PER_UNIT + ("count", "nonfinite"), st
         finally:
             r.close()
         yield st[m], out, sh.rank
+
+
+def _act_items(sh) -> list:
+    """[(site key, statistic, rows, row shape)] of the activation statistics shard ``sh`` stores."""
+    return [(k[1], k[2], int(v[0]), tuple(v[1])) for k, v in sh.payloads.items()
+            if k[0] == fmt.KIND_ACT_STATS and v[0]]
+
+
+def _act_bytes(sh) -> int:
+    """Bytes the cache needs for every activation statistic of shard ``sh`` (float64, with steps)."""
+    items = _act_items(sh)
+    return sum(rows * (math.prod(shape) + 1) * 8 for _, _, rows, shape in items)
+
+
+def _prefetch(cache: _Cache, sh, r: "_LazyReader") -> None:
+    """Offer every activation statistic of shard ``sh`` (all sites) to ``cache`` at once, when all of
+    it fits the room left; once per shard. Used when the whole run's statistics fit the cache: a long
+    run of a small model (hundreds of small shards) then opens each shard once, not once per site and
+    scan (the reader holds a flat group's values whole, so the other sites cost no further read). A
+    statistic that cannot be read is left out here (it is refused when its site is asked for)."""
+    cache.offered.add(sh.path)
+    K = fmt.KIND_ACT_STATS
+    items = _act_items(sh)
+    first = {}
+    for lk, pk, rows, _ in items:
+        first.setdefault(lk, (pk, rows))
+    if not items or _act_bytes(sh) > cache.budget - cache.nbytes:
+        return
+    for lk, (pk, rows) in first.items():
+        try:
+            cache.put((sh.path, K, lk, "steps", rows), np.asarray(r.get().read_payload_steps(K, lk, pk)))
+        except TraceError:
+            continue
+    for lk, pk, rows, _ in items:
+        try:
+            cache.put((sh.path, K, lk, pk, rows), np.asarray(r.get().read_payload(K, lk, pk, 0, rows), np.float64))
+        except TraceError:
+            continue
 
 
 class _LazyReader:

@@ -102,11 +102,18 @@ def test_repeated_scans_larger_than_the_budget_still_hit_the_first_arrays(run_di
         np.testing.assert_array_equal(np.concatenate([g[1]["sum"] for g in got]), ref)
 
 
-def test_a_scan_served_from_the_cache_opens_no_shard(run_dir, monkeypatch):
-    """Outside ``keep_open`` every borrowed reader is a file open: the first scan opens each shard once
-    per site, a second scan whose arrays are all cached opens none, and still returns h5py's values."""
+@pytest.mark.parametrize("whole", [True, False])
+def test_each_shard_opened_once_per_site_or_once_in_all_and_never_again(run_dir, monkeypatch, whole):
+    """Outside ``keep_open`` every borrowed reader is a file open. When the run's statistics all fit
+    the cache (the default here) the first scan opens each shard once in all, every site read at
+    once; otherwise (``whole`` forced off) once per site. A second scan, served by the cache, opens
+    none; the values equal h5py's either way."""
     run = analyzer.open(run_dir)
     sites = S.select_sites(run, None)
+    assert len(sites) >= 2
+    cache = S._cache(run.catalog)
+    if not whole:
+        cache.whole = False
     opened = []
     real = run.catalog.open_shard
     monkeypatch.setattr(run.catalog, "open_shard", lambda sh: opened.append(sh.name) or real(sh))
@@ -117,10 +124,43 @@ def test_a_scan_served_from_the_cache_opens_no_shard(run_dir, monkeypatch):
                 pass
         if scan == 0:
             first = len(opened)
-    assert first > n_shards and len(opened) == first          # the second scan: no open at all
+    assert cache.whole is whole
+    assert first == (n_shards if whole else n_shards * len(sites))
+    assert len(opened) == first                                   # the second scan: no open at all
+    if whole:
+        assert len(set(opened)) == len(opened)                    # each shard once
     assert run.catalog.open_count == 0
     for site in sites:
         ref_steps, ref = _direct(run_dir, site["key"], "sum")
         got = list(S.iter_site_stats(run, site, ("sum",)))
         np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), ref_steps)
         np.testing.assert_array_equal(np.concatenate([g[1]["sum"] for g in got]), ref)
+    for site in sites:   # every other statistic was cached by the same opens (whole) and equals h5py
+        for stat in ("max", "count"):
+            ref_steps, ref = _direct(run_dir, site["key"], stat)
+            got = list(S.iter_site_stats(run, site, (stat,)))
+            np.testing.assert_array_equal(np.concatenate([g[1][stat] for g in got]), ref)
+    assert len(opened) == first if whole else len(opened) > first
+
+
+def test_step_epochs_equal_the_shards_step_tables_and_are_computed_once(run_dir):
+    """Analyses ask the step table's epochs once per shard and site: the catalogue keeps the answer
+    (read-only), equal to the sorted distinct steps of rank 0's step tables read with h5py."""
+    run = analyzer.open(run_dir)
+    steps, epochs = [], []
+    for p in sorted(glob.glob(os.path.join(run_dir, "rank-00000", "shard-*.h5"))):
+        with h5py.File(p, "r") as f:
+            steps.append(f["steps/step"][()])
+            epochs.append(f["steps/epoch"][()])
+    s, e = np.concatenate(steps).astype(np.int64), np.concatenate(epochs).astype(np.int64)
+    order = np.argsort(s, kind="stable")
+    s, e = s[order], e[order]
+    keep = np.r_[True, s[1:] != s[:-1]]
+    got = run.catalog.step_epochs()
+    np.testing.assert_array_equal(got[0], s[keep])
+    np.testing.assert_array_equal(got[1], e[keep])
+    again = run.catalog.step_epochs()
+    assert again[0] is got[0] and again[1] is got[1]
+    assert not got[0].flags.writeable and not got[1].flags.writeable
+    np.testing.assert_array_equal(run.catalog.epoch_of(np.array([s[0], s[-1], s[-1] + 1000])),
+                                  [e[0], e[keep][-1], -1])
