@@ -205,18 +205,21 @@ def dead_per_step(run, criterion: str = "strict", threshold: float = 0.0, max_ac
     Also per unit with :func:`dead_mask`. Several ranks: judged on every rank's values at that step,
     unless ``by_rank`` (then per rank, with a leading ``rank`` column)."""
     threshold, max_active_fraction = check_criterion(criterion, threshold, max_active_fraction)
-    rows = []
-    ranks: set = set()
+    rk, st_all, site, frac = [], [], [], []   # columns of every block, one frame at the end (not one per block)
     for S in select_sites(run, sites):
         for st, d, rank in site_blocks(run, S, steps=steps, by_rank=by_rank):
-            ranks.add(rank)
             dn = _dead_now(criterion, threshold, max_active_fraction, d, dead_floor(S))
-            rows.append(pd.DataFrame({"rank": rank, "step": st.astype(np.int64), "site": S["name"],
-                                      "dead_fraction": dn.mean(1)}))
+            rk.append(np.full(len(st), -1 if rank is None else rank, np.int64))
+            st_all.append(st.astype(np.int64))
+            site.append(np.full(len(st), S["name"], object))
+            frac.append(dn.mean(1))
+    ranks = np.unique(np.concatenate(rk)) if rk else np.zeros(0, np.int64)
     cols = (["rank"] if len(ranks) > 1 else []) + ["step", "site", "dead_fraction"]
-    if not rows:
+    if not st_all:
         return empty_table(cols, {"step": "int64"})
-    return pd.concat(rows, ignore_index=True)[cols]
+    df = pd.DataFrame({"rank": np.concatenate(rk), "step": np.concatenate(st_all), "site": np.concatenate(site),
+                       "dead_fraction": np.concatenate(frac).astype(np.float64)})
+    return df[cols]
 
 
 def dead_mask(run, site: Any, criterion: str = "strict", threshold: float = 0.0,
