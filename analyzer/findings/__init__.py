@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from .. import heap
 from .activations import DeadUnits, PoorInitialization, SaturatedActivations, TensorVariance
 from .base import FINDING_COLUMNS, SEVERITIES, SKIPPED, Rule, Threshold
 from .data import Tables
@@ -77,6 +78,8 @@ def evaluate(tables: Tables, rules: Any = None, settings: dict | None = None) ->
         if rules is None and not full[n]["enabled"]:
             continue
         rows += RULES[n]().evaluate(tables, full[n])
+    if isinstance(tables, Tables) and len(tables.run.catalog.layers) >= heap.MANY_LAYERS:
+        tables.forget_derived()   # 100,000 layers: the per-layer outliers (~50 MB) are not kept for a re-evaluation
     df = pd.DataFrame(rows, columns=FINDING_COLUMNS)
     for c in ("first_step", "last_step", "n_steps"):
         df[c] = df[c].astype("Int64")

@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import heap
 from ..activations import iter_merged_site_stats
 from ..engine import grad_stat_columns, part_frame, recorded_part, shard_context
 from ..gradients import sorted_runs
+from ..narrow_grads import narrow_grad_tables
 from ..slices import merge_grad_sums
 from ..stats import stats_from_sums
 from ..trace import format as fmt
@@ -265,8 +267,18 @@ class Tables:
     def forget(self, *names: str) -> None:
         """Let go of the tables ``names`` (computed or adopted; absent ones are ignored): computed again on
         next use. A report of many layers hands its frames back this way once its findings are written."""
+        if "grad_layers" in names and "l2" not in getattr(self._t.get("grads"), "columns", ("l2",)):
+            names += ("grads",)   # a narrow grads table (only the rules' columns) cannot give grad_layers again
         for n in names:
             self._t.pop(n, None)
+        if "grad_layers" in names:   # what the rules derived from it (the per-layer outliers: 100,000 layers, ~80 MB)
+            for k in [k for k in self._t if isinstance(k, tuple) and k[:1] == ("grad_outliers",)]:
+                del self._t[k]
+
+    def forget_derived(self) -> None:
+        """Let go of the derived tables kept by :meth:`memo` (computed again on next use)."""
+        for k in [k for k in self._t if not isinstance(k, str)]:
+            del self._t[k]
 
     def _get(self, name: str, make) -> pd.DataFrame:
         if name not in self._t:
@@ -275,11 +287,23 @@ class Tables:
 
     @property
     def grads(self) -> pd.DataFrame:
+        self._narrow_grads()
         return self._get("grads", lambda: grad_stat_table(self.run.catalog))
 
     @property
     def grad_layers(self) -> pd.DataFrame:
+        self._narrow_grads()
         return self._get("grad_layers", lambda: grad_layer_table(self.grads))
+
+    def _narrow_grads(self) -> None:
+        """From :data:`analyzer.heap.MANY_LAYERS` layers, ``grads`` and ``grad_layers`` read together and narrow
+        (:func:`analyzer.narrow_grads.narrow_grad_tables`: the same rows and values; ``grads`` with only the
+        columns the rules read), unless either is already there (issue 16: 100,000 layers)."""
+        if "grads" in self._t or "grad_layers" in self._t or len(self.run.catalog.layers) < heap.MANY_LAYERS:
+            return
+        got = narrow_grad_tables(self.run.catalog)
+        if got is not None:
+            self._t["grads"], self._t["grad_layers"] = got
 
     @property
     def weights(self) -> pd.DataFrame:

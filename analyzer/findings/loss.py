@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from .base import NEED_CHECKS, Rule, Threshold, finding
-from .gradients import layer_outliers
+from .gradients import layer_outliers, with_episodes
 from .robust import episodes, trailing_outliers
 
 _PROJECT = "this project's choice"
@@ -95,7 +95,7 @@ def attribute(t, step: int, lead_window: int, window: int, z: float, factor: flo
         sources.append(("update_ratio", t.memo(("update_outliers", window, z, factor), lambda: layer_outliers(
             lay, "step_ratio", window, z, factor))))
     for stat, per_layer in sources:
-        for layer, steps, eps, _score, rise in per_layer:
+        for layer, steps, eps, _score, rise in with_episodes(per_layer):
             for a, b in eps:
                 idx = [i for i in range(a, b) if step - lead_window <= steps[i] <= step]
                 if idx:

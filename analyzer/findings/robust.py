@@ -39,7 +39,7 @@ def trailing_outliers(values, window: int, z: float, min_rise: float, min_ref: i
     """
     v = np.asarray(values, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        x = np.log10(np.where(v > 0, v, np.nan)) if log else v
+        x = _log10_positive(v) if log else v
     args = (int(window), float(z), float(min_rise), int(min_ref), bool(log), float(mad_floor))
     if np.isfinite(x).all():
         # while nothing is flagged the reference is simply the previous `window` values: vectorised;
@@ -127,16 +127,20 @@ def _median(a: np.ndarray) -> np.ndarray:
     return (s[..., k // 2 - 1] + s[..., k // 2]) / 2.0
 
 
-#: float64 values one block of :func:`trailing_outliers_rows` holds per reference copy (~32 MB)
-BLOCK_VALUES = 1 << 22
+#: float64 values one block of :func:`trailing_outliers_rows` holds per reference copy (~8 MB: a few such
+#: copies at once; 100,000 layers judged in about 40 blocks)
+BLOCK_VALUES = 1 << 20
 
 
 def trailing_outliers_rows(values, window: int, z: float, min_rise: float, min_ref: int = 5, log: bool = True,
-                           mad_floor: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                           mad_floor: float = 0.01, take: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`trailing_outliers` of every row of ``values`` (m, n) at once: row i of each result equals
     ``trailing_outliers(values[i], ...)`` exactly. Rows are taken in blocks of at most
     :data:`BLOCK_VALUES` reference values (bounded memory); a row with a non-finite value or an outlier
     is done again alone (:func:`trailing_outliers`: flagged values leave the window).
+
+    ``take``: the caller hands ``values`` over (a float64 array it no longer reads): it is let go of as soon as
+    its logarithms are taken, or used in place of a copy.
 
     Returns:
         (flagged bool (m, n), score float (m, n), rise float (m, n)).
@@ -146,7 +150,9 @@ def trailing_outliers_rows(values, window: int, z: float, min_rise: float, min_r
         raise ValueError(f"values must be 2-D (series x steps), not of shape {v.shape}")
     m, n = v.shape
     with np.errstate(divide="ignore", invalid="ignore"):
-        x = np.log10(np.where(v > 0, v, np.nan)) if log else v
+        x = _log10_positive(v) if log else v
+    if take:
+        del values, v
     args = (int(window), float(z), float(min_rise), int(min_ref), bool(log), float(mad_floor))
     flag = np.zeros((m, n), bool)
     score = np.full((m, n), np.nan)
@@ -166,6 +172,13 @@ def trailing_outliers_rows(values, window: int, z: float, min_rise: float, min_r
         done = (flag[i] & keep, np.where(keep, score[i], np.nan), np.where(keep, rise[i], np.nan))
         flag[i], score[i], rise[i] = _one_by_one(x[i], *args, start=first, done=done)
     return flag, score, rise
+
+
+def _log10_positive(v: np.ndarray) -> np.ndarray:
+    """log10 of ``v`` where positive, NaN elsewhere (one array: 100,000 layers x 20 steps, 16 MB)."""
+    x = np.where(v > 0, v, np.nan)
+    np.log10(x, out=x)
+    return x
 
 
 def episodes(flag: np.ndarray) -> list[tuple[int, int]]:
