@@ -9,10 +9,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from .. import heap
+from .. import heap, narrow_frames
 from ..activations import dead_units
 from ..findings.data import GRAD_RULE_COLUMNS
-from ..gradients import DROPPABLE, grad_pass, pool_params
+from ..gradients import DROPPABLE, grad_pass, group_code, pool_params
 from ..stats import stats_from_sums
 from .plots.gradients import gradient_flow_table
 
@@ -110,12 +110,12 @@ def layer_summary(layers: pd.DataFrame, gl: pd.DataFrame, ws: pd.DataFrame) -> p
         out[c] = v
     out = out.set_index("layer_id")
     if len(gl):
-        flow = gradient_flow_table(gl).set_index("layer_id")
+        flow = _flow(gl)
         out.loc[flow.index, "grad_steps"] = flow["steps"].to_numpy()
         out.loc[flow.index, "mean_abs_grad"] = flow["abs_mean"].to_numpy()
         out.loc[flow.index, "max_abs_grad"] = flow["max_abs"].to_numpy()
         last = int(gl["epoch"].max())
-        le = gl[gl["epoch"] == last].groupby("layer_id")["l2"].mean()
+        le = gl.loc[gl["epoch"] == last, ["layer_id", "l2"]].groupby("layer_id")["l2"].mean()   # two columns copied
         out.loc[le.index, "last_epoch_mean_l2"] = le.to_numpy()
         out.loc[flow.index, "last_epoch"] = last
     if len(ws):
@@ -129,6 +129,17 @@ def layer_summary(layers: pd.DataFrame, gl: pd.DataFrame, ws: pd.DataFrame) -> p
     out = out.reset_index()
     out["grad_steps"] = out["grad_steps"].astype(np.int64)
     out["weight_snapshots"] = out["weight_snapshots"].astype(np.int64)
+    return out
+
+
+def _flow(gl: pd.DataFrame) -> pd.DataFrame:
+    """:func:`gradient_flow_table` of ``gl`` indexed by layer_id; grouped by the layer id alone where every
+    row has a name (a layer's name follows its id: the same groups and sums without hashing 2 million names)."""
+    if gl["layer"].isna().any():
+        return gradient_flow_table(gl).set_index("layer_id")
+    g = gl[["layer_id", "l1", "count", "max_abs"]].groupby("layer_id", sort=True)
+    out = g.agg(l1=("l1", "sum"), count=("count", "sum"), max_abs=("max_abs", "max"), steps=("l1", "size"))
+    out["abs_mean"] = stats_from_sums(count=out["count"].to_numpy(), sum_abs=out["l1"].to_numpy())["abs_mean"]
     return out
 
 
@@ -268,15 +279,17 @@ def grouped_grad_stats(gl: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     then mean, var, abs_mean, l2 by :func:`analyzer.stats.stats_from_sums`. Same columns as ``gl``."""
     if not len(gl):
         return gl
-    d = _rows_of(gl, rows)
-    cnt = d["count"].to_numpy(np.float64)
-    with np.errstate(invalid="ignore"):
-        d["_s"] = np.where(cnt > 0, d["mean"].to_numpy(np.float64) * cnt, 0.0)
-        d["_sq"] = np.where(cnt > 0, d["l2"].to_numpy(np.float64) ** 2, 0.0)
-        d["_l1"] = np.where(cnt > 0, d["l1"].to_numpy(np.float64), 0.0)
-    g = d.groupby(["step", "epoch", "layer_id", "layer"], sort=True)
-    out = g.agg(numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"),
-                _s=("_s", "sum"), _sq=("_sq", "sum"), _l1=("_l1", "sum"), max_abs=("max_abs", "max")).reset_index()
+    out = narrow_frames.grouped_sums(gl, rows)   # a sorted gl (the report's): its runs of rows, no merge
+    if out is None:
+        d = _rows_of(gl, rows)
+        cnt = d["count"].to_numpy(np.float64)
+        with np.errstate(invalid="ignore"):
+            d["_s"] = np.where(cnt > 0, d["mean"].to_numpy(np.float64) * cnt, 0.0)
+            d["_sq"] = np.where(cnt > 0, d["l2"].to_numpy(np.float64) ** 2, 0.0)
+            d["_l1"] = np.where(cnt > 0, d["l1"].to_numpy(np.float64), 0.0)
+        g = d.groupby(["step", "epoch", "layer_id", "layer"], sort=True)
+        out = g.agg(numel=("numel", "sum"), count=("count", "sum"), nonfinite=("nonfinite", "sum"), _s=("_s", "sum"),
+                    _sq=("_sq", "sum"), _l1=("_l1", "sum"), max_abs=("max_abs", "max")).reset_index()
     n = out["count"].to_numpy(np.float64)
     st = stats_from_sums(n, out.pop("_s").to_numpy(), out.pop("_sq").to_numpy(), out.pop("_l1").to_numpy())
     empty = n <= 0
@@ -351,10 +364,15 @@ def epoch_means(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     n_steps, the mean over the epoch's steps of mean, abs_mean, var, l1, l2, max of max_abs, l2_var =
     variance across the steps of l2 (ddof 0), nonfinite and count summed, numel as recorded (the last)."""
     by = [c for c in ("rank",) if c in df.columns] + ["epoch"] + keys
-    g = df.groupby(by, sort=True)
-    out = g.agg(numel=("numel", "last"), n_steps=("step", "size"), count=("count", "sum"),
+    # grouped by one integer per row (a layer's name follows its id: not a key; issue 16: 2 million rows, no
+    # hashing of names), the keys taken from each group's first row: the same groups in the same order
+    code = group_code(df, [c for c in by if c != "layer" or "layer_id" not in by]) if len(df) else None
+    g = df.groupby(code if code is not None else by, sort=True)
+    firsts = {c: (c, "first") for c in by} if code is not None else {}
+    out = g.agg(**firsts, numel=("numel", "last"), n_steps=("step", "size"), count=("count", "sum"),
                 nonfinite=("nonfinite", "sum"), mean=("mean", "mean"), abs_mean=("abs_mean", "mean"),
-                max_abs=("max_abs", "max"), var=("var", "mean"), l1=("l1", "mean"), l2=("l2", "mean")).reset_index()
+                max_abs=("max_abs", "max"), var=("var", "mean"), l1=("l1", "mean"), l2=("l2", "mean"))
+    out = out.reset_index(drop=code is not None)
     out["l2_var"] = g["l2"].var(ddof=0).to_numpy()
     return out
 
@@ -410,7 +428,8 @@ class Frames(NamedTuple):
         :func:`grouped_weight_stats`; fig_gs holds the groups' element counts only). rows_note: the
         captions' sentence saying so (plain text; "" per layer). own_pass: the gradient frames come from
         the report's own pass (:data:`OWN_PASS_LAYERS` layers or more), not the run's cache; gs_all and gs
-        then hold only :data:`SLIM_GS_COLUMNS` when they have more than :data:`ROW_BUDGET` rows.
+        then hold only :data:`SLIM_GS_COLUMNS` when they have more than :data:`ROW_BUDGET` rows (read as narrow
+        rows where :func:`analyzer.narrow_frames.applies`: layer and param then categoricals).
     """
 
     ids: Any
@@ -485,9 +504,16 @@ def load_frames(run, layers: Any = None) -> Frames:
     own = len(ids) >= OWN_PASS_LAYERS
     rows = layer_rows(lt, MAX_LAYER_ROWS)
     numel = None
-    if own:   # the report's own pass (not kept by the run): its frames go when the report lets go of them
-        gs_all, ge_all = grad_pass(run.catalog, run.catalog.param_keys(ids)[1], run.engine, run.progress,
-                                   run.dask_client)
+    keys = run.catalog.param_keys(ids)[1] if own else None
+    narrow = own and rows is not None and narrow_frames.applies(run.catalog, keys) \
+        and narrow_frames.recorded_rows(run.catalog, keys) > ROW_BUDGET
+    got = narrow_frames.report_frames(run.catalog, keys, run.progress) if narrow else None
+    if got is not None:   # the same frames from narrow rows, never the whole per-step frame (issue 16)
+        gs_all, ge_all, gl_all, numel = got
+        del got
+        heap.trim()
+    elif own:   # the report's own pass (not kept by the run): its frames go when the report lets go of them
+        gs_all, ge_all = grad_pass(run.catalog, keys, run.engine, run.progress, run.dask_client)
         slim = rows is not None and len(gs_all) > ROW_BUDGET   # not written whole: only what later sections
         if slim:                                               # read is kept (SLIM_GS_COLUMNS)
             numel = first_rank(gs_all[[c for c in ("rank", "layer_id", "param", "numel") if c in gs_all.columns]])

@@ -76,8 +76,10 @@ def test_own_pass_frames_equal_the_runs_frames(trace, monkeypatch):
     assert list(own.gs_all.columns) == FD.GRAD_RULE_COLUMNS and own.gs is own.gs_all
     assert {c: str(own.gs_all[c].dtype) for c in ("step", "layer_id", "count", "nonfinite")} == dict.fromkeys(
         ("step", "layer_id", "count", "nonfinite"), "int32")
+    assert all(isinstance(own.gs_all[c].dtype, pd.CategoricalDtype) for c in ("layer", "param"))   # names as codes
     full = plain_run.grad_stats()
-    pd.testing.assert_frame_equal(own.gs_all, full[FD.GRAD_RULE_COLUMNS], check_dtype=False, check_exact=True)
+    pd.testing.assert_frame_equal(own.gs_all.astype({"layer": full["layer"].dtype, "param": full["param"].dtype}),
+                                  full[FD.GRAD_RULE_COLUMNS], check_dtype=False, check_exact=True)
     assert len(own.gs_all) == N_LAYERS * len(SHAPES) * STEPS
     # every frame the sections draw or write: exactly those of the run's cached frames
     for name in ("ge_all", "gl_all", "ge", "gl", "summary", "fig_gs", "fig_ge", "fig_gl", "fig_ws", "lt"):

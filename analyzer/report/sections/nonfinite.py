@@ -38,7 +38,7 @@ def nonfinite_findings(run, gs: pd.DataFrame, ws: pd.DataFrame) -> dict:
         if not len(df) or "nonfinite" not in df.columns:
             continue
         bad = df[df["nonfinite"] > 0]
-        for (lid, layer, param), g in bad.groupby(["layer_id", "layer", "param"], sort=True):
+        for (lid, layer, param), g in bad.groupby(["layer_id", "layer", "param"], sort=True, observed=True):
             entries.append({"kind": kind, "layer": layer, "layer_id": int(lid), "param": param,
                             "first_step": int(g["step"].min()), "steps": int(g["step"].nunique()),
                             "count": int(g["nonfinite"].sum())})
