@@ -362,3 +362,35 @@ def linear_manifest(names, shapes, steps: int, epochs: int) -> dict:
     return {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "created": 0.0,
             "status": fmt.STATUS_COMPLETE, "world_size": 1, "model": {}, "config": {}, "layers": layers,
             "steps": steps, "epochs": epochs}
+
+
+def write_linear_run(d, names, shapes, steps: int, epochs: int):
+    """Create run directory ``d`` with the :func:`linear_manifest` of ``names`` written; returns
+    (manifest, keys [(layer_key, param_key)] in layer order, the payload attrs of each key, numel of
+    each key as float64 (P,)), for traces written with the storage classes."""
+    import os
+    from bbdecoder.analyzer.trace import files
+    from bbdecoder.analyzer.trace import format as fmt
+    manifest = linear_manifest(names, shapes, steps, epochs)
+    layers = manifest["layers"]
+    os.makedirs(d)
+    files.write_json_atomic(os.path.join(d, fmt.MANIFEST), manifest)
+    keys = [(L["key"], q["key"]) for L in layers for q in L["params"]]
+    attrs = [{"layer": L["name"], "layer_id": L["id"], "param": q["name"]} for L in layers for q in L["params"]]
+    numel = np.array([q["numel"] for L in layers for q in L["params"]], np.float64)
+    return manifest, keys, attrs, numel
+
+
+def random_grad_stats(df, rng, nan_fraction: float = 0.0):
+    """Random per-step gradient statistics into the rows of ``df`` (step, epoch, layer_id, layer, param),
+    in place: numel, count (5% of rows without a finite element), nonfinite, and mean, abs_mean, max_abs,
+    var, l1, l2 over 16 decades, a ``nan_fraction`` of each NaN. Returns ``df``."""
+    n = len(df)
+    df["numel"] = rng.integers(1, 100, n)
+    df["count"] = np.where(rng.random(n) < 0.05, 0, df["numel"] - rng.integers(0, 2, n))
+    df["nonfinite"] = df["numel"] - df["count"]
+    for c in ("mean", "abs_mean", "max_abs", "var", "l1", "l2"):
+        df[c] = rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 8, n)
+        if nan_fraction:
+            df.loc[rng.random(n) < nan_fraction, c] = np.nan
+    return df

@@ -19,11 +19,10 @@ from bbdecoder.analyzer.findings import data as FD
 from bbdecoder.analyzer.report import build as B
 from bbdecoder.analyzer.report import data as RD
 from bbdecoder.analyzer.report.sections.nonfinite import nonfinite_findings
-from bbdecoder.analyzer.trace import files
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.hdf5 import HDF5Backend
 from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord
-from helpers import linear_manifest, pool_by_groupby
+from helpers import pool_by_groupby, random_grad_stats, write_linear_run
 from bbdecoder.analyzer.values import json_safe
 
 N_LAYERS, PER_BLOCK, STEPS = 3000, 50, 6
@@ -36,13 +35,8 @@ def trace(tmp_path_factory):
     parameters all zero at some steps (max |g| 0 with finite elements) and a few with non-finite elements."""
     d = str(tmp_path_factory.mktemp("many2") / "run")
     names = [f"blocks.{i // PER_BLOCK}.mlp.{i % PER_BLOCK}" for i in range(N_LAYERS)]
-    manifest = linear_manifest(names, SHAPES, STEPS, 2)
-    layers = manifest["layers"]
-    os.makedirs(d)
-    files.write_json_atomic(os.path.join(d, fmt.MANIFEST), manifest)
-    keys = tuple((L["key"], q["key"]) for L in layers for q in L["params"])
-    attrs = [{"layer": L["name"], "layer_id": L["id"], "param": q["name"]} for L in layers for q in L["params"]]
-    numel = np.array([q["numel"] for L in layers for q in L["params"]], np.float64)
+    manifest, keys, attrs, numel = write_linear_run(d, names, SHAPES, STEPS, 2)
+    keys = tuple(keys)
     rng = np.random.default_rng(16)
     sw = ShardSeriesWriter(os.path.join(d, fmt.rank_dirname(0)), 0, flush_steps=1000, backend=HDF5Backend())
     for step in range(STEPS):
@@ -119,14 +113,7 @@ def _frame(seed, n_layers=700):
     rows = [(step, step // 2, lid, f"layer{lid}", f"p{p}") for step in range(4) for lid in range(n_layers)
             for p in range(1 + lid % 5)]
     df = pd.DataFrame(rows, columns=["step", "epoch", "layer_id", "layer", "param"])
-    n = len(df)
-    df["numel"] = rng.integers(1, 100, n)
-    df["count"] = np.where(rng.random(n) < 0.05, 0, df["numel"] - rng.integers(0, 2, n))
-    df["nonfinite"] = df["numel"] - df["count"]
-    for c in ("mean", "abs_mean", "max_abs", "var", "l1", "l2"):
-        df[c] = rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 8, n)
-        df.loc[rng.random(n) < 0.1, c] = np.nan
-    return df
+    return random_grad_stats(df, rng, nan_fraction=0.1)
 
 
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])

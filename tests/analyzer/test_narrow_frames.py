@@ -10,6 +10,7 @@ import pytest
 from bbdecoder.analyzer import narrow_frames as NF
 from bbdecoder.analyzer.gradients import pool_params
 from bbdecoder.analyzer.report import data as RD
+from helpers import random_grad_stats
 
 
 def gl_frame(seed, n_layers=240, steps=5):
@@ -19,13 +20,7 @@ def gl_frame(seed, n_layers=240, steps=5):
     rows = [(st, st // 2, lid, f"blocks.{lid // 16}.mlp.{lid % 16}", p) for st in range(steps)
             for lid in range(n_layers) for p in ("bias", "weight")]
     df = pd.DataFrame(rows, columns=["step", "epoch", "layer_id", "layer", "param"])
-    n = len(df)
-    df["numel"] = rng.integers(1, 100, n)
-    df["count"] = np.where(rng.random(n) < 0.05, 0, df["numel"] - rng.integers(0, 2, n))
-    df["nonfinite"] = df["numel"] - df["count"]
-    for c in ("mean", "abs_mean", "max_abs", "var", "l1", "l2"):
-        df[c] = rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 8, n)
-    return pool_params(df)
+    return pool_params(random_grad_stats(df, rng))
 
 
 def plain_grouped(gl, rows):

@@ -18,7 +18,7 @@ from bbdecoder.analyzer.trace import files
 from bbdecoder.analyzer.trace import format as fmt
 from bbdecoder.analyzer.trace.hdf5 import HDF5Backend
 from bbdecoder.analyzer.trace.series import ShardSeriesWriter, StepRecord
-from helpers import linear_manifest
+from helpers import write_linear_run
 
 N_LAYERS, PER_BLOCK, STEPS = 300, 20, 8
 SHAPES = (("weight", (4, 4)), ("bias", (4,)))
@@ -31,13 +31,7 @@ def trace(tmp_path_factory):
     missing at some steps. Returns (run dir, {step: (keys, (P, 6) statistics written)}, manifest)."""
     d = str(tmp_path_factory.mktemp("narrow") / "run")
     names = [f"blocks.{i // PER_BLOCK}.mlp.{i % PER_BLOCK}" for i in range(N_LAYERS)]
-    manifest = linear_manifest(names, SHAPES, STEPS, 2)
-    layers = manifest["layers"]
-    os.makedirs(d)
-    files.write_json_atomic(os.path.join(d, fmt.MANIFEST), manifest)
-    keys = [(L["key"], q["key"]) for L in layers for q in L["params"]]
-    attrs = [{"layer": L["name"], "layer_id": L["id"], "param": q["name"]} for L in layers for q in L["params"]]
-    numel = np.array([q["numel"] for L in layers for q in L["params"]], np.float64)
+    manifest, keys, attrs, numel = write_linear_run(d, names, SHAPES, STEPS, 2)
     rng = np.random.default_rng(4)
     written = {}
     sw = ShardSeriesWriter(os.path.join(d, fmt.rank_dirname(0)), 0, flush_steps=3, flush_secs=1e9,
