@@ -225,9 +225,10 @@ def _act_items(sh) -> list:
             if k[0] == fmt.KIND_ACT_STATS and v[0]]
 
 
-def _act_bytes(sh) -> int:
-    """Bytes the cache needs for every activation statistic of shard ``sh`` (float64, with steps)."""
-    items = _act_items(sh)
+def _act_bytes(sh, items: list | None = None) -> int:
+    """Bytes the cache needs for every activation statistic of shard ``sh`` (float64, with steps);
+    ``items``: its :func:`_act_items`, if already at hand."""
+    items = _act_items(sh) if items is None else items
     return sum(rows * (math.prod(shape) + 1) * 8 for _, _, rows, shape in items)
 
 
@@ -243,7 +244,7 @@ def _prefetch(cache: _Cache, sh, r: "_LazyReader") -> None:
     first = {}
     for lk, pk, rows, _ in items:
         first.setdefault(lk, (pk, rows))
-    if not items or _act_bytes(sh) > cache.budget - cache.nbytes:
+    if not items or _act_bytes(sh, items) > cache.budget - cache.nbytes:
         return
     for lk, (pk, rows) in first.items():
         try:
