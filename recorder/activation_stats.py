@@ -58,7 +58,7 @@ class Site:
         samples: raw samples of the current step.
     """
 
-    __slots__ = ("meta", "acc", "samples", "nonneg", "thr", "fresh", "has", "health")
+    __slots__ = ("meta", "acc", "samples", "nonneg", "thr", "fresh", "has", "health", "_places")
 
     def __init__(self, meta: dict, nonneg: bool = False):
         self.meta = meta
@@ -70,6 +70,7 @@ class Site:
         self.thr: torch.Tensor | None = None
         self.fresh = True
         self.has = False
+        self._places = None
 
     @property
     def softmax(self) -> bool:
@@ -80,32 +81,56 @@ class Site:
         """Per-unit near-bound counts (bounded kinds other than softmax)."""
         return self.meta.get("near_deltas") is not None and self.meta.get("kind") != "softmax"
 
+    def places(self) -> tuple[tuple[str, int, tuple, bool, bool], ...]:
+        """Where each statistic of :meth:`take` lives in the accumulator, in the order of the trace:
+        ``[(name, start, shape, transposed, count)]``: the statistic is ``acc[start:start + numel]``
+        viewed as ``shape`` (float64), then transposed (the near-bound counts of bounded kinds,
+        ``(K, U)`` in the accumulator, ``(U, K)`` in the trace) and, for a count, stored as int32.
+        Static for a site (cached once its width is known)."""
+        U = int(self.meta["units"])
+        cached = self._places
+        if cached is not None and cached[0] == U:
+            return cached[1]
+        lay = acc_layout(U, self.near, self.softmax, self.health)
+        out = [(k, i * U, (U,), False, False) for i, k in enumerate(ROWS[:-1])]
+        out += [("count", lay["count"], (), False, False), ("nonfinite", lay["nonfinite"], (), False, False)]
+        if self.near:
+            out.append(("near", len(ROWS) * U, (len(NEAR_DELTAS), U), True, True))
+        elif self.softmax:
+            out.append(("near", lay["soft"], (len(NEAR_DELTAS),), False, True))
+            out.append(("rows", lay["health"] - 1, (), False, False))
+        if self.health:
+            h = lay["health"]
+            if self.softmax:
+                out += [(k, h + j * U, (U,), False, False) for j, k in enumerate(H.SOFTMAX_STATS)]
+            else:
+                out += [(k, h + j, (), False, False) for j, k in enumerate(H.SCALAR_STATS)]
+        self._places = (U, tuple(out))
+        return self._places[1]
+
+    def take_acc(self) -> tuple[torch.Tensor, list] | None:
+        """The accumulator (the device tensor itself: copy it before the next call adds to it) and its
+        :meth:`places`; None when nothing was accumulated since the last take. Resets the site."""
+        if not self.has:
+            return None
+        self.fresh, self.has = True, False
+        return self.acc, self.places()
+
     def take(self) -> dict[str, torch.Tensor] | None:
         """The statistics accumulated since the last take (None: no call since), named as in the
         trace: float64 ``(U,)`` per-unit sums and extrema, float64 scalars ``count`` and ``nonfinite``,
         int32 ``near`` ``(U, K)`` (softmax: ``(K,)`` of rows, and their number ``rows``), and the health
         statistics (:mod:`recorder.health`) where declared. The float64 tensors are views of the
-        accumulator: valid until the next call adds to it (the recorder copies them at once)."""
-        if not self.has:
+        accumulator: valid until the next call adds to it."""
+        got = self.take_acc()
+        if got is None:
             return None
-        U = int(self.meta["units"])
-        lay = acc_layout(U, self.near, self.softmax, self.health)
-        rows = self.acc[:lay["rows"] * U].view(lay["rows"], U)
-        st = {k: rows[i] for i, k in enumerate(ROWS[:-1])}
-        st["count"] = self.acc[lay["count"]]
-        st["nonfinite"] = self.acc[lay["nonfinite"]]
-        if self.near:
-            st["near"] = rows[len(ROWS):].t().to(torch.int32)
-        elif self.softmax:
-            st["near"] = self.acc[lay["soft"]:lay["health"] - 1].to(torch.int32)
-            st["rows"] = self.acc[lay["health"] - 1]
-        if self.health:
-            h = self.acc[lay["health"]:]
-            if self.softmax:
-                st.update(zip(H.SOFTMAX_STATS, h.view(len(H.SOFTMAX_STATS), U)))
-            else:
-                st.update(zip(H.SCALAR_STATS, h))
-        self.fresh, self.has = True, False
+        acc, places = got
+        st = {}
+        for name, start, shape, transposed, count in places:
+            t = acc[start:start + math.prod(shape)].view(shape)
+            t = t.t() if transposed else t
+            st[name] = t.to(torch.int32) if count else t
         return st
 
 

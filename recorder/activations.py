@@ -395,23 +395,22 @@ class ActivationTracker:
         """Whether the forward passes until the next ``take()`` keep raw samples."""
         self._want_raw = bool(flag)
 
-    def take(self, stats: bool = True, first_step: int | None = None
-             ) -> list[tuple[str, dict[str, torch.Tensor], list[torch.Tensor]]]:
+    def take(self, stats: bool = True) -> list[tuple[str, tuple | None, list[torch.Tensor]]]:
         """The accumulated statistics and samples of every site since the last call; resets them.
 
         Args:
             stats: False: only the raw samples; the statistics keep accumulating (a window of
                 several steps, :class:`recorder.act_window.ActivationWindow`).
-            first_step: the first step the statistics cover, added as the float64 scalar
-                ``first_step`` (windows of several steps; None: not added).
+
+        Returns:
+            ``[(site key, (accumulator, places) or None, samples)]`` (see
+            :meth:`recorder.activation_stats.Site.take_acc`: the accumulator must be copied before
+            the next forward pass adds to it).
         """
         out = []
         for s in self.sites.values():
-            acc = s.take() if stats else None
-            if acc is not None and first_step is not None:
-                acc[fmt.SITE_WINDOW_STAT] = torch.full((), float(first_step), dtype=torch.float64,
-                                                       device=acc["sum"].device)
+            acc = s.take_acc() if stats else None
             if acc is not None or s.samples:
-                out.append((s.meta["key"], acc or {}, s.samples))
+                out.append((s.meta["key"], acc, s.samples))
             s.samples = []
         return out

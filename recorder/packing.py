@@ -25,14 +25,14 @@ from .errors import RecorderWarning
 from .gradstats import GradStatsPlan, group_items
 
 __all__ = ["Pending", "CastWatch", "AsyncScalar", "to_host", "loss_handoff", "pack", "pack_group", "pack_grad_stats", "GradPlans",
-           "pack_activations", "resolve", "drop_payload"]
+           "pack_activations", "ActRows", "resolve", "drop_payload"]
 
 
 class Pending:
     """One step on its way to the writer: host tensors (maybe still being copied) and an event."""
 
     __slots__ = ("step", "epoch", "time", "loss", "groups", "stats", "events", "nbytes", "dropped", "casts",
-                 "watch")
+                 "watch", "acts")
 
     def __init__(self, step, epoch, t, loss):
         self.step, self.epoch, self.time, self.loss = step, epoch, t, loss
@@ -43,6 +43,7 @@ class Pending:
         self.nbytes = 0
         self.casts: list = []     # (kind, host int64 (2,)): values of that kind cast to 0 / to inf
         self.watch = None         # the CastWatch told about them (writer thread)
+        self.acts: list = []      # (host accumulators of a device's sites, ActRows): activation statistics
 
 
 class CastWatch:
@@ -98,6 +99,8 @@ def resolve(p: Pending) -> StepRecord:
             continue
         for kind, lk, pk, off, n, shape, attrs in layout:
             payloads.append((kind, lk, pk, arr[off:off + n].reshape(shape), attrs))
+    for host, rows in p.acts:   # activation statistics: the stored rows gathered from the accumulators
+        payloads += rows.payloads(host.numpy())
     for host, plan in p.stats:   # one packed payload: the writer's cost does not grow with the parameters
         payloads.append((fmt.KIND_GRAD_STATS, None, plan.keys, plan.finish(host.numpy()), plan.attrs))
     return StepRecord(step=p.step, epoch=p.epoch, loss=loss, time=p.time, dropped=p.dropped,
@@ -120,7 +123,10 @@ def pack_activations(p: Pending, tracker, raw_schedule, s: int, with_stats: bool
     :class:`recorder.activations.ActivationTracker`) since the last step, into ``p``; then tells the
     tracker whether step ``s + 1`` keeps raw samples (``raw_schedule(s + 1)``). ``with_stats=False``: the
     raw samples only (a window of steps goes on); ``first_step``: the window's first step, stored
-    with the statistics (see :meth:`~recorder.activations.ActivationTracker.take`).
+    with each site's statistics as the float64 scalar :data:`analyzer.trace.format.SITE_WINDOW_STAT`.
+
+    Per device one ``torch.cat`` of the sites' accumulators (one copy to the host on CUDA), whatever
+    the number of sites and statistics; the writer thread gathers the stored rows (:class:`ActRows`).
 
     Raises:
         RuntimeError: the tracker failed during a forward pass (its error is chained).
@@ -129,19 +135,86 @@ def pack_activations(p: Pending, tracker, raw_schedule, s: int, with_stats: bool
     if tr.error is not None:
         err, tr.error = tr.error, None
         raise RuntimeError(f"activation capture failed: {type(err).__name__}: {err}") from err
-    stats, raw, counts = [], [], []
-    for key, acc, samples in tr.take(with_stats, first_step):
-        for name, t in acc.items():   # float64 statistics; int32 near-bound counts (bounded kinds)
-            (stats if t.is_floating_point() else counts).append((fmt.KIND_ACT_STATS, key, name, t, None))
+    per_dev: dict = {}
+    raw = []
+    for key, got, samples in tr.take(with_stats):
+        if got is not None:
+            per_dev.setdefault(got[0].device, []).append((key, got[0], got[1]))
         for t in samples[:1]:
             raw.append((fmt.KIND_ACTIVATIONS, key, "samples", t, None))
     tr.want_raw(raw_schedule(s + 1))
-    if stats:
-        pack(p, stats, torch.float64)
-    if counts:
-        pack(p, counts, torch.int32)
+    for dev, sites in per_dev.items():   # one copy of every site's accumulator, split on the writer thread
+        flat = torch.cat([acc for _, acc, _ in sites]) if len(sites) > 1 else sites[0][1].clone()
+        p.acts.append((to_host(p, dev, flat), ActRows.of(sites, first_step)))
     if raw:
         pack(p, raw, torch.float32)
+
+
+class ActRows:
+    """Where the stored activation statistics of a list of sites are in their accumulators laid end to
+    end (:meth:`recorder.activation_stats.Site.places`): one float64 row (per site: its sums, extrema
+    and scalars, then ``first_step`` for a window) and one int32 row (near-bound counts), as flat
+    payloads (:data:`analyzer.trace.format.FLAT_KINDS`). Built once per list of sites and window
+    state (:meth:`of`); :meth:`payloads` gathers on the writer thread (numpy)."""
+
+    _cache: dict = {}
+
+    def __init__(self, sites: list, first_step: bool):
+        idx = {False: [], True: []}       # count? -> [accumulator indices]
+        entries = {False: [], True: []}   # count? -> [(kind, key, name, off, n, shape, None)]
+        self.fill: list[int] = []         # positions of first_step in the float64 row
+        base = 0
+        for key, acc, places in sites:
+            for name, start, shape, transposed, count in places:
+                at = np.arange(base + start, base + start + int(np.prod(shape, dtype=np.int64))).reshape(shape)
+                at = at.T if transposed else at
+                off = sum(len(i) for i in idx[count])
+                idx[count].append(at.reshape(-1))
+                entries[count].append((fmt.KIND_ACT_STATS, key, name, off, at.size, at.shape, None))
+            if first_step:
+                off = sum(len(i) for i in idx[False])
+                self.fill.append(off)
+                idx[False].append(np.zeros(1, np.int64))
+                entries[False].append((fmt.KIND_ACT_STATS, key, fmt.SITE_WINDOW_STAT, off, 1, (), None))
+            base += acc.numel()
+        self.rows = []   # (indices, dtype, FlatLayout)
+        for count, dtype in ((False, np.float64), (True, np.int32)):
+            if entries[count]:
+                self.rows.append((np.concatenate(idx[count]), dtype, FlatLayout([e[1:] for e in entries[count]])))
+
+    @classmethod
+    def of(cls, sites: list, first_step: int | None) -> "ActRows":
+        """The gather plan of ``sites`` [(key, accumulator, places)] (cached by their keys, sizes and
+        places), carrying the window's ``first_step`` (None: not stored)."""
+        key = (tuple((k, acc.numel(), pl) for k, acc, pl in sites), first_step is not None)
+        plan = cls._cache.get(key)
+        if plan is None:
+            if len(cls._cache) >= 64:
+                cls._cache.clear()
+            plan = cls._cache[key] = cls(sites, first_step is not None)
+        return _Rows(plan, first_step)
+
+    def payloads(self, arr: np.ndarray, first_step: int | None = None) -> list:
+        """The flat payloads of one step from its host accumulators ``arr`` (float64)."""
+        out = []
+        for idx, dtype, layout in self.rows:
+            row = arr[idx]
+            if dtype == np.float64 and self.fill:
+                row[self.fill] = float(first_step)
+            out.append((fmt.KIND_ACT_STATS, None, layout, row if dtype == np.float64 else row.astype(dtype), None))
+        return out
+
+
+class _Rows:
+    """An :class:`ActRows` plan with one step's ``first_step``."""
+
+    __slots__ = ("plan", "first_step")
+
+    def __init__(self, plan: ActRows, first_step: int | None):
+        self.plan, self.first_step = plan, first_step
+
+    def payloads(self, arr: np.ndarray) -> list:
+        return self.plan.payloads(arr, self.first_step)
 
 
 class GradPlans(dict):
