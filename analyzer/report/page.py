@@ -67,10 +67,17 @@ def head_rows_html(s: dict) -> str:
                                                       else "")),
         ("layers in report", f"{len(s['layers'])}" + (f" (selection <code>{e(str(s['parameters']['layers']))}"
                                                       "</code>)" if s["parameters"]["layers"] is not None else "")),
-        ("ranks", e(", ".join(map(str, run["ranks"])) or "–") + (" (figures use the lowest rank)"
-                                                                 if run["ranks_used"] else "")),
+        ("ranks recorded", _ranks_cell(run["ranks"]) + (" (figures use the lowest rank)" if run["ranks_used"] else "")),
     ]
     return "\n".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in head)
+
+
+def _ranks_cell(ranks: list) -> str:
+    """``"2 (ranks 0, 1)"``: how many ranks wrote the trace, then their ids (escaped)."""
+    if not ranks:
+        return "–"
+    ids = html.escape(", ".join(map(str, ranks)))
+    return f"{len(ranks)} ({'rank' if len(ranks) == 1 else 'ranks'} {ids})"
 
 
 #: index.html's layer table lists at most this many layers (the first, in id order); all of them are in

@@ -148,3 +148,17 @@ def test_report_groups_layers_past_the_limit(tmp_path, monkeypatch):
     page = (out / "index.html").read_text()
     assert page.count("Here the 3 layers are shown as 2 rows") >= 4
     assert len(pd.read_csv(out / "tables" / "layer_summary.csv")) == 3
+
+
+def test_summary_says_how_many_ranks_recorded():
+    """The summary's ranks row gives a count, then the ids (escaped): "0" alone read like a count."""
+    from bbdecoder.analyzer.report.page import head_rows_html
+    s = {"run": {"path": "r", "ranks": [0, 1], "ranks_used": "lowest rank only"}, "steps": 0, "epochs": 0,
+         "grad_steps": 0, "weight_snapshots": 0, "loss": {"first": None, "last": None}, "layers": [],
+         "parameters": {"layers": None}}
+    rows = head_rows_html(s)
+    assert "<th>ranks recorded</th><td>2 (ranks 0, 1) (figures use the lowest rank)</td>" in rows
+    s["run"].update(ranks=[0], ranks_used=None)
+    assert "<th>ranks recorded</th><td>1 (rank 0)</td>" in head_rows_html(s)
+    s["run"]["ranks"] = []
+    assert "<th>ranks recorded</th><td>–</td>" in head_rows_html(s)
