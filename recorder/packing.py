@@ -22,7 +22,7 @@ from bbdecoder.analyzer.trace.packed import FlatLayout
 from bbdecoder.analyzer.trace.series import StepRecord
 from .distributed import local
 from .errors import RecorderWarning
-from .gradstats import GradStatsPlan, group_items
+from .gradstats import GradStatsPlan, chunk_for, group_items
 
 __all__ = ["Pending", "CastWatch", "AsyncScalar", "to_host", "loss_handoff", "pack", "pack_group", "pack_grad_stats", "GradPlans",
            "pack_activations", "ActRows", "resolve", "drop_payload"]
@@ -278,7 +278,7 @@ def pack_grad_stats(p: Pending, targets: list, plans_cache: dict, scratch) -> No
             plans = []
             for grp in group_items([g.numel() for _, g in all_items]):
                 items = [(tg[i][0], tg[i][1], g.numel(), tg[i][3]) for i, g in (all_items[j] for j in grp)]
-                plans.append((GradStatsPlan(items), grp))
+                plans.append((GradStatsPlan(items, chunk_for(sum(n for _, _, n, _ in items))), grp))
             plans_cache[key] = plans
         whole = len(plans) == 1
         _stats_to_host(p, dev, plans, [g for _, g in all_items], whole, scratch)

@@ -38,7 +38,7 @@ def _check(vec, ref):
     np.testing.assert_allclose(vec[5], ref[5], rtol=0, equal_nan=True)   # max |g| is exact
 
 
-@pytest.mark.parametrize("chunk", [CHUNK, 7])
+@pytest.mark.parametrize("chunk", [CHUNK, 256, 7])
 def test_plan_matches_numpy_on_awkward_sizes_and_non_finite_values(chunk):
     g = torch.Generator().manual_seed(0)
     sizes = [0, 1, 5, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 20000]
@@ -70,6 +70,24 @@ def test_merging_chunks_equals_the_whole():
     np.testing.assert_allclose(a[:, [0, 1, 5]], b[:, [0, 1, 5]], rtol=0)          # counts and max: exact
     for j in (2, 3, 4):
         np.testing.assert_allclose(a[:, j], b[:, j], rtol=TOL, atol=TOL * a[:, 4].max())
+
+
+def test_row_length_follows_the_model_size():
+    """Small models get short rows in one region (fewer operations, less padding); from about a
+    million elements the rows are CHUNK long (partials stay about 5 KB per million parameters)."""
+    from bbdecoder.recorder.gradstats import MIN_CHUNK, ROWS_TARGET, chunk_for
+    assert chunk_for(0) == chunk_for(141_378) == MIN_CHUNK == 256
+    assert chunk_for(651_274) == 1024 and chunk_for(ROWS_TARGET * 1024) == 1024
+    assert chunk_for(ROWS_TARGET * 1024 + 1) == CHUNK == chunk_for(7 * 10 ** 9)
+    # a tiny-BERT-like list of tensors: one region of 256-element rows, less padding than 4096-rows
+    sizes = [512 * 64, 64 * 64] + [64 * 64, 64, 64 * 256, 256, 256 * 64, 64, 64, 64] * 2 + [64 * 2, 2]
+    items = [(f"l{i}", "p", n, {}) for i, n in enumerate(sizes)]
+    small, big = GradStatsPlan(items, chunk_for(sum(sizes))), GradStatsPlan(items)
+    assert len(small.regions) == 1 and small.regions[0][2] == 256 and small.size < big.size
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(n, generator=g) for n in sizes]
+    for vec, t in zip(small.finish(small.partials(grads).numpy()), grads):
+        _check(vec, _ref(t))
 
 
 def test_half_precision_gradients():
@@ -211,7 +229,7 @@ def test_parameters_in_groups_through_one_bounded_scratch(tmp_path, monkeypatch)
             rec.step(loss=loss)
             opt.step()
         plans = next(iter(rec._gstat_plans.values()))
-        assert len(plans) > 1 and all(pl.rows <= 3 for pl, _ in plans)
+        assert len(plans) > 1 and all(pl.size <= 3 * CHUNK for pl, _ in plans)
         assert max(b[1].numel() for b in rec._gstat_scratch._bufs.values()) <= 3 * CHUNK
     df = analyzer.open(tmp_path / "r").grad_stats()
     assert len(df) == 3 * len(grads[0])
