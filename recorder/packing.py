@@ -162,20 +162,21 @@ class ActRows:
     def __init__(self, sites: list, first_step: bool):
         idx = {False: [], True: []}       # count? -> [accumulator indices]
         entries = {False: [], True: []}   # count? -> [(kind, key, name, off, n, shape, None)]
+        size = {False: 0, True: 0}        # count? -> length of that row so far
         self.fill: list[int] = []         # positions of first_step in the float64 row
         base = 0
         for key, acc, places in sites:
             for name, start, shape, transposed, count in places:
                 at = np.arange(base + start, base + start + int(np.prod(shape, dtype=np.int64))).reshape(shape)
                 at = at.T if transposed else at
-                off = sum(len(i) for i in idx[count])
                 idx[count].append(at.reshape(-1))
-                entries[count].append((fmt.KIND_ACT_STATS, key, name, off, at.size, at.shape, None))
+                entries[count].append((fmt.KIND_ACT_STATS, key, name, size[count], at.size, at.shape, None))
+                size[count] += at.size
             if first_step:
-                off = sum(len(i) for i in idx[False])
-                self.fill.append(off)
+                self.fill.append(size[False])
                 idx[False].append(np.zeros(1, np.int64))
-                entries[False].append((fmt.KIND_ACT_STATS, key, fmt.SITE_WINDOW_STAT, off, 1, (), None))
+                entries[False].append((fmt.KIND_ACT_STATS, key, fmt.SITE_WINDOW_STAT, size[False], 1, (), None))
+                size[False] += 1
             base += acc.numel()
         self.rows = []   # (indices, dtype, FlatLayout)
         for count, dtype in ((False, np.float64), (True, np.int32)):
@@ -183,9 +184,10 @@ class ActRows:
                 self.rows.append((np.concatenate(idx[count]), dtype, FlatLayout([e[1:] for e in entries[count]])))
 
     @classmethod
-    def of(cls, sites: list, first_step: int | None) -> "ActRows":
+    def of(cls, sites: list, first_step: int | None) -> "_Rows":
         """The gather plan of ``sites`` [(key, accumulator, places)] (cached by their keys, sizes and
-        places), carrying the window's ``first_step`` (None: not stored)."""
+        places) with one step's ``first_step`` (None: not stored): an object whose
+        ``payloads(arr)`` gives that step's flat payloads."""
         key = (tuple((k, acc.numel(), pl) for k, acc, pl in sites), first_step is not None)
         plan = cls._cache.get(key)
         if plan is None:
