@@ -681,8 +681,13 @@ def main(argv=None):
                 est, lo, hi = _median_ci(x)
                 res[s.name]["ratio_paired_pooled"] = est
                 res[s.name]["ratio_paired_pooled_ci95"] = [lo, hi]
+                target = {"default": TARGET, "activations": 1.05 if args.model == "cnn" else 1.10}.get(s.name)
+                verdict = "" if target is None else (
+                    f"; target {target:.2f}: " + ("NOT SHOWN (fewer than 20 rounds)" if len(x) < 20 else
+                                                  "SHOWN (the whole interval is under it)" if hi <= target else
+                                                  "NOT SHOWN (the interval reaches above it)"))
                 print(f"{s.name} vs the mean of both baselines in the same round: {est:.3f} "
-                      f"(95% bootstrap interval of the median over {len(x)} rounds: {lo:.3f} - {hi:.3f})")
+                      f"(95% bootstrap interval of the median over {len(x)} rounds: {lo:.3f} - {hi:.3f}){verdict}")
         if "activations" in res:
             a_ratio = res["activations"]["ms_per_step"] / base
             a_target = 1.05 if args.model == "cnn" else 1.10
