@@ -108,7 +108,7 @@ class Site:
         self._places = (U, tuple(out))
         return self._places[1]
 
-    def take_acc(self) -> tuple[torch.Tensor, list] | None:
+    def take_acc(self) -> tuple[torch.Tensor, tuple] | None:
         """The accumulator (the device tensor itself: copy it before the next call adds to it) and its
         :meth:`places`; None when nothing was accumulated since the last take. Resets the site."""
         if not self.has:
