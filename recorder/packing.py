@@ -43,7 +43,7 @@ class Pending:
         self.nbytes = 0
         self.casts: list = []     # (kind, host int64 (2,)): values of that kind cast to 0 / to inf
         self.watch = None         # the CastWatch told about them (writer thread)
-        self.acts: list = []      # (host accumulators of a device's sites, ActRows): activation statistics
+        self.acts: list = []      # (host accumulators of a device's sites, ActRows, first_step): activation statistics
 
 
 class CastWatch:
@@ -99,8 +99,8 @@ def resolve(p: Pending) -> StepRecord:
             continue
         for kind, lk, pk, off, n, shape, attrs in layout:
             payloads.append((kind, lk, pk, arr[off:off + n].reshape(shape), attrs))
-    for host, rows in p.acts:   # activation statistics: the stored rows gathered from the accumulators
-        payloads += rows.payloads(host.numpy())
+    for host, rows, first in p.acts:   # activation statistics: the stored rows gathered from the accumulators
+        payloads += rows.payloads(host.numpy(), first)
     for host, plan in p.stats:   # one packed payload: the writer's cost does not grow with the parameters
         payloads.append((fmt.KIND_GRAD_STATS, None, plan.keys, plan.finish(host.numpy()), plan.attrs))
     return StepRecord(step=p.step, epoch=p.epoch, loss=loss, time=p.time, dropped=p.dropped,
@@ -145,7 +145,7 @@ def pack_activations(p: Pending, tracker, raw_schedule, s: int, with_stats: bool
     tr.want_raw(raw_schedule(s + 1))
     for dev, sites in per_dev.items():   # one copy of every site's accumulator, split on the writer thread
         flat = torch.cat([acc for _, acc, _ in sites]) if len(sites) > 1 else sites[0][1].clone()
-        p.acts.append((to_host(p, dev, flat), ActRows.of(sites, first_step)))
+        p.acts.append((to_host(p, dev, flat), ActRows.of(sites, first_step is not None), first_step))
     if raw:
         pack(p, raw, torch.float32)
 
@@ -184,20 +184,21 @@ class ActRows:
                 self.rows.append((np.concatenate(idx[count]), dtype, FlatLayout([e[1:] for e in entries[count]])))
 
     @classmethod
-    def of(cls, sites: list, first_step: int | None) -> "_Rows":
-        """The gather plan of ``sites`` [(key, accumulator, places)] (cached by their keys, sizes and
-        places) with one step's ``first_step`` (None: not stored): an object whose
-        ``payloads(arr)`` gives that step's flat payloads."""
-        key = (tuple((k, acc.numel(), pl) for k, acc, pl in sites), first_step is not None)
-        plan = cls._cache.get(key)
-        if plan is None:
+    def of(cls, sites: list, first_step: bool) -> "ActRows":
+        """The gather plan of ``sites`` [(key, accumulator, places)], with a ``first_step`` slot per site
+        or not, cached by the sites' keys, sizes and places (by identity: each site keeps its places,
+        and the cache keeps them alive, so an id is never another's)."""
+        key = (tuple((k, acc.numel(), id(pl)) for k, acc, pl in sites), bool(first_step))
+        hit = cls._cache.get(key)
+        if hit is None:
             if len(cls._cache) >= 64:
                 cls._cache.clear()
-            plan = cls._cache[key] = cls(sites, first_step is not None)
-        return _Rows(plan, first_step)
+            hit = cls._cache[key] = (cls(sites, bool(first_step)), [pl for *_, pl in sites])
+        return hit[0]
 
     def payloads(self, arr: np.ndarray, first_step: int | None = None) -> list:
-        """The flat payloads of one step from its host accumulators ``arr`` (float64)."""
+        """The flat payloads of one step from its host accumulators ``arr`` (float64) and its window's
+        ``first_step`` (where the plan has its slots)."""
         out = []
         for idx, dtype, layout in self.rows:
             row = arr[idx]
@@ -205,18 +206,6 @@ class ActRows:
                 row[self.fill] = float(first_step)
             out.append((fmt.KIND_ACT_STATS, None, layout, row if dtype == np.float64 else row.astype(dtype), None))
         return out
-
-
-class _Rows:
-    """An :class:`ActRows` plan with one step's ``first_step``."""
-
-    __slots__ = ("plan", "first_step")
-
-    def __init__(self, plan: ActRows, first_step: int | None):
-        self.plan, self.first_step = plan, first_step
-
-    def payloads(self, arr: np.ndarray) -> list:
-        return self.plan.payloads(arr, self.first_step)
 
 
 class GradPlans(dict):

@@ -103,5 +103,5 @@ def test_a_plan_is_built_once_per_list_of_sites():
         kern.update(s1, torch.ones(2, 3), 1, 3)
         kern.update(s2, torch.ones(2, 2), 1, 2)
         sites = [(k, *s.take_acc()) for k, s in (("a", s1), ("b", s2))]
-        plans.append(ActRows.of(sites, None).plan)
+        plans.append(ActRows.of(sites, False))
     assert plans[0] is plans[1]
