@@ -74,29 +74,41 @@ def draw_and_save(spec: FigureSpec, out: str) -> str | None:
         return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
-def _claim(counter, n: int) -> int | None:
-    """The next figure index below ``n`` from the shared ``counter`` (taken), or None when none is left."""
-    with counter.get_lock():
-        i = counter.value
-        if i >= n:
+#: the end of the shared queue before :meth:`Drawing.finish` knows the last figure (no figure's index reaches it)
+OPEN_END = 2 ** 62
+
+
+def _claim(queue, known: int, back: bool = False) -> int | None:
+    """Take the next figure index from the shared ``queue`` (``[front, end]``: the figures from ``front`` to
+    ``end`` - 1 are not taken yet): from the front, below ``known`` (the figures the caller knows), or with
+    ``back`` from the end; None when nothing is left for the caller."""
+    with queue.get_lock():
+        front, end = queue[0], queue[1]
+        if back:
+            if end - 1 < front:
+                return None
+            queue[1] = end - 1
+            return end - 1
+        if front >= min(known, end):
             return None
-        counter.value = i + 1
-        return i
+        queue[0] = front + 1
+        return front
 
 
-def _draw_claimed(specs: list[FigureSpec], n: int, counter, out: str, done: Callable[[int, Any], None]) -> None:
-    """Draw the figures of ``specs[:n]`` taken from ``counter`` until none is left (those drawn
-    elsewhere already, ``draw`` None, are skipped); ``done(index, error or None)`` after each."""
+def _draw_claimed(specs: list[FigureSpec], n: int, queue, out: str, done: Callable[[int, Any], None],
+                  back: bool = False) -> None:
+    """Draw the figures of ``specs[:n]`` taken from ``queue`` (from its end with ``back``) until none is
+    left (those drawn elsewhere already, ``draw`` None, are skipped); ``done(index, error or None)`` after each."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        while (i := _claim(counter, n)) is not None:
+        while (i := _claim(queue, n, back)) is not None:
             if specs[i].draw is not None:
                 done(i, draw_and_save(specs[i], out))
 
 
-def _claim_and_draw(specs: list[FigureSpec], n: int, counter, out: str, conn) -> None:
+def _claim_and_draw(specs: list[FigureSpec], n: int, queue, out: str, conn, back: bool = False) -> None:
     """In a forked process: :func:`_draw_claimed`, each answer sent at once (a crash loses one figure only)."""
-    _draw_claimed(specs, n, counter, out, lambda i, err: conn.send((i, err)))
+    _draw_claimed(specs, n, queue, out, lambda i, err: conn.send((i, err)), back)
     conn.close()
 
 
@@ -105,9 +117,12 @@ class Drawing:
 
     Where forking is safe and ``jobs`` > 1, the figures are drawn by processes forked from this one
     (the drawing closures and their data are inherited, nothing is pickled but an index and an error
-    line), each taking the next undrawn figure from one shared counter: :meth:`meanwhile` (called
-    between sections) keeps one process drawing the figures queued so far while this process
-    computes the next sections; :meth:`finish` adds processes for the rest and waits for all.
+    line), each taking the next undrawn figure from one shared queue: :meth:`meanwhile` (called
+    between sections) keeps one process drawing the figures queued so far, from the front, while this
+    process computes the next sections; :meth:`finish` adds processes for the rest and waits for all.
+    The first of those takes figures from the back of the queue: the figures queued last, which only
+    it knows, are drawn while the earlier processes still draw theirs (not by one process after the
+    others ended).
     Otherwise :meth:`finish` draws every figure here, one after the other.
 
     Attributes:
@@ -120,7 +135,7 @@ class Drawing:
         self.jobs = max(1, int(jobs))
         self.specs: list[FigureSpec] = []
         self.processes = 1
-        self._counter = None        # the shared "next figure to draw", once a process was forked
+        self._queue = None          # the shared [front, end] of the figures not taken, once a process was forked
         self._known = 0             # figures queued when the last process was forked
         self._running: list = []    # [(process, connection, figures it knows)]
         self._errors: dict[int, str | None] = {}
@@ -138,8 +153,13 @@ class Drawing:
     def _parallel(self) -> bool:
         return self.jobs > 1 and available_cpus() > 1 and fork_is_safe()
 
+    def _front(self) -> int:
+        return self._queue[0] if self._queue is not None else 0
+
     def _unclaimed(self) -> int:
-        return len(self.specs) - (self._counter.value if self._counter is not None else 0)
+        if self._queue is None:
+            return len(self.specs)
+        return max(0, min(len(self.specs), self._queue[1]) - self._queue[0])
 
     def _reap(self, block: bool = False) -> None:
         """Collect the answers of the drawing processes (all of them, waiting, when ``block``)."""
@@ -157,20 +177,24 @@ class Drawing:
                 still.append((proc, conn, n))
         self._running = still
 
-    def _fork(self, n: int) -> None:
+    def _fork(self, n: int, last: bool = False) -> None:
+        """Fork ``n`` drawing processes over the figures queued so far; ``last`` (:meth:`finish`: nothing
+        is queued after them): the queue's end is fixed and the first of them takes from the back."""
         if n <= 0:
             return
         import multiprocessing as mp
         ctx = mp.get_context("fork")
-        if self._counter is None:
+        if self._queue is None:
             plots.warm_up()     # matplotlib and its fonts loaded once, here, not in every process
-            self._counter = ctx.Value("q", 0)
+            self._queue = ctx.Array("q", [0, OPEN_END])
+        if last:
+            self._queue[1] = min(self._queue[1], len(self.specs))   # no process has taken a figure from the back yet
         import gc
         gc.freeze()   # no collector touches the objects alive now: their pages stay shared
-        for _ in range(n):
+        for k in range(n):
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_claim_and_draw, daemon=True,
-                               args=(self.specs, len(self.specs), self._counter, self.out, send))
+                               args=(self.specs, len(self.specs), self._queue, self.out, send, last and k == 0))
             proc.start()
             send.close()
             self._running.append((proc, recv, len(self.specs)))
@@ -190,7 +214,7 @@ class Drawing:
         if self._held or not self._parallel():
             return
         self._reap()
-        idle = not self._running or self._counter.value >= self._known   # nothing left for them to take
+        idle = not self._running or self._front() >= self._known   # nothing left for them to take
         if self._unclaimed() > 0 and idle and len(self._running) < self.jobs:
             self._fork(1)
 
@@ -205,7 +229,7 @@ class Drawing:
         Args:
             before_fork: called once before forking (closes open files the workers must not inherit).
         """
-        if self._counter is None:
+        if self._queue is None:
             new = min(self.jobs, len(self.specs) // 4 or 1)
             if new <= 1 or not self._parallel():   # one process: every figure here
                 return [self._errors.get(i) if sp.draw is None else draw_and_save(sp, self.out)
@@ -213,7 +237,7 @@ class Drawing:
         else:
             self._reap()
             left = self._unclaimed()
-            busy = sum(n > self._counter.value for *_, n in self._running)   # figures they know wait
+            busy = sum(n > self._front() for *_, n in self._running)   # figures they know wait
             new = min(self.jobs - busy, left // 4 or 1) if left else 0
             if left and self._known < len(self.specs):   # figures no running process knows: one at least
                 new = max(new, 1)
@@ -221,7 +245,7 @@ class Drawing:
             if before_fork is not None:
                 before_fork()
             release_free_memory()   # the workers inherit this process's pages: fewer of them
-            self._fork(new)
+            self._fork(new, last=True)
         self._reap(block=True)
         self._draw_here()   # what no process took (the processes that knew them died, or none could be forked)
         import gc
@@ -229,4 +253,9 @@ class Drawing:
         return [self._errors.get(i, "its drawing process ended without drawing it") for i in range(len(self.specs))]
 
     def _draw_here(self) -> None:
-        _draw_claimed(self.specs, len(self.specs), self._counter, self.out, self._errors.__setitem__)
+        if self._queue is None:   # no process was forked
+            for i, sp in enumerate(self.specs):
+                if sp.draw is not None and i not in self._errors:
+                    self._errors[i] = draw_and_save(sp, self.out)
+            return
+        _draw_claimed(self.specs, len(self.specs), self._queue, self.out, self._errors.__setitem__)

@@ -211,3 +211,50 @@ def test_a_held_drawing_forks_nothing_before_the_end(tmp_path):
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["before"] == 1 and res["after"] == 2 and res["errors"] == [None] * 8
     assert sorted(os.listdir(tmp_path / "o" / "figures")) == sorted(f"f{i}.png" for i in range(8))
+
+
+BACK = r"""
+import json, os, sys, time
+from bbdecoder.analyzer.report.figures import Drawing, FigureSpec
+from bbdecoder.analyzer.report import plots
+out = sys.argv[1]
+os.makedirs(os.path.join(out, "figures"))
+def spec(i):
+    def draw():
+        fig, ax = plots.new_figure(2, 1.5)
+        ax[0, 0].plot([0, 1], [i, i + 1])
+        time.sleep(0.3)
+        with open(os.path.join(out, "log"), "a") as f:
+            f.write(f"{i} {os.getpid()}\n")
+        return fig
+    return FigureSpec(f"f{i}", f"f{i}", "", draw, "x")
+d = Drawing(out, 2)
+for i in range(4):
+    d.add(spec(i))
+d.meanwhile()                # one process that knows figures 0-3
+for i in range(4, 8):
+    d.add(spec(i))           # queued after it: only a process forked at the end knows them
+errors = d.finish()
+print(json.dumps({"errors": errors, "processes": d.processes}))
+"""
+
+
+def test_the_process_forked_at_the_end_takes_the_figures_only_it_knows_from_the_back(tmp_path):
+    """A process forked by meanwhile() knows the figures queued before it; finish() forks one that
+    knows them all and takes them from the end of the queue, so that the figures queued last are
+    drawn beside the earlier process's, not after it ended."""
+    env = dict(os.environ, PYTHONPATH=helpers.ROOT, MPLBACKEND="Agg")
+    p = subprocess.run([sys.executable, "-c", BACK, str(tmp_path / "o")], capture_output=True, text=True,
+                       env=env, cwd=helpers.ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["errors"] == [None] * 8 and res["processes"] == 2
+    by_pid: dict[int, list[int]] = {}
+    for ln in (tmp_path / "o" / "log").read_text().splitlines():
+        i, pid = map(int, ln.split())
+        by_pid.setdefault(pid, []).append(i)
+    assert sorted(i for v in by_pid.values() for i in v) == list(range(8))   # each drawn once
+    assert len(by_pid) == 2
+    first, last = sorted(by_pid.values(), key=lambda v: v[0])
+    assert first == sorted(first) and max(first) <= 3                      # from the front, what it knows
+    assert last[0] == 7 and last == sorted(last, reverse=True)             # from the back
