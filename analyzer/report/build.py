@@ -21,10 +21,12 @@ from ..activations import select_site
 from ..outdir import out_lock, prepare_out_dir
 from ..progress import silenced
 from ..trace.files import atomic_write, write_text_atomic
+from ..trace import workers
 from ..trace.format import TraceError
 from ..values import csv_safe, json_safe
 from . import beside
 from . import figures as F
+from . import plots
 from . import data as report_data
 from .data import STEP_TABLES, load_frames, step_table_policy
 from .options import check_activation_options
@@ -149,7 +151,8 @@ class Report:
         t0 = time.perf_counter()
         before = self._existing()
         side = beside.start(self)   # the sections that need no gradients, beside the data passes
-        self.data = d = load_frames(self.run, self.layers_spec)
+        with workers.meanwhile(plots.warm_up):   # matplotlib loaded while the pass's workers read
+            self.data = d = load_frames(self.run, self.layers_spec)
         heap.trim()   # the passes' freed temporaries go back to the OS before the sections and the forks
         if len(d.ids) >= heap.MANY_LAYERS:   # figures drawn once the frames are freed, not beside the sections
             self.drawing.hold()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from typing import Any, Callable
 
 #: Most worker processes (besides this one) a split job uses. Each worker adds about 50 MB (its
@@ -40,6 +41,22 @@ def parts_wanted(limit: int | None = None) -> int:
     ``limit``), 1 where forking is not safe."""
     n = min(available_cpus(), MAX_WORKERS + 1, limit or MAX_WORKERS + 1)
     return n if n > 1 and fork_is_safe() else 1
+
+
+_MEANWHILE: list[Callable[[], None]] = []
+
+
+@contextmanager
+def meanwhile(work: Callable[[], None]):
+    """Within the block, the next :func:`run_split` that forks workers calls ``work()`` in this process
+    once they are started, before its own part: CPU work (loading a plotting library) done while the
+    workers read the disk, instead of after the job. Not called when no job in the block forks; the
+    caller then does the work itself when it needs it (``work`` must allow being called again)."""
+    _MEANWHILE[:] = [work]
+    try:
+        yield
+    finally:
+        _MEANWHILE.clear()
 
 
 def _child(fn: Callable, part: Any, conn) -> None:
@@ -85,6 +102,8 @@ def run_split(fn: Callable[[Any], Any], parts: list, before_fork: Callable[[], N
         results: list = []
         first_error = None
         try:
+            while _MEANWHILE:
+                _MEANWHILE.pop()()
             results.append(fn(parts[0]))
         except BaseException as e:   # noqa: BLE001 - raised after the workers are reaped
             first_error = e

@@ -151,3 +151,27 @@ def test_run_split_returns_in_order_and_raises_the_first_error():
         return x
     with pytest.raises(TraceError, match="part 1"):
         workers.run_split(fail, [0, 1, 2])
+
+
+def test_meanwhile_work_runs_once_here_while_the_workers_run():
+    """workers.meanwhile(work): the first run_split of the block that forks calls work() in this process
+    once its workers are started (they finish their part meanwhile), before its own part; a split that
+    runs in one process, a second split and a split after the block do not call it."""
+    import os
+    import time
+    _fork_possible()
+    calls = []
+
+    def work():
+        calls.append((os.getpid(), time.perf_counter()))
+
+    def part(x):
+        time.sleep(0.3 if x else 0.0)
+        return os.getpid(), time.perf_counter()
+    with workers.meanwhile(work):
+        assert workers.run_split(part, [0]) and calls == []        # one part: nothing forked, not called
+        (p0, t0), (p1, _) = workers.run_split(part, [0, 1])
+        assert calls and calls[0][0] == os.getpid() == p0 != p1 and calls[0][1] <= t0
+        workers.run_split(part, [0, 1])
+    workers.run_split(part, [0, 1])
+    assert len(calls) == 1
