@@ -18,14 +18,15 @@ negative tail), APoZ and saturation are not judged (see :mod:`.deadunits` and :f
 Modules: :mod:`.sites` (selecting sites, reading and merging their statistics over ranks, raw
 samples, :func:`activation_stats`), :mod:`.health` (attention entropy per head, kurtosis and massive
 activations: :func:`attention_entropy`, :func:`site_health`), :mod:`.deadunits` (criteria, :func:`dead_units`,
-:func:`dead_per_step`, :func:`dead_mask`), :mod:`.saturation`, :mod:`.dimensions`
+:func:`dead_counts`, :func:`dead_per_step`, :func:`dead_mask`), :mod:`.saturation`, :mod:`.dimensions`
 (:func:`dimension_variance`, :func:`similarity`). Their public names are importable from here.
 
 Tables keep their dtypes when empty (step, epoch, unit, count, nonfinite: int64), so that a site
 without recorded steps, or a step range that holds none, gives an empty table of the usual shape.
 """
 
-from .deadunits import CRITERIA, DEAD_COLUMNS, as_number, check_criterion, dead_mask, dead_per_step, dead_units
+from .deadunits import (CRITERIA, DEAD_COLUMNS, as_number, check_criterion, dead_counts, dead_mask, dead_per_step,
+                        dead_units)
 from .dimensions import dimension_variance, similarity
 from .health import attention_entropy, excess_kurtosis, site_health
 from .saturation import saturation, saturation_layers
@@ -34,6 +35,7 @@ from .sites import (PER_UNIT, STAT_COLUMNS, activation_stats, empty_table, iter_
 
 __all__ = ["CRITERIA", "DEAD_COLUMNS", "PER_UNIT", "STAT_COLUMNS", "activation_stats", "as_number", "check_criterion",
            "attention_entropy", "excess_kurtosis", "site_health",
-           "dead_mask", "dead_per_step", "dead_units", "dimension_variance", "empty_table", "iter_merged_site_stats",
+           "dead_counts", "dead_mask", "dead_per_step", "dead_units", "dimension_variance", "empty_table",
+           "iter_merged_site_stats",
            "iter_site_stats", "samples", "saturation", "saturation_layers", "select_site", "select_sites",
            "similarity", "site_blocks", "site_table", "steps_filter"]

@@ -197,6 +197,44 @@ def dead_units(run, criterion: str = "strict", threshold: float = 0.0, max_activ
     return df
 
 
+DEAD_COUNT_COLUMNS = ["value", "site", "kind", "units", "dead"]
+
+
+def dead_counts(run, criterion: str, values, param: str = "threshold", threshold: float = 0.0,
+                max_active_fraction: float = 0.0, sites: Any = None) -> pd.DataFrame:
+    """Dead units per site at each of several values of one parameter of the criterion: the ``dead``
+    column of :func:`dead_units` at each value, summed per site, from one pass over the statistics
+    (each site's are pooled once and judged at every value).
+
+    Args:
+        criterion: as in :func:`dead_units`. values: the values of ``param``.
+        param: "threshold" or "max_active_fraction": which parameter takes ``values``; the other is
+            ``threshold`` or ``max_active_fraction``. sites: site specification (see :func:`select_sites`).
+
+    Returns:
+        One row per (value, site), values in the given order, sites in :func:`select_sites` order:
+        value, site, kind, units, dead (count). Sites without recorded steps or without units have no
+        rows (as in :func:`dead_units`).
+    """
+    if param not in ("threshold", "max_active_fraction"):
+        raise ValueError(f"param must be 'threshold' or 'max_active_fraction', not {param!r}")
+    values = [as_number(param, v) for v in values]
+    judged = [check_criterion(criterion, *((threshold, v) if param == "max_active_fraction"
+                                          else (v, max_active_fraction))) for v in values]
+    pooled = []                                   # (site, its statistics over the steps)
+    for S in select_sites(run, sites):
+        p = None
+        for _, d in iter_merged_site_stats(run, S):
+            p = UnitSums.of(d) if p is None else p.update(d)
+        if p is not None and S["units"]:
+            pooled.append((S, p))
+    rows = [(v, S["name"], S["kind"], int(S["units"]), int(_judge(
+                criterion, thr, maf, p.count, p.n_pos, p.sum_abs, p.max, p.min, dead_floor(S))[2].sum()))
+            for v, (thr, maf) in zip(values, judged) for S, p in pooled]
+    df = pd.DataFrame(rows, columns=DEAD_COUNT_COLUMNS)
+    return df.astype({"value": np.float64, "units": np.int64, "dead": np.int64})
+
+
 def dead_per_step(run, criterion: str = "strict", threshold: float = 0.0, max_active_fraction: float = 0.0,
                   steps=None, sites: Any = None, by_rank: bool = False) -> pd.DataFrame:
     """Fraction of each site's units dead *at each step* (the per-step criterion): step, site, dead_fraction.

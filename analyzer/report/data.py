@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import heap, narrow_frames
-from ..activations import dead_units
+from ..activations import dead_counts
 from ..findings.data import GRAD_RULE_COLUMNS
 from ..gradients import DROPPABLE, grad_pass, group_code, pool_params
 from ..stats import stats_from_sums
@@ -184,29 +184,24 @@ def sweep_grid(criterion: str, threshold: float, max_active_fraction: float, du:
 
 def dead_sweep(run, criterion: str = "strict", threshold: float = 0.0, max_active_fraction: float = 0.0,
                values: Any = None, du: pd.DataFrame | None = None, sites: Any = None) -> pd.DataFrame:
-    """Sparsity versus threshold per site under the dead criterion, from :meth:`Run.dead_units` at
-    each value of the swept parameter (see :func:`sweep_grid`; ``values`` overrides the grid).
-    ``du``: the dead_units table at the chosen threshold (reused, and the strict grid's source).
+    """Sparsity versus threshold per site under the dead criterion: the dead units of
+    :meth:`Run.dead_units` at each value of the swept parameter (see :func:`sweep_grid`; ``values``
+    overrides the grid), counted from one pass over the statistics (:func:`analyzer.activations.dead_counts`).
+    ``du``: the dead_units table at the chosen threshold (the strict grid's source).
     Columns: criterion, parameter, threshold (the swept value), site, kind, units, dead, sparsity;
     rows with site "(all sites)" pool every unit."""
     threshold, max_active_fraction = float(threshold), float(max_active_fraction)
     param, grid = sweep_grid(criterion, threshold, max_active_fraction, du)
     if values is not None:
         grid = sorted({float(v) for v in values})
+    counts = dead_counts(run, criterion, grid, param, threshold, max_active_fraction, sites=sites)
     rows = []
-    for v in grid:
-        thr, maf = (threshold, v) if param == "max_active_fraction" else (v, max_active_fraction)
-        if du is not None and thr == threshold and maf == max_active_fraction:
-            d = du
-        else:
-            d = dead_units(run, criterion, thr, maf, sites=sites)
-        t = dead_layer_table(d)
+    for v, t in counts.groupby("value", sort=True):
         for r in t.itertuples(index=False):
             rows.append((criterion, param, v, r.site, r.kind, int(r.units), int(r.dead),
                          r.dead / r.units if r.units else np.nan))
-        if len(t):
-            u, n = int(t["units"].sum()), int(t["dead"].sum())
-            rows.append((criterion, param, v, "(all sites)", "", u, n, n / u if u else np.nan))
+        u, n = int(t["units"].sum()), int(t["dead"].sum())
+        rows.append((criterion, param, v, "(all sites)", "", u, n, n / u if u else np.nan))
     return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
 
 

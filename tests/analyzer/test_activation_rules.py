@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from bbdecoder import analyzer
-from bbdecoder.analyzer.activations import dead_mask, dead_per_step, dead_units, saturation, saturation_layers
+from bbdecoder.analyzer.activations import (dead_counts, dead_mask, dead_per_step, dead_units, saturation,
+                                            saturation_layers)
+from bbdecoder.analyzer.report.data import dead_sweep
 from bbdecoder.analyzer.activations.deadunits import DEAD_FLOOR
 from bbdecoder.analyzer.activations.sites import RELU_KINDS, SMOOTH_KINDS, attention_note
 from bbdecoder.recorder import Recorder
@@ -213,3 +215,49 @@ def test_attention_unobserved_from_a_hostile_manifest(sdpa_run, tmp_path, capsys
     esc = manifest_edit(lambda m: m.update(attention_unobserved=["a\x1b[31mred"] * 6))(sdpa_run, tmp_path / "b")
     code, out, _ = run_cli(["info", str(esc)], capsys)
     assert code == 0 and "\x1b" not in out and "and 2 more" in out
+
+
+def test_dead_counts_at_many_values_against_numpy_and_dead_units(tmp_path):
+    """dead_counts (the report's pruning sweep: each site's statistics pooled once, judged at every
+    value) counts the units that numpy finds dead on the recorded outputs, and that dead_units finds at
+    each value on its own, for every criterion, a smooth kind and a ReLU."""
+    run, outs = record_planted(tmp_path, nn.GELU())
+    h, r = np.concatenate(outs["act"]), np.concatenate(outs["relu"])
+    floor = tail_floor(FUN["gelu"])
+    ts = [0.0, 0.01, 0.5, 1.0, 2.5]
+    cases = {
+        ("strict", "threshold"): (ts, lambda x, t, smooth: (x.max(0) <= t) & ((x.min(0) >= -floor) | (not smooth))),
+        ("strict", "max_active_fraction"): ([0.0, 0.2, 0.6, 1.0], lambda x, f, smooth: ((x > 0).mean(0) <= f) & (
+            (x.min(0) >= -floor) | (not smooth))),
+        ("apoz", "threshold"): ([0.0, 0.5, 0.9, 1.0], lambda x, t, smooth: np.zeros(4, bool) if smooth else (
+            (x <= 0).mean(0) >= t)),
+        ("dormant", "threshold"): ([0.0, 0.1, 0.5, 1.0], lambda x, t, smooth: (
+            np.abs(x).mean(0) / np.abs(x).mean(0).mean() <= t)),
+    }
+    for (crit, param), (vals, rule) in cases.items():
+        got = dead_counts(run, crit, vals, param)
+        assert list(got.columns) == ["value", "site", "kind", "units", "dead"]
+        assert list(got["value"]) == [v for v in vals for _ in range(2)]          # values in order, sites in order
+        assert list(got["site"]) == ["act", "relu"] * len(vals) and (got["units"] == 4).all()
+        for v in vals:
+            row = got[got["value"] == v].set_index("site")["dead"]
+            assert row["act"] == int(rule(h, v, True).sum()) and row["relu"] == int(rule(r, v, False).sum()), (crit, v)
+            kw = {"max_active_fraction": v} if param == "max_active_fraction" else {"threshold": v}
+            du = dead_units(run, crit, **kw)
+            assert row.to_dict() == du.groupby("site")["dead"].sum().to_dict()
+    # the report's sweep table: the same counts, with the pooled row
+    sw = dead_sweep(run, "strict", 0.0, values=ts)
+    for v in ts:
+        part = sw[sw["threshold"] == v].set_index("site")
+        want_act, want_relu = int(rule_strict(h, v, floor, True).sum()), int(rule_strict(r, v, floor, False).sum())
+        assert (part.loc["act", "dead"], part.loc["relu", "dead"]) == (want_act, want_relu)
+        assert part.loc["(all sites)", "dead"] == want_act + want_relu
+        assert part.loc["(all sites)", "sparsity"] == pytest.approx((want_act + want_relu) / 8)
+    with pytest.raises(ValueError, match="param"):
+        dead_counts(run, "strict", [0.0], "layer_share")
+    with pytest.raises(ValueError, match="APoZ threshold"):
+        dead_counts(run, "apoz", [0.5, 2.0])
+
+
+def rule_strict(x, t, floor, smooth):
+    return (x.max(0) <= t) & ((x.min(0) >= -floor) | (not smooth))
