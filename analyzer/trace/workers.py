@@ -50,13 +50,22 @@ _MEANWHILE: list[Callable[[], None]] = []
 def meanwhile(work: Callable[[], None]):
     """Within the block, the next :func:`run_split` that forks workers calls ``work()`` in this process
     once they are started, before its own part: CPU work (loading a plotting library) done while the
-    workers read the disk, instead of after the job. Not called when no job in the block forks; the
-    caller then does the work itself when it needs it (``work`` must allow being called again)."""
+    workers read the disk, instead of after the job. Work done ahead, never the job's own: not called
+    when no job in the block forks, and an error it raises is not the job's; the caller does the work
+    itself when it needs it (``work`` must allow being called again) and meets such an error there."""
     _MEANWHILE[:] = [work]
     try:
         yield
     finally:
         _MEANWHILE.clear()
+
+
+def _ahead(work: Callable[[], None]) -> None:
+    """Call the work of :func:`meanwhile`; its error is left to the caller's own call of it."""
+    try:
+        work()
+    except Exception:   # noqa: BLE001 - work done ahead: the caller does it again where it needs it
+        pass
 
 
 def _child(fn: Callable, part: Any, conn) -> None:
@@ -102,8 +111,8 @@ def run_split(fn: Callable[[Any], Any], parts: list, before_fork: Callable[[], N
         results: list = []
         first_error = None
         try:
-            while _MEANWHILE:
-                _MEANWHILE.pop()()
+            if _MEANWHILE:
+                _ahead(_MEANWHILE.pop())
             results.append(fn(parts[0]))
         except BaseException as e:   # noqa: BLE001 - raised after the workers are reaped
             first_error = e

@@ -156,7 +156,8 @@ def test_run_split_returns_in_order_and_raises_the_first_error():
 def test_meanwhile_work_runs_once_here_while_the_workers_run():
     """workers.meanwhile(work): the first run_split of the block that forks calls work() in this process
     once its workers are started (they finish their part meanwhile), before its own part; a split that
-    runs in one process, a second split and a split after the block do not call it."""
+    runs in one process, a second split and a split after the block do not call it; an error of the
+    work does not fail the split."""
     import os
     import time
     _fork_possible()
@@ -175,3 +176,8 @@ def test_meanwhile_work_runs_once_here_while_the_workers_run():
         workers.run_split(part, [0, 1])
     workers.run_split(part, [0, 1])
     assert len(calls) == 1
+
+    def broken():
+        raise ImportError("no plotting library")
+    with workers.meanwhile(broken):   # an error of the work done ahead is not the job's
+        assert [p for p, _ in workers.run_split(part, [0, 1])][0] == os.getpid()
