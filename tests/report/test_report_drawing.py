@@ -119,23 +119,39 @@ def test_a_report_loads_neither_seaborn_nor_scipy(tmp_path):
     assert len(json.loads((out / "summary.json").read_text())["figures"]) >= 8
 
 
-QUEUE = r"""
+#: the start of the scripts below (run in a fresh process, so that the drawing processes are forked from
+#: it): spec(i) queues figure f<i>, which sleeps ``SLEEP`` seconds (slower than a fork: the forked processes
+#: get figures to draw), raises for i == ``FAIL`` and logs "<i> <pid>" to out/log
+SCRIPT_HEAD = r"""
 import json, os, sys, time
 from bbdecoder.analyzer.report.figures import Drawing, FigureSpec
 from bbdecoder.analyzer.report import plots
-out = sys.argv[1]
+out, SLEEP, FAIL = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 os.makedirs(os.path.join(out, "figures"))
 def spec(i):
     def draw():
-        if i == 5:
+        if i == FAIL:
             raise ValueError("five")
         fig, ax = plots.new_figure(2, 1.5)
         ax[0, 0].plot([0, 1], [i, i + 1])
-        time.sleep(0.2)          # slower than a fork: the forked processes get figures to draw
+        time.sleep(SLEEP)
         with open(os.path.join(out, "log"), "a") as f:
             f.write(f"{i} {os.getpid()}\n")
         return fig
     return FigureSpec(f"f{i}", f"f{i}", "", draw, "x")
+"""
+
+
+def run_script(body: str, out, sleep: float = 0.0, fail: int = -1) -> dict:
+    """Run SCRIPT_HEAD + ``body`` in a fresh process; its last line of output, as JSON."""
+    env = dict(os.environ, PYTHONPATH=helpers.ROOT, MPLBACKEND="Agg")
+    p = subprocess.run([sys.executable, "-c", SCRIPT_HEAD + body, str(out), str(sleep), str(fail)],
+                       capture_output=True, text=True, env=env, cwd=helpers.ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+QUEUE = r"""
 d = Drawing(out, 2)
 for i in range(9):           # three "sections" of three figures, a drawing process forked meanwhile
     d.add(spec(i))
@@ -147,11 +163,7 @@ print(json.dumps({"errors": errors, "processes": d.processes, "pid": os.getpid()
 
 
 def test_every_queued_figure_is_drawn_exactly_once_whichever_process_takes_it(tmp_path):
-    env = dict(os.environ, PYTHONPATH=helpers.ROOT, MPLBACKEND="Agg")
-    p = subprocess.run([sys.executable, "-c", QUEUE, str(tmp_path / "o")], capture_output=True, text=True,
-                       env=env, cwd=helpers.ROOT, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res = run_script(QUEUE, tmp_path / "o", sleep=0.2, fail=5)
     assert res["errors"] == [None] * 5 + ["ValueError: five"] + [None] * 3     # queue order
     log = [ln.split() for ln in (tmp_path / "o" / "log").read_text().splitlines()]
     assert sorted(int(i) for i, _ in log) == [0, 1, 2, 3, 4, 6, 7, 8]          # each drawn once
@@ -179,17 +191,6 @@ def test_one_process_draws_every_figure_in_order_here(tmp_path):
 
 
 HELD = r"""
-import json, os, sys
-from bbdecoder.analyzer.report.figures import Drawing, FigureSpec
-from bbdecoder.analyzer.report import plots
-out = sys.argv[1]
-os.makedirs(os.path.join(out, "figures"))
-def spec(i):
-    def draw():
-        fig, ax = plots.new_figure(2, 1.5)
-        ax[0, 0].plot([0, 1], [i, i + 1])
-        return fig
-    return FigureSpec(f"f{i}", f"f{i}", "", draw, "x")
 d = Drawing(out, 2)
 d.hold()
 for i in range(8):
@@ -204,30 +205,12 @@ print(json.dumps({"errors": errors, "before": before, "after": d.processes}))
 def test_a_held_drawing_forks_nothing_before_the_end(tmp_path):
     """hold() (a report of 100,000 layers): no drawing process beside the sections, every figure
     drawn by the processes forked at the end."""
-    env = dict(os.environ, PYTHONPATH=helpers.ROOT, MPLBACKEND="Agg")
-    p = subprocess.run([sys.executable, "-c", HELD, str(tmp_path / "o")], capture_output=True, text=True,
-                       env=env, cwd=helpers.ROOT, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res = run_script(HELD, tmp_path / "o")
     assert res["before"] == 1 and res["after"] == 2 and res["errors"] == [None] * 8
     assert sorted(os.listdir(tmp_path / "o" / "figures")) == sorted(f"f{i}.png" for i in range(8))
 
 
 BACK = r"""
-import json, os, sys, time
-from bbdecoder.analyzer.report.figures import Drawing, FigureSpec
-from bbdecoder.analyzer.report import plots
-out = sys.argv[1]
-os.makedirs(os.path.join(out, "figures"))
-def spec(i):
-    def draw():
-        fig, ax = plots.new_figure(2, 1.5)
-        ax[0, 0].plot([0, 1], [i, i + 1])
-        time.sleep(0.3)
-        with open(os.path.join(out, "log"), "a") as f:
-            f.write(f"{i} {os.getpid()}\n")
-        return fig
-    return FigureSpec(f"f{i}", f"f{i}", "", draw, "x")
 d = Drawing(out, 2)
 for i in range(4):
     d.add(spec(i))
@@ -243,11 +226,7 @@ def test_the_process_forked_at_the_end_takes_the_figures_only_it_knows_from_the_
     """A process forked by meanwhile() knows the figures queued before it; finish() forks one that
     knows them all and takes them from the end of the queue, so that the figures queued last are
     drawn beside the earlier process's, not after it ended."""
-    env = dict(os.environ, PYTHONPATH=helpers.ROOT, MPLBACKEND="Agg")
-    p = subprocess.run([sys.executable, "-c", BACK, str(tmp_path / "o")], capture_output=True, text=True,
-                       env=env, cwd=helpers.ROOT, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res = run_script(BACK, tmp_path / "o", sleep=0.3)
     assert res["errors"] == [None] * 8 and res["processes"] == 2
     by_pid: dict[int, list[int]] = {}
     for ln in (tmp_path / "o" / "log").read_text().splitlines():
