@@ -226,7 +226,7 @@ def test_dead_counts_at_many_values_against_numpy_and_dead_units(tmp_path):
     floor = tail_floor(FUN["gelu"])
     ts = [0.0, 0.01, 0.5, 1.0, 2.5]
     cases = {
-        ("strict", "threshold"): (ts, lambda x, t, smooth: (x.max(0) <= t) & ((x.min(0) >= -floor) | (not smooth))),
+        ("strict", "threshold"): (ts, lambda x, t, smooth: rule_strict(x, t, floor, smooth)),
         ("strict", "max_active_fraction"): ([0.0, 0.2, 0.6, 1.0], lambda x, f, smooth: ((x > 0).mean(0) <= f) & (
             (x.min(0) >= -floor) | (not smooth))),
         ("apoz", "threshold"): ([0.0, 0.5, 0.9, 1.0], lambda x, t, smooth: np.zeros(4, bool) if smooth else (
@@ -260,4 +260,5 @@ def test_dead_counts_at_many_values_against_numpy_and_dead_units(tmp_path):
 
 
 def rule_strict(x, t, floor, smooth):
+    """Dead under strict at threshold t on raw outputs x (n, U): never above t (smooth kinds: and never below -floor)."""
     return (x.max(0) <= t) & ((x.min(0) >= -floor) | (not smooth))

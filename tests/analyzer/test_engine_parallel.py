@@ -2,7 +2,9 @@
 split by parameter, and the catalogue's scan split by shard, give exactly the tables of the same
 passes done in one process, which match numpy on the tensors captured in the training loop."""
 
+import os
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -158,8 +160,6 @@ def test_meanwhile_work_runs_once_here_while_the_workers_run():
     once its workers are started (they finish their part meanwhile), before its own part; a split that
     runs in one process, a second split and a split after the block do not call it; an error of the
     work does not fail the split."""
-    import os
-    import time
     _fork_possible()
     calls = []
 
