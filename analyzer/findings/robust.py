@@ -80,8 +80,10 @@ def _one_by_one(x, window, z, min_rise, min_ref, log, mad_floor, start: int = 0,
             a = np.fromiter(ref, np.float64, len(ref))
             med = float(np.median(a))
             mad = float(np.median(np.abs(a - med)))
-            sc, ri, fl = _judge(xi, med, mad, z, min_rise, log, mad_floor)
-            score[i], rise[i], flag[i] = float(sc), float(ri), bool(fl)
+            # xi as an array: numpy's array loop, as on the vectorised path (where numpy uses SIMD kernels,
+            # e.g. AVX-512, 10 ** x of an array and of a scalar can differ in the last bit)
+            sc, ri, fl = _judge(np.array([xi]), med, mad, z, min_rise, log, mad_floor)
+            score[i], rise[i], flag[i] = sc[0], ri[0], fl[0]
         if not flag[i]:
             ref.append(xi)
     return flag, score, rise

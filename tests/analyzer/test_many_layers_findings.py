@@ -50,6 +50,14 @@ def same(a, b):
     return np.array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64), equal_nan=True)
 
 
+def near(a, b):
+    """Equal to a few ulp (NaN and inf where the other has them): the rise factor is 10 ** x, which numpy computes
+    with SIMD kernels (AVX-512) for arrays and with libm for the scalars of :func:`ref_outliers`: the last bit may
+    differ."""
+    return np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=4 * np.finfo(float).eps, atol=0,
+                       equal_nan=True)
+
+
 @pytest.mark.parametrize("log", [True, False])
 @pytest.mark.parametrize("n", [4, 9, 21, 47])
 def test_rows_equal_one_series_at_a_time(n, log, monkeypatch):
@@ -67,7 +75,7 @@ def test_rows_equal_one_series_at_a_time(n, log, monkeypatch):
     fired = 0
     for i in range(len(X)):
         f, s, r = ref_outliers(X[i], 20, 3.5, min_rise, log=log)
-        assert np.array_equal(f, flag[i]) and same(s, score[i]) and same(r, rise[i]), i
+        assert np.array_equal(f, flag[i]) and same(s, score[i]) and near(r, rise[i]), i
         fired += f.any()
     assert fired >= (2 if n > 9 else 0)
 
@@ -159,7 +167,7 @@ def test_gradient_rules_equal_a_per_layer_computation(seed):
     want = ref_layer_outliers(t.grad_layers, "l2", p["window"], p["z"], p["min_factor"])
     assert [w[0] for w in got] == [w[0] for w in want]
     for a, b in zip(got, want):
-        assert np.array_equal(a[1], b[1]) and a[2] == b[2] and same(a[3], b[3]) and same(a[4], b[4]), a[0]
+        assert np.array_equal(a[1], b[1]) and a[2] == b[2] and same(a[3], b[3]) and near(a[4], b[4]), a[0]
     assert sum(bool(w[2]) for w in want) >= 3                       # spikes and the explosion are there
     spikes, explosions = GradientSpike().check(t, p), ExplodingGradient().check(t, ExplodingGradient.settings())
     assert {f["layer"] for f in explosions} >= {"blocks.4.mlp.0"} and len(spikes) >= 2
