@@ -381,6 +381,16 @@ def run_passes(run_dir: str, engine: str) -> tuple[float, float, int, str]:
     return run_child(["-c", PASSES, run_dir, engine])
 
 
+def floor_line(cpu: float, pcpu: float, raw: float, ncpu: int) -> str:
+    """The least wall time the measured CPU work can take on ``ncpu`` CPUs (all of them busy, no
+    wait for the disk) beside the wall time each ratio target allows at the raw read of ``raw`` s."""
+    def one(name: str, cpu_s: float, ratio: float) -> str:
+        floor, allowed = cpu_s / ncpu, raw / ratio
+        verdict = "reachable" if floor <= allowed else "out of reach on these CPUs"
+        return f"{name} {cpu_s:.1f} CPU s / {ncpu} = {floor:.2f} s (target {ratio} allows {allowed:.2f} s: {verdict})"
+    return f"{one('report', cpu, RATIO_TARGET)}; {one('passes', pcpu, PASSES_RATIO_TARGET)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gb", type=float, default=2.0, help="size of the generated shards in GB (1e9 bytes)")
@@ -479,6 +489,9 @@ def measure(a, work: str, g: dict, keep: bool) -> int:
                "report_cpu_s": cpu, "passes_cpu_s": pcpu, "passes_s": pwall, "passes_MBps": pass_tp / 1e6, "passes_ratio": pass_tp / raw_tp,
                "passes_peak_rss_MB": prss, "check_s": cwall, "check_peak_rss_MB": crss, "check_exit": crc,
                "load_avg": os.getloadavg(), "figures": len(os.listdir(os.path.join(out_dir, "figures")))}
+        ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        res.update(cpus=ncpu, report_floor_s=cpu / ncpu, passes_floor_s=pcpu / ncpu,
+                   report_target_s=raw / RATIO_TARGET, passes_target_s=raw / PASSES_RATIO_TARGET)
         ok_rss, ok_ratio = max(rss, pss or 0) <= RSS_TARGET_MB, res["ratio"] >= RATIO_TARGET
         met = lambda b: "met" if b else "NOT met"   # noqa: E731
         rows = [
@@ -505,6 +518,7 @@ def measure(a, work: str, g: dict, keep: bool) -> int:
                                 f"{met(cwall < CHECK_S_TARGET)})"),
             ("load average", f"{res['load_avg'][0]:.2f} (1 min) at the end, {os.cpu_count()} CPUs"),
             ("figures + HTML", f"about {max(0.0, wall - pwall):.1f} s of the report's {wall:.1f} s"),
+            ("CPU floor", floor_line(cpu, pcpu, raw, ncpu)),
         ]
         w = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
