@@ -296,6 +296,7 @@ class Report:
                      "last_step": int(last["step"]) if last is not None else None},
             "definitions": dict(DEFINITIONS),
             "layers": layer_records(d.summary),
+            "shared": shared_names(d.lt),
             "activations": self.extra.get("activations", {}),
             "figures": [f["file"] for f in self.figures],
             "tables": [t["file"] for t in self.tables],
@@ -311,6 +312,16 @@ LAYER_RECORD = (("id", "layer_id", int), ("name", "name", str), ("type", "type",
                 ("last_epoch", "last_epoch", "epoch"), ("last_epoch_mean_l2", "last_epoch_mean_l2", float),
                 ("weight_snapshots", "weight_snapshots", int), ("weight_l2_final", "weight_l2_final", float),
                 ("update_ratio_median", "update_ratio_median", float))
+
+
+def shared_names(layers: pd.DataFrame) -> dict:
+    """summary.json's "shared": the other names of the layers that have any (a shared module, tied
+    parameters such as GPT-2's ``lm_head.weight = transformer.wte.weight``: the layer table's ``aliases``),
+    ``{layer id as a string: text}``; only those layers, so 100,000 layers without any add nothing."""
+    if "aliases" not in layers.columns:
+        return {}
+    has = layers[layers["aliases"].astype(str) != ""]
+    return {str(int(i)): str(a) for i, a in zip(has["id"].to_numpy(), has["aliases"].to_numpy())}
 
 
 def layer_records(summary: pd.DataFrame) -> list[dict]:

@@ -85,17 +85,25 @@ def _ranks_cell(ranks: list) -> str:
 MAX_LAYER_TABLE_ROWS = 300
 
 
-def layer_rows_html(layers: list[dict], limit: int = MAX_LAYER_TABLE_ROWS) -> str:
+def layer_rows_html(layers: list[dict], limit: int = MAX_LAYER_TABLE_ROWS, shared: dict | None = None) -> str:
     """The rows of the per-layer table (summary.json's "layers"), at most ``limit`` of them, then one
-    row saying how many more there are and where they are."""
+    row saying how many more there are and where they are. ``shared``: summary.json's "shared" (a
+    layer's other names, shown under its name: a layer whose parameters are all tied to another's has
+    0 parameters of its own)."""
     e = html.escape
+    shared = shared or {}
+
+    def name(L: dict) -> str:
+        also = shared.get(str(L["id"]))
+        return f"<code>{e(L['name'] or '(model)')}</code>" + (f'<br><span class="note">{e(also)}</span>' if also else "")
+
     more = (f'\n<tr><td colspan="10">… and {len(layers) - limit:,} more layers: every layer is in '
             '<a href="tables/layer_summary.csv">tables/layer_summary.csv</a> and summary.json.</td></tr>'
             if len(layers) > limit else "")
     layers = layers[:limit]
     return "\n".join(
         "<tr>" + "".join(f"<td>{c}</td>" for c in (
-            cell_html(L["id"]), f"<code>{e(L['name'] or '(model)')}</code>", e(L["type"]), cell_html(L["n_params"]),
+            cell_html(L["id"]), name(L), e(L["type"]), cell_html(L["n_params"]),
             "yes" if L["recorded"] else "no", cell_html(L["mean_abs_grad"]), cell_html(L["max_abs_grad"]),
             cell_html(L["last_epoch_mean_l2"]), cell_html(L["weight_l2_final"]),
             cell_html(L["update_ratio_median"]))) + "</tr>"
@@ -179,7 +187,7 @@ def render_page(s: dict, figures: list[dict], tables: list[dict], groups: Iterab
         title=e(os.path.basename(run["path"]) or run["path"]),
         version=e(s["bbdecoder_version"]), created=e(s["created"]), bins=e(str(s["parameters"]["bins"])),
         status_html=status_html(run), nonfinite_html=nonfinite_html(s.get("nonfinite")),
-        head_rows_html=head_rows_html(s), layer_rows_html=layer_rows_html(s["layers"]),
+        head_rows_html=head_rows_html(s), layer_rows_html=layer_rows_html(s["layers"], shared=s.get("shared")),
         last_epoch_html=cell_html(last_epoch), figures_html=figures_html(s, figures, groups),
         n_layers=str(len(s["layers"])), layers_open=" open" if len(s["layers"]) <= OPEN_LAYER_TABLE else "",
         detail_link_html=(f'<p><a href="{DETAIL_PAGE}">Per-layer detail</a>: the figures of {n_detail} '

@@ -107,6 +107,22 @@ def test_info_shows_the_shared_parameter_and_the_unique_total(gpt2, capsys):
     assert d["params"] == unique and d["shared"][0]["aliases"] == ["lm_head.weight"]
 
 
+def test_report_names_the_shared_parameter_under_both_layers(gpt2, tmp_path):
+    """The report's layer table says why lm_head has 0 parameters of its own (summary.json's "shared", and
+    under the layer's name in index.html, escaped)."""
+    from bbdecoder.analyzer.report import build_report
+    out = tmp_path / "rep"
+    out.mkdir()
+    build_report(analyzer.open(gpt2["run"]), out, jobs=1)
+    s = json.loads((out / "summary.json").read_text())
+    ids = {L["name"]: L["id"] for L in s["layers"]}
+    assert s["shared"] == {str(ids["transformer.wte"]): "weight also lm_head.weight",
+                           str(ids["lm_head"]): "weight = transformer.wte.weight"}
+    assert [L["n_params"] for L in s["layers"] if L["name"] == "lm_head"] == [0]
+    page = (out / "index.html").read_text()
+    assert '<code>lm_head</code><br><span class="note">weight = transformer.wte.weight</span>' in page
+
+
 class Shared(nn.Module):
     """One Linear at two places (``a`` and ``b``), a second Linear whose weight is the first's."""
 
