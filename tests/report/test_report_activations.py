@@ -371,3 +371,28 @@ def test_run_without_activations(tmp_path, capsys):
     for cmd in ("dead", "saturation"):
         code, o, err = run_cli([cmd, run_dir], capsys)
         assert code == 2 and o == "" and "no activation sites" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.filterwarnings("ignore:bbdecoder report")
+def test_dead_raster_skipped_when_no_unit_is_ever_dead_unless_asked_for(tmp_path):
+    """A model whose units never die (GELU): an all-white raster would say less than the skipped line; a site
+    asked for with raster_site is drawn all the same."""
+    run_dir = str(tmp_path / "run")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2))
+    with Recorder(model, run_dir, grads_every=1, weights_every=2, activations=True) as rec:
+        for _ in range(4):
+            loss = model(torch.randn(16, 4)).pow(2).mean()
+            loss.backward()
+            rec.step(loss=loss)
+    run = analyzer.open(run_dir)
+    assert int(A.dead_units(run, "strict", 0.0)["dead"].sum()) == 0
+    st, mask = A.dead_mask(run, run.sites["name"].iloc[0], "strict", 0.0, 0.0)
+    assert len(st) == 4 and not mask.any()
+    for site, drawn in ((None, False), ("1", True)):
+        out = tmp_path / f"out{site}"
+        out.mkdir()
+        s = build_report(analyzer.open(run_dir), str(out), raster_site=site, jobs=1)
+        assert os.path.exists(out / "figures" / "act_dead_raster.png") == drawn
+        why = "figure dead unit raster: no unit of any site is dead at any step under strict (never above 0)"
+        assert (why in s["skipped"]) == (not drawn)

@@ -69,18 +69,20 @@ def test_grad_flow_bars_equal_the_flow_table():
     plots.close(fig)
 
 
-@pytest.mark.parametrize("hi, minor", [(1e4, False), (5.0, True)])
-def test_minor_log_ticks_only_where_matplotlib_labels_them(hi, minor):
+@pytest.mark.parametrize("lo, hi, minor", [(1.0, 1e4, False), (1.0, 5.0, True), (0.15, 6.0, True), (0.15, 60.0, False)])
+def test_minor_log_ticks_only_where_matplotlib_labels_them(lo, hi, minor):
+    """Minor ticks go where two powers of ten are in view and labelled; 0.15 to 6 (1.6 decades, only 10^0 in
+    view) keeps them, labelled."""
     from matplotlib.ticker import NullLocator
     fig, ax = plots.new_figure(4, 3)
     ax = ax[0, 0]
-    ax.plot([0, 1], [1.0, hi])
+    ax.plot([0, 1], [lo, hi])
     ax.set_yscale("log")
     plots.no_minor_log_ticks(ax)
     assert isinstance(ax.yaxis.get_minor_locator(), NullLocator) != minor
     fig.canvas.draw()
     labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
-    assert len(labels) >= 2              # a span under a decade keeps its labelled minor ticks
+    assert len(labels) >= 2              # a span with fewer than two powers of ten keeps labelled minor ticks
     plots.close(fig)
 
 
@@ -92,4 +94,18 @@ def test_pruning_sweep_legend_names_every_site():
     assert [t.get_text() for t in ax[0, 0].get_legend().get_texts()] == ["s0", "s1", "all sites"]
     s0 = ax[0, 0].get_lines()[0]
     assert np.allclose(s0.get_ydata(), [0.0, 0.2, 0.5])
+    plots.close(fig)
+
+
+@pytest.mark.parametrize("steps, ticks", [([7], ["7"]), ([0, 1, 2, 3], ["0", "1", "2", "3"])])
+def test_step_axis_has_integer_ticks_even_for_one_step(steps, ticks):
+    """One weight snapshot or one sampled step: the x axis shows that step (not -0.045 ... 0.045)."""
+    fig, ax = plots.new_figure(4, 3)
+    ax = ax[0, 0]
+    ax.plot(steps, np.ones(len(steps)), "o")
+    plots.integer_x(ax)
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    shown = [t.get_text().replace("\u2212", "-") for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+    assert shown == ticks
     plots.close(fig)

@@ -347,8 +347,15 @@ def value_ticks(ax, values, max_ticks: int = 10) -> None:
 
 
 def integer_x(ax) -> None:
-    """Steps are integers: no fractional ticks on the x axis."""
-    from matplotlib.ticker import MaxNLocator
+    """Steps are integers: no fractional ticks on the x axis. Call it once the data is drawn: data at one
+    step only (one weight snapshot, one sampled step) is shown from half a step before to half a step after,
+    with that step its one tick (matplotlib would spread fractional ticks around it)."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+    lo, hi = ax.dataLim.intervalx
+    if lo == hi and np.isfinite(lo) and float(lo).is_integer():
+        ax.set_xlim(lo - 0.5, lo + 0.5)
+        ax.xaxis.set_major_locator(FixedLocator([lo]))
+        return
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -453,10 +460,17 @@ def no_minor_log_ticks(ax) -> None:
     """Leave out the minor ticks of a log y axis spanning more than 1.2 decades: in the report's style they
     have no marks and no grid lines, and matplotlib labels them only below one decade, yet each is built
     and measured at every draw (about a tenth of the time of a figure with two log axes). Call once the
-    data are drawn (the limits are read)."""
-    from matplotlib.ticker import NullLocator
+    data are drawn (the limits are read). Where fewer than two powers of ten are in view (a weight norm
+    from 0.6 to 6: matplotlib would label 10^0 alone), the minor ticks stay and some are labelled (2, 3, 4, 6
+    times a power of ten up to two decades, all of them under half a decade)."""
+    from matplotlib.ticker import LogFormatterSciNotation, NullLocator
     if ax.get_yscale() != "log":
         return
     lo, hi = sorted(ax.get_ylim())
-    if lo > 0 and np.isfinite(hi) and hi / lo > 10 ** 1.2:
+    if not (lo > 0 and np.isfinite(hi)):
+        return
+    powers = int(np.floor(np.log10(hi) + 1e-9) - np.ceil(np.log10(lo) - 1e-9)) + 1   # powers of ten in view
+    if powers < 2:
+        ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    elif hi / lo > 10 ** 1.2:
         ax.yaxis.set_minor_locator(NullLocator())

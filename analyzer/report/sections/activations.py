@@ -143,6 +143,9 @@ def _dead_raster(rep, du, dps, order, crit_text) -> None:
         return
     st, mask = A.dead_mask(run, site, a["dead_criterion"], a["dead_threshold"], a["max_active_fraction"])
     k, U = mask.shape
+    if a["raster_site"] is None and not mask.any():   # an all-white picture says less than this line
+        rep.skip("figure dead unit raster", f"no unit of any site is dead at any step under {crit_text}")
+        return
     df = pd.DataFrame({"step": np.repeat(st, U), "unit": np.tile(np.arange(U), k), "dead": mask.reshape(-1)})
     ndead = int(du.loc[du["site"] == site, "dead"].sum()) if len(du) else 0
 
