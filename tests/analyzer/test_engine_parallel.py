@@ -50,8 +50,15 @@ def spy(monkeypatch):
 
 def _fork_possible():
     """These tests exercise the forked path: a thread left running by an earlier test would make it
-    fall back to one process, and the test must say so rather than skip (Linux CI forks)."""
+    fall back to one process, and the test must say so rather than skip (Linux CI forks). tqdm's monitor
+    thread, which torch.compile's progress bars start in an earlier test (the recorder's fused activation
+    statistics) and leave running while a bar is alive, is stopped first."""
+    import sys
     import threading
+    tq = sys.modules.get("tqdm")
+    monitor = getattr(getattr(tq, "tqdm", None), "monitor", None)
+    if monitor is not None:
+        monitor.exit()   # sets its exit event and joins it; a later bar starts a new one
     assert workers.fork_is_safe(), [t.name for t in threading.enumerate()]
 
 
