@@ -457,12 +457,13 @@ def inside_legend(leg):
 
 
 def no_minor_log_ticks(ax) -> None:
-    """Leave out the minor ticks of a log y axis spanning more than 1.2 decades: in the report's style they
-    have no marks and no grid lines, and matplotlib labels them only below one decade, yet each is built
-    and measured at every draw (about a tenth of the time of a figure with two log axes). Call once the
-    data are drawn (the limits are read). Where fewer than two powers of ten are in view (a weight norm
-    from 0.6 to 6: matplotlib would label 10^0 alone), the minor ticks stay and some are labelled (2, 3, 4, 6
-    times a power of ten up to two decades, all of them under half a decade)."""
+    """Leave out the minor ticks of a log y axis spanning more than 1.2 decades with at least two powers of
+    ten in view: in the report's style they have no marks and no grid lines, and matplotlib labels them only
+    below one decade, yet each is built and measured at every draw (about a tenth of the time of a figure
+    with two log axes). Where fewer than two powers of ten are in view (a weight norm from 0.6 to 6:
+    matplotlib would label 10^0 alone), the minor ticks stay and some are labelled (2, 3, 4, 6 times a power
+    of ten up to two decades, all of them under half a decade). Call once the data are drawn (the limits
+    are read)."""
     from matplotlib.ticker import LogFormatterSciNotation, NullLocator
     if ax.get_yscale() != "log":
         return
